@@ -1,0 +1,27 @@
+"""smse-metric: fast, exact, GPU-friendly metric learning for multi-magnification histopathology.
+
+Example:
+    >>> import torch
+    >>> from smse_metric import TripletMarginLoss, TripletMiner
+    >>> emb = torch.nn.functional.normalize(torch.randn(32, 16), dim=1).requires_grad_()
+    >>> labels = torch.arange(32) % 4
+    >>> loss = TripletMarginLoss(margin=0.2, triplets="semihard")(emb, labels)
+    >>> loss.backward()
+"""
+
+from . import functional
+from .losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
+from .miners import PairMiner, TripletMiner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContrastiveLoss",
+    "FocalLoss",
+    "PairMiner",
+    "ReinforcedFocalLoss",
+    "TripletMarginLoss",
+    "TripletMiner",
+    "__version__",
+    "functional",
+]

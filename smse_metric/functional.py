@@ -1,0 +1,659 @@
+"""Pure tensor math for metric learning: distances, label masks and fused losses.
+
+Everything here is a stateless function of tensors. Nothing synchronises with
+the host on the hot path, nothing loops over the batch in Python, and every
+function works on any device and dtype. Half-precision inputs (and autocast
+regions) are computed in float32, so losses accumulate in float32 or better.
+
+Shapes: ``B`` embeddings of dimension ``D``; an optional reference set of
+``R`` embeddings (``ref_emb``), otherwise the batch is its own reference
+(``R = B``) and an embedding is never its own positive.
+
+Example:
+    >>> import torch
+    >>> from smse_metric import functional as F
+    >>> emb = torch.randn(8, 4, requires_grad=True)
+    >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    >>> loss = F.triplet_margin_loss(emb, labels, margin=0.5, triplets="semihard")
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DISTANCE_METRICS",
+    "TRIPLET_STRATEGIES",
+    "contrastive_loss",
+    "cross_scale_mask",
+    "focal_loss",
+    "label_masks",
+    "pairwise_distances",
+    "reinforced_focal_loss",
+    "triplet_margin_loss",
+    "triplet_windows",
+]
+
+DISTANCE_METRICS = ("euclidean", "squared_euclidean", "cosine")
+#: Triplet selections shared by the fused loss and :class:`~smse_metric.TripletMiner`.
+TRIPLET_STRATEGIES = ("all", "semihard", "hard", "easy", "batch_hard")
+FUSED_TRIPLETS = ("all", "semihard", "hard", "batch_hard")
+PAIR_REDUCTIONS = ("mean", "sum", "mean_nonzero")
+TRIPLET_REDUCTIONS = ("mean_nonzero", "mean", "sum")
+CLASS_REDUCTIONS = ("mean", "sum", "none")
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave any autocast region: distances and sums must not run in half precision."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in _HALF else x
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    # float64 accumulation of many signed terms; MPS has no float64.
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _checking_values(t: Tensor) -> bool:
+    """Value checks (ranges) only where they cost no device sync and no graph break."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_float_matrix(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def _check_int_vector(name: str, t: object, length: int, other: str, device) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} has {t.shape[0]} elements but {other} has {length} rows")
+    return t.to(device, non_blocking=True)
+
+
+def _prepare_metric_inputs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    scales: Tensor | None,
+    ref_scales: Tensor | None,
+    cross_scale: bool,
+):
+    """Validate and normalise the common (embeddings, labels, ref, scales) arguments."""
+    _check_float_matrix("embeddings", embeddings)
+    dev = embeddings.device
+    labels = _check_int_vector("labels", labels, embeddings.shape[0], "embeddings", dev)
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels must be given together")
+    if ref_emb is not None:
+        _check_float_matrix("ref_emb", ref_emb)
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has dimension {ref_emb.shape[1]} but embeddings has {embeddings.shape[1]}"
+            )
+        ref_labels = _check_int_vector("ref_labels", ref_labels, ref_emb.shape[0], "ref_emb", dev)
+        ref_emb = ref_emb.to(dev)
+    if cross_scale and scales is None:
+        raise ValueError("cross_scale=True needs scales (the magnification of each embedding)")
+    if scales is not None:
+        scales = _check_int_vector("scales", scales, embeddings.shape[0], "embeddings", dev)
+        if ref_emb is not None:
+            if cross_scale and ref_scales is None:
+                raise ValueError("cross_scale=True with ref_emb needs ref_scales")
+            if ref_scales is not None:
+                ref_scales = _check_int_vector(
+                    "ref_scales", ref_scales, ref_emb.shape[0], "ref_emb", dev
+                )
+    return labels, ref_emb, ref_labels, scales, ref_scales
+
+
+# --------------------------------------------------------------------------- distances
+
+
+class _EuclideanDistance(torch.autograd.Function):
+    """||x_i - y_j|| with a gradient that is zero (not NaN) where the distance is zero.
+
+    Only x, y and the output are saved, which keeps O(B^2) activations to one matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, same: bool) -> Tensor:
+        sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)
+        dist = sq.clamp_min_(0).sqrt_()
+        if same:
+            # The expanded form leaves ~sqrt(eps) on the diagonal; the truth is 0.
+            dist.fill_diagonal_(0)
+        ctx.save_for_backward(x, y, dist)
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, y, dist = ctx.saved_tensors
+        w = torch.where(dist > 0, grad / dist.clamp_min(torch.finfo(dist.dtype).tiny), 0)
+        gx = x * w.sum(1, keepdim=True) - w @ y
+        gy = y * w.sum(0).unsqueeze(1) - w.T @ x
+        return gx, gy, None
+
+
+def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:
+    """Distance matrix between the rows of ``x`` [N, D] and ``y`` [M, D] (default: ``x``).
+
+    Args:
+        x: [N, D] floating tensor.
+        y: [M, D] floating tensor, or None for ``x`` against itself.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``).
+
+    Returns:
+        [N, M] tensor in float32 for half inputs, otherwise in the input dtype.
+        Gradients are finite everywhere, including at zero distance (duplicate
+        embeddings are normal in a batch); there the euclidean gradient is 0.
+
+    Example:
+        >>> d = pairwise_distances(torch.eye(3))
+        >>> round(d[0, 1].item(), 4)
+        1.4142
+    """
+    _check_float_matrix("x", x)
+    _check_choice("metric", metric, DISTANCE_METRICS)
+    same = y is None
+    if y is None:
+        y = x
+    else:
+        _check_float_matrix("y", y)
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(f"y has dimension {y.shape[1]} but x has {x.shape[1]}")
+    with _full_precision(x.device):
+        x, y = _upcast(x), _upcast(y.to(x.device))
+        if metric == "euclidean":
+            return _EuclideanDistance.apply(x, y, same)
+        if metric == "squared_euclidean":
+            sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)
+            sq = sq.clamp_min(0)
+            if same:
+                sq = sq * (1 - torch.eye(sq.shape[0], device=sq.device, dtype=sq.dtype))
+            return sq
+        xn = torch.nn.functional.normalize(x, dim=1)
+        yn = torch.nn.functional.normalize(y, dim=1)
+        return 1.0 - xn @ yn.T
+
+
+def _rowwise_sq_distances(x: Tensor, y: Tensor) -> Tensor:
+    diff = x - y
+    return (diff * diff).sum(1)
+
+
+def _safe_sqrt(sq: Tensor) -> Tensor:
+    # Double where: exact 0 and a zero gradient at sq == 0, instead of inf * 0 = NaN.
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, 1).sqrt(), 0)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Positive and negative pair masks, each [B, R] bool.
+
+    Without ``ref_labels`` the batch is its own reference and the diagonal (an
+    embedding paired with itself) is not a positive. With ``ref_labels`` every
+    same-label pair counts, as in pytorch-metric-learning.
+
+    Example:
+        >>> pos, neg = label_masks(torch.tensor([0, 0, 1]))
+        >>> pos.int().tolist(), neg.int().tolist()
+        ([[0, 1, 0], [1, 0, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1], [1, 1, 0]])
+    """
+    same = ref_labels is None
+    ref = labels if same else ref_labels
+    eq = labels.unsqueeze(1) == ref.unsqueeze(0)
+    neg = ~eq
+    if same:
+        eq = eq & ~torch.eye(eq.shape[0], dtype=torch.bool, device=eq.device)
+    return eq, neg
+
+
+def cross_scale_mask(scales: Tensor, ref_scales: Tensor | None = None) -> Tensor:
+    """[B, R] bool mask of pairs whose scales (magnifications) differ.
+
+    Example:
+        >>> cross_scale_mask(torch.tensor([40, 100, 40])).int().tolist()
+        [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+    """
+    ref = scales if ref_scales is None else ref_scales
+    return scales.unsqueeze(1) != ref.unsqueeze(0)
+
+
+def _pair_masks(labels, ref_labels, scales, ref_scales, cross_scale):
+    pos, neg = label_masks(labels, ref_labels)
+    if cross_scale:
+        pos = pos & cross_scale_mask(scales, ref_scales)
+    return pos, neg
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _class_inputs(logits: Tensor, target: Tensor, weight: Tensor | None, weight_name: str):
+    _check_float_matrix("logits", logits)
+    target = _check_int_vector("target", target, logits.shape[0], "logits", logits.device)
+    n_classes = logits.shape[1]
+    if _checking_values(target) and target.numel() > 0:
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= n_classes:
+            raise ValueError(
+                f"target values must lie in [0, {n_classes}) for {n_classes} classes, "
+                f"got values in [{lo}, {hi}]"
+            )
+    if weight is not None:
+        if not isinstance(weight, Tensor):
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+        if weight.ndim != 1 or weight.shape[0] != n_classes:
+            raise ValueError(
+                f"{weight_name} must have one value per class ({n_classes}), "
+                f"got shape {tuple(weight.shape)}"
+            )
+        weight = weight.to(logits.device)
+    return target, weight
+
+
+def _reduce_per_sample(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean() if loss.numel() else loss.sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def reinforced_focal_loss(
+    logits: Tensor,
+    target: Tensor,
+    alpha: float = 2.0,
+    gamma: float = 1.5,
+    beta: Tensor | Sequence[float] | None = None,
+    reduction: str = "mean",
+    eps: float = 1e-7,
+) -> Tensor:
+    """Reinforced focal loss (SMSE): ``L_i = beta[y_i] * alpha * (1 - p_i) ** gamma``.
+
+    ``p_i = softmax(logits_i)[y_i]``. Bounded by ``alpha * beta[y]``, so a
+    mislabeled image cannot dominate; for ``gamma > 1`` easy samples get a
+    vanishing gradient. Computed in float32 under autocast; ``1 - p`` is
+    clamped to ``eps`` so ``gamma < 1`` keeps finite gradients.
+
+    Args:
+        logits: [N, C] unnormalised scores.
+        target: [N] class indices in ``[0, C)``.
+        alpha: overall scale, > 0.
+        gamma: focusing exponent, >= 0.
+        beta: None (ones) or [C] per-class weights.
+        reduction: ``"mean"`` (plain mean over samples), ``"sum"`` or ``"none"`` ([N]).
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> reinforced_focal_loss(logits, torch.tensor([0, 0]), alpha=1, gamma=1).shape
+        torch.Size([])
+    """
+    _check_choice("reduction", reduction, CLASS_REDUCTIONS)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    target, beta = _class_inputs(logits, target, beta, "beta")
+    with _full_precision(logits.device):
+        log_p = torch.log_softmax(_upcast(logits), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+        one_minus_p = (-torch.expm1(log_p)).clamp_min(eps)
+        loss = alpha * one_minus_p.pow(gamma)
+        if beta is not None:
+            loss = loss * beta.to(loss.dtype)[target]
+        return _reduce_per_sample(loss, reduction)
+
+
+def focal_loss(
+    logits: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    weight: Tensor | Sequence[float] | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Classic focal loss (Lin et al. 2017): ``-w[y] (1 - p_y) ** gamma log p_y``.
+
+    With ``gamma=0`` and no ``weight`` it equals cross-entropy. ``"mean"`` is a
+    plain mean over samples.
+
+    Args:
+        logits: [N, C]; target: [N] in ``[0, C)``; weight: None or [C].
+
+    Example:
+        >>> focal_loss(torch.zeros(2, 3), torch.tensor([0, 2]), gamma=0.0)
+        tensor(1.0986)
+    """
+    _check_choice("reduction", reduction, CLASS_REDUCTIONS)
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    target, weight = _class_inputs(logits, target, weight, "weight")
+    with _full_precision(logits.device):
+        log_p = torch.log_softmax(_upcast(logits), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = -log_p
+        if gamma != 0:
+            loss = loss * (-torch.expm1(log_p)).clamp_min(0).pow(gamma)
+        if weight is not None:
+            loss = loss * weight.to(loss.dtype)[target]
+        return _reduce_per_sample(loss, reduction)
+
+
+# --------------------------------------------------------------------------- pair loss
+
+
+def _check_indices(indices_tuple, sizes: Sequence[int], device) -> tuple[Tensor, ...]:
+    """sizes: the number of rows each index may address (anchors or references)."""
+    n = len(indices_tuple) if isinstance(indices_tuple, tuple | list) else None
+    if n != len(sizes):
+        got = type(indices_tuple).__name__ + ("" if n is None else f" of length {n}")
+        raise ValueError(f"indices_tuple must be a tuple of {len(sizes)} index tensors, got {got}")
+    out = []
+    for i, (idx, size) in enumerate(zip(indices_tuple, sizes, strict=True)):
+        if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise TypeError(f"indices_tuple[{i}] must be an integer tensor")
+        if idx.ndim != 1:
+            raise ValueError(f"indices_tuple[{i}] must be 1-D, got shape {tuple(idx.shape)}")
+        if _checking_values(idx) and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise ValueError(f"indices_tuple[{i}] has indices outside [0, {size})")
+        out.append(idx.to(device=device, dtype=torch.long))
+    return tuple(out)
+
+
+def _reduce_terms(total: Tensor, n_selected: Tensor, n_nonzero: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return total
+    denom = n_selected if reduction == "mean" else n_nonzero
+    return total / denom.clamp_min(1).to(total.dtype)
+
+
+def contrastive_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: float = 1.0,
+    reduction: str = "mean",
+    indices_tuple: tuple[Tensor, ...] | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    scales: Tensor | None = None,
+    ref_scales: Tensor | None = None,
+    cross_scale: bool = False,
+) -> Tensor:
+    """SMSE pair loss ``0.5 * [y d^2 + (1 - y) relu(margin - d)^2]``, d euclidean.
+
+    Args:
+        embeddings: [B, D]; labels: [B] integers.
+        margin: negatives closer than this are penalised.
+        reduction: ``"mean"`` over all selected positive and negative pairs,
+            ``"sum"``, or ``"mean_nonzero"`` over pairs with a positive loss.
+        indices_tuple: None for every pair of the batch (O(B^2) memory), a pair
+            tuple ``(a1, p, a2, n)``, or a triplet tuple ``(a, p, n)`` read as
+            pairs ``(a, p, a, n)``, from any miner (ours or PML's).
+        ref_emb, ref_labels: optional [R, D] / [R] reference set that pairs
+            point into (as in PML).
+        scales, ref_scales: [B] / [R] magnification ids; with ``cross_scale``
+            only positives at different scales count.
+
+    Returns:
+        A scalar. With no valid pair it is a zero connected to the graph.
+
+    Example:
+        >>> emb = torch.randn(6, 3, requires_grad=True)
+        >>> contrastive_loss(emb, torch.tensor([0, 0, 1, 1, 2, 2])).backward()
+    """
+    _check_choice("reduction", reduction, PAIR_REDUCTIONS)
+    labels, ref_emb, ref_labels, scales, ref_scales = _prepare_metric_inputs(
+        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
+    )
+    with _full_precision(embeddings.device):
+        emb = _upcast(embeddings)
+        ref = emb if ref_emb is None else _upcast(ref_emb)
+        if ref_scales is None:
+            ref_scales = scales
+        if indices_tuple is None:
+            pos, neg = _pair_masks(labels, ref_labels, scales, ref_scales, cross_scale)
+            dist = pairwise_distances(emb, None if ref_emb is None else ref)
+            pos_terms = torch.where(pos, 0.5 * dist * dist, 0)
+            neg_terms = torch.where(neg, 0.5 * torch.relu(margin - dist).square(), 0)
+            total = pos_terms.sum() + neg_terms.sum()
+            n_sel = pos.sum() + neg.sum()
+            n_nz = (pos_terms > 0).sum() + (neg_terms > 0).sum()
+            return _reduce_terms(total, n_sel, n_nz, reduction)
+
+        if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 3:
+            a, p, n = indices_tuple
+            indices_tuple = (a, p, a, n)
+        n_ref = ref.shape[0]
+        a1, p, a2, n = _check_indices(
+            indices_tuple, (emb.shape[0], n_ref, emb.shape[0], n_ref), emb.device
+        )
+        if a1.shape != p.shape or a2.shape != n.shape:
+            raise ValueError("indices_tuple: a1/p and a2/n must have equal lengths")
+        pos_w = torch.ones_like(a1, dtype=emb.dtype)
+        if cross_scale:
+            pos_w = (scales[a1] != ref_scales[p]).to(emb.dtype)
+        pos_sq = _rowwise_sq_distances(emb[a1], ref[p])
+        neg_d = _safe_sqrt(_rowwise_sq_distances(emb[a2], ref[n]))
+        pos_terms = 0.5 * pos_sq * pos_w
+        neg_terms = 0.5 * torch.relu(margin - neg_d).square()
+        total = pos_terms.sum() + neg_terms.sum()
+        n_sel = pos_w.sum() + neg_terms.new_tensor(float(n.shape[0]))
+        n_nz = (pos_terms > 0).sum() + (neg_terms > 0).sum()
+        return _reduce_terms(total, n_sel, n_nz, reduction)
+
+
+# --------------------------------------------------------------------------- triplet loss
+
+
+def _count(sorted_rows: Tensor, values: Tensor, right: bool) -> Tensor:
+    """Per row, how many sorted entries are <= (right) or < (left) each value."""
+    return torch.searchsorted(sorted_rows, values, right=right, out_int32=True)
+
+
+def triplet_windows(
+    sorted_neg: Tensor, d_ap: Tensor, margin: float, strategy: str
+) -> tuple[Tensor, Tensor]:
+    """Which negatives each (anchor, positive) selects, as a window of sorted negatives.
+
+    For anchor ``a`` the negative distances sorted ascending are ``sorted_neg[a]``
+    (non-negatives padded with ``+inf``). The triplets (a, p, n) that a strategy
+    selects, with ``t = d(a,n) - d(a,p)`` as in pytorch-metric-learning, are
+
+    - ``"all"``: ``t <= margin``, i.e. every triplet with a non-negative loss;
+    - ``"hard"``: ``t <= min(margin, 0)``;
+    - ``"semihard"``: ``0 < t <= margin``;
+    - ``"easy"``: ``t > margin``;
+
+    and, since the negatives are sorted, they are the contiguous window
+    ``[lo, hi)`` of ``sorted_neg[a]``.
+
+    Args:
+        sorted_neg: [B, R] ascending rows, ``+inf`` where not a negative.
+        d_ap: [B, R] anchor-positive distances (only entries at positives matter).
+
+    Returns:
+        ``(lo, hi)``, two [B, R] int32 tensors.
+    """
+    thresh = d_ap + margin
+    if strategy == "all":
+        return torch.zeros_like(d_ap, dtype=torch.int32), _count(sorted_neg, thresh, True)
+    if strategy == "hard":
+        upper = d_ap if margin > 0 else thresh
+        return torch.zeros_like(d_ap, dtype=torch.int32), _count(sorted_neg, upper, True)
+    if strategy == "semihard":
+        lo = _count(sorted_neg, d_ap, True)
+        return lo, torch.maximum(lo, _count(sorted_neg, thresh, True))
+    if strategy == "easy":
+        n_neg = torch.isfinite(sorted_neg).sum(1, keepdim=True, dtype=torch.int32)
+        return _count(sorted_neg, thresh, True), n_neg.expand_as(d_ap)
+    raise ValueError(f"strategy must be one of {TRIPLET_STRATEGIES}, got {strategy!r}")
+
+
+def _fused_triplet_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str):
+    """Coefficients that make the selected triplets' loss linear in the distances.
+
+    Within the selection, a triplet contributes ``d_ap + margin - d_an`` when that
+    is positive. So the total is ``sum(C * dist) + margin * K`` with ``C[a,p]``
+    the number of loss-carrying triplets through (a, p), ``-C[a,n]`` the number
+    through (a, n), and ``K`` their count. The counts are piecewise constant in
+    the distances, so this form has the exact value and the exact gradient while
+    autograd keeps only ``dist``: no [B, B, B] tensor, no saved sort indices.
+    """
+    with torch.no_grad():
+        d = dist.detach()
+        inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
+        sorted_neg = torch.where(neg, d, inf).sort(dim=1).values
+        sorted_pos = torch.where(pos, d, inf).sort(dim=1).values
+        # The same rounded thresholds on both sides keep the two counts consistent.
+        thresh = d + margin
+        pos_thresh = sorted_pos + margin  # monotone in sorted_pos, so still sorted
+        lo, hi = triplet_windows(sorted_neg, d, margin, strategy)
+        n_sel = torch.where(pos, hi - lo, 0).sum()
+        # Loss-carrying part of the window: d_an < d_ap + margin.
+        end = torch.clamp(torch.minimum(hi, _count(sorted_neg, thresh, False)), min=lo)
+        k_pos = torch.where(pos, end - lo, 0)
+        del sorted_neg, lo, hi, end
+        # Dual count per (a, n): positives p whose loss-carrying window holds n.
+        if strategy == "all" or (strategy == "hard" and margin <= 0):
+            n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
+            w = n_pos - _count(pos_thresh, d, True)
+        elif strategy == "hard":
+            n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
+            w = n_pos - _count(sorted_pos, d, False)
+        else:  # semihard: d_ap < d_an < d_ap + margin
+            w = (_count(sorted_pos, d, False) - _count(pos_thresh, d, True)).clamp_min(0)
+        coef = k_pos.to(d.dtype) - torch.where(neg, w, 0).to(d.dtype)
+        k_total = k_pos.sum()
+    acc = _acc_dtype(dist)
+    total = (coef * dist).sum(dtype=acc) + margin * k_total.to(acc)
+    return total.to(dist.dtype), n_sel, k_total
+
+
+def triplet_margin_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: float = 1.0,
+    squared: bool = False,
+    triplets: str = "all",
+    reduction: str = "mean_nonzero",
+    indices_tuple: tuple[Tensor, Tensor, Tensor] | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    scales: Tensor | None = None,
+    ref_scales: Tensor | None = None,
+    cross_scale: bool = False,
+) -> Tensor:
+    """Triplet margin loss ``relu(d(a,p) - d(a,n) + margin)``, fused or on mined triplets.
+
+    Without ``indices_tuple`` the triplets are never materialised. ``triplets``:
+
+    - ``"all"``, ``"semihard"``, ``"hard"``: the selections of
+      pytorch-metric-learning's ``TripletMarginMiner`` with this margin (see
+      :func:`triplet_windows`), computed per anchor by sorting negative
+      distances, ``searchsorted`` and counting: O(B^2 log B) time, O(B^2) memory;
+    - ``"batch_hard"``: per anchor, the farthest positive and the closest negative.
+
+    Args:
+        embeddings: [B, D]; labels: [B] integers.
+        margin: the margin; ``squared=True`` uses squared euclidean distances
+            (the SMSE form), otherwise euclidean.
+        reduction: ``"mean_nonzero"`` (mean over triplets with positive loss, PML's
+            default), ``"mean"`` (over all selected triplets) or ``"sum"``.
+        indices_tuple: ``(a, p, n)`` from any miner; exactly those triplets are used.
+        ref_emb, ref_labels: optional [R, D] / [R] reference set (as in PML).
+        scales, ref_scales, cross_scale: with ``cross_scale`` only positives at
+            a different scale from the anchor count.
+
+    Returns:
+        A scalar; a graph-connected zero when no triplet applies.
+
+    Example:
+        >>> emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
+        >>> labels = torch.arange(16) % 3
+        >>> triplet_margin_loss(emb, labels, margin=0.2, triplets="semihard").backward()
+    """
+    _check_choice("reduction", reduction, TRIPLET_REDUCTIONS)
+    _check_choice("triplets", triplets, FUSED_TRIPLETS)
+    labels, ref_emb, ref_labels, scales, ref_scales = _prepare_metric_inputs(
+        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
+    )
+    metric = "squared_euclidean" if squared else "euclidean"
+    with _full_precision(embeddings.device):
+        emb = _upcast(embeddings)
+        ref = emb if ref_emb is None else _upcast(ref_emb)
+        if ref_scales is None:
+            ref_scales = scales
+        if indices_tuple is not None:
+            if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 4:
+                raise ValueError(
+                    "indices_tuple holds pairs (a1, p, a2, n); TripletMarginLoss needs "
+                    "triplets (a, p, n), e.g. from TripletMiner"
+                )
+            a, p, n = _check_indices(
+                indices_tuple, (emb.shape[0], ref.shape[0], ref.shape[0]), emb.device
+            )
+            if not a.shape == p.shape == n.shape:
+                raise ValueError("indices_tuple: a, p and n must have equal lengths")
+            d_ap = _rowwise_sq_distances(emb[a], ref[p])
+            d_an = _rowwise_sq_distances(emb[a], ref[n])
+            if not squared:
+                d_ap, d_an = _safe_sqrt(d_ap), _safe_sqrt(d_an)
+            terms = torch.relu(d_ap - d_an + margin)
+            if cross_scale:
+                keep = scales[a] != ref_scales[p]
+                terms = torch.where(keep, terms, 0)
+                n_sel = keep.sum()
+            else:
+                n_sel = torch.tensor(a.shape[0], device=emb.device)
+            return _reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
+
+        pos, neg = _pair_masks(labels, ref_labels, scales, ref_scales, cross_scale)
+        dist = pairwise_distances(emb, None if ref_emb is None else ref, metric=metric)
+        if triplets == "batch_hard":
+            ninf = torch.tensor(float("-inf"), dtype=dist.dtype, device=dist.device)
+            hardest_pos = torch.where(pos, dist, ninf).amax(1)
+            hardest_neg = torch.where(neg, dist, -ninf).amin(1)
+            valid = pos.any(1) & neg.any(1)
+            terms = torch.where(
+                valid,
+                torch.relu(
+                    torch.where(valid, hardest_pos, 0) - torch.where(valid, hardest_neg, 0) + margin
+                ),
+                0,
+            )
+            return _reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
+        total, n_sel, n_nz = _fused_triplet_terms(dist, pos, neg, margin, triplets)
+        return _reduce_terms(total, n_sel, n_nz, reduction)

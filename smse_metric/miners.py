@@ -1,0 +1,242 @@
+"""Pair and triplet miners that drop into pytorch-metric-learning code.
+
+``miner(embeddings, labels)`` returns index tuples that PML losses and ours
+accept: ``(a1, p, a2, n)`` for pairs, ``(a, p, n)`` for triplets. Strategy names
+mean what they mean in PML. Mining runs under ``no_grad`` in chunks of anchors,
+so working memory is O(chunk x R) plus the output. Producing variable-length
+index tuples needs one host sync per chunk; mining is not a fused hot path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["PairMiner", "TripletMiner"]
+
+PAIR_STRATEGIES = ("all", "hard", "batch_hard")
+
+
+class _Miner(nn.Module):
+    def __init__(self, strategy: str, choices, cross_scale: bool, chunk_size: int) -> None:
+        super().__init__()
+        F._check_choice("strategy", strategy, choices)
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.strategy, self.cross_scale, self.chunk_size = strategy, bool(cross_scale), chunk_size
+
+    def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric):
+        """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor chunk."""
+        labels, ref_emb, ref_labels, scales, ref_scales = F._prepare_metric_inputs(
+            embeddings, labels, ref_emb, ref_labels, scales, ref_scales, self.cross_scale
+        )
+        same = ref_emb is None
+        emb = F._upcast(embeddings.detach())
+        ref = emb if same else F._upcast(ref_emb.detach())
+        ref_labels = labels if same else ref_labels
+        ref_scales = scales if ref_scales is None else ref_scales
+        for start in range(0, emb.shape[0], self.chunk_size):
+            stop = min(start + self.chunk_size, emb.shape[0])
+            with F._full_precision(emb.device):
+                dist = F.pairwise_distances(emb[start:stop], ref, metric=metric)
+            pos = labels[start:stop, None] == ref_labels[None]
+            neg = ~pos
+            if same:
+                rows = torch.arange(stop - start, device=pos.device)
+                pos[rows, rows + start] = False
+            if self.cross_scale:
+                pos &= scales[start:stop, None] != ref_scales[None]
+            yield start, dist, pos, neg
+
+
+def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor):
+    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+    valid = pos.any(1) & neg.any(1)
+    hardest_pos = torch.where(pos, dist, -inf).argmax(1)
+    hardest_neg = torch.where(neg, dist, inf).argmin(1)
+    anchors = valid.nonzero().squeeze(1)
+    return anchors, hardest_pos[anchors], hardest_neg[anchors]
+
+
+def _empty(device) -> Tensor:
+    return torch.empty(0, dtype=torch.long, device=device)
+
+
+class TripletMiner(_Miner):
+    """Mine triplets ``(a, p, n)``; the selections of PML's ``TripletMarginMiner``.
+
+    With ``t = d(a,n) - d(a,p)``: ``"all"`` keeps ``t <= margin`` (every triplet
+    with a non-negative loss), ``"hard"`` ``t <= min(margin, 0)``, ``"semihard"``
+    ``0 < t <= margin``, ``"easy"`` ``t > margin``; ``"batch_hard"`` keeps, per
+    anchor with a positive and a negative, the farthest positive and the closest
+    negative (PML's ``BatchHardMiner``). Negatives are found per anchor as a window
+    of its sorted negative distances, so no [B, B, B] tensor is ever built.
+
+    Args:
+        strategy: one of the above.
+        margin: the triplet margin (use the loss's margin).
+        squared: mine on squared euclidean distances (match ``TripletMarginLoss``).
+        cross_scale: positives must have a different scale from the anchor.
+        max_triplets: keep at most this many, the most violating
+            (largest ``d(a,p) - d(a,n)``); ``num_candidates`` records how many there were.
+        chunk_size: anchors per chunk.
+
+    Shape:
+        embeddings [B, D], labels [B] -> three int64 tensors [T].
+
+    Example:
+        >>> miner = TripletMiner("semihard", margin=0.2)
+        >>> emb = torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
+        >>> a, p, n = miner(emb, torch.arange(32) % 4)
+    """
+
+    def __init__(
+        self,
+        strategy: str = "all",
+        margin: float = 1.0,
+        squared: bool = False,
+        cross_scale: bool = False,
+        max_triplets: int | None = None,
+        chunk_size: int = 1024,
+    ) -> None:
+        super().__init__(strategy, F.TRIPLET_STRATEGIES, cross_scale, chunk_size)
+        if max_triplets is not None and (not isinstance(max_triplets, int) or max_triplets < 1):
+            raise ValueError(f"max_triplets must be None or a positive int, got {max_triplets!r}")
+        self.margin, self.squared, self.max_triplets = float(margin), bool(squared), max_triplets
+        self.num_triplets = 0
+        self.num_candidates = 0
+
+    @torch.no_grad()
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        scales: Tensor | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        ref_scales: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        metric = "squared_euclidean" if self.squared else "euclidean"
+        dev = embeddings.device
+        kept: list[tuple[Tensor, ...]] = []
+        n_candidates = 0
+        for start, dist, pos, neg in self._chunks(
+            embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric
+        ):
+            if self.strategy == "batch_hard":
+                a, p, n = _batch_hard(dist, pos, neg)
+            else:
+                a, p, n = self._windows(dist, pos, neg)
+            n_candidates += a.shape[0]
+            violation = dist[a, p] - dist[a, n]
+            kept.append((a + start, p, n, violation))
+            if self.max_triplets is not None:
+                kept = [self._most_violating(kept)]
+        self.num_candidates = n_candidates
+        if not kept:
+            self.num_triplets = 0
+            return _empty(dev), _empty(dev), _empty(dev)
+        a, p, n, _ = self._most_violating(kept) if self.max_triplets else _cat(kept)
+        self.num_triplets = a.shape[0]
+        return a, p, n
+
+    def _windows(self, dist: Tensor, pos: Tensor, neg: Tensor):
+        inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+        sorted_neg, order = torch.where(neg, dist, inf).sort(dim=1)
+        lo, hi = F.triplet_windows(sorted_neg, dist, self.margin, self.strategy)
+        pa, pp = pos.nonzero(as_tuple=True)
+        lo = lo[pa, pp].long()
+        counts = (hi[pa, pp].long() - lo).clamp_min(0)
+        a = torch.repeat_interleave(pa, counts)
+        p = torch.repeat_interleave(pp, counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        rank = (
+            torch.repeat_interleave(lo, counts) + torch.arange(a.shape[0], device=a.device) - first
+        )
+        return a, p, order[a, rank]
+
+    def _most_violating(self, kept):
+        a, p, n, v = _cat(kept)
+        if a.shape[0] <= self.max_triplets:
+            return a, p, n, v
+        # A stable sort makes the cut deterministic among equal violations.
+        top = torch.sort(v, descending=True, stable=True).indices[: self.max_triplets]
+        top = top.sort().values
+        return a[top], p[top], n[top], v[top]
+
+    def extra_repr(self) -> str:
+        return (
+            f"strategy={self.strategy!r}, margin={self.margin}, squared={self.squared}, "
+            f"cross_scale={self.cross_scale}, max_triplets={self.max_triplets}"
+        )
+
+
+def _cat(parts):
+    return tuple(torch.cat(t) for t in zip(*parts, strict=True))
+
+
+class PairMiner(_Miner):
+    """Mine pairs ``(a1, p, a2, n)`` on euclidean distances.
+
+    ``"all"``: every positive and negative pair. ``"hard"``: positives farther
+    than ``pos_margin`` and negatives closer than ``neg_margin`` (PML's
+    ``PairMarginMiner``). ``"batch_hard"``: per anchor with both, its farthest
+    positive and closest negative (PML's ``BatchHardMiner`` as pairs).
+
+    Shape:
+        embeddings [B, D], labels [B] -> four int64 tensors ([P], [P], [Q], [Q]).
+
+    Example:
+        >>> a1, p, a2, n = PairMiner("hard", pos_margin=0.2, neg_margin=0.8)(
+        ...     torch.randn(16, 4), torch.arange(16) % 2)
+    """
+
+    def __init__(
+        self,
+        strategy: str = "all",
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        cross_scale: bool = False,
+        chunk_size: int = 1024,
+    ) -> None:
+        super().__init__(strategy, PAIR_STRATEGIES, cross_scale, chunk_size)
+        self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
+        self.num_pos_pairs = 0
+        self.num_neg_pairs = 0
+
+    @torch.no_grad()
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        scales: Tensor | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        ref_scales: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dev = embeddings.device
+        parts: list[tuple[Tensor, ...]] = []
+        for start, dist, pos, neg in self._chunks(
+            embeddings, labels, scales, ref_emb, ref_labels, ref_scales, "euclidean"
+        ):
+            if self.strategy == "batch_hard":
+                a, p, n = _batch_hard(dist, pos, neg)
+                parts.append((a + start, p, a + start, n))
+                continue
+            if self.strategy == "hard":
+                pos &= dist > self.pos_margin
+                neg &= dist < self.neg_margin
+            a1, p = pos.nonzero(as_tuple=True)
+            a2, n = neg.nonzero(as_tuple=True)
+            parts.append((a1 + start, p, a2 + start, n))
+        out = _cat(parts) if parts else (_empty(dev),) * 4
+        self.num_pos_pairs, self.num_neg_pairs = out[0].shape[0], out[2].shape[0]
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"strategy={self.strategy!r}, pos_margin={self.pos_margin}, "
+            f"neg_margin={self.neg_margin}, cross_scale={self.cross_scale}"
+        )
