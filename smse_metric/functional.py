@@ -144,26 +144,32 @@ def _prepare_metric_inputs(
 class _EuclideanDistance(torch.autograd.Function):
     """||x_i - y_j|| with a gradient that is zero (not NaN) where the distance is zero.
 
-    Only x, y and the output are saved, which keeps O(B^2) activations to one matrix.
+    ``y=None`` means ``x`` against itself (one input, so ``torch.compile`` can trace
+    it). Only the inputs and the output are saved: one [N, M] matrix of activations.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, same: bool) -> Tensor:
-        sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)
+    def forward(ctx, x: Tensor, y: Tensor | None) -> Tensor:
+        other = x if y is None else y
+        sq = (x * x).sum(1, keepdim=True) + (other * other).sum(1) - 2.0 * (x @ other.T)
         dist = sq.clamp_min_(0).sqrt_()
-        if same:
+        if y is None:
             # The expanded form leaves ~sqrt(eps) on the diagonal; the truth is 0.
             dist.fill_diagonal_(0)
-        ctx.save_for_backward(x, y, dist)
+            ctx.save_for_backward(x, dist)
+        else:
+            ctx.save_for_backward(x, y, dist)
         return dist
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, y, dist = ctx.saved_tensors
+        *inputs, dist = ctx.saved_tensors
         w = torch.where(dist > 0, grad / dist.clamp_min(torch.finfo(dist.dtype).tiny), 0)
-        gx = x * w.sum(1, keepdim=True) - w @ y
-        gy = y * w.sum(0).unsqueeze(1) - w.T @ x
-        return gx, gy, None
+        if len(inputs) == 1:
+            (x,) = inputs
+            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - (w + w.T) @ x, None
+        x, y = inputs
+        return x * w.sum(1, keepdim=True) - w @ y, y * w.sum(0).unsqueeze(1) - w.T @ x
 
 
 def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:
@@ -196,7 +202,7 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
     with _full_precision(x.device):
         x, y = _upcast(x), _upcast(y.to(x.device))
         if metric == "euclidean":
-            return _EuclideanDistance.apply(x, y, same)
+            return _EuclideanDistance.apply(x, None if same else y)
         if metric == "squared_euclidean":
             sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)
             sq = sq.clamp_min(0)
@@ -470,7 +476,7 @@ def contrastive_loss(
         pos_terms = 0.5 * pos_sq * pos_w
         neg_terms = 0.5 * torch.relu(margin - neg_d).square()
         total = pos_terms.sum() + neg_terms.sum()
-        n_sel = pos_w.sum() + neg_terms.new_tensor(float(n.shape[0]))
+        n_sel = pos_w.sum() + n.shape[0]
         n_nz = (pos_terms > 0).sum() + (neg_terms > 0).sum()
         return _reduce_terms(total, n_sel, n_nz, reduction)
 
@@ -534,9 +540,8 @@ def _fused_triplet_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, 
     """
     with torch.no_grad():
         d = dist.detach()
-        inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
-        sorted_neg = torch.where(neg, d, inf).sort(dim=1).values
-        sorted_pos = torch.where(pos, d, inf).sort(dim=1).values
+        sorted_neg = torch.where(neg, d, float("inf")).sort(dim=1).values
+        sorted_pos = torch.where(pos, d, float("inf")).sort(dim=1).values
         # The same rounded thresholds on both sides keep the two counts consistent.
         thresh = d + margin
         pos_thresh = sorted_pos + margin  # monotone in sorted_pos, so still sorted
@@ -637,15 +642,14 @@ def triplet_margin_loss(
                 terms = torch.where(keep, terms, 0)
                 n_sel = keep.sum()
             else:
-                n_sel = torch.tensor(a.shape[0], device=emb.device)
+                n_sel = torch.full((), a.shape[0], device=emb.device)
             return _reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
 
         pos, neg = _pair_masks(labels, ref_labels, scales, ref_scales, cross_scale)
         dist = pairwise_distances(emb, None if ref_emb is None else ref, metric=metric)
         if triplets == "batch_hard":
-            ninf = torch.tensor(float("-inf"), dtype=dist.dtype, device=dist.device)
-            hardest_pos = torch.where(pos, dist, ninf).amax(1)
-            hardest_neg = torch.where(neg, dist, -ninf).amin(1)
+            hardest_pos = torch.where(pos, dist, float("-inf")).amax(1)
+            hardest_neg = torch.where(neg, dist, float("inf")).amin(1)
             valid = pos.any(1) & neg.any(1)
             terms = torch.where(
                 valid,

@@ -52,10 +52,9 @@ class _Miner(nn.Module):
 
 
 def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor):
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
     valid = pos.any(1) & neg.any(1)
-    hardest_pos = torch.where(pos, dist, -inf).argmax(1)
-    hardest_neg = torch.where(neg, dist, inf).argmin(1)
+    hardest_pos = torch.where(pos, dist, float("-inf")).argmax(1)
+    hardest_neg = torch.where(neg, dist, float("inf")).argmin(1)
     anchors = valid.nonzero().squeeze(1)
     return anchors, hardest_pos[anchors], hardest_neg[anchors]
 
@@ -143,8 +142,7 @@ class TripletMiner(_Miner):
         return a, p, n
 
     def _windows(self, dist: Tensor, pos: Tensor, neg: Tensor):
-        inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-        sorted_neg, order = torch.where(neg, dist, inf).sort(dim=1)
+        sorted_neg, order = torch.where(neg, dist, float("inf")).sort(dim=1)
         lo, hi = F.triplet_windows(sorted_neg, dist, self.margin, self.strategy)
         pa, pp = pos.nonzero(as_tuple=True)
         lo = lo[pa, pp].long()

@@ -1,0 +1,135 @@
+"""Miners against brute-force loops and against pytorch-metric-learning, as sets."""
+
+import pytest
+import reference as ref
+import torch
+from conftest import make_batch
+from hypothesis import given
+from hypothesis import strategies as st
+from pytorch_metric_learning import miners as pml_miners
+
+from smse_metric import PairMiner, TripletMiner
+
+
+def as_set(*idx):
+    return set(zip(*[t.tolist() for t in idx], strict=True))
+
+
+@given(
+    n=st.integers(1, 14),
+    n_classes=st.integers(1, 4),
+    strategy=st.sampled_from(["all", "semihard", "hard", "easy", "batch_hard"]),
+    margin=st.sampled_from([0.0, 0.2, 0.7, -0.1]),
+    squared=st.booleans(),
+    cross=st.booleans(),
+    chunk=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_triplet_miner_equals_brute_force(n, n_classes, strategy, margin, squared, cross, chunk,
+                                          seed):  # fmt: skip
+    emb, labels, scales = make_batch(n, 3, n_classes, n_scales=2, seed=seed)
+    miner = TripletMiner(strategy, margin, squared, cross_scale=cross, chunk_size=chunk)
+    got = miner(emb, labels, scales)
+    assert all(t.dtype == torch.long for t in got)
+    want = ref.triplets(emb, labels, margin, strategy, squared, scales=scales, cross_scale=cross)
+    assert as_set(*got) == want
+    assert len(got[0]) == len(want) == miner.num_triplets == miner.num_candidates
+
+
+def test_triplet_miner_with_reference_set():
+    emb, labels, scales = make_batch(9, 4, 3, n_scales=3, seed=1)
+    r_emb, r_labels, r_scales = make_batch(11, 4, 3, n_scales=3, seed=2)
+    for strategy in ["all", "semihard", "hard", "easy", "batch_hard"]:
+        got = TripletMiner(strategy, 0.3, cross_scale=True, chunk_size=4)(
+            emb, labels, scales, r_emb, r_labels, ref_scales=r_scales
+        )
+        want = ref.triplets(emb, labels, 0.3, strategy, False, r_emb, r_labels, scales, r_scales,
+                            True)  # fmt: skip
+        assert as_set(*got) == want
+
+
+@pytest.mark.parametrize("strategy", ["all", "semihard", "hard", "easy"])
+def test_triplet_miner_equals_pml_as_sets(strategy):
+    emb, labels, _ = make_batch(40, 6, 4, seed=3)
+    ours = TripletMiner(strategy, margin=0.2)(emb, labels)
+    theirs = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets=strategy)(emb, labels)
+    assert as_set(*ours) == as_set(*theirs)
+    assert len(ours[0]) == len(theirs[0]) > 0
+
+
+def test_batch_hard_equals_pml_as_sets():
+    emb, labels, _ = make_batch(40, 6, 4, seed=4)
+    ours = TripletMiner("batch_hard")(emb, labels)
+    theirs = pml_miners.BatchHardMiner()(emb, labels)
+    assert as_set(*ours) == as_set(*theirs)
+    pairs = PairMiner("batch_hard")(emb, labels)
+    a, p, n = theirs
+    assert as_set(*pairs[:2]) == as_set(a, p) and as_set(*pairs[2:]) == as_set(a, n)
+
+
+def test_max_triplets_keeps_the_most_violating_and_counts_the_rest():
+    emb, labels, _ = make_batch(30, 4, 3, seed=5)
+    full = TripletMiner("all", margin=0.5)(emb, labels)
+    miner = TripletMiner("all", margin=0.5, max_triplets=25, chunk_size=4)
+    a, p, n = miner(emb, labels)
+    assert len(a) == 25 == miner.num_triplets
+    assert miner.num_candidates == len(full[0]) > 25
+    d = torch.cdist(emb, emb)
+    viol_all = sorted((d[full[0], full[1]] - d[full[0], full[2]]).tolist(), reverse=True)
+    viol_kept = sorted((d[a, p] - d[a, n]).tolist(), reverse=True)
+    torch.testing.assert_close(torch.tensor(viol_kept), torch.tensor(viol_all[:25]))
+    assert as_set(a, p, n) <= as_set(*full)
+
+
+@given(seed=st.integers(0, 2**16), chunk=st.integers(1, 20))
+def test_chunking_does_not_change_the_result(seed, chunk):
+    emb, labels, _ = make_batch(20, 4, 3, seed=seed)
+    one = TripletMiner("semihard", margin=0.4, chunk_size=1024)(emb, labels)
+    many = TripletMiner("semihard", margin=0.4, chunk_size=chunk)(emb, labels)
+    assert as_set(*one) == as_set(*many)
+
+
+@given(
+    n=st.integers(1, 12),
+    n_classes=st.integers(1, 4),
+    strategy=st.sampled_from(["all", "hard"]),
+    cross=st.booleans(),
+    chunk=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_pair_miner_equals_brute_force(n, n_classes, strategy, cross, chunk, seed):
+    emb, labels, scales = make_batch(n, 3, n_classes, n_scales=2, seed=seed)
+    miner = PairMiner(strategy, 0.5, 1.1, cross_scale=cross, chunk_size=chunk)
+    a1, p, a2, n_ = miner(emb, labels, scales)
+    P, N = ref.pairs(emb, labels, strategy, 0.5, 1.1, scales=scales, cross_scale=cross)
+    assert as_set(a1, p) == P and as_set(a2, n_) == N
+    assert miner.num_pos_pairs == len(P) and miner.num_neg_pairs == len(N)
+
+
+def test_pair_miner_hard_equals_pml_pair_margin_miner():
+    emb, labels, _ = make_batch(40, 6, 3, seed=6)
+    ours = PairMiner("hard", pos_margin=0.3, neg_margin=0.9)(emb, labels)
+    theirs = pml_miners.PairMarginMiner(pos_margin=0.3, neg_margin=0.9)(emb, labels)
+    assert as_set(*ours[:2]) == as_set(*theirs[:2]) and as_set(*ours[2:]) == as_set(*theirs[2:])
+
+
+def test_miners_run_without_grad_and_keep_device():
+    emb = torch.randn(10, 3, requires_grad=True)
+    a, _p, _n = TripletMiner()(emb, torch.arange(10) % 2)
+    assert not a.requires_grad and a.device == emb.device
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: TripletMiner("hardest"), "strategy"),
+        (lambda: PairMiner("semihard"), "strategy"),
+        (lambda: TripletMiner(max_triplets=0), "max_triplets"),
+        (lambda: TripletMiner(chunk_size=0), "chunk_size"),
+        (lambda: TripletMiner()(torch.randn(4, 2), torch.arange(5)), "labels"),
+        (lambda: PairMiner(cross_scale=True)(torch.randn(4, 2), torch.arange(4)), "scales"),
+    ],
+)
+def test_miner_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
