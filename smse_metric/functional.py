@@ -151,8 +151,7 @@ class _EuclideanDistance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor | None) -> Tensor:
         other = x if y is None else y
-        sq = (x * x).sum(1, keepdim=True) + (other * other).sum(1) - 2.0 * (x @ other.T)
-        dist = sq.clamp_min_(0).sqrt_()
+        dist = _squared_distances(x, other).sqrt_()
         if y is None:
             # The expanded form leaves ~sqrt(eps) on the diagonal; the truth is 0.
             dist.fill_diagonal_(0)
@@ -164,12 +163,19 @@ class _EuclideanDistance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         *inputs, dist = ctx.saved_tensors
-        w = torch.where(dist > 0, grad / dist.clamp_min(torch.finfo(dist.dtype).tiny), 0)
+        w = grad / dist
+        w.masked_fill_(dist == 0, 0)
         if len(inputs) == 1:
             (x,) = inputs
-            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - (w + w.T) @ x, None
+            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None
         x, y = inputs
         return x * w.sum(1, keepdim=True) - w @ y, y * w.sum(0).unsqueeze(1) - w.T @ x
+
+
+def _squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    """||x_i||^2 + ||y_j||^2 - 2 x_i.y_j, clamped at 0, in two passes over [N, M]."""
+    sq = torch.addmm((y * y).sum(1).unsqueeze(0), x, y.T, alpha=-2.0)
+    return sq.add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
 
 
 def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:
@@ -204,19 +210,14 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
         if metric == "euclidean":
             return _EuclideanDistance.apply(x, None if same else y)
         if metric == "squared_euclidean":
-            sq = (x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)
-            sq = sq.clamp_min(0)
+            sq = ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)).clamp_min(0)
             if same:
-                sq = sq * (1 - torch.eye(sq.shape[0], device=sq.device, dtype=sq.dtype))
+                # exact zeros on the diagonal, out of place for autograd
+                sq = sq.masked_fill(torch.eye(len(x), dtype=torch.bool, device=x.device), 0)
             return sq
         xn = torch.nn.functional.normalize(x, dim=1)
         yn = torch.nn.functional.normalize(y, dim=1)
         return 1.0 - xn @ yn.T
-
-
-def _rowwise_sq_distances(x: Tensor, y: Tensor) -> Tensor:
-    diff = x - y
-    return (diff * diff).sum(1)
 
 
 def _safe_sqrt(sq: Tensor) -> Tensor:
@@ -241,12 +242,7 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
         ([[0, 1, 0], [1, 0, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1], [1, 1, 0]])
     """
     same = ref_labels is None
-    ref = labels if same else ref_labels
-    eq = labels.unsqueeze(1) == ref.unsqueeze(0)
-    neg = ~eq
-    if same:
-        eq = eq & ~torch.eye(eq.shape[0], dtype=torch.bool, device=eq.device)
-    return eq, neg
+    return _block_masks(labels, labels if same else ref_labels, None, None, same, 0, len(labels))
 
 
 def cross_scale_mask(scales: Tensor, ref_scales: Tensor | None = None) -> Tensor:
@@ -260,11 +256,29 @@ def cross_scale_mask(scales: Tensor, ref_scales: Tensor | None = None) -> Tensor
     return scales.unsqueeze(1) != ref.unsqueeze(0)
 
 
-def _pair_masks(labels, ref_labels, scales, ref_scales, cross_scale):
-    pos, neg = label_masks(labels, ref_labels)
-    if cross_scale:
-        pos = pos & cross_scale_mask(scales, ref_scales)
+def _block_masks(labels, ref_labels, scales, ref_scales, same, start, stop):
+    """(pos, neg) for anchors ``start:stop`` against every reference.
+
+    ``scales`` (None: no cross-scale rule) restricts positives to other scales;
+    ``same`` excludes each anchor from its own positives.
+    """
+    pos = labels[start:stop, None] == ref_labels[None]
+    neg = ~pos
+    if same:
+        rows = torch.arange(stop - start, device=pos.device)
+        pos[rows, rows + start] = False
+    if scales is not None:
+        pos &= scales[start:stop, None] != ref_scales[None]
     return pos, neg
+
+
+def _row_blocks(n_rows: int, n_cols: int) -> list[tuple[int, int]]:
+    """Anchor blocks of at most _BLOCK_ENTRIES matrix entries (one block up to B = 4096)."""
+    step = max(1, _BLOCK_ENTRIES // max(n_cols, 1))
+    return [(i, min(i + step, n_rows)) for i in range(0, max(n_rows, 1), step)]
+
+
+_BLOCK_ENTRIES = 1 << 24
 
 
 # --------------------------------------------------------------------------- classification
@@ -444,41 +458,56 @@ def contrastive_loss(
     labels, ref_emb, ref_labels, scales, ref_scales = _prepare_metric_inputs(
         embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
     )
+    same = ref_emb is None
     with _full_precision(embeddings.device):
         emb = _upcast(embeddings)
-        ref = emb if ref_emb is None else _upcast(ref_emb)
-        if ref_scales is None:
-            ref_scales = scales
+        ref = emb if same else _upcast(ref_emb)
+        ref_labels = labels if same else ref_labels
+        ref_scales = scales if ref_scales is None else ref_scales
         if indices_tuple is None:
-            pos, neg = _pair_masks(labels, ref_labels, scales, ref_scales, cross_scale)
-            dist = pairwise_distances(emb, None if ref_emb is None else ref)
-            pos_terms = torch.where(pos, 0.5 * dist * dist, 0)
-            neg_terms = torch.where(neg, 0.5 * torch.relu(margin - dist).square(), 0)
-            total = pos_terms.sum() + neg_terms.sum()
+            pos, neg = _block_masks(
+                labels, ref_labels, scales if cross_scale else None, ref_scales, same, 0, len(emb)
+            )
+            dist = pairwise_distances(emb, None if same else ref)
+            # pos and neg are disjoint, so one select builds both kinds of term
+            terms = torch.where(pos, dist.square(), torch.relu(margin - dist).square())
+            terms = 0.5 * torch.where(pos | neg, terms, 0)
             n_sel = pos.sum() + neg.sum()
-            n_nz = (pos_terms > 0).sum() + (neg_terms > 0).sum()
-            return _reduce_terms(total, n_sel, n_nz, reduction)
+            n_nz = (terms > 0).sum() if reduction == "mean_nonzero" else n_sel
+            return _reduce_terms(terms.sum(), n_sel, n_nz, reduction)
 
         if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 3:
             a, p, n = indices_tuple
             indices_tuple = (a, p, a, n)
-        n_ref = ref.shape[0]
         a1, p, a2, n = _check_indices(
-            indices_tuple, (emb.shape[0], n_ref, emb.shape[0], n_ref), emb.device
+            indices_tuple, (emb.shape[0], ref.shape[0], emb.shape[0], ref.shape[0]), emb.device
         )
         if a1.shape != p.shape or a2.shape != n.shape:
             raise ValueError("indices_tuple: a1/p and a2/n must have equal lengths")
-        pos_w = torch.ones_like(a1, dtype=emb.dtype)
+        d = _gathered_distances(emb, ref, same, torch.cat([a1, a2]), torch.cat([p, n]), False)
+        pos_terms = 0.5 * d[: len(a1)].square()
         if cross_scale:
-            pos_w = (scales[a1] != ref_scales[p]).to(emb.dtype)
-        pos_sq = _rowwise_sq_distances(emb[a1], ref[p])
-        neg_d = _safe_sqrt(_rowwise_sq_distances(emb[a2], ref[n]))
-        pos_terms = 0.5 * pos_sq * pos_w
-        neg_terms = 0.5 * torch.relu(margin - neg_d).square()
+            pos_terms = torch.where(scales[a1] != ref_scales[p], pos_terms, 0)
+            n_pos = (scales[a1] != ref_scales[p]).sum()
+        else:
+            n_pos = torch.full((), len(a1), device=emb.device)
+        neg_terms = 0.5 * torch.relu(margin - d[len(a1) :]).square()
         total = pos_terms.sum() + neg_terms.sum()
-        n_sel = pos_w.sum() + n.shape[0]
         n_nz = (pos_terms > 0).sum() + (neg_terms > 0).sum()
-        return _reduce_terms(total, n_sel, n_nz, reduction)
+        return _reduce_terms(total, n_pos + len(n), n_nz, reduction)
+
+
+def _gathered_distances(
+    emb: Tensor, ref: Tensor, same: bool, i: Tensor, j: Tensor, squared: bool
+) -> Tensor:
+    """d(emb[i], ref[j]) for index lists, by whichever is smaller in memory: gathering
+    rows ([len(i), D]) or one distance matrix ([B, R], what PML always does)."""
+    if i.numel() * emb.shape[1] <= emb.shape[0] * ref.shape[0]:
+        diff = emb[i] - ref[j]
+        sq = (diff * diff).sum(1)
+        return sq if squared else _safe_sqrt(sq)
+    metric = "squared_euclidean" if squared else "euclidean"
+    return pairwise_distances(emb, None if same else ref, metric)[i, j]
 
 
 # --------------------------------------------------------------------------- triplet loss
@@ -528,43 +557,88 @@ def triplet_windows(
     raise ValueError(f"strategy must be one of {TRIPLET_STRATEGIES}, got {strategy!r}")
 
 
-def _fused_triplet_terms(dist: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str):
-    """Coefficients that make the selected triplets' loss linear in the distances.
+class _LinearForm(torch.autograd.Function):
+    """A scalar whose value is known and whose gradient w.r.t. ``dist`` is ``coef``."""
 
-    Within the selection, a triplet contributes ``d_ap + margin - d_an`` when that
-    is positive. So the total is ``sum(C * dist) + margin * K`` with ``C[a,p]``
-    the number of loss-carrying triplets through (a, p), ``-C[a,n]`` the number
-    through (a, n), and ``K`` their count. The counts are piecewise constant in
-    the distances, so this form has the exact value and the exact gradient while
-    autograd keeps only ``dist``: no [B, B, B] tensor, no saved sort indices.
+    @staticmethod
+    def forward(ctx, dist: Tensor, coef: Tensor, value: Tensor) -> Tensor:
+        ctx.save_for_backward(coef)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (coef,) = ctx.saved_tensors
+        return grad * coef, None, None
+
+
+def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel):
+    """Counts for one block of anchors: (coef, loss-carrying triplets, selected triplets).
+
+    Only loss-carrying triplets (``d_an < d_ap + margin``) inside the selection
+    matter for the value and gradient; ``k_pos[a, p]`` counts them per positive and
+    ``w[a, n]`` per negative. Both sides compare against the same rounded
+    thresholds, so the two counts always agree.
     """
-    with torch.no_grad():
-        d = dist.detach()
-        sorted_neg = torch.where(neg, d, float("inf")).sort(dim=1).values
-        sorted_pos = torch.where(pos, d, float("inf")).sort(dim=1).values
-        # The same rounded thresholds on both sides keep the two counts consistent.
-        thresh = d + margin
-        pos_thresh = sorted_pos + margin  # monotone in sorted_pos, so still sorted
-        lo, hi = triplet_windows(sorted_neg, d, margin, strategy)
-        n_sel = torch.where(pos, hi - lo, 0).sum()
-        # Loss-carrying part of the window: d_an < d_ap + margin.
-        end = torch.clamp(torch.minimum(hi, _count(sorted_neg, thresh, False)), min=lo)
-        k_pos = torch.where(pos, end - lo, 0)
-        del sorted_neg, lo, hi, end
-        # Dual count per (a, n): positives p whose loss-carrying window holds n.
-        if strategy == "all" or (strategy == "hard" and margin <= 0):
-            n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
-            w = n_pos - _count(pos_thresh, d, True)
-        elif strategy == "hard":
-            n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
-            w = n_pos - _count(sorted_pos, d, False)
-        else:  # semihard: d_ap < d_an < d_ap + margin
-            w = (_count(sorted_pos, d, False) - _count(pos_thresh, d, True)).clamp_min(0)
-        coef = k_pos.to(d.dtype) - torch.where(neg, w, 0).to(d.dtype)
-        k_total = k_pos.sum()
+    inf = float("inf")
+    sorted_neg = torch.where(neg, d, inf).sort(dim=1).values
+    thresh = d + margin
+    below = _count(sorted_neg, thresh, False)  # negatives with d_an < d_ap + margin
+    if strategy == "all" or (strategy == "hard" and margin <= 0):
+        k_pos = below
+        sel = _count(sorted_neg, thresh, True) if need_sel else None
+    elif strategy == "hard":
+        k_pos = _count(sorted_neg, d, True)  # d_an <= d_ap, always < d_ap + margin
+        sel = k_pos
+    else:  # semihard: d_ap < d_an < d_ap + margin
+        at_most = _count(sorted_neg, d, True)
+        k_pos = (below - at_most).clamp_min_(0)
+        sel = (_count(sorted_neg, thresh, True) - at_most).clamp_min_(0) if need_sel else None
+    del sorted_neg, below
+    sorted_pos = torch.where(pos, d, inf).sort(dim=1).values
+    pos_thresh = sorted_pos + margin  # rounding is monotone: still sorted
+    if strategy == "hard" and margin > 0:
+        w = pos.sum(1, keepdim=True, dtype=torch.int32) - _count(sorted_pos, d, False)
+    elif strategy == "semihard":
+        w = (_count(sorted_pos, d, False) - _count(pos_thresh, d, True)).clamp_min_(0)
+    else:
+        w = pos.sum(1, keepdim=True, dtype=torch.int32) - _count(pos_thresh, d, True)
+    k_pos = torch.where(pos, k_pos, 0)
+    coef = k_pos.to(d.dtype).sub_(torch.where(neg, w, 0).to(d.dtype))
+    n_sel = torch.where(pos, sel, 0).sum() if need_sel else None
+    return coef, k_pos.sum(), n_sel
+
+
+def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, strategy,
+                        reduction):  # fmt: skip
+    """Sum of the selected triplets' losses as a linear form in the distances.
+
+    Within the selection a triplet contributes ``d_ap + margin - d_an`` when that
+    is positive, so the total is ``sum(coef * dist) + margin * K``: ``coef[a, p]``
+    counts the loss-carrying triplets through (a, p), ``-coef[a, n]`` those through
+    (a, n), ``K`` all of them. The counts are piecewise constant in the distances,
+    so this has the exact value and the exact gradient while autograd keeps only
+    ``coef``: no [B, B, B] tensor, no saved sort indices. Anchors go in blocks of
+    at most 2^24 matrix entries to bound the sort buffers (one block up to B=4096).
+    """
+    need_sel = reduction == "mean"
     acc = _acc_dtype(dist)
-    total = (coef * dist).sum(dtype=acc) + margin * k_total.to(acc)
-    return total.to(dist.dtype), n_sel, k_total
+    with torch.no_grad():
+        coef = torch.empty_like(dist)
+        total = dist.new_zeros((), dtype=acc)
+        k_total = torch.zeros((), dtype=torch.int64, device=dist.device)
+        n_sel = torch.zeros((), dtype=torch.int64, device=dist.device) if need_sel else None
+        for start, stop in _row_blocks(dist.shape[0], dist.shape[1]):
+            d = dist[start:stop].detach()
+            pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
+            c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel)
+            coef[start:stop] = c
+            total += (c * d).sum(dtype=acc)
+            k_total += k
+            if need_sel:
+                n_sel += n
+        total += margin * k_total.to(acc)
+    value = _LinearForm.apply(dist, coef, total.to(dist.dtype))
+    return _reduce_terms(value, n_sel if need_sel else k_total, k_total, reduction)
 
 
 def triplet_margin_loss(
@@ -615,12 +689,12 @@ def triplet_margin_loss(
     labels, ref_emb, ref_labels, scales, ref_scales = _prepare_metric_inputs(
         embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
     )
-    metric = "squared_euclidean" if squared else "euclidean"
+    same = ref_emb is None
     with _full_precision(embeddings.device):
         emb = _upcast(embeddings)
-        ref = emb if ref_emb is None else _upcast(ref_emb)
-        if ref_scales is None:
-            ref_scales = scales
+        ref = emb if same else _upcast(ref_emb)
+        ref_labels = labels if same else ref_labels
+        ref_scales = scales if ref_scales is None else ref_scales
         if indices_tuple is not None:
             if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 4:
                 raise ValueError(
@@ -632,32 +706,29 @@ def triplet_margin_loss(
             )
             if not a.shape == p.shape == n.shape:
                 raise ValueError("indices_tuple: a, p and n must have equal lengths")
-            d_ap = _rowwise_sq_distances(emb[a], ref[p])
-            d_an = _rowwise_sq_distances(emb[a], ref[n])
-            if not squared:
-                d_ap, d_an = _safe_sqrt(d_ap), _safe_sqrt(d_an)
-            terms = torch.relu(d_ap - d_an + margin)
+            d = _gathered_distances(emb, ref, same, torch.cat([a, a]), torch.cat([p, n]), squared)
+            terms = torch.relu(d[: len(a)] - d[len(a) :] + margin)
             if cross_scale:
                 keep = scales[a] != ref_scales[p]
                 terms = torch.where(keep, terms, 0)
                 n_sel = keep.sum()
             else:
-                n_sel = torch.full((), a.shape[0], device=emb.device)
+                n_sel = torch.full((), len(a), device=emb.device)
             return _reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
 
-        pos, neg = _pair_masks(labels, ref_labels, scales, ref_scales, cross_scale)
-        dist = pairwise_distances(emb, None if ref_emb is None else ref, metric=metric)
-        if triplets == "batch_hard":
-            hardest_pos = torch.where(pos, dist, float("-inf")).amax(1)
-            hardest_neg = torch.where(neg, dist, float("inf")).amin(1)
-            valid = pos.any(1) & neg.any(1)
-            terms = torch.where(
-                valid,
-                torch.relu(
-                    torch.where(valid, hardest_pos, 0) - torch.where(valid, hardest_neg, 0) + margin
-                ),
-                0,
+        dist = pairwise_distances(
+            emb, None if same else ref, "squared_euclidean" if squared else "euclidean"
+        )
+        if cross_scale is False:
+            scales = None
+        if triplets != "batch_hard":
+            return _fused_triplet_loss(
+                dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
             )
-            return _reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
-        total, n_sel, n_nz = _fused_triplet_terms(dist, pos, neg, margin, triplets)
-        return _reduce_terms(total, n_sel, n_nz, reduction)
+        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(emb))
+        valid = pos.any(1) & neg.any(1)
+        hardest_pos = torch.where(pos, dist, float("-inf")).amax(1)
+        hardest_neg = torch.where(neg, dist, float("inf")).amin(1)
+        gap = torch.where(valid, hardest_pos, 0) - torch.where(valid, hardest_neg, 0)
+        terms = torch.where(valid, torch.relu(gap + margin), 0)
+        return _reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)

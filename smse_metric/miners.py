@@ -41,13 +41,10 @@ class _Miner(nn.Module):
             stop = min(start + self.chunk_size, emb.shape[0])
             with F._full_precision(emb.device):
                 dist = F.pairwise_distances(emb[start:stop], ref, metric=metric)
-            pos = labels[start:stop, None] == ref_labels[None]
-            neg = ~pos
-            if same:
-                rows = torch.arange(stop - start, device=pos.device)
-                pos[rows, rows + start] = False
-            if self.cross_scale:
-                pos &= scales[start:stop, None] != ref_scales[None]
+            pos, neg = F._block_masks(
+                labels, ref_labels, scales if self.cross_scale else None, ref_scales, same,
+                start, stop,
+            )  # fmt: skip
             yield start, dist, pos, neg
 
 

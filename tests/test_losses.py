@@ -50,6 +50,22 @@ def test_fused_triplet_equals_naive_loop(strategy, reduction, squared):
     )
 
 
+@pytest.mark.parametrize("strategy", ["all", "semihard", "hard"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, monkeypatch):
+    emb, labels, scales = make_batch(23, 5, 3, n_scales=2, seed=21)
+    kw = dict(scales=scales, cross_scale=True)
+
+    def loss(e):
+        return F.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
+
+    one = value_and_grad(loss, emb)
+    monkeypatch.setattr(F, "_BLOCK_ENTRIES", 50)  # blocks of 2 anchors
+    assert len(F._row_blocks(23, 23)) == 12
+    many = value_and_grad(loss, emb)
+    torch.testing.assert_close(one, many)
+
+
 @pytest.mark.parametrize("strategy", FUSED)
 def test_fused_triplet_cross_scale_and_ref_emb(strategy):
     emb, labels, scales = make_batch(12, 4, 3, n_scales=3, seed=2)

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks, measured as ratios against baselines in the same run."""

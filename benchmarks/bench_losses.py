@@ -1,0 +1,188 @@
+"""Fused triplet and pair losses vs pytorch-metric-learning: forward + backward.
+
+Each (method, B, classes) case runs in its own process so peak memory is its
+own. Ratios compare methods measured in the same run on the same machine.
+
+    python -m benchmarks.bench_losses            # full table -> results/losses.md
+    python -m benchmarks.bench_losses --quick    # smoke run, small B
+    python -m benchmarks.bench_losses --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.common import RESULTS, PeakMemory, machine, markdown_table, median_ms, run_case
+
+D = 128
+MARGIN = 0.2
+STRATEGIES = ("all", "semihard", "hard", "batch_hard")
+# PML materialises every triplet before filtering: a B^3 byte mask plus ~60 bytes a
+# triplet. Cases estimated above this are skipped and reported as such.
+MEMORY_BUDGET = {"cpu": 6 * 2**30, "cuda": 40 * 2**30}
+
+
+def n_triplets(b: int, classes: int) -> int:
+    per_class = b // classes
+    return b * (per_class - 1) * (b - per_class)
+
+
+def estimated_bytes(method: str, strategy: str, b: int, classes: int) -> float:
+    if method == "ours_fused" or strategy == "batch_hard":
+        return 40.0 * b * b
+    if method == "pml" and strategy != "pair":
+        return float(b) ** 3 + 60.0 * n_triplets(b, classes)
+    if strategy == "pair":
+        return 40.0 * b * b
+    return 50.0 * n_triplets(b, classes)  # ours_mined: the output tuple
+
+
+def _loss_fn(method: str, strategy: str):
+    if method == "pml":
+        from pytorch_metric_learning import losses, miners
+
+        if strategy == "pair":
+            loss = losses.ContrastiveLoss()
+            return lambda e, y: loss(e, y)
+        loss = losses.TripletMarginLoss(margin=MARGIN)
+        if strategy == "batch_hard":
+            miner = miners.BatchHardMiner()
+        else:
+            miner = miners.TripletMarginMiner(margin=MARGIN, type_of_triplets=strategy)
+        return lambda e, y: loss(e, y, miner(e, y))
+
+    from smse_metric import ContrastiveLoss, TripletMarginLoss, TripletMiner
+
+    if strategy == "pair":
+        loss = ContrastiveLoss(margin=1.0)
+        return lambda e, y: loss(e, y)
+    if method == "ours_fused":
+        loss = TripletMarginLoss(MARGIN, triplets=strategy)
+        return lambda e, y: loss(e, y)
+    loss = TripletMarginLoss(MARGIN)
+    miner = TripletMiner(strategy, margin=MARGIN)
+    return lambda e, y: loss(e, y, miner(e, y))
+
+
+def case(method: str, strategy: str, b: int, classes: int, device: str, repeats: int) -> dict:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(b, D, device=dev), dim=1).requires_grad_()
+    labels = torch.arange(b, device=dev) % classes
+    fn = _loss_fn(method, strategy)
+
+    def step():
+        emb.grad = None
+        fn(emb, labels).backward()
+
+    with PeakMemory(dev) as mem:
+        step()  # warm-up; its peak is every call's peak
+        ms = median_ms(step, dev, repeats)
+    return {"ms": ms, "peak_mib": mem.mib}
+
+
+def _fmt_ms(r: dict) -> str:
+    return f"{r['ms']:.1f}" if "ms" in r else "—"
+
+
+def _fmt_mib(r: dict) -> str:
+    return f"{r['peak_mib']:.0f}" if "peak_mib" in r else "—"
+
+
+def _ratio(num: dict, den: dict, key: str) -> str:
+    if key not in num or key not in den or den[key] <= 0:
+        return "—"
+    return f"{num[key] / den[key]:.1f}x"
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="Markdown output file")
+    p.add_argument("--case", nargs=6, metavar=("METHOD", "STRATEGY", "B", "C", "DEVICE", "REP"))
+    args = p.parse_args(argv)
+    if args.case:
+        m, s, b, c, dev, rep = args.case
+        print(json.dumps(case(m, s, int(b), int(c), dev, int(rep))))
+        return ""
+
+    sizes = (256, 512) if args.quick else (256, 512, 1024, 4096, 8192)
+    class_counts = (2,) if args.quick else (2, 8)
+    budget = MEMORY_BUDGET["cuda" if args.device.startswith("cuda") else "cpu"]
+    rows, notes = [], []
+    for strategy in (*STRATEGIES, "pair"):
+        methods = (
+            ("ours_fused", "pml") if strategy == "pair" else ("ours_fused", "ours_mined", "pml")
+        )
+        for classes in class_counts:
+            for b in sizes:
+                res = {}
+                for method in methods:
+                    est = estimated_bytes(method, strategy, b, classes)
+                    if est > budget:
+                        res[method] = {"skipped": True}
+                        notes.append(
+                            f"{method} {strategy} B={b} C={classes}: skipped, needs about "
+                            f"{est / 2**30:.0f} GiB (budget {budget / 2**30:.0f} GiB)"
+                        )
+                        continue
+                    rep = 5 if b <= 1024 else 3
+                    if args.quick:
+                        rep = 2
+                    res[method] = run_case(
+                        "benchmarks.bench_losses",
+                        [method, strategy, str(b), str(classes), args.device, str(rep)],
+                        timeout=900,
+                    )
+                    if "error" in res[method]:
+                        notes.append(
+                            f"{method} {strategy} B={b} C={classes}: {res[method]['error']}"
+                        )
+                fused, mined, pml = res["ours_fused"], res.get("ours_mined", {}), res["pml"]
+                tri = "pairs" if strategy == "pair" else f"{n_triplets(b, classes):.2e}"
+                rows.append([
+                    "contrastive (all pairs)" if strategy == "pair" else strategy,
+                    str(b), str(classes), tri,
+                    _fmt_ms(fused), _fmt_ms(mined) if strategy != "pair" else "n/a", _fmt_ms(pml),
+                    _ratio(pml, fused, "ms"),
+                    _fmt_mib(fused), _fmt_mib(pml), _ratio(pml, fused, "peak_mib"),
+                ])  # fmt: skip
+                print(" | ".join(rows[-1]), flush=True)
+    header = [
+        "loss", "B", "classes", "triplets in batch", "ours fused ms", "ours mined ms", "PML ms",
+        "PML / fused time", "fused peak MiB", "PML peak MiB", "PML / fused memory",
+    ]  # fmt: skip
+    text = "\n".join([
+        f"# Loss benchmark ({'quick' if args.quick else 'full'}, {args.device})",
+        "",
+        f"Machine: {machine()}.",
+        f"Forward + backward, D={D}, L2-normalised random embeddings, balanced labels, "
+        f"margin {MARGIN} (contrastive: ours margin 1.0 SMSE form, PML defaults). "
+        "Median of 5 runs (3 for B > 1024) after one warm-up, each case in a fresh process; "
+        "peak memory is the case's high-water mark above its start "
+        "(CPU: resident set; CUDA: allocator peak). "
+        "PML = `TripletMarginMiner(type)` or `BatchHardMiner` + `TripletMarginLoss`, "
+        "and `ContrastiveLoss` on all pairs. Ours mined = `TripletMiner` + `TripletMarginLoss`.",
+        "",
+        f"Command: `python -m benchmarks.bench_losses{' --quick' if args.quick else ''}"
+        f"{'' if args.device == 'cpu' else ' --device ' + args.device}`",
+        "",
+        markdown_table(header, rows),
+        "",
+        *(["Skipped or failed:", "", *[f"- {n}" for n in notes], ""] if notes else []),
+    ])  # fmt: skip
+    suffix = "" if args.device == "cpu" else "-" + args.device.split(":")[0]
+    out = args.out or RESULTS / f"losses{'-quick' if args.quick else ''}{suffix}.md"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"\nwrote {out}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
