@@ -395,6 +395,24 @@ def focal_loss(
 # --------------------------------------------------------------------------- pair loss
 
 
+class _KnownGradient(torch.autograd.Function):
+    """A scalar computed without autograd, whose gradient w.r.t. ``dist`` is ``grad_dist``.
+
+    The fused losses know both in closed form; this keeps one saved [B, R] matrix
+    instead of every elementwise intermediate.
+    """
+
+    @staticmethod
+    def forward(ctx, dist: Tensor, grad_dist: Tensor, value: Tensor) -> Tensor:
+        ctx.save_for_backward(grad_dist)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (grad_dist,) = ctx.saved_tensors
+        return grad * grad_dist, None, None
+
+
 def _check_indices(indices_tuple, sizes: Sequence[int], device) -> tuple[Tensor, ...]:
     """sizes: the number of rows each index may address (anchors or references)."""
     n = len(indices_tuple) if isinstance(indices_tuple, tuple | list) else None
@@ -469,12 +487,17 @@ def contrastive_loss(
                 labels, ref_labels, scales if cross_scale else None, ref_scales, same, 0, len(emb)
             )
             dist = pairwise_distances(emb, None if same else ref)
-            # pos and neg are disjoint, so one select builds both kinds of term
-            terms = torch.where(pos, dist.square(), torch.relu(margin - dist).square())
-            terms = 0.5 * torch.where(pos | neg, terms, 0)
-            n_sel = pos.sum() + neg.sum()
-            n_nz = (terms > 0).sum() if reduction == "mean_nonzero" else n_sel
-            return _reduce_terms(terms.sum(), n_sel, n_nz, reduction)
+            with torch.no_grad():
+                # d/dd of 0.5 d^2 is d; of 0.5 relu(m - d)^2 it is -relu(m - d). The loss
+                # is then 0.5 * sum(grad^2) (pos and neg are disjoint).
+                d = dist.detach()
+                grad_d = torch.where(neg, torch.relu(margin - d).neg_(), d)
+                grad_d.masked_fill_(~(pos | neg), 0)
+                total = 0.5 * grad_d.square().sum(dtype=_acc_dtype(d))
+                n_sel = pos.sum() + neg.sum()
+                n_nz = (grad_d != 0).sum() if reduction == "mean_nonzero" else n_sel
+            value = _KnownGradient.apply(dist, grad_d, total.to(dist.dtype))
+            return _reduce_terms(value, n_sel, n_nz, reduction)
 
         if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 3:
             a, p, n = indices_tuple
@@ -484,30 +507,35 @@ def contrastive_loss(
         )
         if a1.shape != p.shape or a2.shape != n.shape:
             raise ValueError("indices_tuple: a1/p and a2/n must have equal lengths")
-        d = _gathered_distances(emb, ref, same, torch.cat([a1, a2]), torch.cat([p, n]), False)
-        pos_terms = 0.5 * d[: len(a1)].square()
+        d_pos, d_neg = _gathered_distances(emb, ref, same, [(a1, p), (a2, n)], False)
+        pos_terms = 0.5 * d_pos.square()
         if cross_scale:
             pos_terms = torch.where(scales[a1] != ref_scales[p], pos_terms, 0)
             n_pos = (scales[a1] != ref_scales[p]).sum()
         else:
             n_pos = torch.full((), len(a1), device=emb.device)
-        neg_terms = 0.5 * torch.relu(margin - d[len(a1) :]).square()
+        neg_terms = 0.5 * torch.relu(margin - d_neg).square()
         total = pos_terms.sum() + neg_terms.sum()
         n_nz = (pos_terms > 0).sum() + (neg_terms > 0).sum()
         return _reduce_terms(total, n_pos + len(n), n_nz, reduction)
 
 
 def _gathered_distances(
-    emb: Tensor, ref: Tensor, same: bool, i: Tensor, j: Tensor, squared: bool
-) -> Tensor:
-    """d(emb[i], ref[j]) for index lists, by whichever is smaller in memory: gathering
-    rows ([len(i), D]) or one distance matrix ([B, R], what PML always does)."""
-    if i.numel() * emb.shape[1] <= emb.shape[0] * ref.shape[0]:
-        diff = emb[i] - ref[j]
-        sq = (diff * diff).sum(1)
-        return sq if squared else _safe_sqrt(sq)
+    emb: Tensor, ref: Tensor, same: bool, index_pairs: list[tuple[Tensor, Tensor]], squared: bool
+) -> list[Tensor]:
+    """d(emb[i], ref[j]) for each (i, j) index pair, by whichever needs less memory:
+    gathering rows (D floats per pair) or one distance matrix (what PML always does)."""
+    n_pairs = sum(i.numel() for i, _ in index_pairs)
+    if n_pairs * emb.shape[1] <= emb.shape[0] * ref.shape[0]:
+        out = []
+        for i, j in index_pairs:
+            diff = emb[i] - ref[j]
+            sq = (diff * diff).sum(1)
+            out.append(sq if squared else _safe_sqrt(sq))
+        return out
     metric = "squared_euclidean" if squared else "euclidean"
-    return pairwise_distances(emb, None if same else ref, metric)[i, j]
+    mat = pairwise_distances(emb, None if same else ref, metric)
+    return [mat[i, j] for i, j in index_pairs]
 
 
 # --------------------------------------------------------------------------- triplet loss
@@ -555,20 +583,6 @@ def triplet_windows(
         n_neg = torch.isfinite(sorted_neg).sum(1, keepdim=True, dtype=torch.int32)
         return _count(sorted_neg, thresh, True), n_neg.expand_as(d_ap)
     raise ValueError(f"strategy must be one of {TRIPLET_STRATEGIES}, got {strategy!r}")
-
-
-class _LinearForm(torch.autograd.Function):
-    """A scalar whose value is known and whose gradient w.r.t. ``dist`` is ``coef``."""
-
-    @staticmethod
-    def forward(ctx, dist: Tensor, coef: Tensor, value: Tensor) -> Tensor:
-        ctx.save_for_backward(coef)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (coef,) = ctx.saved_tensors
-        return grad * coef, None, None
 
 
 def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel):
@@ -637,7 +651,7 @@ def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, marg
             if need_sel:
                 n_sel += n
         total += margin * k_total.to(acc)
-    value = _LinearForm.apply(dist, coef, total.to(dist.dtype))
+    value = _KnownGradient.apply(dist, coef, total.to(dist.dtype))
     return _reduce_terms(value, n_sel if need_sel else k_total, k_total, reduction)
 
 
@@ -706,8 +720,8 @@ def triplet_margin_loss(
             )
             if not a.shape == p.shape == n.shape:
                 raise ValueError("indices_tuple: a, p and n must have equal lengths")
-            d = _gathered_distances(emb, ref, same, torch.cat([a, a]), torch.cat([p, n]), squared)
-            terms = torch.relu(d[: len(a)] - d[len(a) :] + margin)
+            d_ap, d_an = _gathered_distances(emb, ref, same, [(a, p), (a, n)], squared)
+            terms = torch.relu(d_ap - d_an + margin)
             if cross_scale:
                 keep = scales[a] != ref_scales[p]
                 terms = torch.where(keep, terms, 0)

@@ -126,15 +126,15 @@ class TripletMiner(_Miner):
             else:
                 a, p, n = self._windows(dist, pos, neg)
             n_candidates += a.shape[0]
-            violation = dist[a, p] - dist[a, n]
-            kept.append((a + start, p, n, violation))
-            if self.max_triplets is not None:
-                kept = [self._most_violating(kept)]
+            if self.max_triplets is None:
+                kept.append((a + start if start else a, p, n))
+            else:
+                kept = [self._most_violating([*kept, (a + start, p, n, dist[a, p] - dist[a, n])])]
         self.num_candidates = n_candidates
         if not kept:
             self.num_triplets = 0
             return _empty(dev), _empty(dev), _empty(dev)
-        a, p, n, _ = self._most_violating(kept) if self.max_triplets else _cat(kept)
+        a, p, n = _cat(kept)[:3]
         self.num_triplets = a.shape[0]
         return a, p, n
 
@@ -143,14 +143,13 @@ class TripletMiner(_Miner):
         lo, hi = F.triplet_windows(sorted_neg, dist, self.margin, self.strategy)
         pa, pp = pos.nonzero(as_tuple=True)
         lo = lo[pa, pp].long()
-        counts = (hi[pa, pp].long() - lo).clamp_min(0)
-        a = torch.repeat_interleave(pa, counts)
-        p = torch.repeat_interleave(pp, counts)
-        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        rank = (
-            torch.repeat_interleave(lo, counts) + torch.arange(a.shape[0], device=a.device) - first
-        )
-        return a, p, order[a, rank]
+        counts = (hi[pa, pp].long() - lo).clamp_min_(0)
+        # Triplet t of pair k takes the sorted negative lo[k] + (t - first[k]).
+        pair = torch.repeat_interleave(counts)
+        shift = lo - (torch.cumsum(counts, 0) - counts)
+        a = pa[pair]
+        rank = torch.arange(len(pair), device=pair.device).add_(shift[pair])
+        return a, pp[pair], order[a, rank]
 
     def _most_violating(self, kept):
         a, p, n, v = _cat(kept)
@@ -169,6 +168,8 @@ class TripletMiner(_Miner):
 
 
 def _cat(parts):
+    if len(parts) == 1:
+        return parts[0]
     return tuple(torch.cat(t) for t in zip(*parts, strict=True))
 
 
