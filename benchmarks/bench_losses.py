@@ -84,6 +84,19 @@ def case(method: str, strategy: str, b: int, classes: int, device: str, repeats:
     return {"ms": ms, "peak_mib": mem.mib}
 
 
+def _run(cfg: list[str]) -> dict:
+    """CPU: a fresh process per case (resident-set peaks are per process). CUDA: in
+    process, since the allocator's peak can be reset and CUDA start-up is slow."""
+    if not cfg[4].startswith("cuda"):
+        return run_case("benchmarks.bench_losses", cfg, timeout=900)
+    try:
+        return case(cfg[0], cfg[1], int(cfg[2]), int(cfg[3]), cfg[4], int(cfg[5]))
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "CUDA out of memory"}
+    finally:
+        torch.cuda.empty_cache()
+
+
 def _fmt_ms(r: dict) -> str:
     return f"{r['ms']:.1f}" if "ms" in r else "—"
 
@@ -133,11 +146,8 @@ def main(argv: list[str] | None = None) -> str:
                     rep = 5 if b <= 1024 else 3
                     if args.quick:
                         rep = 2
-                    res[method] = run_case(
-                        "benchmarks.bench_losses",
-                        [method, strategy, str(b), str(classes), args.device, str(rep)],
-                        timeout=900,
-                    )
+                    cfg = [method, strategy, str(b), str(classes), args.device, str(rep)]
+                    res[method] = _run(cfg)
                     if "error" in res[method]:
                         notes.append(
                             f"{method} {strategy} B={b} C={classes}: {res[method]['error']}"
@@ -162,7 +172,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Machine: {machine()}.",
         f"Forward + backward, D={D}, L2-normalised random embeddings, balanced labels, "
         f"margin {MARGIN} (contrastive: ours margin 1.0 SMSE form, PML defaults). "
-        "Median of 5 runs (3 for B > 1024) after one warm-up, each case in a fresh process; "
+        f"Median of {'2' if args.quick else '5 (3 for B > 1024)'} runs after one warm-up, "
+        f"{'each case in a fresh process' if args.device == 'cpu' else 'in one process'}; "
         "peak memory is the case's high-water mark above its start "
         "(CPU: resident set; CUDA: allocator peak). "
         "PML = `TripletMarginMiner(type)` or `BatchHardMiner` + `TripletMarginLoss`, "

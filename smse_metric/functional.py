@@ -739,10 +739,26 @@ def triplet_margin_loss(
             return _fused_triplet_loss(
                 dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
             )
-        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(emb))
+        return _batch_hard_loss(dist, labels, ref_labels, scales, ref_scales, same, margin,
+                                reduction)  # fmt: skip
+
+
+def _batch_hard_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, reduction):
+    """Per anchor, relu(farthest positive - closest negative + margin); the gradient
+    is +1 / -1 at the two chosen entries of each anchor with a positive loss."""
+    with torch.no_grad():
+        d = dist.detach()
+        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(d))
         valid = pos.any(1) & neg.any(1)
-        hardest_pos = torch.where(pos, dist, float("-inf")).amax(1)
-        hardest_neg = torch.where(neg, dist, float("inf")).amin(1)
-        gap = torch.where(valid, hardest_pos, 0) - torch.where(valid, hardest_neg, 0)
-        terms = torch.where(valid, torch.relu(gap + margin), 0)
-        return _reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
+        hardest_pos, pos_idx = torch.where(pos, d, float("-inf")).max(1, keepdim=True)
+        hardest_neg, neg_idx = torch.where(neg, d, float("inf")).min(1, keepdim=True)
+        del pos, neg
+        gap = (hardest_pos - hardest_neg).squeeze(1) + margin  # -inf without both
+        terms = torch.where(valid, torch.relu(gap), 0)
+        active = (terms > 0).to(d.dtype).unsqueeze(1)
+        grad_d = torch.zeros_like(d).scatter_(1, pos_idx, active)
+        grad_d.scatter_add_(1, neg_idx, -active)
+        total = terms.sum(dtype=_acc_dtype(d))
+        n_nz = (terms > 0).sum()
+    value = _KnownGradient.apply(dist, grad_d, total.to(dist.dtype))
+    return _reduce_terms(value, valid.sum(), n_nz, reduction)
