@@ -13,13 +13,13 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	@echo "smse-metric demo: the training demo arrives with the recipe (issue 6)."
-	@echo "Meanwhile, the loss benchmark smoke run:"
-	$(PY) -m benchmarks.bench_losses --quick
+	@echo "The full SMSE demo (synthetic BreakHis, training, report) arrives with the recipe."
+	@echo "Until then: the losses and miners on toy multi-scale data."
+	$(PY) examples/quickstart.py
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check smse_metric tests benchmarks
+	$(PY) -m ruff format --check .
 
 test: install lint
 	$(PY) -m pytest
