@@ -53,9 +53,13 @@ _HALF = (torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------- helpers
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
+
+
 def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """Leave any autocast region: distances and sums must not run in half precision."""
-    if torch.amp.is_autocast_available(device.type):
+    # A fixed list rather than torch.amp.is_autocast_available: dynamo cannot trace that.
+    if device.type in _AUTOCAST_DEVICES:
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -265,8 +269,8 @@ def _block_masks(labels, ref_labels, scales, ref_scales, same, start, stop):
     pos = labels[start:stop, None] == ref_labels[None]
     neg = ~pos
     if same:
-        rows = torch.arange(stop - start, device=pos.device)
-        pos[rows, rows + start] = False
+        # anchor i of the block is reference start + i; a view fill, no index_put sync
+        pos.diagonal(offset=start).fill_(False)
     if scales is not None:
         pos &= scales[start:stop, None] != ref_scales[None]
     return pos, neg
@@ -395,22 +399,16 @@ def focal_loss(
 # --------------------------------------------------------------------------- pair loss
 
 
-class _KnownGradient(torch.autograd.Function):
-    """A scalar computed without autograd, whose gradient w.r.t. ``dist`` is ``grad_dist``.
+def _with_gradient(value: Tensor, dist: Tensor, grad_dist: Tensor) -> Tensor:
+    """``value`` in the forward pass, with gradient ``grad_dist`` w.r.t. ``dist``.
 
-    The fused losses know both in closed form; this keeps one saved [B, R] matrix
-    instead of every elementwise intermediate.
+    The fused losses know both in closed form. A linear surrogate carries the
+    gradient (``sum(grad_dist * dist)`` minus its own value), so autograd keeps one
+    [B, R] matrix instead of every elementwise intermediate; unlike a custom
+    autograd.Function it traces correctly under every torch.compile version.
     """
-
-    @staticmethod
-    def forward(ctx, dist: Tensor, grad_dist: Tensor, value: Tensor) -> Tensor:
-        ctx.save_for_backward(grad_dist)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (grad_dist,) = ctx.saved_tensors
-        return grad * grad_dist, None, None
+    lin = (grad_dist * dist).sum(dtype=value.dtype)
+    return (lin + (value - lin.detach())).to(dist.dtype)
 
 
 def _check_indices(indices_tuple, sizes: Sequence[int], device) -> tuple[Tensor, ...]:
@@ -496,8 +494,7 @@ def contrastive_loss(
                 total = 0.5 * grad_d.square().sum(dtype=_acc_dtype(d))
                 n_sel = pos.sum() + neg.sum()
                 n_nz = (grad_d != 0).sum() if reduction == "mean_nonzero" else n_sel
-            value = _KnownGradient.apply(dist, grad_d, total.to(dist.dtype))
-            return _reduce_terms(value, n_sel, n_nz, reduction)
+            return _reduce_terms(_with_gradient(total, dist, grad_d), n_sel, n_nz, reduction)
 
         if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 3:
             a, p, n = indices_tuple
@@ -638,7 +635,6 @@ def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, marg
     acc = _acc_dtype(dist)
     with torch.no_grad():
         coef = torch.empty_like(dist)
-        total = dist.new_zeros((), dtype=acc)
         k_total = torch.zeros((), dtype=torch.int64, device=dist.device)
         n_sel = torch.zeros((), dtype=torch.int64, device=dist.device) if need_sel else None
         for start, stop in _row_blocks(dist.shape[0], dist.shape[1]):
@@ -646,12 +642,10 @@ def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, marg
             pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
             c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel)
             coef[start:stop] = c
-            total += (c * d).sum(dtype=acc)
             k_total += k
             if need_sel:
                 n_sel += n
-        total += margin * k_total.to(acc)
-    value = _KnownGradient.apply(dist, coef, total.to(dist.dtype))
+    value = ((coef * dist).sum(dtype=acc) + margin * k_total.to(acc)).to(dist.dtype)
     return _reduce_terms(value, n_sel if need_sel else k_total, k_total, reduction)
 
 
@@ -744,21 +738,14 @@ def triplet_margin_loss(
 
 
 def _batch_hard_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, reduction):
-    """Per anchor, relu(farthest positive - closest negative + margin); the gradient
-    is +1 / -1 at the two chosen entries of each anchor with a positive loss."""
+    """Per anchor with a positive and a negative: relu(farthest positive - closest
+    negative + margin). Gathering the two chosen entries keeps autograd at [B]."""
     with torch.no_grad():
         d = dist.detach()
         pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(d))
         valid = pos.any(1) & neg.any(1)
-        hardest_pos, pos_idx = torch.where(pos, d, float("-inf")).max(1, keepdim=True)
-        hardest_neg, neg_idx = torch.where(neg, d, float("inf")).min(1, keepdim=True)
-        del pos, neg
-        gap = (hardest_pos - hardest_neg).squeeze(1) + margin  # -inf without both
-        terms = torch.where(valid, torch.relu(gap), 0)
-        active = (terms > 0).to(d.dtype).unsqueeze(1)
-        grad_d = torch.zeros_like(d).scatter_(1, pos_idx, active)
-        grad_d.scatter_add_(1, neg_idx, -active)
-        total = terms.sum(dtype=_acc_dtype(d))
-        n_nz = (terms > 0).sum()
-    value = _KnownGradient.apply(dist, grad_d, total.to(dist.dtype))
-    return _reduce_terms(value, valid.sum(), n_nz, reduction)
+        pos_idx = torch.where(pos, d, float("-inf")).argmax(1, keepdim=True)
+        neg_idx = torch.where(neg, d, float("inf")).argmin(1, keepdim=True)
+    gap = (dist.gather(1, pos_idx) - dist.gather(1, neg_idx)).squeeze(1)
+    terms = torch.where(valid, torch.relu(gap + margin), 0)
+    return _reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
