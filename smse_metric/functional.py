@@ -154,11 +154,15 @@ class _EuclideanDistance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor | None) -> Tensor:
+        # Out of place on purpose: torch.compile (2.11) drops the gradient of an
+        # autograd.Function whose forward mutates its intermediates.
         other = x if y is None else y
-        dist = _squared_distances(x, other).sqrt_()
+        sq = torch.addmm((other * other).sum(1).unsqueeze(0), x, other.T, alpha=-2.0)
+        dist = (sq + (x * x).sum(1, keepdim=True)).clamp_min(0).sqrt()
         if y is None:
             # The expanded form leaves ~sqrt(eps) on the diagonal; the truth is 0.
-            dist.fill_diagonal_(0)
+            eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+            dist = dist.masked_fill(eye, 0)
             ctx.save_for_backward(x, dist)
         else:
             ctx.save_for_backward(x, y, dist)
@@ -167,19 +171,12 @@ class _EuclideanDistance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         *inputs, dist = ctx.saved_tensors
-        w = grad / dist
-        w.masked_fill_(dist == 0, 0)
+        w = (grad / dist).masked_fill(dist == 0, 0)
         if len(inputs) == 1:
             (x,) = inputs
             return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None
         x, y = inputs
         return x * w.sum(1, keepdim=True) - w @ y, y * w.sum(0).unsqueeze(1) - w.T @ x
-
-
-def _squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """||x_i||^2 + ||y_j||^2 - 2 x_i.y_j, clamped at 0, in two passes over [N, M]."""
-    sq = torch.addmm((y * y).sum(1).unsqueeze(0), x, y.T, alpha=-2.0)
-    return sq.add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
 
 
 def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:
@@ -489,8 +486,7 @@ def contrastive_loss(
                 # d/dd of 0.5 d^2 is d; of 0.5 relu(m - d)^2 it is -relu(m - d). The loss
                 # is then 0.5 * sum(grad^2) (pos and neg are disjoint).
                 d = dist.detach()
-                grad_d = torch.where(neg, torch.relu(margin - d).neg_(), d)
-                grad_d.masked_fill_(~(pos | neg), 0)
+                grad_d = torch.where(neg, -torch.relu(margin - d), d).masked_fill(~(pos | neg), 0)
                 total = 0.5 * grad_d.square().sum(dtype=_acc_dtype(d))
                 n_sel = pos.sum() + neg.sum()
                 n_nz = (grad_d != 0).sum() if reduction == "mean_nonzero" else n_sel
