@@ -723,14 +723,11 @@ def triplet_margin_loss(
         dist = pairwise_distances(
             emb, None if same else ref, "squared_euclidean" if squared else "euclidean"
         )
-        if cross_scale is False:
-            scales = None
-        if triplets != "batch_hard":
-            return _fused_triplet_loss(
-                dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
-            )
-        return _batch_hard_loss(dist, labels, ref_labels, scales, ref_scales, same, margin,
-                                reduction)  # fmt: skip
+        scales = scales if cross_scale else None
+        args = (dist, labels, ref_labels, scales, ref_scales, same, margin)
+        if triplets == "batch_hard":
+            return _batch_hard_loss(*args, reduction)
+        return _fused_triplet_loss(*args, triplets, reduction)
 
 
 def _batch_hard_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, reduction):

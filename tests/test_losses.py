@@ -184,6 +184,19 @@ def test_mined_triplets_with_cross_scale_drop_same_scale_positives():
     )
 
 
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("same", [False, True])
+def test_tuple_distances_by_rows_equal_by_matrix(squared, same):
+    emb, _, _ = make_batch(10, 3, 2, seed=22)
+    ref_emb = emb if same else make_batch(10, 3, 2, seed=23)[0]
+    i, j = torch.tensor([0, 1, 2, 7]), torch.tensor([3, 4, 2, 9])
+    rows = F._gathered_distances(emb, ref_emb, same, [(i, j)], squared)[0]  # 4 x 3 <= 100
+    big = F._gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], squared)[0]
+    torch.testing.assert_close(rows, big[:4])
+    want = torch.stack([ref.dist(emb[a], ref_emb[b], squared) for a, b in zip(i, j, strict=True)])
+    torch.testing.assert_close(rows, want)
+
+
 # --------------------------------------------------------------------------- contrastive
 
 
