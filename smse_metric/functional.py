@@ -730,15 +730,20 @@ def triplet_margin_loss(
         return _fused_triplet_loss(*args, triplets, reduction)
 
 
+def _hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per anchor: has both a positive and a negative, farthest positive, closest negative."""
+    valid = pos.any(1) & neg.any(1)
+    pos_idx = torch.where(pos, d, float("-inf")).argmax(1)
+    neg_idx = torch.where(neg, d, float("inf")).argmin(1)
+    return valid, pos_idx, neg_idx
+
+
 def _batch_hard_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, reduction):
     """Per anchor with a positive and a negative: relu(farthest positive - closest
     negative + margin). Gathering the two chosen entries keeps autograd at [B]."""
     with torch.no_grad():
-        d = dist.detach()
-        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(d))
-        valid = pos.any(1) & neg.any(1)
-        pos_idx = torch.where(pos, d, float("-inf")).argmax(1, keepdim=True)
-        neg_idx = torch.where(neg, d, float("inf")).argmin(1, keepdim=True)
-    gap = (dist.gather(1, pos_idx) - dist.gather(1, neg_idx)).squeeze(1)
+        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(dist))
+        valid, pos_idx, neg_idx = _hardest(dist.detach(), pos, neg)
+    gap = dist.gather(1, pos_idx[:, None]).squeeze(1) - dist.gather(1, neg_idx[:, None]).squeeze(1)
     terms = torch.where(valid, torch.relu(gap + margin), 0)
     return _reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)

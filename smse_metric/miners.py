@@ -49,9 +49,7 @@ class _Miner(nn.Module):
 
 
 def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor):
-    valid = pos.any(1) & neg.any(1)
-    hardest_pos = torch.where(pos, dist, float("-inf")).argmax(1)
-    hardest_neg = torch.where(neg, dist, float("inf")).argmin(1)
+    valid, hardest_pos, hardest_neg = F._hardest(dist, pos, neg)
     anchors = valid.nonzero().squeeze(1)
     return anchors, hardest_pos[anchors], hardest_neg[anchors]
 
