@@ -12,14 +12,17 @@ Example:
 from . import functional
 from .losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
 from .miners import PairMiner, TripletMiner
+from .samplers import MultiScaleBatchSampler, SamplerStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ContrastiveLoss",
     "FocalLoss",
+    "MultiScaleBatchSampler",
     "PairMiner",
     "ReinforcedFocalLoss",
+    "SamplerStats",
     "TripletMarginLoss",
     "TripletMiner",
     "__version__",

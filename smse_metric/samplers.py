@@ -1,0 +1,459 @@
+"""MultiScaleBatchSampler: batches of classes x groups (patients) x scales (magnifications).
+
+SMSE feeds images of several magnifications together so that same-class images
+at different magnifications can be pulled together. BreakHis has no registered
+views across magnifications, so "together" means: the images of one patient at
+every magnification arrive in the same batch.
+
+Epoch (all counts are exact and known before iterating):
+
+1. A *visit* of group g takes ``images_per_scale`` images of g at every scale.
+   Group g gets ``v_g = max_s ceil(n[g, s] / images_per_scale)`` visits, so every
+   one of its images is drawn at least once; cells with fewer images cycle
+   through a fresh permutation of theirs (counted as repeats).
+2. Per class, visits are dealt in rounds: round r holds, in random order, every
+   group with more than r visits left, cut into *slots* of ``groups_per_class``
+   distinct groups. A round's last, partial slot is completed with other groups
+   of the class (filler visits, counted).
+3. Classes are balanced, not drawn by frequency: every class gets the same
+   number of slots ``T`` (the largest class's count; smaller classes continue
+   with extra rounds, counted as filler). In each of ``T`` class rounds the
+   classes are shuffled and cut into batches of ``classes_per_batch``; a partial
+   batch is completed with other classes (filler slots).
+4. The global batch list is shuffled and dealt to ranks: rank k takes batches
+   ``k, k + W, ...``. With ``drop_last`` the remainder of ``len % W`` batches is
+   dropped, otherwise the list is padded with its first batches.
+
+Everything is drawn from ``numpy.random.default_rng([seed, epoch])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["MultiScaleBatchSampler", "SamplerStats"]
+
+POLICIES = ("replace", "error")
+
+
+@dataclass(frozen=True)
+class SamplerStats:
+    """What one epoch's plan drew. ``repeated_draws = images_drawn - unique_images``."""
+
+    batches: int  #: global batches (before the rank split, after drop/pad)
+    batches_per_rank: int
+    images_drawn: int  #: over all ranks
+    unique_images: int
+    repeated_draws: int
+    cycled_cells: int  #: (group, scale) cells with fewer images than the group's visits need
+    filler_group_visits: int  #: group visits added to complete a slot or balance classes
+    substituted_cells: int  #: (group, scale) cells with no image, filled from the same class
+    filler_class_slots: int  #: class slots added to complete a batch
+    dropped_batches: int
+    padded_batches: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _as_array(name: str, values: Any, n: int | None) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: nothing to sample")
+    if arr.dtype.kind not in "iuUSO":
+        raise TypeError(f"{name} must hold integers or strings, got dtype {arr.dtype}")
+    if n is not None and len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} elements but labels has {n}")
+    return arr
+
+
+def _n(value: np.generic) -> str:
+    """A class/group/scale name as the user gave it: 1, 'DC'."""
+    return repr(value.item())
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _dist_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialised else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    world_size = _positive_int("world_size", world_size)
+    if (
+        isinstance(rank, bool)
+        or not isinstance(rank, int | np.integer)
+        or not 0 <= rank < world_size
+    ):
+        raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
+    return int(rank), world_size
+
+
+class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batch sampler of ``classes_per_batch`` classes x ``groups_per_class`` groups x
+    every scale x ``images_per_scale`` images.
+
+    Args:
+        labels: [N] class of each image (ints or strings; list, numpy or tensor).
+        groups: [N] group (patient) of each image. A group id is taken as given:
+            the same id under two classes is two different groups.
+        scales: [N] magnification of each image; batches hold every scale present.
+        classes_per_batch: distinct classes per batch (at most the number of classes).
+        groups_per_class: distinct groups of each class per batch.
+        images_per_scale: images of each group at each scale.
+        seed: base seed; the epoch plan comes from ``default_rng([seed, epoch])``.
+        drop_last: with several ranks, drop the ``len % world_size`` trailing
+            batches (True) or pad by repeating the first ones (False).
+        rank, world_size: default to ``torch.distributed``'s when initialised, else 0 / 1.
+        small_group_policy: ``"replace"`` fills what is missing (a class with too few
+            groups, a group without some scale) by drawing with replacement and counts
+            it in :attr:`stats`; ``"error"`` raises a ValueError naming it.
+
+    Batch layout: ``[class][group][scale][image]`` flattened, so
+    ``batch_size = classes_per_batch * groups_per_class * n_scales * images_per_scale``.
+
+    Example:
+        >>> labels = [0] * 8 + [1] * 8
+        >>> groups = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+        >>> scales = [40, 40, 100, 100] * 4
+        >>> s = MultiScaleBatchSampler(labels, groups, scales, classes_per_batch=2,
+        ...                            groups_per_class=2)
+        >>> len(s), s.batch_size
+        (2, 8)
+    """
+
+    def __init__(
+        self,
+        labels: Sequence | np.ndarray | torch.Tensor,
+        groups: Sequence | np.ndarray | torch.Tensor,
+        scales: Sequence | np.ndarray | torch.Tensor,
+        classes_per_batch: int,
+        groups_per_class: int,
+        images_per_scale: int = 1,
+        seed: int = 0,
+        drop_last: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        small_group_policy: str = "replace",
+    ) -> None:
+        lab = _as_array("labels", labels, None)
+        grp = _as_array("groups", groups, len(lab))
+        sc = _as_array("scales", scales, len(lab))
+        self.classes_per_batch = _positive_int("classes_per_batch", classes_per_batch)
+        self.groups_per_class = _positive_int("groups_per_class", groups_per_class)
+        self.images_per_scale = _positive_int("images_per_scale", images_per_scale)
+        if small_group_policy not in POLICIES:
+            raise ValueError(
+                f"small_group_policy must be one of {POLICIES}, got {small_group_policy!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed, self.drop_last, self.small_group_policy = (
+            int(seed),
+            bool(drop_last),
+            small_group_policy,
+        )
+        self.rank, self.world_size = _dist_default(rank, world_size)
+
+        self.class_names, cls = np.unique(lab, return_inverse=True)
+        self.scale_names, scl = np.unique(sc, return_inverse=True)
+        # A group belongs to one class: key groups by (class, group id).
+        grp_names, grp_inv = np.unique(grp, return_inverse=True)
+        _, first, grp_id = np.unique(
+            cls.astype(np.int64) * len(grp_names) + grp_inv, return_index=True, return_inverse=True
+        )
+        self._group_names = grp[first]
+        self._group_class = cls[first]
+        n_classes, n_scales, n_groups = len(self.class_names), len(self.scale_names), len(first)
+        if self.classes_per_batch > n_classes:
+            raise ValueError(
+                f"classes_per_batch={self.classes_per_batch} but labels has only {n_classes} "
+                f"classes"
+            )
+        self.n_classes, self.n_scales, self.n_groups = n_classes, n_scales, n_groups
+        self.batch_size = (
+            self.classes_per_batch * self.groups_per_class * n_scales * self.images_per_scale
+        )
+
+        # Cells (group, scale): images sorted by cell; offsets and sizes.
+        cell = grp_id * n_scales + scl
+        self._cell_order = np.argsort(cell, kind="stable")
+        self._cell_of_sorted = cell[self._cell_order]
+        counts = np.bincount(cell, minlength=n_groups * n_scales)
+        self._cell_count = counts.reshape(n_groups, n_scales)
+        self._cell_start = (np.cumsum(counts) - counts).reshape(n_groups, n_scales)
+        self._visits = np.ceil(self._cell_count / self.images_per_scale).astype(np.int64).max(1)
+        self._class_groups = np.argsort(self._group_class, kind="stable")
+        per_class = np.bincount(self._group_class, minlength=n_classes)
+        self._class_group_start = np.cumsum(per_class) - per_class
+        self._class_group_count = per_class
+        # Pools for missing cells: images of a class at a scale.
+        cls_scale = cls * n_scales + scl
+        self._pool_order = np.argsort(cls_scale, kind="stable")
+        pool_counts = np.bincount(cls_scale, minlength=n_classes * n_scales)
+        self._pool_count = pool_counts.reshape(n_classes, n_scales)
+        self._pool_start = (np.cumsum(pool_counts) - pool_counts).reshape(n_classes, n_scales)
+        self.n_images = len(lab)
+        self._check_structure()
+        # Every class gets as many slots as the class needing most (see module doc).
+        self._rounds = max(self._own_slot_count(c) for c in range(n_classes))
+
+        self.epoch = 0
+        self._position = 0  # batches of this rank already yielded in the current epoch
+        self._plan: tuple[int, np.ndarray, SamplerStats] | None = None
+
+    # ------------------------------------------------------------------ structure
+
+    def _check_structure(self) -> None:
+        missing_scale = self._pool_count == 0
+        if missing_scale.any():
+            c, s = np.argwhere(missing_scale)[0]
+            raise ValueError(
+                f"class {_n(self.class_names[c])} has no image at scale {_n(self.scale_names[s])}; "
+                "every class needs every scale (no policy can fill that)"
+            )
+        if self.small_group_policy != "error":
+            return
+        few = np.flatnonzero(self._class_group_count < self.groups_per_class)
+        if len(few):
+            c = few[0]
+            raise ValueError(
+                f"class {_n(self.class_names[c])} has {self._class_group_count[c]} groups but "
+                f"groups_per_class={self.groups_per_class} (small_group_policy='error')"
+            )
+        empty = np.argwhere(self._cell_count == 0)
+        if len(empty):
+            g, s = empty[0]
+            raise ValueError(
+                f"group {_n(self._group_names[g])} of class "
+                f"{_n(self.class_names[self._group_class[g]])} has no image at scale "
+                f"{_n(self.scale_names[s])} (small_group_policy='error')"
+            )
+        short = np.argwhere((self._cell_count < self.images_per_scale) & (self._cell_count > 0))
+        if len(short):
+            g, s = short[0]
+            raise ValueError(
+                f"group {_n(self._group_names[g])} has {self._cell_count[g, s]} images at scale "
+                f"{_n(self.scale_names[s])} but images_per_scale={self.images_per_scale} "
+                "(small_group_policy='error')"
+            )
+
+    # ------------------------------------------------------------------ epoch plan
+
+    def _members(self, c: int) -> np.ndarray:
+        start = self._class_group_start[c]
+        return self._class_groups[start : start + self._class_group_count[c]]
+
+    def _own_slot_count(self, c: int) -> int:
+        """Slots of class c's rounds: sum over rounds r of ceil(#groups with > r visits / G)."""
+        visits = self._visits[self._members(c)]
+        active = np.bincount(visits, minlength=visits.max() + 1)[::-1].cumsum()[::-1][1:]
+        return int((-(-active // self.groups_per_class)).sum())
+
+    def _class_slots(self, rng: np.random.Generator, c: int, n: int):
+        """``n`` slots [n, G] of (group, visit) for class c: its rounds first (every visit
+        of every group), then random slots. Visit -1 means "any visit" (a filler)."""
+        G = self.groups_per_class
+        members = self._members(c)
+        visits = self._visits[members]
+        # Entries (group, visit), by round (= visit index), random order within a round.
+        entry_group = np.repeat(members, visits)
+        entry_visit = np.arange(entry_group.size) - np.repeat(np.cumsum(visits) - visits, visits)
+        order = np.lexsort((rng.random(entry_group.size), entry_visit))
+        entry_group, entry_visit = entry_group[order], entry_visit[order]
+        round_size = np.bincount(entry_visit)
+        slots_per_round = -(-round_size // G)
+        first_slot = np.cumsum(slots_per_round) - slots_per_round
+        pos = np.arange(entry_group.size) - np.repeat(
+            np.cumsum(round_size) - round_size, round_size
+        )
+        own = int(slots_per_round.sum())
+        slot_group = np.full((max(n, own), G), -1, dtype=np.int64)
+        slot_visit = np.full((max(n, own), G), -1, dtype=np.int64)
+        flat = (first_slot[entry_visit] + pos // G) * G + pos % G
+        slot_group.reshape(-1)[flat] = entry_group
+        slot_visit.reshape(-1)[flat] = entry_visit
+        slot_group, slot_visit = slot_group[:n], slot_visit[:n]
+        return slot_group, slot_visit, self._fill(rng, members, slot_group)
+
+    def _fill(self, rng: np.random.Generator, members: np.ndarray, slot_group: np.ndarray) -> int:
+        """Fill -1 entries with groups not yet in their slot (with replacement when the
+        class has fewer groups than a slot needs). Returns how many were filled."""
+        holes = slot_group < 0
+        n_holes = int(holes.sum())
+        if n_holes == 0:
+            return 0
+        G = self.groups_per_class
+        if len(members) < G:
+            slot_group[holes] = members[rng.integers(0, len(members), size=n_holes)]
+            return n_holes
+        rows = np.flatnonzero(holes.any(1))
+        # Random priorities with the slot's present groups pushed last: the first
+        # ``need`` candidates are distinct and new to the slot.
+        keys = rng.random((len(rows), len(members)))
+        present = (slot_group[rows][:, :, None] == members[None, None, :]).any(1)
+        candidates = members[np.argsort(keys + 2.0 * present, axis=1)[:, :G]]
+        take = np.arange(G)[None, :] < holes[rows].sum(1)[:, None]
+        slot_group[holes] = candidates[take]  # row-major on both sides
+        return n_holes
+
+    def _batch_classes(self, rng: np.random.Generator, rounds: int) -> tuple[np.ndarray, int]:
+        """[rounds * ceil(M / C), C] classes: each round every class once, shuffled; the
+        round's last batch completed with other classes."""
+        M, C = self.n_classes, self.classes_per_batch
+        per_round = -(-M // C)
+        table = np.full((rounds, per_round * C), -1, dtype=np.int64)
+        table[:, :M] = np.argsort(rng.random((rounds, M)), axis=1)
+        n_fill = per_round * C - M
+        if n_fill:
+            last = table[:, -C:]
+            present = (last[:, :, None] == np.arange(M)[None, None, :]).any(1)
+            cand = np.argsort(rng.random((rounds, M)) + 2.0 * present, axis=1)[:, :n_fill]
+            table[:, M:] = cand
+        return table.reshape(-1, C), rounds * n_fill
+
+    def _plan_epoch(self, epoch: int) -> tuple[np.ndarray, SamplerStats]:
+        rng = np.random.default_rng([self.seed, epoch])
+        G, S, K = self.groups_per_class, self.n_scales, self.images_per_scale
+        batch_classes, filler_slots = self._batch_classes(rng, self._rounds)
+
+        # The k-th appearance of class c (row-major) takes the class's k-th slot.
+        flat_cls = batch_classes.reshape(-1)
+        order = np.argsort(flat_cls, kind="stable")
+        uses = np.bincount(flat_cls, minlength=self.n_classes)
+        rank_in_class = np.empty_like(order)
+        rank_in_class[order] = np.arange(order.size) - np.repeat(np.cumsum(uses) - uses, uses)
+        slot_group = np.empty((flat_cls.size, G), dtype=np.int64)
+        slot_visit = np.empty((flat_cls.size, G), dtype=np.int64)
+        filler_visits = 0
+        for c in range(self.n_classes):
+            g, v, filled = self._class_slots(rng, c, int(uses[c]))
+            at = order[np.cumsum(uses)[c] - uses[c] : np.cumsum(uses)[c]]
+            slot_group[at], slot_visit[at] = g[rank_in_class[at]], v[rank_in_class[at]]
+            filler_visits += filled
+
+        # Visit j of group g at scale s takes images j*K .. j*K+K-1 of the cell's
+        # permutation, cycling where the cell is short. A filler takes a random visit.
+        grp, vis = slot_group.reshape(-1), slot_visit.reshape(-1)
+        vis = np.where(vis < 0, (rng.random(vis.size) * self._visits[grp]).astype(np.int64), vis)
+        # A random order within each cell: cell ids are integers, so cell + U[0, 1) sorts
+        # by cell first and randomly inside it.
+        perm = self._cell_order[np.argsort(self._cell_of_sorted + rng.random(self.n_images))]
+        g_rep = np.repeat(grp, S * K)
+        s_rep = np.tile(np.repeat(np.arange(S), K), grp.size)
+        step = np.repeat(vis, S * K) * K + np.tile(np.arange(K), grp.size * S)
+        count = self._cell_count[g_rep, s_rep]
+        # (empty cells point anywhere in range; they are replaced just below)
+        at = np.minimum(
+            self._cell_start[g_rep, s_rep] + step % np.maximum(count, 1), self.n_images - 1
+        )
+        idx = perm[at]
+        missing = count == 0
+        if missing.any():  # no image of this group at this scale: same class and scale
+            c_m, s_m = self._group_class[g_rep[missing]], s_rep[missing]
+            pick = (rng.random(c_m.size) * self._pool_count[c_m, s_m]).astype(np.int64)
+            idx[missing] = self._pool_order[self._pool_start[c_m, s_m] + pick]
+        batches = idx.reshape(-1, self.batch_size)[rng.permutation(len(batch_classes))]
+
+        W, dropped, padded = self.world_size, 0, 0
+        rem = len(batches) % W
+        if rem and self.drop_last:
+            dropped, batches = rem, batches[: len(batches) - rem]
+        elif rem:
+            padded = W - rem
+            batches = np.concatenate([batches, batches[np.arange(padded) % len(batches)]])
+        unique = int(np.count_nonzero(np.bincount(batches.reshape(-1), minlength=self.n_images)))
+        stats = SamplerStats(
+            batches=len(batches),
+            batches_per_rank=len(batches) // W,
+            images_drawn=int(batches.size),
+            unique_images=unique,
+            repeated_draws=int(batches.size) - unique,
+            cycled_cells=int(
+                ((self._cell_count > 0) & (self._cell_count < self._visits[:, None] * K)).sum()
+            ),
+            filler_group_visits=filler_visits,
+            substituted_cells=int((self._cell_count == 0).sum()),
+            filler_class_slots=filler_slots,
+            dropped_batches=dropped,
+            padded_batches=padded,
+        )
+        return batches, stats
+
+    def _epoch_plan(self) -> tuple[np.ndarray, SamplerStats]:
+        if self._plan is None or self._plan[0] != self.epoch:
+            batches, stats = self._plan_epoch(self.epoch)
+            self._plan = (self.epoch, batches, stats)
+        return self._plan[1], self._plan[2]
+
+    # ------------------------------------------------------------------ Sampler API
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a full epoch (the same for every rank and epoch)."""
+        n = self._rounds * -(-self.n_classes // self.classes_per_batch)
+        if self.drop_last:
+            return n // self.world_size
+        return -(-n // self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches, _ = self._epoch_plan()
+        mine = batches[self.rank :: self.world_size]
+        while self._position < len(mine):
+            batch = mine[self._position]
+            self._position += 1
+            yield batch.tolist()
+        self._position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose plan the next iteration yields (as DistributedSampler)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if int(epoch) != self.epoch:
+            self.epoch, self._position = int(epoch), 0
+
+    @property
+    def stats(self) -> SamplerStats:
+        """Counts of the current epoch's plan (repeats, fillers, substitutions, drops)."""
+        return self._epoch_plan()[1]
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this rank is: resume with :meth:`load_state_dict` on the same data."""
+        return {
+            "epoch": self.epoch,
+            "position": self._position,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_batches": len(self),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "world_size", "num_batches"):
+            mine = (
+                self.seed
+                if key == "seed"
+                else self.world_size
+                if key == "world_size"
+                else len(self)
+            )
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"state_dict was saved with {key}={state.get(key)!r}, this sampler has {mine!r}"
+                )
+        position = state.get("position")
+        if not isinstance(position, int) or not 0 <= position <= len(self):
+            raise ValueError(f"state_dict position must be in [0, {len(self)}], got {position!r}")
+        self.epoch, self._position = int(state["epoch"]), position
