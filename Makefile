@@ -25,7 +25,7 @@ test: install lint
 	$(PY) -m pytest
 
 bench: install
-	$(PY) -m benchmarks.bench_losses
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

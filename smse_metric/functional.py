@@ -720,14 +720,16 @@ def triplet_margin_loss(
                 n_sel = torch.full((), len(a), device=emb.device)
             return _reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
 
-        dist = pairwise_distances(
-            emb, None if same else ref, "squared_euclidean" if squared else "euclidean"
-        )
+        metric = "squared_euclidean" if squared else "euclidean"
         scales = scales if cross_scale else None
-        args = (dist, labels, ref_labels, scales, ref_scales, same, margin)
         if triplets == "batch_hard":
-            return _batch_hard_loss(*args, reduction)
-        return _fused_triplet_loss(*args, triplets, reduction)
+            return _batch_hard_loss(
+                emb, ref, labels, ref_labels, scales, ref_scales, same, margin, squared, reduction
+            )
+        dist = pairwise_distances(emb, None if same else ref, metric)
+        return _fused_triplet_loss(
+            dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
+        )
 
 
 def _hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -738,12 +740,20 @@ def _hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tenso
     return valid, pos_idx, neg_idx
 
 
-def _batch_hard_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, reduction):
+def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, margin, squared,
+                     reduction):  # fmt: skip
     """Per anchor with a positive and a negative: relu(farthest positive - closest
-    negative + margin). Gathering the two chosen entries keeps autograd at [B]."""
+    negative + margin). The choice needs every distance, the gradient only 2B of
+    them: choose without autograd, then differentiate just the chosen pairs."""
+    metric = "squared_euclidean" if squared else "euclidean"
     with torch.no_grad():
-        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(dist))
-        valid, pos_idx, neg_idx = _hardest(dist.detach(), pos, neg)
-    gap = dist.gather(1, pos_idx[:, None]).squeeze(1) - dist.gather(1, neg_idx[:, None]).squeeze(1)
-    terms = torch.where(valid, torch.relu(gap + margin), 0)
+        d = pairwise_distances(emb.detach(), None if same else ref.detach(), metric)
+        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(d))
+        valid, pos_idx, neg_idx = _hardest(d, pos, neg)
+        del d, pos, neg
+    anchors = torch.arange(len(emb), device=emb.device)
+    d_ap, d_an = _gathered_distances(
+        emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], squared
+    )
+    terms = torch.where(valid, torch.relu(d_ap - d_an + margin), 0)
     return _reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
