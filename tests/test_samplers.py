@@ -254,3 +254,16 @@ def test_state_dict_from_another_configuration_is_refused():
         s.load_state_dict({**s.state_dict(), "position": 99})
     with pytest.raises(ValueError, match="epoch"):
         s.set_epoch(-1)
+
+
+def test_rank_and_world_size_default_to_torch_distributed(monkeypatch):
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    labels, groups, scales = breakhis_layout()
+    s = MultiScaleBatchSampler(labels, groups, scales, 2, 2)
+    assert (s.rank, s.world_size) == (2, 3)
+    glob = list(MultiScaleBatchSampler(labels, groups, scales, 2, 2, rank=0, world_size=1))
+    assert list(s) == glob[2 : len(glob) - len(glob) % 3 : 3]
