@@ -10,6 +10,7 @@ Example:
 """
 
 from . import functional
+from .evaluation import EvaluationReport, KNNClassifier, evaluate_embeddings, evaluate_predictions
 from .losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
 from .miners import PairMiner, TripletMiner
 from .samplers import MultiScaleBatchSampler, SamplerStats
@@ -18,7 +19,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ContrastiveLoss",
+    "EvaluationReport",
     "FocalLoss",
+    "KNNClassifier",
     "MultiScaleBatchSampler",
     "PairMiner",
     "ReinforcedFocalLoss",
@@ -26,5 +29,7 @@ __all__ = [
     "TripletMarginLoss",
     "TripletMiner",
     "__version__",
+    "evaluate_embeddings",
+    "evaluate_predictions",
     "functional",
 ]
