@@ -2,9 +2,9 @@
 
 import sys
 
-from benchmarks import bench_losses, bench_sampler
+from benchmarks import bench_eval, bench_losses, bench_sampler
 
 if __name__ == "__main__":
     quick = ["--quick"] if "--quick" in sys.argv[1:] else []
-    for bench in (bench_losses, bench_sampler):
+    for bench in (bench_losses, bench_sampler, bench_eval):
         bench.main(quick)
