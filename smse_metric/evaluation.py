@@ -207,8 +207,9 @@ class KNNClassifier:
         self.classes_, self.labels_ = np.unique(as_ids("labels", labels, n), return_inverse=True)
         self.groups_ = None
         if groups is not None:
-            _, self.groups_ = np.unique(as_ids("groups", groups, n), return_inverse=True)
-            self._group_values = np.unique(as_ids("groups", groups, n))
+            self._group_values, self.groups_ = np.unique(
+                as_ids("groups", groups, n), return_inverse=True
+            )
             self._group_count = np.bincount(self.groups_)
         return self
 
@@ -267,8 +268,9 @@ class KNNClassifier:
         start = 0
         while start < n_q:
             # Chunks sized so that chunk x neighbours stays under CHUNK_ENTRIES.
-            cum = np.maximum.accumulate(need[start:])
-            rows = max(1, int(np.searchsorted(cum * np.arange(1, len(cum) + 1), CHUNK_ENTRIES)))
+            ahead = need[start : start + max(1, CHUNK_ENTRIES // max(k, 1))]
+            cum = np.maximum.accumulate(ahead) * np.arange(1, len(ahead) + 1)
+            rows = max(1, int(np.searchsorted(cum, CHUNK_ENTRIES, side="right")))
             stop = min(n_q, start + rows)
             kk = int(need[start:stop].max())
             dist, ids = self.index_.search(q[start:stop], kk)
