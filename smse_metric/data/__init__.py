@@ -1,0 +1,23 @@
+"""Data: BreakHis parsing and scanning, fold files, splits, and a synthetic BreakHis."""
+
+from .breakhis import (
+    BreakHisIndex,
+    BreakHisRecord,
+    check_patient_disjoint,
+    load_folds,
+    parse_breakhis_filename,
+    patient_split,
+    scan_breakhis,
+)
+from .synthetic import make_synthetic_breakhis
+
+__all__ = [
+    "BreakHisIndex",
+    "BreakHisRecord",
+    "check_patient_disjoint",
+    "load_folds",
+    "make_synthetic_breakhis",
+    "parse_breakhis_filename",
+    "patient_split",
+    "scan_breakhis",
+]

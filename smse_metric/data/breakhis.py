@@ -1,0 +1,352 @@
+"""BreakHis file names, directory trees, fold files and patient-disjoint splits.
+
+Facts and pitfalls (see the project's BREAKHIS notes): file names follow
+``<PROC>_<CLASS>_<TYPE>-<YEAR>-<SLIDE>-<MAG>-<SEQ>.png``; patient 13412 is shipped
+twice (as DC and LC, byte-identical); suffixed slide ids share case numbers and must
+be compared exactly, never by substring.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MAGNIFICATIONS",
+    "SUBTYPES",
+    "BreakHisIndex",
+    "BreakHisRecord",
+    "check_patient_disjoint",
+    "load_folds",
+    "parse_breakhis_filename",
+    "patient_split",
+    "scan_breakhis",
+]
+
+#: subtype code -> (tumour class, folder name); the order defines subtype label ids
+SUBTYPES = {
+    "A": ("B", "adenosis"),
+    "F": ("B", "fibroadenoma"),
+    "PT": ("B", "phyllodes_tumor"),
+    "TA": ("B", "tubular_adenoma"),
+    "DC": ("M", "ductal_carcinoma"),
+    "LC": ("M", "lobular_carcinoma"),
+    "MC": ("M", "mucinous_carcinoma"),
+    "PC": ("M", "papillary_carcinoma"),
+}
+MAGNIFICATIONS = (40, 100, 200, 400)
+#: the patient shipped twice; the DC copy is dropped by ``dedupe``
+DUPLICATED_SLIDE, DUPLICATE_SUBTYPE = "13412", "DC"
+
+_NAME = re.compile(
+    r"^(?P<procedure>[A-Z]+)_(?P<tumor_class>[BM])_(?P<subtype>[A-Z]+)-(?P<year>\d{2})-"
+    r"(?P<slide>(?P<case>\d+)[A-Z]*)-(?P<mag>\d+)-(?P<seq>\d+)\.png$",
+    re.IGNORECASE,
+)
+_FOLDER_TO_SUBTYPE = {folder: code for code, (_, folder) in SUBTYPES.items()}
+
+
+@dataclass(frozen=True)
+class BreakHisRecord:
+    """The fields of one BreakHis file name."""
+
+    procedure: str
+    tumor_class: str  #: "B" (benign) or "M" (malignant)
+    subtype: str  #: A, F, PT, TA, DC, LC, MC or PC
+    year: int
+    slide_id: str  #: e.g. "22549AB": the patient token of the official protocol
+    case_id: str  #: e.g. "22549": the numeric case, shared by suffixed slides
+    magnification: int
+    sequence: int
+
+
+def parse_breakhis_filename(name: str | Path) -> BreakHisRecord:
+    """Parse ``SOB_B_A-14-22549AB-40-001.png`` (a bare name or a path).
+
+    Raises:
+        ValueError: quoting the name, when it does not follow the grammar, names an
+            unknown subtype or magnification, or a subtype of the other class.
+
+    Example:
+        >>> r = parse_breakhis_filename("SOB_B_TA-14-16184CD-40-001.png")
+        >>> r.subtype, r.slide_id, r.case_id, r.magnification
+        ('TA', '16184CD', '16184', 40)
+    """
+    base = Path(name).name
+    m = _NAME.match(base)
+    if m is None:
+        raise ValueError(
+            f"{base!r} is not a BreakHis file name "
+            "(<PROC>_<B|M>_<TYPE>-<YEAR>-<SLIDE>-<MAG>-<SEQ>.png)"
+        )
+    subtype, tumor_class = m["subtype"].upper(), m["tumor_class"].upper()
+    if subtype not in SUBTYPES:
+        raise ValueError(f"{base!r} has unknown subtype {subtype!r} (known: {list(SUBTYPES)})")
+    if SUBTYPES[subtype][0] != tumor_class:
+        raise ValueError(f"{base!r}: subtype {subtype} is not of class {tumor_class}")
+    mag = int(m["mag"])
+    if mag not in MAGNIFICATIONS:
+        raise ValueError(f"{base!r} has magnification {mag}, not one of {MAGNIFICATIONS}")
+    return BreakHisRecord(
+        procedure=m["procedure"].upper(),
+        tumor_class=tumor_class,
+        subtype=subtype,
+        year=int(m["year"]),
+        slide_id=m["slide"].upper(),
+        case_id=m["case"],
+        magnification=mag,
+        sequence=int(m["seq"]),
+    )
+
+
+@dataclass
+class BreakHisIndex:
+    """Images found by :func:`scan_breakhis`, one row each (numpy arrays of length N).
+
+    ``label`` is binary (0 benign, 1 malignant); ``subtype`` indexes
+    ``subtype_names``; ``group`` indexes ``group_names`` (slides or cases);
+    ``report`` says what the scan found, dropped and why.
+    """
+
+    paths: list[str]
+    records: list[BreakHisRecord]
+    label: np.ndarray
+    subtype: np.ndarray
+    group: np.ndarray
+    magnification: np.ndarray
+    group_names: list[str]
+    group_by: str
+    label_names: tuple[str, ...] = ("benign", "malignant")
+    subtype_names: tuple[str, ...] = tuple(SUBTYPES)
+    report: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def names(self) -> list[str]:
+        return [Path(p).name for p in self.paths]
+
+    def subset(self, mask_or_indices) -> BreakHisIndex:
+        """The rows selected by a boolean mask or an index array (groups keep their ids)."""
+        idx = np.arange(len(self))[np.asarray(mask_or_indices)]
+        return BreakHisIndex(
+            paths=[self.paths[i] for i in idx],
+            records=[self.records[i] for i in idx],
+            label=self.label[idx],
+            subtype=self.subtype[idx],
+            group=self.group[idx],
+            magnification=self.magnification[idx],
+            group_names=self.group_names,
+            group_by=self.group_by,
+            report=dict(self.report),
+        )
+
+    def masks(self, split: dict[str, set[str]]) -> dict[str, np.ndarray]:
+        """Boolean masks from a fold split (``{"train": {file names}, ...}``), as
+        :func:`load_folds` returns; raises if a listed file is not in the index."""
+        names = np.array(self.names)
+        out = {}
+        for part, files in split.items():
+            m = np.isin(names, list(files))
+            missing = len(files) - int(m.sum())
+            if missing:
+                example = next(iter(set(files) - set(names[m].tolist())))
+                raise ValueError(
+                    f"{missing} files of split {part!r} are not in the index, e.g. {example!r}"
+                )
+            out[part] = m
+        return out
+
+
+def _check_folders(path: Path, rec: BreakHisRecord) -> None:
+    """Folders that name a class, subtype, magnification or patient must agree with the name."""
+    for part in path.parts[:-1]:
+        low = part.lower()
+        if low in ("benign", "malignant") and low[0].upper() != rec.tumor_class:
+            raise ValueError(f"{path}: folder {part!r} contradicts class {rec.tumor_class}")
+        if low in _FOLDER_TO_SUBTYPE and _FOLDER_TO_SUBTYPE[low] != rec.subtype:
+            raise ValueError(f"{path}: folder {part!r} contradicts subtype {rec.subtype}")
+        m = re.fullmatch(r"(\d+)X", part, re.IGNORECASE)
+        if m and int(m[1]) != rec.magnification:
+            raise ValueError(f"{path}: folder {part!r} contradicts magnification "
+                             f"{rec.magnification}")  # fmt: skip
+        m = re.fullmatch(r"[A-Z]+_[BM]_([A-Z]+)_\d{2}-(\w+)", part, re.IGNORECASE)
+        if m and (m[1].upper() != rec.subtype or m[2].upper() != rec.slide_id):
+            raise ValueError(f"{path}: patient folder {part!r} contradicts the file name")
+
+
+def _check_subtype_folders(root: Path) -> None:
+    for cls in ("benign", "malignant"):
+        for sob in root.rglob(f"{cls}/SOB"):
+            for child in sob.iterdir():
+                if child.is_dir() and child.name.lower() not in _FOLDER_TO_SUBTYPE:
+                    raise ValueError(
+                        f"unknown subtype folder {child} (known: {sorted(_FOLDER_TO_SUBTYPE)})"
+                    )
+
+
+def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True) -> BreakHisIndex:
+    """Index every BreakHis image under ``root``.
+
+    Recognises the original tree (``.../benign/SOB/<subtype>/<patient>/<MAG>X/*.png``),
+    the Kaggle copy of it (same tree, with ``Folds.csv``) and the mkfold tree
+    (``fold<k>/{train,test}/<MAG>X/*.png``, where each image appears in every fold:
+    copies of one file name are kept once and counted).
+
+    Args:
+        group_by: ``"slide"`` (82 patients, the official protocol) or ``"case"``
+            (numeric case: 70 groups, stricter against leakage).
+        dedupe: drop the DC copy of patient 13412, which BreakHis also ships as LC.
+
+    Raises:
+        ValueError: for a missing or empty directory, an unknown subtype folder, a
+            malformed file name, or a folder that contradicts its file's name.
+    """
+    if group_by not in ("slide", "case"):
+        raise ValueError(f"group_by must be 'slide' or 'case', got {group_by!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    _check_subtype_folders(root)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
+    if not files:
+        raise ValueError(f"no PNG images under {root}: is this a BreakHis directory?")
+    seen: dict[str, Path] = {}
+    copies = 0
+    dropped: list[str] = []
+    for path in files:
+        rec = parse_breakhis_filename(path.name)
+        _check_folders(path.relative_to(root), rec)
+        if path.name in seen:
+            copies += 1
+            continue
+        if dedupe and rec.slide_id == DUPLICATED_SLIDE and rec.subtype == DUPLICATE_SUBTYPE:
+            dropped.append(path.name)
+            continue
+        seen[path.name] = path
+    paths = list(seen.values())
+    records = [parse_breakhis_filename(p.name) for p in paths]
+    keys = [r.slide_id if group_by == "slide" else r.case_id for r in records]
+    group_names, group = np.unique(np.array(keys), return_inverse=True)
+    report = {
+        "root": str(root),
+        "images": len(paths),
+        "files_found": len(files),
+        "copies_skipped": copies,
+        "duplicate_patient_dropped": len(dropped),
+        "groups": len(group_names),
+        "group_by": group_by,
+        "per_subtype": dict(Counter(r.subtype for r in records)),
+    }
+    if dropped:
+        report["duplicate_patient_note"] = (
+            f"dropped {len(dropped)} images of patient {DUPLICATED_SLIDE} labelled "
+            f"{DUPLICATE_SUBTYPE}: BreakHis ships the same images as LC too"
+        )
+    subtype_ids = {code: i for i, code in enumerate(SUBTYPES)}
+    return BreakHisIndex(
+        paths=[str(p) for p in paths],
+        records=records,
+        label=np.array([r.tumor_class == "M" for r in records], dtype=np.int64),
+        subtype=np.array([subtype_ids[r.subtype] for r in records], dtype=np.int64),
+        group=group.astype(np.int64),
+        magnification=np.array([r.magnification for r in records], dtype=np.int64),
+        group_names=group_names.tolist(),
+        group_by=group_by,
+        report=report,
+    )
+
+
+def load_folds(path: str | Path, fold: int) -> dict[str, set[str]]:
+    """Read one fold of an official ``dsfold<k>.txt`` or a Kaggle ``Folds.csv``.
+
+    ``dsfold<k>.txt`` rows are ``<filename>|<mag>|<fold>|<grp>``; ``Folds.csv`` has
+    the columns ``fold,mag,grp,filename``. Returns ``{"train": {...}, "test": {...}}``
+    of file base names (use :meth:`BreakHisIndex.masks` to select rows).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"fold file {path} does not exist")
+    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
+        raise ValueError(f"fold must be a positive integer, got {fold!r}")
+    split: dict[str, set[str]] = {}
+    with open(path, newline="") as f:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            need = {"fold", "mag", "grp", "filename"}
+            if not need <= set(reader.fieldnames or ()):
+                raise ValueError(
+                    f"{path} lacks columns {sorted(need - set(reader.fieldnames or ()))}"
+                )
+            rows = ((r["filename"], r["fold"], r["grp"]) for r in reader)
+        else:
+            rows = []
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.strip().split("|")
+                if len(parts) != 4:
+                    raise ValueError(f"{path}:{n}: expected <filename>|<mag>|<fold>|<grp>")
+                rows.append((parts[0], parts[2], parts[3]))
+        for name, fold_id, grp in rows:
+            if int(fold_id) == fold:
+                split.setdefault(grp.strip().lower(), set()).add(Path(name).name)
+    if not split:
+        raise ValueError(f"{path} has no rows for fold {fold}")
+    return split
+
+
+def patient_split(
+    index: BreakHisIndex,
+    test_fraction: float = 0.3,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    stratify: bool = True,
+) -> dict[str, np.ndarray]:
+    """Patient-disjoint train / val / test masks when no fold file exists.
+
+    Groups (patients) are shuffled with ``default_rng(seed)`` and assigned whole; with
+    ``stratify`` this is done per subtype, so each split has every subtype that has
+    enough patients, and every subtype keeps at least one training patient.
+    """
+    for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0 <= v < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    if test_fraction + val_fraction >= 1:
+        raise ValueError("test_fraction + val_fraction must be below 1")
+    rng = np.random.default_rng(seed)
+    n_groups = int(index.group.max()) + 1
+    group_stratum = np.zeros(n_groups, dtype=np.int64)
+    if stratify:
+        group_stratum[index.group] = index.subtype
+    assign = np.zeros(n_groups, dtype=np.int64)  # 0 train, 1 val, 2 test
+    present = np.zeros(n_groups, dtype=bool)
+    present[index.group] = True
+    for stratum in np.unique(group_stratum[present]):
+        members = np.flatnonzero(present & (group_stratum == stratum))
+        members = members[rng.permutation(len(members))]
+        # every stratum keeps at least one training patient
+        n_test = min(round(test_fraction * len(members)), len(members) - 1)
+        n_val = min(round(val_fraction * len(members)), len(members) - 1 - n_test)
+        assign[members[:n_test]] = 2
+        assign[members[n_test : n_test + n_val]] = 1
+    part = assign[index.group]
+    masks = {"train": part == 0, "val": part == 1, "test": part == 2}
+    check_patient_disjoint(masks, index.group)
+    return masks
+
+
+def check_patient_disjoint(masks: dict[str, np.ndarray], groups: np.ndarray) -> None:
+    """Raise ValueError naming a patient that appears in two splits."""
+    owner: dict[int, str] = {}
+    for name, m in masks.items():
+        for gid in np.unique(np.asarray(groups)[m]).tolist():
+            if gid in owner:
+                raise ValueError(f"patient {gid!r} is in both {owner[gid]!r} and {name!r}")
+            owner[gid] = name

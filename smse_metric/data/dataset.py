@@ -1,0 +1,171 @@
+"""A torch Dataset over a BreakHis index: decode, augment, and return metadata.
+
+Transforms are plain torch (no torchvision needed): resize, random crop, flips,
+90-degree rotations, colour jitter and stain jitter in optical-density space.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+from PIL import Image, UnidentifiedImageError
+
+from .breakhis import BreakHisIndex
+
+__all__ = ["BreakHisDataset", "eval_transform", "train_transform"]
+
+_HE = torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
+_HE = _HE / _HE.norm(dim=1, keepdim=True)
+
+
+def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return TF.interpolate(img[None], size=size, mode="bilinear", antialias=True,
+                          align_corners=False)[0]  # fmt: skip
+
+
+def eval_transform(
+    size: tuple[int, int],
+) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """Resize to ``size`` = (H, W); images are float [3, H, W] in [0, 1]."""
+
+    def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return _resize(img, size)
+
+    return apply
+
+
+def train_transform(
+    size: tuple[int, int],
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    color: float = 0.15,
+    stain: float = 0.05,
+) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """Random crop (area fraction in ``crop_scale``), resize, flips, 90-degree rotations
+    (square sizes only), brightness / contrast / saturation jitter of +-``color`` and
+    H&E stain jitter: per-stain scale and shift of +-``stain`` in optical density."""
+
+    def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        def u(lo, hi):
+            return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+        _, h, w = img.shape
+        frac = u(*crop_scale)
+        ch, cw = max(1, round(h * math.sqrt(frac))), max(1, round(w * math.sqrt(frac)))
+        y0, x0 = int(u(0, h - ch + 1)), int(u(0, w - cw + 1))
+        img = _resize(img[:, y0 : y0 + ch, x0 : x0 + cw], size)
+        if u(0, 1) < 0.5:
+            img = img.flip(2)
+        if u(0, 1) < 0.5:
+            img = img.flip(1)
+        if size[0] == size[1]:
+            img = torch.rot90(img, int(u(0, 4)), dims=(1, 2))
+        # stain jitter in optical density: od = conc @ HE, perturb conc per stain
+        od = -torch.log(img.clamp_min(1 / 255))
+        conc = od.permute(1, 2, 0) @ torch.linalg.pinv(_HE)
+        alpha = torch.tensor([u(1 - stain, 1 + stain) for _ in range(3)])
+        beta = torch.tensor([u(-stain, stain) for _ in range(3)])
+        od = ((conc * alpha + beta) @ _HE).permute(2, 0, 1)
+        img = torch.exp(-od)
+        img = img * u(1 - color, 1 + color)  # brightness
+        mean = img.mean()
+        img = (img - mean) * u(1 - color, 1 + color) + mean  # contrast
+        gray = img.mean(0, keepdim=True)
+        img = (img - gray) * u(1 - color, 1 + color) + gray  # saturation
+        return img.clamp(0, 1)
+
+    return apply
+
+
+class BreakHisDataset(torch.utils.data.Dataset):
+    """Images of a :class:`~smse_metric.data.BreakHisIndex` as
+    ``(image [3, H, W] float in [0, 1], label, group, scale)``.
+
+    Args:
+        index: the scanned dataset (use ``index.subset(mask)`` for a split).
+        transform: ``"train"``, ``"eval"``, or a callable ``(img, generator) -> img``.
+        size: model input (H, W).
+        task: ``"binary"`` (benign / malignant) or ``"subtype"`` (8 classes).
+        seed: augmentations draw from ``Generator().manual_seed(seed + epoch * N + i)``,
+            so a run is reproducible whatever the worker layout; call ``set_epoch``.
+        skip_bad_images: check every file once now; unreadable ones are left out,
+            counted and listed in ``bad_images``. Otherwise a bad file raises an
+            error naming it when it is read.
+    """
+
+    def __init__(
+        self,
+        index: BreakHisIndex,
+        transform: str | Callable = "eval",
+        size: tuple[int, int] = (224, 224),
+        task: str = "binary",
+        seed: int = 0,
+        skip_bad_images: bool = False,
+    ) -> None:
+        if task not in ("binary", "subtype"):
+            raise ValueError(f"task must be 'binary' or 'subtype', got {task!r}")
+        if isinstance(transform, str):
+            if transform not in ("train", "eval"):
+                raise ValueError(
+                    f"transform must be 'train', 'eval' or a callable, got {transform!r}"
+                )
+            transform = train_transform(size) if transform == "train" else eval_transform(size)
+        self.index, self.transform, self.task, self.seed = index, transform, task, int(seed)
+        self.epoch = 0
+        self.bad_images: list[tuple[str, str]] = []
+        rows = np.arange(len(index))
+        if skip_bad_images:
+            good = []
+            for i in rows:
+                try:
+                    with Image.open(index.paths[i]) as im:
+                        im.verify()
+                    good.append(i)
+                except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                    self.bad_images.append((index.paths[i], f"{type(e).__name__}: {e}"))
+            rows = np.array(good, dtype=np.int64)
+        self.rows = rows
+        labels = index.label if task == "binary" else index.subtype
+        self.labels = labels[rows]
+        self.groups = index.group[rows]
+        self.scales = index.magnification[rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def load(self, i: int) -> torch.Tensor:
+        """The i-th image as float [3, H, W] in [0, 1], untransformed."""
+        path = self.index.paths[self.rows[i]]
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed + self.epoch * len(self) + int(i))
+        return (
+            self.transform(self.load(i), g),
+            int(self.labels[i]),
+            int(self.groups[i]),
+            int(self.scales[i]),
+        )
+
+    @property
+    def paths(self) -> Sequence[str]:
+        return [self.index.paths[r] for r in self.rows]
+
+    def describe_bad_images(self) -> str:
+        if not self.bad_images:
+            return "no unreadable images"
+        lines = [f"{len(self.bad_images)} unreadable images left out:"]
+        lines += [f"  {Path(p)}: {why}" for p, why in self.bad_images]
+        return "\n".join(lines)
