@@ -43,24 +43,25 @@ class _Morphology:
 
 
 _MORPHOLOGY = {
-    "A": _Morphology("glands", 5.0, 1.0, 0.10, 1.15, 0.10, 1.1),
-    "F": _Morphology("slits", 2.0, 1.0, 0.10, 1.3, 0.10, 1.0),
-    "PT": _Morphology("spindle", 9.0, 0.9, 0.15, 2.6, 0.15, 1.1),
-    "TA": _Morphology("tubules", 10.0, 1.0, 0.10, 1.1, 0.10, 1.1),
-    "DC": _Morphology("nests", 4.0, 1.6, 0.35, 1.3, 0.50, 1.5),
-    "LC": _Morphology("files", 5.0, 1.1, 0.12, 1.15, 0.20, 1.2),
-    "MC": _Morphology("floating", 2.5, 1.35, 0.22, 1.2, 0.35, 1.3, mucin=0.6),
-    "PC": _Morphology("fronds", 3.0, 1.3, 0.25, 1.6, 0.35, 1.35),
+    "A": _Morphology("glands", 5.0, 1.1, 0.10, 1.15, 0.10, 1.3),
+    "F": _Morphology("slits", 2.5, 1.1, 0.10, 1.3, 0.10, 1.3),
+    "PT": _Morphology("spindle", 12.0, 1.0, 0.15, 2.6, 0.15, 1.3),
+    "TA": _Morphology("tubules", 8.0, 1.1, 0.10, 1.1, 0.10, 1.3),
+    "DC": _Morphology("nests", 3.0, 1.55, 0.35, 1.3, 0.45, 1.5),
+    "LC": _Morphology("files", 5.0, 1.1, 0.12, 1.15, 0.20, 1.3),
+    "MC": _Morphology("floating", 3.0, 1.35, 0.22, 1.2, 0.35, 1.45, mucin=0.45),
+    "PC": _Morphology("fronds", 3.0, 1.3, 0.25, 1.6, 0.35, 1.45),
 }
 
 #: magnification -> pixels per tissue unit (a 40X field spans 10x a 400X one)
 _ZOOM = {40: 0.6, 100: 1.5, 200: 3.0, 400: 6.0}
 
 
-def _structures(rng: np.random.Generator, m: _Morphology, w: float, h: float) -> np.ndarray:
+def _structures(rng: np.random.Generator, m: _Morphology, w: float, h: float,
+                density: float) -> np.ndarray:  # fmt: skip
     """Nucleus centres [n, 2] (tissue units) for a field of w x h units."""
     pad = 40.0
-    n_struct = rng.poisson(4 * m.density * (w + 2 * pad) * (h + 2 * pad) / 1e4)
+    n_struct = rng.poisson(4 * m.density * density * (w + 2 * pad) * (h + 2 * pad) / 1e4)
     centres = rng.uniform([-pad, -pad], [w + pad, h + pad], size=(n_struct, 2))
     # fields are chosen on the lesion, as a pathologist does: one structure in view
     centres = np.concatenate([rng.uniform([0.2 * w, 0.2 * h], [0.8 * w, 0.8 * h], (1, 2)), centres])
@@ -116,9 +117,9 @@ def render(rng: np.random.Generator, subtype: str, stain: dict, magnification: i
     """One H x W x 3 uint8 field of a subtype at a magnification."""
     m, zoom = _MORPHOLOGY[subtype], _ZOOM[magnification] * size[0] / 128
     w, h = size
-    centres = _structures(rng, m, w / zoom, h / zoom) * zoom
+    centres = _structures(rng, m, w / zoom, h / zoom, stain["density"]) * zoom
     # scattered stromal fibroblasts: small, thin, pale, in every subtype
-    n_fib = rng.poisson(25 * (w / zoom) * (h / zoom) / 1e4)
+    n_fib = rng.poisson(stain["fibroblasts"] * (w / zoom) * (h / zoom) / 1e4)
     fib = rng.uniform([0, 0], [w, h], size=(n_fib, 2))
     hema = np.zeros((h, w))
     yy, xx = np.mgrid[0:h, 0:w]
@@ -162,8 +163,11 @@ def _patient_stain(rng: np.random.Generator) -> dict:
     return {
         "h": unit(_H + rng.normal(0, 0.05, 3)).clip(0.05) * 1.1,
         "e": unit(_E + rng.normal(0, 0.05, 3)).clip(0.02) * 0.9,
-        "h_scale": rng.uniform(0.8, 1.25),
-        "e_scale": rng.uniform(0.75, 1.3),
+        "h_scale": rng.uniform(0.75, 1.3),
+        "e_scale": rng.uniform(0.7, 1.3),
+        # patients differ in cellularity as much as subtypes do
+        "density": rng.uniform(0.6, 1.6),
+        "fibroblasts": rng.uniform(10, 80),
     }
 
 
