@@ -273,9 +273,9 @@ def _block_masks(labels, ref_labels, scales, ref_scales, same, start, stop):
     return pos, neg
 
 
-def _row_blocks(n_rows: int, n_cols: int) -> list[tuple[int, int]]:
-    """Anchor blocks of at most _BLOCK_ENTRIES matrix entries (one block up to B = 4096)."""
-    step = max(1, _BLOCK_ENTRIES // max(n_cols, 1))
+def _row_blocks(n_rows: int, n_cols: int, entries: int | None = None) -> list[tuple[int, int]]:
+    """Anchor blocks of at most ``entries`` (default _BLOCK_ENTRIES) matrix entries."""
+    step = max(1, (entries or _BLOCK_ENTRIES) // max(n_cols, 1))
     return [(i, min(i + step, n_rows)) for i in range(0, max(n_rows, 1), step)]
 
 
@@ -746,11 +746,14 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
     negative + margin). The choice needs every distance, the gradient only 2B of
     them: choose without autograd, then differentiate just the chosen pairs."""
     metric = "squared_euclidean" if squared else "euclidean"
+    picks = []
     with torch.no_grad():
-        d = pairwise_distances(emb.detach(), None if same else ref.detach(), metric)
-        pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, 0, len(d))
-        valid, pos_idx, neg_idx = _hardest(d, pos, neg)
-        del d, pos, neg
+        # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
+        for start, stop in _row_blocks(len(emb), len(ref), 1 << 22):
+            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), metric)
+            pos, neg = _block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
+            picks.append(_hardest(d, pos, neg))
+        valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
     anchors = torch.arange(len(emb), device=emb.device)
     d_ap, d_an = _gathered_distances(
         emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], squared
