@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import RESULTS, PeakMemory, machine, markdown_table, run_case
+from benchmarks.common import PeakMemory, machine, markdown_table, run_case, write_report
 
 D, K, CLASSES, GROUPS = 128, 10, 8, 1000
 SUBSET = 10_000  # at N = 10^6 a full leave-one-out is 10^12 distances: time a query subset
@@ -154,12 +154,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
         *(["Notes:", "", *[f"- {x}" for x in notes], ""] if notes else []),
     ])  # fmt: skip
-    out = args.out or RESULTS / f"eval{'-quick' if args.quick else ''}.md"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"\nwrote {out}")
-    return text
+    return write_report(text, f"eval{'-quick' if args.quick else ''}", args.out)
 
 
 if __name__ == "__main__":

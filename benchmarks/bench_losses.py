@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from benchmarks.common import RESULTS, PeakMemory, machine, markdown_table, median_ms, run_case
+from benchmarks.common import PeakMemory, machine, markdown_table, median_ms, run_case, write_report
 
 D = 128
 MARGIN = 0.2
@@ -191,12 +191,7 @@ def main(argv: list[str] | None = None) -> str:
         *(["Skipped or failed:", "", *[f"- {n}" for n in notes], ""] if notes else []),
     ])  # fmt: skip
     suffix = "" if args.device == "cpu" else "-" + args.device.split(":")[0]
-    out = args.out or RESULTS / f"losses{'-quick' if args.quick else ''}{suffix}.md"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"\nwrote {out}")
-    return text
+    return write_report(text, f"losses{'-quick' if args.quick else ''}{suffix}", args.out)
 
 
 if __name__ == "__main__":

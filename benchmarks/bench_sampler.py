@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine, markdown_table, run_case
+from benchmarks.common import machine, markdown_table, run_case, write_report
 from smse_metric import MultiScaleBatchSampler
 
 CLASSES, SCALES, IMAGES_PER_GROUP = 8, 4, 100
@@ -114,12 +114,7 @@ def main(argv: list[str] | None = None) -> str:
         markdown_table(header, rows),
         "",
     ])  # fmt: skip
-    out = args.out or RESULTS / f"sampler{'-quick' if args.quick else ''}.md"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"\nwrote {out}")
-    return text
+    return write_report(text, f"sampler{'-quick' if args.quick else ''}", args.out)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,15 @@ def machine() -> str:
     return "; ".join(parts)
 
 
+def write_report(text: str, name: str, out: str | None = None) -> str:
+    """Write a benchmark's Markdown to ``out`` or ``results/<name>.md``; returns the text."""
+    path = Path(out) if out else RESULTS / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"\nwrote {path}")
+    return text
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

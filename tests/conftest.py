@@ -1,8 +1,9 @@
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from smse_metric import ContrastiveLoss, TripletMarginLoss
 
 settings.register_profile(
     "default",
@@ -27,6 +28,14 @@ def make_batch(n: int, d: int, n_classes: int, n_scales: int = 1, seed: int = 0,
     return emb, labels, scales
 
 
-@pytest.fixture
-def batch():
-    return make_batch(20, 6, 3, n_scales=3)
+def metric_losses():
+    """One of each metric loss configuration the property tests sweep."""
+    return [
+        TripletMarginLoss(0.3, triplets="all"),
+        TripletMarginLoss(0.3, triplets="semihard", reduction="mean"),
+        TripletMarginLoss(0.3, triplets="hard", reduction="sum"),
+        TripletMarginLoss(0.3, squared=True, triplets="batch_hard"),
+        TripletMarginLoss(0.3, cross_scale=True),
+        ContrastiveLoss(0.8),
+        ContrastiveLoss(0.8, cross_scale=True, reduction="mean_nonzero"),
+    ]

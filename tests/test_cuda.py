@@ -5,10 +5,9 @@ Skipped (with the reason) where no CUDA device exists; the GPU check script runs
 
 import pytest
 import torch
-from conftest import make_batch
+from conftest import make_batch, metric_losses
 
 from smse_metric import (
-    ContrastiveLoss,
     FocalLoss,
     PairMiner,
     ReinforcedFocalLoss,
@@ -18,15 +17,7 @@ from smse_metric import (
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-METRIC_LOSSES = [
-    TripletMarginLoss(0.2, triplets="all"),
-    TripletMarginLoss(0.2, triplets="semihard", reduction="mean"),
-    TripletMarginLoss(0.2, triplets="hard", reduction="sum"),
-    TripletMarginLoss(0.2, squared=True, triplets="batch_hard"),
-    TripletMarginLoss(0.2, cross_scale=True),
-    ContrastiveLoss(0.8),
-    ContrastiveLoss(0.8, cross_scale=True, reduction="mean_nonzero"),
-]
+METRIC_LOSSES = metric_losses()
 
 
 def _grad(loss, emb, labels, scales):

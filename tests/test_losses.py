@@ -3,7 +3,7 @@
 import pytest
 import reference as ref
 import torch
-from conftest import make_batch
+from conftest import make_batch, metric_losses
 from hypothesis import given
 from hypothesis import strategies as st
 from pytorch_metric_learning import losses as pml_losses
@@ -270,15 +270,7 @@ def test_gradcheck_float64(fn):
 # --------------------------------------------------------------------------- properties
 
 
-LOSSES = [
-    TripletMarginLoss(0.3, triplets="all"),
-    TripletMarginLoss(0.3, triplets="semihard", reduction="mean"),
-    TripletMarginLoss(0.3, triplets="hard", reduction="sum"),
-    TripletMarginLoss(0.3, squared=True, triplets="batch_hard"),
-    TripletMarginLoss(0.3, cross_scale=True),
-    ContrastiveLoss(0.8),
-    ContrastiveLoss(0.8, cross_scale=True, reduction="mean_nonzero"),
-]
+LOSSES = metric_losses()
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=repr)
