@@ -77,6 +77,10 @@ def _choice(name: str, value: str, choices) -> None:
 # --------------------------------------------------------------------------- index
 
 
+def _faiss_gpus() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
 class FaissIndex:
     """Exact (or IVF) nearest-neighbour search over a gallery, hiding index and device.
 
@@ -111,7 +115,7 @@ class FaissIndex:
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
         gallery = self._prepare(as_float32("embeddings", embeddings), metric)
         self.metric, self.ntotal, self.dim = metric, gallery.shape[0], gallery.shape[1]
-        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        gpus = _faiss_gpus()
         if device == "cuda" and gpus == 0:
             raise ValueError("device='cuda' but the installed faiss has no GPU support")
         self.device = (
@@ -523,6 +527,10 @@ def evaluate_embeddings(
         True
     """
     _choice("exclude", exclude, EXCLUDE)
+    _choice("device", device, DEVICES)
+    if device == "auto":  # decided on the caller's tensors, before they become numpy
+        on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
+        device = "cuda" if on_cuda and _faiss_gpus() else "cpu"
     q = as_float32("embeddings", embeddings)
     n = q.shape[0]
     qy = as_ids("labels", labels, n)
