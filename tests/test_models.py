@@ -1,0 +1,55 @@
+"""EmbeddingNet on timm backbones: shapes, normalisation, local weights, clear errors."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from smse_metric.models import EmbeddingNet, load_backbone_weights
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv3_small_050"])
+def test_outputs_and_normalisation(backbone):
+    net = EmbeddingNet(backbone, embedding_dim=32, num_classes=3).eval()
+    emb, logits = net(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 32) and logits.shape == (2, 3)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    raw = EmbeddingNet(backbone, embedding_dim=32, normalize=False).eval()
+    assert not torch.allclose(raw(torch.randn(2, 3, 64, 64))[0].norm(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_local_weights_load_into_the_backbone(tmp_path, suffix):
+    src = EmbeddingNet("resnet18", embedding_dim=8)
+    state = {k: v.contiguous() for k, v in src.backbone.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    net = EmbeddingNet("resnet18", embedding_dim=8, weights=path)
+    for k, v in net.backbone.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+    assert net.weights_report == {"missing": [], "unexpected": []}
+    with pytest.raises(ValueError, match="shares no parameter names"):
+        torch.save({"something": torch.zeros(1)}, tmp_path / "x.pt")
+        load_backbone_weights(net.backbone, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        EmbeddingNet("resnet18", weights=tmp_path / "missing.pt")
+
+
+def test_failed_download_suggests_local_weights_or_no_pretrained(monkeypatch):
+    import timm
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=r"--weights FILE.*--no-pretrained"):
+        EmbeddingNet("resnet18", pretrained=True)
+
+
+def test_unknown_backbone_and_bad_sizes():
+    with pytest.raises(ValueError, match="not a timm model"):
+        EmbeddingNet("resnet_does_not_exist")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        EmbeddingNet("resnet18", embedding_dim=0)
