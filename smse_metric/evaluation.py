@@ -522,7 +522,8 @@ def evaluate_embeddings(
         >>> emb = rng.normal(size=(40, 8)).astype("float32")
         >>> y = np.repeat([0, 1], 20)
         >>> emb[y == 1] += 2
-        >>> r = evaluate_embeddings(emb, y, groups=np.arange(40) // 4, scales=np.arange(40) % 2)
+        >>> r = evaluate_embeddings(emb, y, groups=np.arange(40) // 4, scales=np.arange(40) % 2,
+        ...                         metric="l2")
         >>> r.pooled.accuracy > 0.9
         True
     """

@@ -193,7 +193,11 @@ def make_synthetic_breakhis(
         ``out_dir``; the images are under ``out_dir/BreaKHis_v1/histology_slides/breast``.
 
     Example:
-        >>> root = make_synthetic_breakhis("/tmp/synth", images_per_magnification=2)
+        >>> import tempfile
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> (root / "Folds.csv").is_file()
+        True
     """
     patients = dict(DEFAULT_PATIENTS if patients_per_subtype is None else patients_per_subtype)
     unknown = set(patients) - set(SUBTYPES)
