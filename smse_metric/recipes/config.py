@@ -1,0 +1,245 @@
+"""The recipe's configuration: TOML sections mapped onto validated dataclasses.
+
+Unknown sections or keys and values of the wrong type or outside their choices
+raise a ValueError that names the key (``loss.margin``). Presets live in
+``recipes/configs/*.toml`` and are loaded by name: ``load_config("smse-triplet")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["PRESETS", "Config", "config_to_toml", "load_config", "preset_path"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS = ("smse-triplet", "smse-pair", "baseline-ce")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  #: BreakHis root; None with synthetic = true
+    synthetic: bool = False
+    task: str = field(default="binary", metadata={"choices": ("binary", "subtype")})
+    magnifications: list[int] = field(default_factory=lambda: [40, 100, 200, 400])
+    group_by: str = field(default="slide", metadata={"choices": ("slide", "case")})
+    fold: int = 1
+    folds_file: str | None = (
+        None  #: Folds.csv / dsfold<k>.txt; default: <path>/Folds.csv if present
+    )
+    val_fraction: float = 0.15  #: of the training patients, for model selection
+    test_fraction: float = 0.3  #: used only without a fold file
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+    num_workers: int = 2
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = field(default="multiscale", metadata={"choices": ("multiscale", "frequency")})
+    classes_per_batch: int = 2
+    groups_per_class: int = 4
+    images_per_scale: int = 1
+    batch_size: int = 32  #: for kind = "frequency"
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    weights: str | None = None
+    embedding_dim: int = 128
+    normalize: bool = True
+
+
+@dataclass
+class LossConfig:
+    metric: str = field(default="triplet", metadata={"choices": ("triplet", "pair", "none")})
+    triplets: str = field(
+        default="all", metadata={"choices": ("all", "semihard", "hard", "batch_hard")}
+    )
+    cross_scale: bool = True
+    margin: float = 1.0
+    squared: bool = True
+    classification: str = field(default="rfl", metadata={"choices": ("rfl", "focal", "ce")})
+    alpha: float = 2.0
+    gamma: float = 1.5
+    beta_from_counts: bool = True
+    metric_weight: float = 1.0
+    classification_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = field(default="adam", metadata={"choices": ("adam", "adamw", "sgd")})
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = field(default="step", metadata={"choices": ("step", "cosine", "none")})
+    step_size: int = 8
+    step_gamma: float = 0.1
+    epochs: int = 40
+    patience: int = 10  #: early stopping on validation patient accuracy (0: off)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    amp: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    k: int = 5
+    exclude: str = field(default="group", metadata={"choices": ("group", "self", "none")})
+    metric: str = field(default="cosine", metadata={"choices": ("cosine", "l2")})
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+#: integer keys with a lower bound, and number keys that must be positive
+_AT_LEAST = {
+    "data.fold": 1, "data.num_workers": 0, "sampler.classes_per_batch": 1,
+    "sampler.groups_per_class": 1, "sampler.images_per_scale": 1, "sampler.batch_size": 1,
+    "model.embedding_dim": 1, "optim.step_size": 1, "optim.epochs": 1, "optim.patience": 0,
+    "eval.k": 1,
+}  # fmt: skip
+_POSITIVE = {"optim.lr", "loss.alpha", "optim.step_gamma"}
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{key} must not be empty")
+    if args and type(None) in args:  # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+    elif hint is str and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"{key} must be one of {list(meta['choices'])}, got {value!r}")
+    if key in _AT_LEAST and value < _AT_LEAST[key]:
+        raise ValueError(f"{key} must be at least {_AT_LEAST[key]}, got {value!r}")
+    if key in _POSITIVE and value <= 0:
+        raise ValueError(f"{key} must be positive, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown key {prefix}{sorted(unknown)[0]} (known: {sorted(known)})")
+    kwargs = {
+        name: _check_value(f"{prefix}{name}", values[name], hints[name], dict(known[name].metadata))
+        for name in values
+    }
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    mags = cfg.data.magnifications
+    if not mags or len(set(mags)) != len(mags) or not set(mags) <= {40, 100, 200, 400}:
+        raise ValueError(
+            f"data.magnifications must be distinct values of 40, 100, 200, 400: {mags}"
+        )
+    if len(cfg.data.image_size) != 2 or min(cfg.data.image_size) < 16:
+        raise ValueError(f"data.image_size must be [height, width], >= 16: {cfg.data.image_size}")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0 <= getattr(cfg.data, key) < 1:
+            raise ValueError(f"data.{key} must be in [0, 1)")
+    if cfg.data.path is None and not cfg.data.synthetic:
+        raise ValueError("data.path is empty: give a BreakHis directory or set data.synthetic")
+
+
+def load_config(source: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """A validated :class:`Config` from a preset name, a TOML file, or defaults.
+
+    ``overrides`` are nested dicts applied on top (``{"optim": {"epochs": 2}}``).
+    """
+    raw: dict = {}
+    if source is not None:
+        path = preset_path(str(source)) if str(source) in PRESETS else Path(source)
+        if not path.is_file():
+            raise ValueError(f"config {source!r} is neither a preset {list(PRESETS)} nor a file")
+        with open(path, "rb") as f:
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path} is not valid TOML: {e}") from e
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    sections = [f.name for f in fields(Config)]
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ValueError(f"unknown section [{sorted(unknown)[0]}] (known: {sorted(sections)})")
+    parts = {}
+    for name in sections:
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ValueError(f"[{name}] must be a table")
+        parts[name] = _build(get_type_hints(Config)[name], values, f"{name}.")
+    cfg = Config(**parts)
+    _validate(cfg)
+    return cfg
+
+
+def preset_path(name: str) -> Path:
+    return CONFIG_DIR / f"{name}.toml"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (``None`` values are left out: they are defaults)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
