@@ -1,0 +1,62 @@
+"""Distributed helpers: rank queries and an all_gather that keeps gradients.
+
+Metric losses want the global batch: with ``all_gather_with_grad`` every rank mines
+and computes the loss over all ranks' embeddings, and gradients flow back to the
+rank that produced each embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_gather_with_grad", "gather_batch", "get_rank", "get_world_size", "is_main_process"]
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no process group): the one process that writes files."""
+    return get_rank() == 0
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` [B, ...] from every rank in rank order: [W * B, ...].
+
+    Every rank must pass the same shape (the sampler gives equal batches). The
+    backward pass sums, over ranks, the gradients each rank computed for this rank's
+    slice; with DDP's gradient averaging that is the gradient of the global loss.
+    Without a process group it returns ``x`` itself.
+    """
+    if get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_batch(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """All-gather a batch: tensors that require grad keep it (embeddings); others
+    (labels, scales) are gathered without autograd."""
+    if get_world_size() == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        if t.requires_grad:
+            out.append(all_gather_with_grad(t))
+        else:
+            parts = [torch.empty_like(t) for _ in range(get_world_size())]
+            dist.all_gather(parts, t.contiguous())
+            out.append(torch.cat(parts, dim=0))
+    return tuple(out)

@@ -1,0 +1,62 @@
+"""all_gather_with_grad across two gloo processes equals one process on the global batch."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from smse_metric import TripletMarginLoss
+from smse_metric.distributed import gather_batch, get_rank, get_world_size, is_main_process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(16, 6, generator=g), dim=1)
+    labels = torch.arange(16) % 3
+    scales = torch.arange(16) % 4
+    return emb, labels, scales
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        emb, labels, scales = _global_batch()
+        mine = slice(rank * 8, rank * 8 + 8)
+        x = emb[mine].clone().requires_grad_()
+        e, y, s = gather_batch(x, labels[mine], scales[mine])
+        loss = TripletMarginLoss(0.3, cross_scale=True)(e, y, scales=s)
+        loss.backward()
+        grad = x.grad / world  # what DDP's averaging applies to parameter gradients
+        torch.save({"rank": get_rank(), "world": get_world_size(), "loss": loss.detach(),
+                    "grad": grad, "main": is_main_process()}, f"{out}/{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gather_matches_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    emb, labels, scales = _global_batch()
+    x = emb.clone().requires_grad_()
+    loss = TripletMarginLoss(0.3, cross_scale=True)(x, labels, scales=scales)
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert (got["rank"], got["world"], got["main"]) == (rank, 2, rank == 0)
+        torch.testing.assert_close(got["loss"], loss.detach())
+        torch.testing.assert_close(got["grad"], x.grad[rank * 8 : rank * 8 + 8])
+
+
+def test_single_process_is_the_identity():
+    x = torch.randn(3, 2, requires_grad=True)
+    y = torch.arange(3)
+    assert gather_batch(x, y) == (x, y)
+    assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
