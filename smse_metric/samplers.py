@@ -297,18 +297,33 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
         n_holes = int(holes.sum())
         if n_holes == 0:
             return 0
-        G = self.groups_per_class
-        if len(members) < G:
-            slot_group[holes] = members[rng.integers(0, len(members), size=n_holes)]
+        G, M = self.groups_per_class, len(members)
+        if M < G:
+            slot_group[holes] = members[rng.integers(0, M, size=n_holes)]
             return n_holes
         rows = np.flatnonzero(holes.any(1))
-        # Random priorities with the slot's present groups pushed last: the first
-        # ``need`` candidates are distinct and new to the slot.
-        keys = rng.random((len(rows), len(members)))
-        present = (slot_group[rows][:, :, None] == members[None, None, :]).any(1)
-        candidates = members[np.argsort(keys + 2.0 * present, axis=1)[:, :G]]
-        take = np.arange(G)[None, :] < holes[rows].sum(1)[:, None]
-        slot_group[holes] = candidates[take]  # row-major on both sides
+        current, open_ = slot_group[rows], holes[rows]
+        if M <= 4 * G:
+            # Few groups: random priorities with the slot's groups pushed last; the first
+            # ``need`` candidates are distinct and new to the slot.
+            present = (current[:, :, None] == members[None, None, :]).any(1)
+            order = np.argsort(rng.random((len(rows), M)) + 2.0 * present, axis=1)[:, :G]
+            take = np.arange(G)[None, :] < open_.sum(1)[:, None]
+            current[open_] = members[order][take]
+        else:
+            # Many groups: draw with replacement and redraw the rows that repeat a group
+            # (rare, so a few vectorised rounds; O(rows * G) instead of O(rows * M)).
+            draw = members[rng.integers(0, M, size=(len(rows), G))]
+            while True:
+                trial = np.where(open_, draw, current)
+                ordered = np.sort(trial, axis=1)
+                repeat = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+                if not repeat.any():
+                    break
+                redo = open_ & repeat[:, None]
+                draw[redo] = members[rng.integers(0, M, size=int(redo.sum()))]
+            current = trial
+        slot_group[rows] = current
         return n_holes
 
     def _batch_classes(self, rng: np.random.Generator, rounds: int) -> tuple[np.ndarray, int]:

@@ -267,3 +267,19 @@ def test_rank_and_world_size_default_to_torch_distributed(monkeypatch):
     assert (s.rank, s.world_size) == (2, 3)
     glob = list(MultiScaleBatchSampler(labels, groups, scales, 2, 2, rank=0, world_size=1))
     assert list(s) == glob[2 : len(glob) - len(glob) % 3 : 3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classes_with_many_groups_still_get_distinct_groups_per_slot(seed):
+    rng = np.random.default_rng(seed)
+    n = 2 * 40 * 2 * 3
+    labels = np.repeat([0, 1], n // 2)
+    groups = labels * 100 + rng.integers(0, 40, n)  # uneven patients: fillers are needed
+    scales = np.tile([40, 400], n // 2)
+    s = MultiScaleBatchSampler(labels, groups, scales, 2, 4, seed=seed)
+    assert s.stats.filler_group_visits > 0
+    for batch in s:
+        blocks = groups[np.asarray(batch)].reshape(2, 4, 2)
+        assert (blocks == blocks[:, :, :1]).all()  # one group per (class, group) entry
+        for c in range(2):
+            assert len(set(blocks[c, :, 0].tolist())) == 4
