@@ -272,14 +272,19 @@ def test_rank_and_world_size_default_to_torch_distributed(monkeypatch):
 @pytest.mark.parametrize("seed", range(5))
 def test_classes_with_many_groups_still_get_distinct_groups_per_slot(seed):
     rng = np.random.default_rng(seed)
-    n = 2 * 40 * 2 * 3
-    labels = np.repeat([0, 1], n // 2)
-    groups = labels * 100 + rng.integers(0, 40, n)  # uneven patients: fillers are needed
-    scales = np.tile([40, 400], n // 2)
+    labels, groups, scales = [], [], []
+    for c in range(2):
+        for g in range(40):  # uneven patients, every one at both scales: fillers are needed
+            for sc in (40, 400):
+                k = int(rng.integers(1, 6))
+                labels += [c] * k
+                groups += [c * 100 + g] * k
+                scales += [sc] * k
+    labels, groups, scales = np.array(labels), np.array(groups), np.array(scales)
     s = MultiScaleBatchSampler(labels, groups, scales, 2, 4, seed=seed)
-    assert s.stats.filler_group_visits > 0
+    assert s.stats.filler_group_visits > 0 and s.stats.substituted_cells == 0
     for batch in s:
         blocks = groups[np.asarray(batch)].reshape(2, 4, 2)
-        assert (blocks == blocks[:, :, :1]).all()  # one group per (class, group) entry
+        assert (blocks == blocks[:, :, :1]).all()  # one patient per (class, group) entry
         for c in range(2):
-            assert len(set(blocks[c, :, 0].tolist())) == 4
+            assert len(set(blocks[c, :, 0].tolist())) == 4  # distinct patients
