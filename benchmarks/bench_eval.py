@@ -108,10 +108,12 @@ def main(argv: list[str] | None = None) -> str:
                 )
                 res[method] = {}
                 continue
-            runs = []
-            for _ in range(1 if n >= 10**6 else REPEATS):  # each in a fresh process
-                runs.append(run_case("benchmarks.bench_eval", [method, str(n), str(n_queries)],
-                                     timeout=3 * TIMEOUT_S if args.full else TIMEOUT_S))  # fmt: skip
+            cfg = [method, str(n), str(n_queries)]
+            limit = 3 * TIMEOUT_S if args.full else TIMEOUT_S
+            runs = [  # each in a fresh process
+                run_case("benchmarks.bench_eval", cfg, timeout=limit)
+                for _ in range(1 if n >= 10**6 else REPEATS)
+            ]
             failed = [r for r in runs if "error" in r]
             if failed:
                 res[method] = failed[0]
