@@ -51,3 +51,28 @@ def test_training_writes_every_output(root, tmp_path, preset):
     assert set(knn["per_scale"]) == {"40", "100", "200", "400"}
     assert 0 <= head["pooled"]["accuracy"] <= 1
     assert load_config(run / "config.toml") == load_config(preset, TINY)
+
+
+def test_cli_train_runs_and_refuses_to_overwrite(root, tmp_path, capsys):
+    from smse_metric.cli import main
+    from smse_metric.recipes import config_to_toml
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(config_to_toml(load_config("smse-pair", TINY)))
+    args = ["train", "--config", str(cfg), "--data", str(root), "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "test kNN:" in out and (tmp_path / "run" / "metrics.json").is_file()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("command", ["synth", "train"])
+def test_every_subcommand_has_help(command, capsys):
+    from smse_metric.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "usage: smse-metric" in capsys.readouterr().out
