@@ -24,41 +24,106 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(metrics: dict, out: Path) -> None:
+    from .report import results_table
+
+    print(f"best epoch {metrics['best_epoch']} ({metrics['selected_on']} "
+          f"{metrics['best_val_score']:.3f})")  # fmt: skip
+    print("\n".join(results_table(metrics["test"])))
+    print(f"cross-magnification kNN mean: {metrics['test']['knn']['cross_scale_mean']:.3f}")
+    print(f"wrote {out} (report: {out / 'report.md'})")
+
+
 def _train(args: argparse.Namespace) -> int:
     import shutil
 
     from .recipes import load_config
-    from .recipes.breakhis import train
+    from .recipes.breakhis import data_root, train
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
     overrides: dict = {"data": {}, "optim": {}, "run": {}}
-    if args.synthetic:
-        overrides["data"]["synthetic"] = True
-    elif args.data:
-        overrides["data"]["path"] = str(args.data)
-    else:
-        raise ValueError("give --data DIR (a BreakHis directory) or --synthetic")
     if args.fold is not None:
         overrides["data"]["fold"] = args.fold
     if args.epochs is not None:
         overrides["optim"]["epochs"] = args.epochs
     if args.device is not None:
         overrides["run"]["device"] = args.device
-    cfg = load_config(args.config, overrides)
-    root = Path(args.data) if args.data else out / "data"
-    if args.synthetic and not args.data:
-        make_synthetic_breakhis(root, seed=cfg.run.seed)
-    metrics = train(cfg, out, root)
-    knn, head = metrics["test"]["knn"]["pooled"], metrics["test"]["head"]["pooled"]
-    print(f"best epoch {metrics['best_epoch']} (validation patient accuracy "
-          f"{metrics['best_val_patient_accuracy']:.3f})")  # fmt: skip
-    print(f"test kNN:  image {knn['accuracy']:.3f}  patient {knn['patient_accuracy']:.3f}")
-    print(f"test head: image {head['accuracy']:.3f}  patient {head['patient_accuracy']:.3f}")
-    print(f"wrote {out}")
+    if args.resume:
+        if args.config or args.data or args.synthetic or args.overwrite:
+            raise ValueError("--resume continues the run with its own config.toml and data; "
+                             "drop --config, --data, --synthetic and --overwrite")  # fmt: skip
+        if not (out / "checkpoints" / "last.pt").is_file():
+            raise ValueError(f"{out} has no checkpoints/last.pt to resume from")
+        cfg = load_config(out / "config.toml", overrides)
+        metrics = train(cfg, out, resume=True)
+    else:
+        if out.exists() and any(out.iterdir()):
+            if not args.overwrite:
+                raise ValueError(
+                    f"{out} exists and is not empty; pass --resume to continue it or "
+                    "--overwrite to replace it"
+                )
+            shutil.rmtree(out)
+        if args.synthetic:
+            overrides["data"]["synthetic"] = True
+        elif args.data:
+            overrides["data"]["path"] = str(Path(args.data).resolve())
+        else:
+            raise ValueError("give --data DIR (a BreakHis directory) or --synthetic")
+        cfg = load_config(args.config or "smse-triplet", overrides)
+        root = data_root(cfg, out)
+        if args.synthetic and not (root / "Folds.csv").is_file():
+            make_synthetic_breakhis(root, seed=cfg.run.seed)
+        metrics = train(cfg, out, root)
+    if metrics is not None:  # rank 0
+        _summary(metrics, out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .recipes.breakhis import evaluate_run
+
+    metrics = evaluate_run(args.run, device=args.device)
+    _summary(metrics, Path(args.run))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .recipes.search import contact_sheet, search_run
+
+    found = search_run(args.run, args.image, args.k, device=args.device or "cpu")
+    print(f"{'rank':>4}  {'distance':>8}  {'patient':<22} {'class':<9} {'subtype':<7} "
+          f"{'mag':>4}  path")  # fmt: skip
+    for n in found:
+        print(f"{n.rank:>4}  {n.distance:8.4f}  {n.patient:<22} {n.label:<9} {n.subtype:<7} "
+              f"{n.magnification:>4}  {n.path}")  # fmt: skip
+    sheet = (
+        Path(args.sheet) if args.sheet else Path(args.run) / f"search-{Path(args.image).stem}.png"
+    )
+    contact_sheet(args.image, found, sheet)
+    print(f"contact sheet: {sheet}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from .recipes.demo import demo_table, run_demo
+
+    out = Path(args.out)
+    if out.exists() and any(p.name != "data" for p in out.iterdir()):
+        if not args.overwrite:
+            raise ValueError(f"{out} holds an earlier demo; pass --overwrite to replace it")
+        for p in out.iterdir():
+            if p.name != "data":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    t0 = time.perf_counter()
+    results = run_demo(out, epochs=args.epochs, seed=args.seed, device=args.device or "auto")
+    print()
+    print(demo_table(results))
+    print(f"\n{time.perf_counter() - t0:.0f} s; reports: "
+          + ", ".join(str(out / m / "report.md") for m in results))  # fmt: skip
     return 0
 
 
@@ -85,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, select the epoch on validation patients, evaluate on test patients.",
     )  # fmt: skip
     tr.add_argument(
-        "--config", default="smse-triplet",
-        help="a preset (smse-triplet, smse-pair, baseline-ce) or a TOML file",
-    )  # fmt: skip
+        "--config",
+        help="a preset (smse-triplet [default], smse-pair, baseline-ce) or a TOML file",
+    )
     src = tr.add_mutually_exclusive_group()
     src.add_argument("--data", help="BreakHis-layout directory")
     src.add_argument(
@@ -95,21 +160,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the synthetic dataset into OUT/data and train on it",
     )  # fmt: skip
     tr.add_argument("--out", required=True, help="run directory")
-    tr.add_argument("--fold", type=int)
+    tr.add_argument("--fold", type=int, help="fold of the fold file (1-5)")
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    tr.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    how = tr.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from checkpoints/last.pt")  # fmt: skip
+    how.add_argument("--overwrite", action="store_true", help="replace an existing run")
     tr.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "evaluate", help="re-evaluate a run's best checkpoint on its test patients",
+        description="Recompute metrics.json, embeddings, the FAISS index and report.md of a "
+        "run from checkpoints/best.pt.",
+    )  # fmt: skip
+    ev.add_argument("--run", required=True, help="run directory")
+    ev.add_argument("--device", choices=("cpu", "cuda"))
+    ev.set_defaults(func=_evaluate)
+
+    se = sub.add_parser(
+        "search", help="the training images most similar to an image",
+        description="Embed IMAGE with the run's best checkpoint and list its nearest "
+        "gallery images (path, patient, class, magnification, distance); writes a PNG "
+        "contact sheet.",
+    )  # fmt: skip
+    se.add_argument("--run", required=True, help="run directory")
+    se.add_argument("image", help="an image file")
+    se.add_argument("-k", type=int, default=5, help="neighbours to return (default 5)")
+    se.add_argument("--sheet", help="contact sheet path (default RUN/search-<image>.png)")
+    se.add_argument("--device", choices=("cpu", "cuda"))
+    se.set_defaults(func=_search)
+
+    de = sub.add_parser(
+        "demo", help="SMSE vs a plain classifier on the synthetic dataset (minutes, CPU)",
+        description="Generate the synthetic dataset, train smse-triplet and baseline-ce, "
+        "print one table of test accuracies and write both reports.",
+    )  # fmt: skip
+    de.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    de.add_argument("--epochs", type=int, help="epochs per method (default 12)")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    de.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
+    de.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .recipes.engine import TrainingInterrupted
+
     try:
         return args.func(args)
     except ValueError as e:
         print(f"smse-metric {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"smse-metric {args.command}: {e}", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:
+        print(f"smse-metric {args.command}: training stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

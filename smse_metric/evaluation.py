@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -137,6 +138,31 @@ class FaissIndex:
         else:
             self.index = cpu_index
         self.index.add(gallery)
+
+    def save(self, path: str | Path) -> None:
+        """Write the index with ``faiss.write_index`` (a GPU index is copied to the CPU)."""
+        index = faiss.index_gpu_to_cpu(self.index) if self.device == "cuda" else self.index
+        faiss.write_index(index, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> FaissIndex:
+        """Read an index written by :meth:`save`; its metric follows the index type
+        (inner product: ``"cosine"``, L2: ``"l2"``)."""
+        _choice("device", device, DEVICES)
+        if not Path(path).is_file():
+            raise ValueError(f"no FAISS index at {path}")
+        index = faiss.read_index(str(path))
+        self = cls.__new__(cls)
+        inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
+        self.metric, self.ntotal, self.dim = ("cosine" if inner else "l2"), index.ntotal, index.d
+        self.device = "cpu"
+        if device == "cuda":
+            if _faiss_gpus() == 0:
+                raise ValueError("device='cuda' but the installed faiss has no GPU support")
+            self._resources = faiss.StandardGpuResources()
+            index, self.device = faiss.index_cpu_to_gpu(self._resources, 0, index), "cuda"
+        self.index = index
+        return self
 
     @staticmethod
     def _prepare(x: np.ndarray, metric: str) -> np.ndarray:

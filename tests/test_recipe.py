@@ -1,13 +1,21 @@
-"""The SMSE recipe end to end on a tiny synthetic BreakHis (CPU, seconds)."""
+"""The SMSE recipe end to end on a tiny synthetic BreakHis (CPU, seconds per run)."""
 
+import itertools
 import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from smse_metric.cli import main
 from smse_metric.data import make_synthetic_breakhis
-from smse_metric.recipes import load_config
+from smse_metric.evaluation import FaissIndex
+from smse_metric.recipes import config_to_toml, load_config
 from smse_metric.recipes.breakhis import load_splits, train
 
 TINY = {
@@ -15,8 +23,14 @@ TINY = {
     "sampler": {"groups_per_class": 2, "batch_size": 16},
     "model": {"embedding_dim": 16},
     "optim": {"epochs": 2},
-    "run": {"device": "cpu", "amp": False},
+    "run": {"device": "cpu", "amp": False, "deterministic": True},
 }
+OUTPUTS = (
+    "config.toml", "history.jsonl", "metrics.json", "report.md", "checkpoints/last.pt",
+    "checkpoints/best.pt", "embeddings/gallery.npz", "embeddings/test.npz",
+    "index/gallery.faiss", "plots/curves.png", "plots/confusion.png", "plots/cross_scale.png",
+    "plots/projection.png",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +38,18 @@ def root(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     make_synthetic_breakhis(path, images_per_magnification=2, image_size=(40, 28), seed=0)
     return path
+
+
+@pytest.fixture(scope="module")
+def run(root, tmp_path_factory):
+    """One trained smse-triplet run shared by the read-only tests."""
+    out = tmp_path_factory.mktemp("runs") / "triplet"
+    train(load_config("smse-triplet", TINY), out, root, quiet=True)
+    return out
+
+
+def _history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
 def test_splits_are_patient_disjoint_with_validation_from_training(root):
@@ -34,45 +60,195 @@ def test_splits_are_patient_disjoint_with_validation_from_training(root):
         assert not set(s.index.group[a]) & set(s.index.group[b])
 
 
-@pytest.mark.parametrize("preset", ["smse-triplet", "baseline-ce"])
-def test_training_writes_every_output(root, tmp_path, preset):
-    metrics = train(load_config(preset, TINY), tmp_path / "run", root)
-    run = tmp_path / "run"
-    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert all(np.isfinite(h["loss"]) and 0 <= h["val_patient_accuracy"] <= 1 for h in history)
+def _check_run(run, cfg):
+    for name in OUTPUTS:
+        assert (run / name).is_file(), name
+    history = _history(run)
+    assert [h["epoch"] for h in history] == list(range(cfg.optim.epochs))
+    assert all(np.isfinite(h["loss"]) and 0 <= h["val_score"] <= 1 for h in history)
     for name in ("last", "best"):
         state = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)
-        assert {"model", "optimizer", "epoch"} <= set(state)
-    saved = json.loads((run / "metrics.json").read_text())
-    assert saved["best_epoch"] == metrics["best_epoch"] in (0, 1)
-    knn, head = saved["test"]["knn"], saved["test"]["head"]
-    assert 0 <= knn["pooled"]["patient_accuracy"] <= 1 and knn["cross_scale"] is not None
+        assert {"model", "optimizer", "progress"} <= set(state)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == max(range(len(history)), key=lambda e: history[e]["val_score"])
+    knn, head = metrics["test"]["knn"], metrics["test"]["head"]
+    assert 0 <= knn["pooled"]["patient_accuracy"] <= 1 and len(knn["cross_scale"]) == 4
     assert set(knn["per_scale"]) == {"40", "100", "200", "400"}
     assert 0 <= head["pooled"]["accuracy"] <= 1
-    assert load_config(run / "config.toml") == load_config(preset, TINY)
+    assert metrics["splits"]["test"] == knn["pooled"]["n"] and metrics["bad_images"] == []
+    with np.load(run / "embeddings" / "test.npz") as emb:
+        assert emb["embeddings"].shape == (metrics["splits"]["test"], cfg.model.embedding_dim)
+        assert len(emb["paths"]) == len(emb["groups"]) == len(emb["magnifications"])
+    assert FaissIndex.load(run / "index" / "gallery.faiss").ntotal == metrics["splits"]["train"]
+    report = (run / "report.md").read_text()
+    assert "| kNN | patient |" in report and "plots/projection.png" in report
+    saved = load_config(run / "config.toml")
+    assert Path(saved.data.path).is_dir()
+    saved.data.path = cfg.data.path
+    assert saved == cfg
 
 
-def test_cli_train_runs_and_refuses_to_overwrite(root, tmp_path, capsys):
-    from smse_metric.cli import main
-    from smse_metric.recipes import config_to_toml
+def test_training_writes_every_output(run):
+    _check_run(run, load_config("smse-triplet", TINY))
 
+
+def test_baseline_trains_and_selects_on_its_head(root, tmp_path):
+    cfg = load_config("baseline-ce", {**TINY, "optim": {"epochs": 1}})
+    metrics = train(cfg, tmp_path / "run", root, quiet=True)
+    _check_run(tmp_path / "run", cfg)
+    assert metrics["selected_on"] == "validation head patient accuracy"
+    assert _history(tmp_path / "run")[0]["val_score"] == pytest.approx(
+        _history(tmp_path / "run")[0]["val_head_patient_accuracy"]
+    )
+
+
+def test_evaluate_reproduces_the_metrics(run, capsys):
+    before = json.loads((run / "metrics.json").read_text())
+    assert main(["evaluate", "--run", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text()) == before
+    assert "| kNN | patient |" in capsys.readouterr().out
+
+
+def test_search_returns_k_neighbours_with_metadata(run, root, capsys):
+    from smse_metric.recipes.search import search_run
+
+    with np.load(run / "embeddings" / "test.npz") as emb:
+        query = str(emb["paths"][0])
+    found = search_run(run, query, k=3)
+    assert [n.rank for n in found] == [1, 2, 3]
+    assert all(a.distance <= b.distance for a, b in itertools.pairwise(found))
+    with np.load(run / "embeddings" / "gallery.npz") as g:
+        gallery = dict(zip(g["paths"].tolist(), g["groups"].tolist(), strict=True))
+    for n in found:
+        assert gallery[n.path] == n.patient and n.magnification in (40, 100, 200, 400)
+        assert n.label == ("malignant" if n.subtype in ("DC", "LC", "MC", "PC") else "benign")
+    sheet = run / "sheet.png"
+    assert main(["search", "--run", str(run), query, "-k", "2", "--sheet", str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert sheet.is_file() and found[0].path in out and found[1].path in out
+    with pytest.raises(ValueError, match="k must be"):
+        search_run(run, query, k=0)
+
+
+def _script(root, out, interrupt_at):
+    """A child process that trains and sends itself SIGINT after a given step."""
+    return textwrap.dedent(f"""
+        import os, signal, sys
+        from smse_metric.recipes import load_config
+        from smse_metric.recipes.breakhis import TrainingInterrupted, train
+        cfg = load_config("smse-triplet", {TINY!r})
+        cfg.optim.epochs = 3
+
+        def on_step(s):
+            if (s["epoch"], s["step"]) == {interrupt_at!r}:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        try:
+            train(cfg, {str(out)!r}, {str(root)!r}, on_step=on_step, quiet=True)
+        except TrainingInterrupted as e:
+            print(e)
+            sys.exit(130)
+        sys.exit(0)
+    """)
+
+
+def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys):
+    cfg = load_config("smse-triplet", TINY)
+    cfg.optim.epochs = 3
+    reference = train(cfg, tmp_path / "straight", root, quiet=True)
+
+    out = tmp_path / "interrupted"
+    child = subprocess.run([sys.executable, "-c", _script(root, out, (1, 1))],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert child.returncode == 130, child.stderr
+    # the signal lands after step 1's callback: step 2 finishes, then the loop stops
+    assert "interrupted at epoch 1 step 2" in child.stdout
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["progress"]["epoch"], state["progress"]["position"]) == (1, 3)
+    assert len(_history(out)) == 1 and not (out / "metrics.json").exists()
+
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "| kNN | patient |" in capsys.readouterr().out
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["test"] == json.loads(json.dumps(reference["test"]))
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    timing = {"images_per_s"}
+    strip = [{k: v for k, v in h.items() if k not in timing} for h in _history(out)]
+    assert strip == [{k: v for k, v in h.items() if k not in timing}
+                     for h in _history(tmp_path / "straight")]  # fmt: skip
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):
+    from smse_metric.recipes import breakhis
+
+    cfg = load_config("smse-triplet", TINY)
+    train_set = breakhis._datasets(cfg, load_splits(cfg, root))["train"]
+    poison_at = len(breakhis._train_loader(cfg, train_set)) + 2  # epoch 1, step 1
+    real, calls = breakhis.train_step, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == poison_at else loss
+
+    monkeypatch.setattr(breakhis, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match="epoch 1 step 1"):
+        train(cfg, tmp_path / "run", root, quiet=True)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["position"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_train_refuses_an_existing_run_and_checks_flags(root, tmp_path, capsys):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(config_to_toml(load_config("smse-pair", TINY)))
     args = ["train", "--config", str(cfg), "--data", str(root), "--out", str(tmp_path / "run"),
             "--epochs", "1", "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "test kNN:" in out and (tmp_path / "run" / "metrics.json").is_file()
+    assert "| kNN | patient |" in capsys.readouterr().out
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main([*args, "--overwrite"]) == 0
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--config", "x"]) == 2
+    assert "drop --config" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoints/last.pt" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "x")]) == 2
+    assert "--synthetic" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["synth", "train"])
+@pytest.mark.parametrize("command", ["synth", "train", "evaluate", "search", "demo"])
 def test_every_subcommand_has_help(command, capsys):
-    from smse_metric.cli import main
-
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
-    assert e.value.code == 0 and "usage: smse-metric" in capsys.readouterr().out
+    assert e.value.code == 0 and f"usage: smse-metric {command}" in capsys.readouterr().out
+
+
+def test_demo_prints_a_table_that_parses(tmp_path, monkeypatch, capsys):
+    from smse_metric.recipes import demo
+
+    tiny = {"data": {**demo.DEMO_OVERRIDES["data"], "image_size": [32, 32]},
+            "optim": {**demo.DEMO_OVERRIDES["optim"], "epochs": 1},
+            "sampler": {"groups_per_class": 2}}  # fmt: skip
+    monkeypatch.setattr(demo, "DEMO_OVERRIDES", tiny)
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("|")]
+    header, rows = [c.strip() for c in lines[0].strip("|").split("|")], lines[2:]
+    assert header == ["method", "predictor", "level", "40x", "100x", "200x", "400x", "pooled",
+                      "cross-mag mean"]  # fmt: skip
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert {(c[0], c[1], c[2]) for c in cells} == {
+        (m, p, lv) for m in demo.DEMO_METHODS for p in ("kNN", "head")
+        for lv in ("image", "patient")
+    }  # fmt: skip
+    for c in cells:
+        values = [float(v) for v in c[3:8]]
+        assert all(0 <= v <= 1 for v in values)
+        assert (c[8] == "-") == (c[1] == "head")
+    for m in demo.DEMO_METHODS:
+        assert (tmp_path / m / "report.md").is_file()
+    assert (tmp_path / "summary.md").read_text().count("|") > 20
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 2  # refuses to overwrite
+
+
+def test_training_restores_the_signal_handlers(run):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -8,27 +8,53 @@ with kNN over the training embeddings and with the classifier head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 
 from ..data import BreakHisIndex, load_folds, patient_split, scan_breakhis
 from ..data.breakhis import check_patient_disjoint
 from ..data.dataset import BreakHisDataset
-from ..evaluation import evaluate_embeddings, evaluate_predictions
+from ..distributed import get_world_size, is_main_process
+from ..evaluation import FaissIndex, evaluate_embeddings, evaluate_predictions
 from ..losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
 from ..models import EmbeddingNet
 from ..samplers import MultiScaleBatchSampler
-from .config import Config, config_to_toml
+from .config import Config, config_to_toml, load_config
+from .engine import (
+    Interrupt,
+    ResumableBatches,
+    ShuffledBatchSampler,
+    TrainingInterrupted,
+    embed,
+    init_distributed,
+    load_checkpoint,
+    save_checkpoint,
+    train_step,
+)
 
-__all__ = ["Splits", "evaluate_split", "load_splits", "save_checkpoint", "train"]
+__all__ = [
+    "Splits",
+    "TrainingInterrupted",
+    "build_model",
+    "data_root",
+    "evaluate_run",
+    "evaluate_split",
+    "load_splits",
+    "train",
+]
 
 
 @dataclass
@@ -63,27 +89,62 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
     return Splits(index, train, val, test)
 
 
+def data_root(cfg: Config, run_dir: str | Path) -> Path:
+    """The data a run trains on: ``data.path``, or ``RUN_DIR/data`` for synthetic runs."""
+    return Path(cfg.data.path) if cfg.data.path else Path(run_dir) / "data"
+
+
 def _device(cfg: Config) -> torch.device:
     if cfg.run.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    elif cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device = 'cuda' but no CUDA device is available")
-    return torch.device(cfg.run.device)
+    else:
+        kind = cfg.run.device
+    if kind == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
-def _loader(cfg: Config, ds: BreakHisDataset, train: bool) -> DataLoader:
-    kw = dict(num_workers=cfg.data.num_workers, persistent_workers=False)
-    if not train:
-        return DataLoader(ds, batch_size=64, shuffle=False, **kw)
+def _amp(cfg: Config, device: torch.device):
+    """(autocast dtype or None, GradScaler or None): bf16 where the GPU has it."""
+    if not (cfg.run.amp and device.type == "cuda"):
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
+    size = tuple(cfg.data.image_size)
+
+    def make(mask, transform):
+        return BreakHisDataset(splits.index.subset(mask), transform, size=size,
+                               task=cfg.data.task, seed=cfg.run.seed,
+                               skip_bad_images=cfg.data.skip_bad_images)  # fmt: skip
+
+    return {
+        "train": make(splits.train, "train"),
+        "gallery": make(splits.train, "eval"),
+        "val": make(splits.val, "eval"),
+        "test": make(splits.test, "eval"),
+    }
+
+
+def _eval_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
+    return DataLoader(ds, batch_size=64, shuffle=False, num_workers=cfg.data.num_workers)
+
+
+def _train_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
     if cfg.sampler.kind == "multiscale":
-        sampler = MultiScaleBatchSampler(
+        inner = MultiScaleBatchSampler(
             ds.labels, ds.groups, ds.scales, cfg.sampler.classes_per_batch,
             cfg.sampler.groups_per_class, cfg.sampler.images_per_scale, seed=cfg.run.seed,
         )  # fmt: skip
     else:
-        g = torch.Generator().manual_seed(cfg.run.seed)
-        sampler = BatchSampler(RandomSampler(ds, generator=g), cfg.sampler.batch_size, True)
-    return DataLoader(ds, batch_sampler=sampler, **kw)
+        inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
+    return DataLoader(ds, batch_sampler=ResumableBatches(inner),
+                      num_workers=cfg.data.num_workers)  # fmt: skip
 
 
 def _losses(cfg: Config, class_counts: np.ndarray):
@@ -103,73 +164,17 @@ def _losses(cfg: Config, class_counts: np.ndarray):
     return metric, cls
 
 
-@torch.no_grad()
-def embed(model: EmbeddingNet, loader: DataLoader, device: torch.device):
-    """Embeddings [N, D], head predictions [N] and the dataset's metadata, in order."""
-    model.eval()
-    embs, preds = [], []
-    for images, *_ in loader:
-        emb, logits = model(images.to(device))
-        embs.append(emb.float().cpu())
-        preds.append(logits.argmax(1).cpu())
-    return torch.cat(embs), torch.cat(preds)
+def _num_classes(cfg: Config) -> int:
+    return 2 if cfg.data.task == "binary" else 8
 
 
-def evaluate_split(cfg, model, gallery_loader, query_loader, device) -> dict:
-    """kNN (gallery = training images) and head metrics of one split, as dicts."""
-    g_emb, _ = embed(model, gallery_loader, device)
-    q_emb, q_pred = embed(model, query_loader, device)
-    g, q = gallery_loader.dataset, query_loader.dataset
-    knn = evaluate_embeddings(
-        q_emb, q.labels, q.groups, q.scales, k=cfg.eval.k, exclude=cfg.eval.exclude,
-        gallery=(g_emb, g.labels, g.groups, g.scales), metric=cfg.eval.metric, map_at_r=False,
-    )  # fmt: skip
-    head = evaluate_predictions(q_pred.numpy(), q.labels, q.groups, q.scales,
-                                classes=np.unique(g.labels))  # fmt: skip
-    return {"knn": knn.to_dict(), "head": head.to_dict()}
+def build_model(cfg: Config) -> EmbeddingNet:
+    """The run's network, untrained (load ``checkpoints/best.pt`` into it)."""
+    return EmbeddingNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.embedding_dim,
+                        _num_classes(cfg), cfg.model.normalize, cfg.model.weights)  # fmt: skip
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, best: float) -> None:
-    """Atomic write (temp file + rename); loadable with ``torch.load(weights_only=True)``."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
-        "epoch": epoch,
-        "best_val": best,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def train(cfg: Config, out_dir: str | Path, root: str | Path) -> dict:
-    """Train on ``root`` (a BreakHis-layout directory), write ``out_dir``, return metrics.
-
-    Writes ``config.toml``, ``history.jsonl`` (one line per epoch),
-    ``checkpoints/{last,best}.pt`` and ``metrics.json`` (test kNN and head reports of
-    the best validation epoch).
-    """
-    out = Path(out_dir)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config_to_toml(cfg))
-    torch.manual_seed(cfg.run.seed)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
-    device = _device(cfg)
-    splits = load_splits(cfg, root)
-    size = tuple(cfg.data.image_size)
-
-    def dataset(mask, transform):
-        return BreakHisDataset(splits.index.subset(mask), transform, size=size,
-                               task=cfg.data.task, seed=cfg.run.seed)  # fmt: skip
-
-    train_ds = dataset(splits.train, "train")
-    n_classes = 2 if cfg.data.task == "binary" else 8
-    model = EmbeddingNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.embedding_dim,
-                         n_classes, cfg.model.normalize, cfg.model.weights).to(device)  # fmt: skip
-    metric_loss, cls_loss = _losses(cfg, np.bincount(train_ds.labels, minlength=n_classes))
-    cls_loss = cls_loss.to(device)
+def _optimizer(cfg: Config, model: torch.nn.Module):
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     optimizer = opt_cls[cfg.optim.name](model.parameters(), lr=cfg.optim.lr,
                                         weight_decay=cfg.optim.weight_decay)  # fmt: skip
@@ -179,64 +184,303 @@ def train(cfg: Config, out_dir: str | Path, root: str | Path) -> dict:
                                                     cfg.optim.step_gamma)  # fmt: skip
     elif cfg.optim.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.optim.epochs)
-    train_loader = _loader(cfg, train_ds, True)
-    gallery_loader = _loader(cfg, dataset(splits.train, "eval"), False)
-    val_loader = _loader(cfg, dataset(splits.val, "eval"), False)
-    use_amp = cfg.run.amp and device.type == "cuda"
+    return optimizer, scheduler
 
-    best, best_epoch, stale = -math.inf, -1, 0
+
+def evaluate_split(cfg: Config, model, gallery, queries, device, channels_last=False) -> dict:
+    """kNN (gallery: training images) and head metrics of one split, as dicts."""
+    g_emb, _ = embed(model, _eval_loader(cfg, gallery), device, channels_last)
+    q_emb, q_pred = embed(model, _eval_loader(cfg, queries), device, channels_last)
+    return _reports(cfg, (g_emb, gallery), (q_emb, q_pred, queries))
+
+
+def _reports(cfg: Config, gallery, queries) -> dict:
+    (g_emb, g), (q_emb, q_pred, q) = gallery, queries
+    knn = evaluate_embeddings(
+        q_emb, q.labels, q.groups, q.scales, k=cfg.eval.k, exclude=cfg.eval.exclude,
+        gallery=(g_emb, g.labels, g.groups, g.scales), metric=cfg.eval.metric, map_at_r=False,
+    )  # fmt: skip
+    head = evaluate_predictions(q_pred.numpy(), q.labels, q.groups, q.scales,
+                                classes=np.arange(_num_classes(cfg)))  # fmt: skip
+    return {"knn": knn.to_dict(), "head": head.to_dict()}
+
+
+class _Progress:
+    """A tqdm bar on a terminal (rank 0), nothing elsewhere."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    root: str | Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+    quiet: bool = False,
+) -> dict | None:
+    """Train on ``root`` (a BreakHis-layout directory), write ``out_dir``, return metrics.
+
+    Writes ``config.toml``, ``history.jsonl`` (one line per epoch),
+    ``checkpoints/{last,best}.pt`` (``last`` after every epoch and on Ctrl-C) and then
+    everything :func:`evaluate_run` writes. ``resume=True`` continues from
+    ``checkpoints/last.pt`` (mid-epoch after an interruption) to the same result as an
+    uninterrupted run. Under ``torchrun`` it trains with DDP; only rank 0 writes and
+    returns metrics (other ranks return ``None``).
+
+    Raises:
+        TrainingInterrupted: after SIGINT / SIGTERM, once ``last.pt`` is written.
+        FloatingPointError: on a non-finite loss, naming the step; ``last.pt`` keeps
+            the last good epoch.
+    """
+    out = Path(out_dir)
+    root = data_root(cfg, out) if root is None else Path(root)
+    if root.resolve() != (out / "data").resolve():  # config.toml must name the data
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(root.resolve())))
+    device = _device(cfg)
+    own_group = init_distributed(device.type)
+    try:
+        return _train(cfg, out, root, resume, on_step, quiet, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg, out, root, resume, on_step, quiet, device):
+    main = is_main_process()
+    world = get_world_size()
+    ckpt_dir = out / "checkpoints"
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(config_to_toml(cfg))
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    splits = load_splits(cfg, root)
+    ds = _datasets(cfg, splits)
+    model = build_model(cfg).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    metric_loss, cls_loss = _losses(cfg, np.bincount(ds["train"].labels,
+                                                     minlength=_num_classes(cfg)))  # fmt: skip
+    cls_loss = cls_loss.to(device)
+    optimizer, scheduler = _optimizer(cfg, model)
+    amp_dtype, scaler = _amp(cfg, device)
+    loader = _train_loader(cfg, ds["train"])
+    batches = loader.batch_sampler
+
+    progress = {"epoch": 0, "position": 0, "loss_sum": 0.0, "steps": 0, "seen": 0,
+                "seconds": 0.0, "best": -math.inf, "best_epoch": -1, "stale": 0,
+                "done": False}  # fmt: skip
     history = out / "history.jsonl"
-    history.write_text("")
-    for epoch in range(cfg.optim.epochs):
-        model.train()
-        train_ds.set_epoch(epoch)
-        if hasattr(train_loader.batch_sampler, "set_epoch"):
-            train_loader.batch_sampler.set_epoch(epoch)
-        t0, total, steps, seen = time.perf_counter(), 0.0, 0, 0
-        for step, (images, labels, _, scales) in enumerate(train_loader):
-            images, labels, scales = images.to(device), labels.to(device), scales.to(device)
-            with torch.autocast(device.type, enabled=use_amp):
-                emb, logits = model(images)
-            loss = cfg.loss.classification_weight * cls_loss(logits.float(), labels)
-            if metric_loss is not None:
-                loss = loss + cfg.loss.metric_weight * metric_loss(emb, labels, scales=scales)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss at epoch {epoch} step {step}; the last good checkpoint "
-                    f"is {out / 'checkpoints' / 'last.pt'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, steps, seen = total + loss.item(), steps + 1, seen + len(images)
+    if resume:
+        state = load_checkpoint(ckpt_dir / "last.pt", device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
-            scheduler.step()
-        val = evaluate_split(cfg, model, gallery_loader, val_loader, device)
-        score = val["knn"]["pooled"]["patient_accuracy"]
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+        progress.update(state["progress"])
+    elif main:
+        history.write_text("")
+
+    net = model
+    if world > 1:
+        if device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def state_dict() -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": torch.get_rng_state(), "progress": dict(progress),
+        }  # fmt: skip
+
+    with Interrupt() as interrupt:
+        while not progress["done"] and progress["epoch"] < cfg.optim.epochs:
+            epoch = progress["epoch"]
+            net.train()
+            ds["train"].set_epoch(epoch)
+            batches.set_epoch(epoch)
+            batches.skip = progress["position"]
+            bar = _Progress(len(batches), f"epoch {epoch}", main and not quiet)
+            t0 = time.perf_counter()
+            for images, labels, _, scales in loader:
+                images, labels, scales = (t.to(device, non_blocking=True)
+                                          for t in (images, labels, scales))  # fmt: skip
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                loss = train_step(net, images, labels, scales, optimizer, cls_loss,
+                                  metric_loss, cfg.loss.metric_weight,
+                                  cfg.loss.classification_weight, amp_dtype, scaler)  # fmt: skip
+                # one host sync per step: the loss for the log, and the stop flag agreed
+                # by every rank (a Ctrl-C reaches ranks at different steps)
+                flags = torch.stack([loss.float(), _flag(interrupt.requested, device)])
+                if world > 1:
+                    dist.all_reduce(flags)
+                    flags[0] /= world
+                loss_value, stop = flags.tolist()
+                step = progress["position"]
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss_value}) at epoch {epoch} step {step}; "
+                        f"{ckpt_dir / 'last.pt'} holds the last good epoch"
+                    )
+                progress["position"] += 1
+                progress["loss_sum"] += loss_value
+                progress["steps"] += 1
+                progress["seen"] += len(images) * world
+                bar.update(loss_value, progress["seen"] / max(time.perf_counter() - t0, 1e-9))
+                if on_step is not None:
+                    on_step({"epoch": epoch, "step": step, "loss": loss_value})
+                if stop:
+                    progress["seconds"] += time.perf_counter() - t0
+                    bar.close()
+                    if main:
+                        save_checkpoint(ckpt_dir / "last.pt", state_dict())
+                    raise TrainingInterrupted(ckpt_dir / "last.pt", epoch, step)
+            bar.close()
+            progress["seconds"] += time.perf_counter() - t0
+            if scheduler is not None:
+                scheduler.step()
+            _end_epoch(cfg, model, ds, device, channels_last, progress, history, main)
+            if main:
+                save_checkpoint(ckpt_dir / "last.pt", state_dict())
+                if progress["best_epoch"] == epoch:
+                    save_checkpoint(ckpt_dir / "best.pt", state_dict())
+            more = not progress["done"] and progress["epoch"] < cfg.optim.epochs
+            if more and _any_rank(interrupt.requested, device):
+                raise TrainingInterrupted(ckpt_dir / "last.pt", epoch + 1, 0)
+    if not main:
+        return None
+    return evaluate_run(out, root, device=device, cfg=cfg, model=model,
+                        bad_images=_bad_images(ds))  # fmt: skip
+
+
+def _flag(value: bool, device: torch.device) -> torch.Tensor:
+    return torch.tensor(float(value), device=device)
+
+
+def _any_rank(value: bool, device: torch.device) -> bool:
+    flag = _flag(value, device)
+    if get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _end_epoch(cfg, model, ds, device, channels_last, progress, history, main) -> None:
+    """Validation on rank 0, its verdict shared; the progress moves to the next epoch."""
+    epoch = progress["epoch"]
+    verdict = torch.zeros(2)
+    if main:
+        val = evaluate_split(cfg, model, ds["gallery"], ds["val"], device, channels_last)
+        score = val[cfg.eval.select]["pooled"]["patient_accuracy"]
         record = {
-            "epoch": epoch, "loss": total / max(steps, 1),
-            "images_per_s": seen / (time.perf_counter() - t0),
-            "val_patient_accuracy": score, "val_accuracy": val["knn"]["pooled"]["accuracy"],
+            "epoch": epoch, "loss": progress["loss_sum"] / max(progress["steps"], 1),
+            "images_per_s": progress["seen"] / max(progress["seconds"], 1e-9),
+            "val_score": score,
+            "val_patient_accuracy": val["knn"]["pooled"]["patient_accuracy"],
+            "val_accuracy": val["knn"]["pooled"]["accuracy"],
+            "val_head_patient_accuracy": val["head"]["pooled"]["patient_accuracy"],
             "val_head_accuracy": val["head"]["pooled"]["accuracy"],
         }  # fmt: skip
         with open(history, "a") as f:
             f.write(json.dumps(record) + "\n")
-        save_checkpoint(out / "checkpoints" / "last.pt", model, optimizer, scheduler, epoch, best)
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
-            save_checkpoint(out / "checkpoints" / "best.pt", model, optimizer, scheduler, epoch,
-                            best)  # fmt: skip
-        else:
-            stale += 1
-            if cfg.optim.patience and stale >= cfg.optim.patience:
-                break
+        verdict[0] = float(score > progress["best"])
+        verdict[1] = score
+    if get_world_size() > 1:
+        verdict = verdict.to(device)
+        dist.broadcast(verdict, 0)
+    improved, score = verdict.tolist()
+    if improved:
+        progress.update(best=score, best_epoch=epoch, stale=0)
+    else:
+        progress["stale"] += 1
+        if cfg.optim.patience and progress["stale"] >= cfg.optim.patience:
+            progress["done"] = True
+    progress.update(epoch=epoch + 1, position=0, loss_sum=0.0, steps=0, seen=0, seconds=0.0)
 
-    state = torch.load(out / "checkpoints" / "best.pt", map_location=device, weights_only=True)
+
+def _bad_images(ds: dict[str, BreakHisDataset]) -> list[list[str]]:
+    seen, out = set(), []
+    for d in ds.values():
+        for path, why in d.bad_images:
+            if path not in seen:
+                seen.add(path)
+                out.append([path, why])
+    return out
+
+
+def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset) -> None:
+    idx = ds.index.subset(ds.rows)
+    np.savez(
+        path, embeddings=emb.numpy().astype(np.float32), labels=ds.labels,
+        subtypes=idx.subtype, groups=np.array([idx.group_names[g] for g in idx.group], dtype=str),
+        magnifications=ds.scales, paths=np.array(ds.paths, dtype=str),
+    )  # fmt: skip
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    root: str | Path | None = None,
+    device: torch.device | str | None = None,
+    cfg: Config | None = None,
+    model: EmbeddingNet | None = None,
+    bad_images: list | None = None,
+) -> dict:
+    """Evaluate a run's ``checkpoints/best.pt`` on its test patients and write
+    ``metrics.json``, ``embeddings/{gallery,test}.npz``, ``index/gallery.faiss`` (the
+    kNN gallery that ``search`` queries) and ``report.md`` with its plots."""
+    from ..report import write_report
+
+    out = Path(run_dir)
+    cfg = load_config(out / "config.toml") if cfg is None else cfg
+    root = data_root(cfg, out) if root is None else Path(root)
+    device = _device(cfg) if device is None else torch.device(device)
+    splits = load_splits(cfg, root)
+    ds = _datasets(cfg, splits)
+    model = build_model(cfg) if model is None else model
+    state = load_checkpoint(out / "checkpoints" / "best.pt", device)
     model.load_state_dict(state["model"])
-    test = evaluate_split(cfg, model, gallery_loader, _loader(cfg, dataset(splits.test, "eval"),
-                                                               False), device)  # fmt: skip
-    metrics = {"best_epoch": best_epoch, "best_val_patient_accuracy": best, "test": test,
-               "splits": {k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
-               "data": splits.index.report}  # fmt: skip
+    model.to(device)
+    channels_last = device.type == "cuda"
+    g_emb, _ = embed(model, _eval_loader(cfg, ds["gallery"]), device, channels_last)
+    q_emb, q_pred = embed(model, _eval_loader(cfg, ds["test"]), device, channels_last)
+    test = _reports(cfg, (g_emb, ds["gallery"]), (q_emb, q_pred, ds["test"]))
+    progress = state["progress"]
+    metrics = {
+        "best_epoch": int(progress["best_epoch"]),
+        "selected_on": f"validation {cfg.eval.select} patient accuracy",
+        "best_val_score": float(progress["best"]),
+        "test": test,
+        "splits": {k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
+        "data": splits.index.report,
+        "bad_images": _bad_images(ds) if bad_images is None else bad_images,
+    }
+    (out / "embeddings").mkdir(exist_ok=True)
+    _save_embeddings(out / "embeddings" / "gallery.npz", g_emb, ds["gallery"])
+    _save_embeddings(out / "embeddings" / "test.npz", q_emb, ds["test"])
+    (out / "index").mkdir(exist_ok=True)
+    FaissIndex(g_emb, metric=cfg.eval.metric, device="cpu").save(out / "index" / "gallery.faiss")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report(out)
     return metrics

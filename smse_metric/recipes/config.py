@@ -39,6 +39,7 @@ class DataConfig:
     test_fraction: float = 0.3  #: used only without a fold file
     image_size: list[int] = field(default_factory=lambda: [224, 224])
     num_workers: int = 2
+    skip_bad_images: bool = True  #: leave unreadable files out, list them in the report
 
 
 @dataclass
@@ -101,6 +102,8 @@ class EvalConfig:
     k: int = 5
     exclude: str = field(default="group", metadata={"choices": ("group", "self", "none")})
     metric: str = field(default="cosine", metadata={"choices": ("cosine", "l2")})
+    #: model selection on validation patient accuracy of kNN or of the classifier head
+    select: str = field(default="knn", metadata={"choices": ("knn", "head")})
 
 
 @dataclass

@@ -1,0 +1,195 @@
+"""The training machinery of the recipe: one step on the global batch, batch
+samplers that resume mid-epoch, checkpoints, Ctrl-C, DDP set-up and embedding.
+
+Kept apart from ``breakhis.py`` (what to train on and what to report) so that the
+distributed test can drive :func:`train_step` with any ``(embeddings, logits)`` model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..distributed import gather_batch, get_rank, get_world_size
+
+__all__ = [
+    "Interrupt",
+    "ResumableBatches",
+    "ShuffledBatchSampler",
+    "TrainingInterrupted",
+    "embed",
+    "init_distributed",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train_step",
+]
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C (SIGINT / SIGTERM) once the checkpoint is written."""
+
+    def __init__(self, checkpoint: Path, epoch: int, step: int) -> None:
+        super().__init__(
+            f"interrupted at epoch {epoch} step {step}; checkpoint saved to {checkpoint}; "
+            "continue with --resume"
+        )
+        self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
+
+
+class Interrupt:
+    """Turns the first SIGINT / SIGTERM into a flag the loop polls between steps; a
+    second SIGINT interrupts at once. Installs nothing outside the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Frequency-ordered batches (a uniform shuffle, so classes come as often as they
+    occur), deterministic per ``(seed, epoch)`` and sharded by rank: global batch ``i``
+    is ``perm[i*B*W : (i+1)*B*W]`` and rank ``r`` takes its ``r``-th slice of ``B``.
+    The incomplete last global batch is dropped (so every rank steps equally)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank=None, world_size=None):
+        self.n, self.batch_size, self.seed, self.epoch = int(n), int(batch_size), int(seed), 0
+        self.rank = get_rank() if rank is None else int(rank)
+        self.world_size = get_world_size() if world_size is None else int(world_size)
+        if len(self) == 0:
+            raise ValueError(
+                f"{n} images make no full batch of {batch_size} x {self.world_size} ranks"
+            )
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        b, w = self.batch_size, self.world_size
+        for i in range(len(self)):
+            start = i * b * w + self.rank * b
+            yield perm[start : start + b].tolist()
+
+
+class ResumableBatches(torch.utils.data.Sampler[list[int]]):
+    """Wraps a deterministic batch sampler; ``skip`` batches of the next epoch are left
+    out once (they were trained on before the interruption)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.skip = inner, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        yield from islice(iter(self.inner), skip, None)
+
+
+def init_distributed(device_type: str) -> bool:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); returns
+    whether this call created it (and should destroy it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+def train_step(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    scales: Tensor,
+    optimizer: torch.optim.Optimizer,
+    cls_loss: nn.Module,
+    metric_loss: nn.Module | None = None,
+    metric_weight: float = 1.0,
+    cls_weight: float = 1.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Tensor:
+    """One optimiser step; returns the loss (detached, on the device, no host sync).
+
+    The classification loss is the mean over this rank's batch (DDP averages its
+    gradient over ranks); the metric loss sees the global batch through
+    :func:`~smse_metric.distributed.gather_batch`, so every rank mines over every
+    rank's embeddings and the summed gradient is that of the global loss.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        emb, logits = model(images)
+    loss = cls_weight * cls_loss(logits.float(), labels)
+    if metric_loss is not None:
+        g_emb, g_labels, g_scales = gather_batch(emb.float(), labels, scales)
+        loss = loss + metric_weight * metric_loss(g_emb, g_labels, scales=g_scales)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic write (temp file + rename); ``state`` holds tensors, numbers, strings and
+    containers only, so ``torch.load(weights_only=True)`` reads it."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    if not Path(path).is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, loader, device: torch.device, channels_last: bool = False):
+    """Embeddings [N, D] (float32, CPU) and head predictions [N] of a loader, in order."""
+    model.eval()
+    embs, preds = [], []
+    for images, *_ in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        emb, logits = model(images)
+        embs.append(emb.float().cpu())
+        preds.append(logits.argmax(1).cpu())
+    if not embs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(embs), torch.cat(preds)

@@ -1,0 +1,107 @@
+"""Similar cases for an image: embed it with a run's model, search the run's gallery.
+
+The gallery is the run's kNN gallery (its training images, ``index/gallery.faiss``
+with metadata in ``embeddings/gallery.npz``), so the neighbours shown are the ones
+that vote in the run's kNN classification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..data.breakhis import SUBTYPES
+from ..data.dataset import eval_transform
+from ..evaluation import FaissIndex
+from .config import load_config
+
+__all__ = ["Neighbour", "contact_sheet", "search_run"]
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    rank: int
+    distance: float
+    path: str
+    patient: str
+    label: str  #: benign / malignant
+    subtype: str
+    magnification: int
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str = "cpu"):
+    """The ``k`` gallery images nearest to ``image`` under the run's best checkpoint.
+
+    Returns a list of :class:`Neighbour`, nearest first.
+    """
+    from .breakhis import build_model
+    from .engine import load_checkpoint
+
+    run = Path(run_dir)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    for need in ("config.toml", "checkpoints/best.pt", "index/gallery.faiss",
+                 "embeddings/gallery.npz"):  # fmt: skip
+        if not (run / need).is_file():
+            raise ValueError(f"{run} has no {need}: train (or evaluate) the run first")
+    cfg = load_config(run / "config.toml")
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt", "cpu")["model"])
+    model.to(device).eval()
+    x = eval_transform(tuple(cfg.data.image_size))(_load_image(Path(image)), None)
+    with torch.no_grad():
+        emb, _ = model(x[None].to(device))
+    index = FaissIndex.load(run / "index" / "gallery.faiss")
+    dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
+    with np.load(run / "embeddings" / "gallery.npz", allow_pickle=False) as meta:
+        meta = {key: meta[key] for key in ("paths", "groups", "labels", "subtypes",
+                                           "magnifications")}  # fmt: skip
+    codes = list(SUBTYPES)
+    return [
+        Neighbour(
+            rank + 1,
+            float(d),
+            str(meta["paths"][i]),
+            str(meta["groups"][i]),
+            ("benign", "malignant")[SUBTYPES[codes[int(meta["subtypes"][i])]][0] == "M"],
+            codes[int(meta["subtypes"][i])],
+            int(meta["magnifications"][i]),
+        )
+        for rank, (d, i) in enumerate(zip(dist[0], ids[0], strict=True))
+        if i >= 0
+    ]
+
+
+def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Path,
+                  thumb: int = 160) -> Path:  # fmt: skip
+    """A PNG row: the query, then each neighbour captioned with its metadata."""
+    tiles = [(Path(image), "query")] + [
+        (Path(n.path), f"#{n.rank} d={n.distance:.3f}\n{n.patient}\n{n.subtype} "
+                       f"{n.label[:3]} {n.magnification}x")
+        for n in neighbours
+    ]  # fmt: skip
+    caption = 46
+    sheet = Image.new("RGB", (thumb * len(tiles), thumb + caption), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col, (path, text) in enumerate(tiles):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((thumb, thumb))
+            sheet.paste(im, (col * thumb + (thumb - im.width) // 2, (thumb - im.height) // 2))
+        draw.multiline_text((col * thumb + 4, thumb + 2), text, fill="black", spacing=1)
+    out = Path(out)
+    sheet.save(out)
+    return out

@@ -1,0 +1,205 @@
+"""The Markdown report of a run directory, with its plots.
+
+``write_report(run_dir)`` reads what training and evaluation wrote (``metrics.json``,
+``history.jsonl``, ``embeddings/test.npz``) and writes ``report.md`` and
+``plots/*.png``: training curves, confusion matrices (pooled and per magnification,
+kNN and head), the cross-magnification heatmap and a 2-D projection of the test
+embeddings. Matplotlib runs headless (Agg); nothing is shown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["pca_2d", "results_table", "write_report"]
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """[N, D] -> [N, 2]: the projection on the two leading principal axes (signs fixed
+    so that each axis' largest loading is positive, for stable pictures)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"x must be [N, D], got shape {x.shape}")
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = np.zeros((2, x.shape[1]))
+    k = min(2, vt.shape[0])
+    axes[:k] = vt[:k]
+    peak = axes[np.arange(2), np.abs(axes).argmax(1)]
+    axes *= np.where(peak < 0, -1.0, 1.0)[:, None]
+    return centred @ axes.T
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+
+def results_table(test: dict) -> list[str]:
+    """Markdown rows: kNN and head, image / patient accuracy per magnification + pooled."""
+    scales = [str(s) for s in test["knn"]["scales"]]
+    head = ["| method | level | " + " | ".join(f"{s}x" for s in scales) + " | pooled |"]
+    head.append("|" + "---|" * (len(scales) + 3))
+    for name in ("knn", "head"):
+        rep = test[name]
+        for level, key in (("image", "accuracy"), ("patient", "patient_accuracy")):
+            cells = [_fmt(rep["per_scale"][s][key]) for s in scales]
+            label = "kNN" if name == "knn" else "head"
+            head.append(f"| {label} | {level} | " + " | ".join(cells) + f" | "
+                        f"{_fmt(rep['pooled'][key])} |")  # fmt: skip
+    return head
+
+
+def _curves(history: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    epochs = [h["epoch"] for h in history]
+    a.plot(epochs, [h["loss"] for h in history], marker="o")
+    a.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key, label in (("val_patient_accuracy", "kNN patient"), ("val_accuracy", "kNN image"),
+                       ("val_head_accuracy", "head image")):  # fmt: skip
+        if all(key in h for h in history):
+            b.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    b.set(xlabel="epoch", ylabel="accuracy", title="validation", ylim=(0, 1.02))
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _confusions(test: dict, class_names: list[str], path: Path) -> None:
+    plt = _pyplot()
+    scales = [str(s) for s in test["knn"]["scales"]]
+    cols = ["pooled", *scales]
+    fig, axes = plt.subplots(2, len(cols), figsize=(2.4 * len(cols), 4.9), squeeze=False)
+    for r, name in enumerate(("knn", "head")):
+        for c, col in enumerate(cols):
+            rep = test[name]["pooled"] if col == "pooled" else test[name]["per_scale"][col]
+            m = np.asarray(rep["confusion"], dtype=float)
+            ax = axes[r, c]
+            ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), vmin=0, vmax=1, cmap="Blues")
+            for (i, j), v in np.ndenumerate(m):
+                ax.text(j, i, int(v), ha="center", va="center", fontsize=8)
+            ax.set_title(f"{'kNN' if name == 'knn' else 'head'} {col}"
+                         f"{'' if col == 'pooled' else 'x'}", fontsize=9)  # fmt: skip
+            ticks = range(len(class_names))
+            ax.set_xticks(ticks, class_names, fontsize=7, rotation=45)
+            ax.set_yticks(ticks, class_names if c == 0 else [], fontsize=7)
+            ax.set_xlabel("predicted", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cross_scale(knn: dict, path: Path) -> None:
+    plt = _pyplot()
+    m = np.asarray(knn["cross_scale"], dtype=float)
+    names = [f"{s}x" for s in knn["scales"]]
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, _fmt(v), ha="center", va="center", fontsize=8,
+                color="white" if v < 0.6 else "black")  # fmt: skip
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="gallery magnification", ylabel="query magnification",
+           title=f"kNN accuracy (off-diagonal mean {_fmt(knn['cross_scale_mean'])})")  # fmt: skip
+    ax.title.set_fontsize(9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _projection(emb: dict, class_names: list[str], path: Path) -> None:
+    plt = _pyplot()
+    xy = pca_2d(emb["embeddings"])
+    labels, mags = emb["labels"], emb["magnifications"]
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    for m_i, mag in enumerate(np.unique(mags)):
+        for c in np.unique(labels):
+            sel = (mags == mag) & (labels == c)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=14, marker=MARKERS[m_i % len(MARKERS)],
+                       color=colours(int(c) % 10), alpha=0.75,
+                       label=f"{class_names[int(c)]} {mag}x")  # fmt: skip
+    ax.set(xlabel="PC 1", ylabel="PC 2", title="test embeddings (PCA)")
+    ax.legend(fontsize=7, ncol=2, markerscale=1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.md`` and ``run_dir/plots/*.png``; returns the report path."""
+    run = Path(run_dir)
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        raise ValueError(f"{run} has no metrics.json: train or evaluate the run first")
+    metrics = json.loads(metrics_path.read_text())
+    test = metrics["test"]
+    n_classes = len(test["knn"]["pooled"]["confusion"])
+    class_names = ["benign", "malignant"] if n_classes == 2 else \
+        ["A", "F", "PT", "TA", "DC", "LC", "MC", "PC"][:n_classes]  # fmt: skip
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    history_path = run / "history.jsonl"
+    history = [json.loads(x) for x in history_path.read_text().splitlines() if x.strip()] \
+        if history_path.is_file() else []  # fmt: skip
+    lines = [f"# Run report: {run.name}", ""]
+    lines += [
+        f"Best epoch {metrics['best_epoch']} ({metrics['selected_on']} "
+        f"{_fmt(metrics['best_val_score'])}); images train / validation / test: "
+        f"{metrics['splits']['train']} / {metrics['splits']['val']} / "
+        f"{metrics['splits']['test']}. kNN: k = {test['knn']['k']}, {test['knn']['metric']}, "
+        f"exclude = {test['knn']['exclude']}, gallery = the training images.",
+        "",
+        "## Test accuracy",
+        "",
+        *results_table(test),
+        "",
+        f"Cross-magnification kNN accuracy, off-diagonal mean: "
+        f"{_fmt(test['knn']['cross_scale_mean'])}.",
+        "",
+        "![cross-magnification](plots/cross_scale.png)",
+        "",
+        "## Confusion matrices (rows: true class)",
+        "",
+        "![confusion](plots/confusion.png)",
+        "",
+    ]
+    _cross_scale(test["knn"], plots / "cross_scale.png")
+    _confusions(test, class_names, plots / "confusion.png")
+    if history:
+        _curves(history, plots / "curves.png")
+        lines += ["## Training", "", "![curves](plots/curves.png)", ""]
+    emb_path = run / "embeddings" / "test.npz"
+    if emb_path.is_file():
+        with np.load(emb_path, allow_pickle=False) as emb:
+            _projection(dict(emb), class_names, plots / "projection.png")
+        lines += ["## Test embeddings", "",
+                  "Colour: class; marker: magnification.", "",
+                  "![projection](plots/projection.png)", ""]  # fmt: skip
+    data = metrics.get("data", {})
+    bad = metrics.get("bad_images", [])
+    lines += ["## Data", ""]
+    lines += [f"- {k}: {v}" for k, v in data.items() if not isinstance(v, dict)]
+    lines.append(f"- unreadable images left out: {len(bad)}")
+    lines += [f"  - `{p}`: {why}" for p, why in bad]
+    lines.append("")
+    out = run / "report.md"
+    out.write_text("\n".join(lines))
+    return out
