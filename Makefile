@@ -13,9 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	@echo "The full SMSE demo (synthetic BreakHis, training, report) arrives with the recipe."
-	@echo "Until then: the losses and miners on toy multi-scale data."
-	$(PY) examples/quickstart.py
+	$(PY) -m smse_metric demo --out runs/demo --overwrite
 
 lint: install
 	$(PY) -m ruff check .

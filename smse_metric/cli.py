@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,28 +35,45 @@ def _summary(metrics: dict, out: Path) -> None:
     print(f"wrote {out} (report: {out / 'report.md'})")
 
 
+def _parse_folds(spec: str) -> list[int]:
+    try:
+        if "-" in spec:
+            lo, hi = (int(x) for x in spec.split("-"))
+            folds = list(range(lo, hi + 1))
+        else:
+            folds = [int(x) for x in spec.split(",")]
+    except ValueError:
+        folds = []
+    if not folds or min(folds) < 1 or len(set(folds)) != len(folds):
+        raise ValueError(f"--folds must be a range like 1-5 or a list like 1,3: {spec!r}")
+    return folds
+
+
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
     import shutil
 
     from .recipes import load_config
     from .recipes.breakhis import data_root, train
 
     out = Path(args.out)
-    overrides: dict = {"data": {}, "optim": {}, "run": {}}
-    if args.fold is not None:
-        overrides["data"]["fold"] = args.fold
-    if args.epochs is not None:
-        overrides["optim"]["epochs"] = args.epochs
-    if args.device is not None:
-        overrides["run"]["device"] = args.device
+    folds = _parse_folds(args.folds) if args.folds else None
+    overrides: dict = {"data": {}, "model": {}, "optim": {}, "run": {}}
+    for section, key, value in (("data", "fold", args.fold), ("optim", "epochs", args.epochs),
+                                ("run", "device", args.device),
+                                ("model", "pretrained", args.pretrained),
+                                ("model", "weights", args.weights)):  # fmt: skip
+        if value is not None:
+            overrides[section][key] = value
     if args.resume:
-        if args.config or args.data or args.synthetic or args.overwrite:
+        if args.config or args.data or args.synthetic:
             raise ValueError("--resume continues the run with its own config.toml and data; "
-                             "drop --config, --data, --synthetic and --overwrite")  # fmt: skip
-        if not (out / "checkpoints" / "last.pt").is_file():
+                             "drop --config, --data and --synthetic")  # fmt: skip
+        runs = [out / f"fold{k}" for k in folds] if folds else [out]
+        saved = [r / "config.toml" for r in runs if (r / "config.toml").is_file()]
+        if not saved or (not folds and not (out / "checkpoints" / "last.pt").is_file()):
             raise ValueError(f"{out} has no checkpoints/last.pt to resume from")
-        cfg = load_config(out / "config.toml", overrides)
-        metrics = train(cfg, out, resume=True)
+        cfg = load_config(saved[0], overrides)
     else:
         if out.exists() and any(out.iterdir()):
             if not args.overwrite:
@@ -74,10 +92,42 @@ def _train(args: argparse.Namespace) -> int:
         root = data_root(cfg, out)
         if args.synthetic and not (root / "Folds.csv").is_file():
             make_synthetic_breakhis(root, seed=cfg.run.seed)
-        metrics = train(cfg, out, root)
-    if metrics is not None:  # rank 0
-        _summary(metrics, out)
+        if folds:  # every fold reads the same data
+            cfg.data.path = str(root.resolve())
+    if not folds:
+        metrics = train(cfg, out, resume=args.resume)
+        if metrics is not None:  # rank 0
+            _summary(metrics, out)
+        return 0
+    results = {}
+    for k in folds:
+        run = out / f"fold{k}"
+        cfg_k = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k))
+        if args.resume and (run / "metrics.json").is_file():
+            results[k] = json.loads((run / "metrics.json").read_text())
+            continue
+        resume_k = args.resume and (run / "checkpoints" / "last.pt").is_file()
+        if not resume_k and run.exists():
+            shutil.rmtree(run)  # started but never reached a checkpoint
+        print(f"fold {k}: {run}", flush=True)
+        results[k] = train(cfg_k, run, resume=resume_k)
+    if all(m is not None for m in results.values()):  # rank 0
+        _fold_summary(results, out)
     return 0
+
+
+def _fold_summary(results: dict[int, dict], out: Path) -> None:
+    from .report import fold_summary, fold_table
+
+    summary = fold_summary(results)
+    table = fold_table(summary)
+    (out / "folds.json").write_text(json.dumps(summary, indent=1))
+    (out / "folds.md").write_text(
+        f"# Test accuracy over folds {', '.join(map(str, results))} (mean +- std)\n\n"
+        + "\n".join(table) + "\n"
+    )  # fmt: skip
+    print("\n".join(table))
+    print(f"wrote {out / 'folds.md'}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -109,7 +159,7 @@ def _demo(args: argparse.Namespace) -> int:
     import shutil
     import time
 
-    from .recipes.demo import demo_table, run_demo
+    from .recipes.demo import demo_table, demo_verdict, run_demo
 
     out = Path(args.out)
     if out.exists() and any(p.name != "data" for p in out.iterdir()):
@@ -122,6 +172,8 @@ def _demo(args: argparse.Namespace) -> int:
     results = run_demo(out, epochs=args.epochs, seed=args.seed, device=args.device or "auto")
     print()
     print(demo_table(results))
+    print()
+    print(demo_verdict(results))
     print(f"\n{time.perf_counter() - t0:.0f} s; reports: "
           + ", ".join(str(out / m / "report.md") for m in results))  # fmt: skip
     return 0
@@ -160,9 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the synthetic dataset into OUT/data and train on it",
     )  # fmt: skip
     tr.add_argument("--out", required=True, help="run directory")
-    tr.add_argument("--fold", type=int, help="fold of the fold file (1-5)")
+    which = tr.add_mutually_exclusive_group()
+    which.add_argument("--fold", type=int, help="fold of the fold file (1-5)")
+    which.add_argument(
+        "--folds", metavar="SPEC",
+        help="train several folds into OUT/fold<k> (1-5 or 1,3) and report mean +- std",
+    )  # fmt: skip
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    tr.add_argument(
+        "--pretrained", action=argparse.BooleanOptionalAction, default=None,
+        help="download the backbone's pretrained (e.g. ImageNet) weights, or not",
+    )  # fmt: skip
+    tr.add_argument(
+        "--weights", metavar="FILE",
+        help="a local .safetensors / .pt backbone state dict (no download)",
+    )  # fmt: skip
     how = tr.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true",
                      help="continue the run in --out from checkpoints/last.pt")  # fmt: skip

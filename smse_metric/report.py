@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["pca_2d", "results_table", "write_report"]
+__all__ = ["fold_summary", "fold_table", "pca_2d", "results_table", "write_report"]
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -61,6 +61,47 @@ def results_table(test: dict) -> list[str]:
             head.append(f"| {label} | {level} | " + " | ".join(cells) + f" | "
                         f"{_fmt(rep['pooled'][key])} |")  # fmt: skip
     return head
+
+
+def fold_summary(per_fold: dict[int, dict]) -> dict:
+    """Mean and standard deviation (ddof = 1) over folds of each test accuracy:
+    ``{"folds": [...], "knn" | "head": {"image" | "patient": {"40" ... "pooled":
+    {"mean", "std", "values"}}}, "cross_scale_mean": {...}}``."""
+    if not per_fold:
+        raise ValueError("per_fold is empty: no fold finished")
+
+    def stats(values: list[float]) -> dict:
+        v = np.asarray(values, dtype=float)
+        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        return {"mean": float(v.mean()), "std": std, "values": v.tolist()}
+
+    metrics = list(per_fold.values())
+    scales = [str(s) for s in metrics[0]["test"]["knn"]["scales"]]
+    out: dict = {"folds": list(per_fold)}
+    for name in ("knn", "head"):
+        out[name] = {}
+        for level, key in (("image", "accuracy"), ("patient", "patient_accuracy")):
+            cols = {s: [m["test"][name]["per_scale"][s][key] for m in metrics] for s in scales}
+            cols["pooled"] = [m["test"][name]["pooled"][key] for m in metrics]
+            out[name][level] = {s: stats(v) for s, v in cols.items()}
+    out["cross_scale_mean"] = stats([m["test"]["knn"]["cross_scale_mean"] for m in metrics])
+    return out
+
+
+def fold_table(summary: dict) -> list[str]:
+    """Markdown rows of :func:`fold_summary` in percent: mean +- std."""
+    cols = list(summary["knn"]["image"])
+    rows = ["| predictor | level | " + " | ".join(f"{c}x" if c != "pooled" else c
+                                                 for c in cols) + " |"]  # fmt: skip
+    rows.append("|" + "---|" * (len(cols) + 2))
+    for name, label in (("knn", "kNN"), ("head", "head")):
+        for level in ("image", "patient"):
+            cells = [summary[name][level][c] for c in cols]
+            text = [f"{100 * c['mean']:.2f} +- {100 * c['std']:.2f}" for c in cells]
+            rows.append(f"| {label} | {level} | " + " | ".join(text) + " |")
+    x = summary["cross_scale_mean"]
+    rows += ["", f"kNN cross-magnification mean: {100 * x['mean']:.2f} +- {100 * x['std']:.2f}"]
+    return rows
 
 
 def _curves(history: list[dict], path: Path) -> None:

@@ -60,3 +60,58 @@ def test_single_process_is_the_identity():
     y = torch.arange(3)
     assert gather_batch(x, y) == (x, y)
     assert (get_rank(), get_world_size(), is_main_process()) == (0, 1, True)
+
+
+class TinyNet(torch.nn.Module):
+    """BatchNorm-free, so per-rank and global batches see the same forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(12, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        emb = torch.nn.functional.normalize(self.body(x.flatten(1)), dim=1)
+        return emb, self.head(emb)
+
+
+def _images():
+    g = torch.Generator().manual_seed(1)
+    _, labels, scales = _global_batch()
+    return torch.randn(16, 3, 2, 2, generator=g), labels % 2, scales
+
+
+def _one_step(model, images, labels, scales):
+    from smse_metric import ReinforcedFocalLoss
+    from smse_metric.recipes.engine import train_step
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = train_step(model, images, labels, scales, opt, ReinforcedFocalLoss(),
+                      TripletMarginLoss(0.5, cross_scale=True))  # fmt: skip
+    return loss
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        images, labels, scales = _images()
+        mine = slice(rank * 8, rank * 8 + 8)
+        model = torch.nn.parallel.DistributedDataParallel(TinyNet())
+        _one_step(model, images[mine], labels[mine], scales[mine])
+        torch.save(model.module.state_dict(), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_update_matches_one_process_on_the_global_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _one_step(model, *_images())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for name, value in model.state_dict().items():
+            assert not torch.equal(value, before[name])  # the step changed it
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -216,6 +217,44 @@ def test_cli_train_refuses_an_existing_run_and_checks_flags(root, tmp_path, caps
     assert "--synthetic" in capsys.readouterr().err
 
 
+def test_cli_trains_several_folds_and_reports_mean_and_std(root, tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(config_to_toml(load_config("baseline-ce", TINY)))
+    out = tmp_path / "folds"
+    args = ["train", "--config", str(cfg), "--data", str(root), "--out", str(out),
+            "--folds", "1-2", "--epochs", "1"]  # fmt: skip
+    assert main(args) == 0
+    assert "kNN cross-magnification mean" in capsys.readouterr().out
+    per_fold = [json.loads((out / f"fold{k}" / "metrics.json").read_text()) for k in (1, 2)]
+    assert [load_config(out / f"fold{k}" / "config.toml").data.fold for k in (1, 2)] == [1, 2]
+    summary = json.loads((out / "folds.json").read_text())
+    values = [m["test"]["head"]["pooled"]["patient_accuracy"] for m in per_fold]
+    cell = summary["head"]["patient"]["pooled"]
+    assert cell["values"] == values
+    assert cell["mean"] == pytest.approx(np.mean(values))
+    assert cell["std"] == pytest.approx(np.std(values, ddof=1))
+    assert "+-" in (out / "folds.md").read_text()
+    # finished folds are kept on --resume; the summary is rebuilt from them
+    assert main(["train", "--out", str(out), "--folds", "1-2", "--resume"]) == 0
+    assert json.loads((out / "folds.json").read_text()) == summary
+    assert main([*args[:-2], "--folds", "2-1"]) == 2
+    assert "--folds must be" in capsys.readouterr().err
+
+
+def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(root, tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(config_to_toml(load_config("smse-triplet", {**TINY, "optim": {"epochs": 1}})))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "smse_metric", "train", "--config", str(cfg), "--data", str(root),
+           "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.count("wrote ") == 1 and "| kNN | patient |" in child.stdout
+    _check_run(out, load_config(cfg))
+
+
 @pytest.mark.parametrize("command", ["synth", "train", "evaluate", "search", "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
@@ -231,7 +270,8 @@ def test_demo_prints_a_table_that_parses(tmp_path, monkeypatch, capsys):
             "sampler": {"groups_per_class": 2}}  # fmt: skip
     monkeypatch.setattr(demo, "DEMO_OVERRIDES", tiny)
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("|")]
+    printed = capsys.readouterr().out
+    lines = [x for x in printed.splitlines() if x.startswith("|")]
     header, rows = [c.strip() for c in lines[0].strip("|").split("|")], lines[2:]
     assert header == ["method", "predictor", "level", "40x", "100x", "200x", "400x", "pooled",
                       "cross-mag mean"]  # fmt: skip
@@ -244,6 +284,11 @@ def test_demo_prints_a_table_that_parses(tmp_path, monkeypatch, capsys):
         values = [float(v) for v in c[3:8]]
         assert all(0 <= v <= 1 for v in values)
         assert (c[8] == "-") == (c[1] == "head")
+    table = {(c[0], c[1], c[2]): c for c in cells}
+    for m, predictor in (("smse-triplet", "kNN"), ("baseline-ce", "head")):
+        patient, xmag = table[(m, predictor, "patient")][7], table[(m, "kNN", "patient")][8]
+        assert (f"{m}: pooled patient accuracy {patient} ({predictor}, as selected on "
+                f"validation), cross-magnification mean {xmag}") in printed  # fmt: skip
     for m in demo.DEMO_METHODS:
         assert (tmp_path / m / "report.md").is_file()
     assert (tmp_path / "summary.md").read_text().count("|") > 20

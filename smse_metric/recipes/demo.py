@@ -15,7 +15,7 @@ from ..data import make_synthetic_breakhis
 from ..data.synthetic import DEFAULT_PATIENTS
 from .config import load_config
 
-__all__ = ["DEMO_METHODS", "DEMO_OVERRIDES", "demo_table", "run_demo"]
+__all__ = ["DEMO_METHODS", "DEMO_OVERRIDES", "demo_table", "demo_verdict", "run_demo"]
 
 DEMO_METHODS = ("smse-triplet", "baseline-ce")
 #: small images and few epochs so that both runs fit in minutes on two CPU cores
@@ -49,6 +49,22 @@ def demo_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def demo_verdict(results: dict[str, dict]) -> str:
+    """One line per headline number: each method judged by the predictor its epoch was
+    selected on (kNN for smse-triplet, the head for baseline-ce), and the kNN
+    cross-magnification mean."""
+    lines = []
+    for method, m in results.items():
+        select = "knn" if "knn" in m["selected_on"] else "head"
+        patient = m["test"][select]["pooled"]["patient_accuracy"]
+        lines.append(
+            f"{method}: pooled patient accuracy {patient:.3f}"
+            f" ({'kNN' if select == 'knn' else 'head'}, as selected on validation), "
+            f"cross-magnification mean {m['test']['knn']['cross_scale_mean']:.3f}"
+        )
+    return "\n".join(lines)
+
+
 def run_demo(out_dir: str | Path, epochs: int | None = None, seed: int = 0,
              device: str = "auto", quiet: bool = False) -> dict[str, dict]:  # fmt: skip
     """Train both methods under ``out_dir/<method>``; returns {method: metrics}."""
@@ -71,7 +87,11 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seed: int = 0,
         results[method] = train(cfg, out / method, root, quiet=quiet)
     table = demo_table(results)
     (out / "summary.md").write_text(
-        "# Demo: SMSE vs a plain classifier on the synthetic dataset\n\n" + table + "\n"
+        "# Demo: SMSE vs a plain classifier on the synthetic dataset\n\n"
+        + table
+        + "\n\n"
+        + demo_verdict(results).replace("\n", "\n\n")
+        + "\n"
     )
     (out / "summary.json").write_text(json.dumps(
         {m: {"knn": r["test"]["knn"], "head": r["test"]["head"]} for m, r in results.items()},

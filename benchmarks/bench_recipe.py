@@ -1,0 +1,143 @@
+"""What the SMSE parts add to a training step: sampler + loss + evaluation against a
+plain cross-entropy step of the same backbone, batch and image size.
+
+python -m benchmarks.bench_recipe            # resnet18, B = 32, 128 x 128 -> results/recipe.md
+python -m benchmarks.bench_recipe --quick    # 64 x 64, fewer steps
+python -m benchmarks.bench_recipe --device cuda
+
+Both loops run on the same in-memory images (no decoding, which both would share),
+alternating step by step so that the machine's noise hits both alike; medians.
+The SMSE step is the recipe's own ``train_step``: fused cross-scale triplet loss
+(all triplets) + reinforced focal loss, indices from ``MultiScaleBatchSampler``. The
+per-epoch evaluation (leave-one-patient-out kNN of the validation patients against
+the training gallery, with the full report; the forward passes that make the
+embeddings are excluded, as any validation needs them) is measured once on a
+BreakHis-sized split and spread over the steps of one BreakHis epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.bench_sampler import layout
+from benchmarks.common import machine, markdown_table, write_report
+from smse_metric import MultiScaleBatchSampler, ReinforcedFocalLoss, TripletMarginLoss
+from smse_metric.evaluation import evaluate_embeddings
+from smse_metric.models import EmbeddingNet
+from smse_metric.recipes.engine import train_step
+
+BATCH = 32  # 2 classes x 4 patients x 4 magnifications, as the smse presets
+#: BreakHis binary: ~70 % of 7909 images train; 15 % of those validate
+GALLERY, QUERIES, DIM = 4700, 830, 128
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
+    torch.manual_seed(0)
+    n = 2000
+    images = torch.rand(n, 3, size, size, device=device)
+    labels_np, groups, scales_np = layout(n)
+    labels = torch.as_tensor(labels_np % 2, device=device)
+    scales = torch.as_tensor(scales_np, device=device)
+    sampler = MultiScaleBatchSampler(labels_np % 2, groups, scales_np, 2, 4, seed=0)
+    batches = iter(sampler)
+    models = {k: EmbeddingNet("resnet18", embedding_dim=DIM).to(device) for k in ("ce", "smse")}
+    opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, m in models.items()}
+    ce, rfl = torch.nn.CrossEntropyLoss(), ReinforcedFocalLoss.from_class_counts([700, 1300])
+    triplet = TripletMarginLoss(1.0, squared=True, cross_scale=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def ce_step():
+        idx = torch.randint(0, n, (BATCH,), generator=gen).to(device)
+        train_step(models["ce"], images[idx], labels[idx], scales[idx], opts["ce"], ce)
+
+    def smse_step():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(sampler)
+            batch = next(batches)
+        idx = torch.as_tensor(batch, device=device)
+        train_step(models["smse"], images[idx], labels[idx], scales[idx], opts["smse"], rfl,
+                   triplet)  # fmt: skip
+
+    times: dict[str, list[float]] = {"ce": [], "smse": []}
+    for i in range(steps + 3):
+        for name, fn in (("ce", ce_step), ("smse", smse_step)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= 3:  # warm-up
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def eval_seconds(repeats: int = 3) -> float:
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((GALLERY, DIM)).astype(np.float32)
+    q = rng.standard_normal((QUERIES, DIM)).astype(np.float32)
+    gy, qy = rng.integers(0, 2, GALLERY), rng.integers(0, 2, QUERIES)
+    gg, qg = rng.integers(0, 57, GALLERY), 57 + rng.integers(0, 10, QUERIES)
+    gs, qs = rng.integers(0, 4, GALLERY), rng.integers(0, 4, QUERIES)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        evaluate_embeddings(q, qy, qg, qs, k=5, exclude="group", gallery=(g, gy, gg, gs),
+                            map_at_r=False)  # fmt: skip
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    size, steps = (64, 8) if args.quick else (128, 30)
+    t = step_times(size, steps, device)
+    ev = eval_seconds(1 if args.quick else 3)
+    steps_per_epoch = -(-GALLERY // BATCH)  # every training image once (lower bound)
+    ev_per_step = ev / steps_per_epoch
+    total = t["smse"] + ev_per_step
+    rows = [
+        ["plain CE step (baseline)", f"{t['ce'] * 1e3:.1f}", "1.000"],
+        ["SMSE step: sampler + triplet + RFL", f"{t['smse'] * 1e3:.1f}",
+         f"{t['smse'] / t['ce']:.3f}"],
+        [f"evaluation per step ({ev:.2f} s / {steps_per_epoch} steps)",
+         f"{ev_per_step * 1e3:.2f}", f"{ev_per_step / t['ce']:.3f}"],
+        ["SMSE step + evaluation", f"{total * 1e3:.1f}", f"{total / t['ce']:.3f}"],
+    ]  # fmt: skip
+    text = "\n".join([
+        "# Recipe overhead: SMSE parts vs a plain CE training step",
+        "",
+        f"Machine: {machine()}; device {device.type}. resnet18, batch {BATCH}, "
+        f"{size} x {size} images, median of {steps} alternating steps each.",
+        "Command: `python -m benchmarks.bench_recipe" + (" --quick" if args.quick else "")
+        + (" --device cuda" if device.type == "cuda" else "") + "`.",
+        "",
+        markdown_table(["what", "ms per step", "vs plain CE"], rows),
+        "",
+        f"Overhead of sampler + loss + evaluation: {(total / t['ce'] - 1) * 100:+.1f} % "
+        "(target: at most +5 %).",
+        "",
+    ])  # fmt: skip
+    print(text)
+    name = "recipe" if device.type == "cpu" else "recipe-cuda"
+    return write_report(text, name + ("-quick" if args.quick else ""), args.out)
+
+
+if __name__ == "__main__":
+    main()
