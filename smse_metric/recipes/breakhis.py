@@ -65,14 +65,29 @@ class Splits:
     test: np.ndarray
 
 
+def _folds_file(cfg: Config, root: Path) -> Path | None:
+    """``data.folds_file`` (``{fold}`` is replaced by the fold), else ``root/Folds.csv``,
+    else ``root/dsfold<fold>.txt``, else None."""
+    if cfg.data.folds_file:
+        path = Path(cfg.data.folds_file.format(fold=cfg.data.fold))
+        if not path.is_file():
+            raise ValueError(f"data.folds_file {path} does not exist")
+        return path
+    for path in (root / "Folds.csv", root / f"dsfold{cfg.data.fold}.txt"):
+        if path.is_file():
+            return path
+    return None
+
+
 def load_splits(cfg: Config, root: str | Path) -> Splits:
     """Scan ``root``, keep the configured magnifications, and split patients: the fold
-    file's train/test (``data.folds_file`` or ``root/Folds.csv``) or, without one,
-    :func:`patient_split`; validation patients are drawn from the training ones."""
+    file's train/test (``data.folds_file``, ``root/Folds.csv`` or
+    ``root/dsfold<fold>.txt``) or, without one, :func:`patient_split`; validation
+    patients are drawn from the training ones."""
     index = scan_breakhis(root, group_by=cfg.data.group_by)
     index = index.subset(np.isin(index.magnification, cfg.data.magnifications))
-    folds = Path(cfg.data.folds_file) if cfg.data.folds_file else Path(root) / "Folds.csv"
-    if folds.is_file():
+    folds = _folds_file(cfg, Path(root))
+    if folds is not None:
         masks = index.masks(load_folds(folds, cfg.data.fold))
         train, test = masks["train"], masks["test"]
     else:

@@ -32,9 +32,9 @@ class DataConfig:
     magnifications: list[int] = field(default_factory=lambda: [40, 100, 200, 400])
     group_by: str = field(default="slide", metadata={"choices": ("slide", "case")})
     fold: int = 1
-    folds_file: str | None = (
-        None  #: Folds.csv / dsfold<k>.txt; default: <path>/Folds.csv if present
-    )
+    #: Folds.csv or dsfold{fold}.txt ({fold} is replaced); default: <path>/Folds.csv,
+    #: else <path>/dsfold<fold>.txt, else a stratified patient split
+    folds_file: str | None = None
     val_fraction: float = 0.15  #: of the training patients, for model selection
     test_fraction: float = 0.3  #: used only without a fold file
     image_size: list[int] = field(default_factory=lambda: [224, 224])
