@@ -2,9 +2,9 @@
 
 import sys
 
-from benchmarks import bench_eval, bench_losses, bench_sampler
+from benchmarks import bench_eval, bench_losses, bench_recipe, bench_sampler
 
 if __name__ == "__main__":
     quick = ["--quick"] if "--quick" in sys.argv[1:] else []
-    for bench in (bench_losses, bench_sampler, bench_eval):
+    for bench in (bench_losses, bench_sampler, bench_eval, bench_recipe):
         bench.main(quick)

@@ -99,3 +99,27 @@ def test_inductor_compiles_the_fused_triplet_loss():
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
     torch.testing.assert_close(compiled(emb, labels), loss(emb, labels))
+
+
+def test_recipe_trains_on_cuda_with_amp_and_channels_last(tmp_path):
+    import json
+
+    from smse_metric.data import make_synthetic_breakhis
+    from smse_metric.recipes import load_config
+    from smse_metric.recipes.breakhis import evaluate_run, train
+
+    root = make_synthetic_breakhis(tmp_path / "data", images_per_magnification=2,
+                                   image_size=(40, 28))  # fmt: skip
+    cfg = load_config("smse-triplet", {
+        "data": {"synthetic": True, "image_size": [32, 32], "num_workers": 0},
+        "sampler": {"groups_per_class": 2}, "optim": {"epochs": 1},
+        "run": {"device": "cuda", "amp": True},
+    })  # fmt: skip
+    metrics = train(cfg, tmp_path / "run", root, quiet=True)
+    assert 0 <= metrics["test"]["knn"]["pooled"]["patient_accuracy"] <= 1
+    history = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
+    assert history["loss"] == history["loss"]  # finite under autocast (NaN != NaN)
+    # a GPU run is re-evaluated on the CPU from its weights-only checkpoint
+    again = evaluate_run(tmp_path / "run", device="cpu")
+    assert again["splits"] == metrics["splits"]
+    assert again["test"]["knn"]["pooled"]["n"] == metrics["test"]["knn"]["pooled"]["n"]
