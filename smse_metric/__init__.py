@@ -10,7 +10,13 @@ Example:
 """
 
 from . import functional
-from .evaluation import EvaluationReport, KNNClassifier, evaluate_embeddings, evaluate_predictions
+from .evaluation import (
+    EvaluationReport,
+    FaissIndex,
+    KNNClassifier,
+    evaluate_embeddings,
+    evaluate_predictions,
+)
 from .losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
 from .miners import PairMiner, TripletMiner
 from .samplers import MultiScaleBatchSampler, SamplerStats
@@ -20,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ContrastiveLoss",
     "EvaluationReport",
+    "FaissIndex",
     "FocalLoss",
     "KNNClassifier",
     "MultiScaleBatchSampler",

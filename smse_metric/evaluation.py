@@ -92,7 +92,8 @@ class FaissIndex:
         device: ``"auto"`` (a GPU index when faiss has GPUs and the embeddings are a
             CUDA tensor), ``"cpu"`` or ``"cuda"``.
         index: ``"flat"`` (exact) or ``"ivf"`` (approximate, for very large galleries).
-        nlist, nprobe: IVF cells (default ``4 * sqrt(G)``) and cells visited per query.
+        nlist: IVF cells (default ``4 * sqrt(G)``).
+        nprobe: IVF cells visited per query.
 
     Example:
         >>> idx = FaissIndex(np.eye(3, dtype="float32"), metric="l2")
@@ -203,7 +204,8 @@ class KNNClassifier:
         metric: ``"cosine"`` or ``"l2"``.
         weights: ``"uniform"`` or ``"distance"`` (``1 / d``; a query at distance 0
             from some neighbours takes only those, as scikit-learn does).
-        device, index: see :class:`FaissIndex`.
+        device: see :class:`FaissIndex`.
+        index: see :class:`FaissIndex`.
 
     Ties: neighbours at equal distance are ordered by gallery index; classes with
     equal votes go to the smaller class index (scikit-learn's rule).
@@ -530,14 +532,18 @@ def evaluate_embeddings(
     and the cross-magnification matrix.
 
     Args:
-        embeddings, labels, groups, scales: the queries ([N, D], [N] each). ``groups``
-            None makes every image its own patient (``exclude="group"`` is then
-            leave-one-out).
+        embeddings: [N, D] queries.
+        labels: [N] class of each query.
+        groups: [N] patient of each query; None makes every image its own patient
+            (``exclude="group"`` is then leave-one-out).
+        scales: [N] magnification of each query, or None.
         k: neighbours that vote (and recall@k).
         exclude: ``"group"`` (leave-one-patient-out), ``"self"`` or ``"none"``.
         gallery: None (the queries are their own gallery) or ``(embeddings, labels,
             groups, scales)`` / a dict with those keys (groups, scales may be None).
-        metric, weights, device: see :class:`KNNClassifier`.
+        metric: see :class:`KNNClassifier`.
+        weights: see :class:`KNNClassifier`.
+        device: see :class:`KNNClassifier`.
         map_at_r: also compute MAP@R, which retrieves R neighbours per query (R = the
             usable gallery items of its class); turn off for huge galleries.
         cross_scale: compute the matrix of kNN accuracy (query scale x gallery

@@ -455,10 +455,11 @@ def contrastive_loss(
         indices_tuple: None for every pair of the batch (O(B^2) memory), a pair
             tuple ``(a1, p, a2, n)``, or a triplet tuple ``(a, p, n)`` read as
             pairs ``(a, p, a, n)``, from any miner (ours or PML's).
-        ref_emb, ref_labels: optional [R, D] / [R] reference set that pairs
-            point into (as in PML).
-        scales, ref_scales: [B] / [R] magnification ids; with ``cross_scale``
-            only positives at different scales count.
+        ref_emb: optional [R, D] reference set that pairs point into (as in PML).
+        ref_labels: [R] labels of ``ref_emb``.
+        scales: [B] magnification ids; with ``cross_scale`` only positives at
+            different scales count.
+        ref_scales: [R] magnification ids of ``ref_emb``.
 
     Returns:
         A scalar. With no valid pair it is a zero connected to the graph.
@@ -676,9 +677,11 @@ def triplet_margin_loss(
         reduction: ``"mean_nonzero"`` (mean over triplets with positive loss, PML's
             default), ``"mean"`` (over all selected triplets) or ``"sum"``.
         indices_tuple: ``(a, p, n)`` from any miner; exactly those triplets are used.
-        ref_emb, ref_labels: optional [R, D] / [R] reference set (as in PML).
-        scales, ref_scales, cross_scale: with ``cross_scale`` only positives at
-            a different scale from the anchor count.
+        ref_emb: optional [R, D] reference set (as in PML).
+        ref_labels: [R] labels of ``ref_emb``.
+        scales: [B] magnification ids of the embeddings.
+        ref_scales: [R] magnification ids of ``ref_emb``.
+        cross_scale: only positives at a different scale from the anchor count.
 
     Returns:
         A scalar; a graph-connected zero when no triplet applies.

@@ -118,7 +118,8 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: base seed; the epoch plan comes from ``default_rng([seed, epoch])``.
         drop_last: with several ranks, drop the ``len % world_size`` trailing
             batches (True) or pad by repeating the first ones (False).
-        rank, world_size: default to ``torch.distributed``'s when initialised, else 0 / 1.
+        rank: this process's rank; default ``torch.distributed``'s when initialised, else 0.
+        world_size: number of ranks; default ``torch.distributed``'s, else 1.
         small_group_policy: ``"replace"`` fills what is missing (a class with too few
             groups, a group without some scale) by drawing with replacement and counts
             it in :attr:`stats`; ``"error"`` raises a ValueError naming it.
