@@ -19,15 +19,32 @@ def _active() -> bool:
 
 
 def get_rank() -> int:
+    """This process's rank in the default process group (0 without one).
+
+    Example:
+        >>> get_rank()  # no process group
+        0
+    """
     return dist.get_rank() if _active() else 0
 
 
 def get_world_size() -> int:
+    """Processes in the default process group (1 without one).
+
+    Example:
+        >>> get_world_size()
+        1
+    """
     return dist.get_world_size() if _active() else 1
 
 
 def is_main_process() -> bool:
-    """Rank 0 (or no process group): the one process that writes files."""
+    """Rank 0 (or no process group): the one process that writes files.
+
+    Example:
+        >>> is_main_process()
+        True
+    """
     return get_rank() == 0
 
 
@@ -38,6 +55,11 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     backward pass sums, over ranks, the gradients each rank computed for this rank's
     slice; with DDP's gradient averaging that is the gradient of the global loss.
     Without a process group it returns ``x`` itself.
+
+    Example:
+        >>> x = torch.randn(4, 8, requires_grad=True)
+        >>> all_gather_with_grad(x) is x  # one process: nothing to gather
+        True
     """
     if get_world_size() == 1:
         return x
@@ -48,7 +70,14 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
 
 def gather_batch(*tensors: Tensor) -> tuple[Tensor, ...]:
     """All-gather a batch: tensors that require grad keep it (embeddings); others
-    (labels, scales) are gathered without autograd."""
+    (labels, scales) are gathered without autograd.
+
+    Example:
+        >>> emb, labels = torch.randn(4, 8, requires_grad=True), torch.arange(4)
+        >>> e, y = gather_batch(emb, labels)  # under torchrun: [world_size * 4, ...]
+        >>> e.shape, y.shape
+        (torch.Size([4, 8]), torch.Size([4]))
+    """
     if get_world_size() == 1:
         return tensors
     out = []

@@ -354,7 +354,14 @@ class KNNClassifier:
 
 @dataclass
 class ClassificationMetrics:
-    """Classification scores of one set of queries. Per-class lists follow ``classes``."""
+    """Classification scores of one set of queries. Per-class lists follow ``classes``.
+
+    Example:
+        >>> r = evaluate_predictions([0, 1, 1, 1], [0, 1, 0, 1], groups=[7, 7, 8, 8])
+        >>> m = r.pooled  # a ClassificationMetrics
+        >>> m.accuracy, m.patient_accuracy, m.confusion
+        (0.75, 0.75, [[1, 1], [0, 2]])
+    """
 
     n: int
     accuracy: float  #: correct images / images
@@ -368,6 +375,15 @@ class ClassificationMetrics:
 
 @dataclass
 class RetrievalMetrics:
+    """Retrieval scores of one set of queries against their gallery.
+
+    Example:
+        >>> emb = np.array([[0.0, 1], [0, 1.1], [1, 0], [1.1, 0]], dtype="float32")
+        >>> r = evaluate_embeddings(emb, [0, 0, 1, 1], k=1, exclude="self").retrieval
+        >>> r.precision_at_1, r.map_at_r
+        (1.0, 1.0)
+    """
+
     precision_at_1: float
     recall_at_k: float  #: queries with a same-class item among their k neighbours
     map_at_r: float | None  #: mean average precision at R (None when not computed)
@@ -376,7 +392,19 @@ class RetrievalMetrics:
 
 @dataclass
 class EvaluationReport:
-    """Everything :func:`evaluate_embeddings` measured; ``to_dict()`` / ``to_json()``."""
+    """Everything :func:`evaluate_embeddings` measured; ``to_dict()`` / ``to_json()``.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> labels = np.repeat([0, 1], 40)
+        >>> emb = rng.standard_normal((80, 4)) + 3 * labels[:, None]
+        >>> report = evaluate_embeddings(emb, labels, groups=np.arange(80) // 4,
+        ...                              scales=np.tile([40, 400], 40), k=3)
+        >>> report.pooled.accuracy > 0.9, sorted(report.per_scale), len(report.cross_scale)
+        (True, ['40', '400'], 2)
+        >>> import json; sorted(json.loads(report.to_json()))[:3]
+        ['classes', 'cross_scale', 'cross_scale_mean']
+    """
 
     classes: list
     scales: list
@@ -451,7 +479,16 @@ def evaluate_predictions(
 ) -> EvaluationReport:
     """Score predicted labels (e.g. a classifier head's) like kNN predictions: image- and
     patient-level accuracy, balanced accuracy, per-class scores, confusion matrices,
-    pooled and per scale. ``groups=None`` makes every image its own patient."""
+    pooled and per scale. ``groups=None`` makes every image its own patient.
+
+    Example:
+        >>> r = evaluate_predictions(pred=[1, 1, 0, 0, 1], labels=[1, 1, 1, 0, 0],
+        ...                          groups=[0, 0, 0, 1, 1], scales=[40, 40, 400, 40, 400])
+        >>> round(r.pooled.accuracy, 3), r.pooled.patient_accuracy  # (2/3 + 1/2) / 2
+        (0.6, 0.5833333333333333)
+        >>> r.per_scale["40"].accuracy
+        1.0
+    """
     y = as_ids("labels", labels, len(np.asarray(labels)))
     n = len(y)
     table = np.unique(y if classes is None else np.asarray(classes))

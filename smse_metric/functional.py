@@ -563,6 +563,13 @@ def triplet_windows(
 
     Returns:
         ``(lo, hi)``, two [B, R] int32 tensors.
+
+    Example:
+        >>> neg = torch.tensor([[0.1, 0.5, 0.9]])  # anchor 0's negative distances, sorted
+        >>> d_ap = torch.tensor([[0.4, 0.0, 0.0]])  # column 0 is its positive, at 0.4
+        >>> lo, hi = triplet_windows(neg, d_ap, margin=0.2, strategy="semihard")
+        >>> lo[0, 0].item(), hi[0, 0].item()  # 0.4 < d(a, n) <= 0.6: only 0.5
+        (1, 2)
     """
     thresh = d_ap + margin
     if strategy == "all":

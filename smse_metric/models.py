@@ -19,6 +19,17 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
 
     ``.pt`` files are read with ``torch.load(weights_only=True)``. Classifier keys the
     backbone does not have are ignored; returns the ``missing`` and ``unexpected`` keys.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> src = EmbeddingNet("resnet18", embedding_dim=8)
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "backbone.pt"
+        >>> torch.save(src.backbone.state_dict(), path)
+        >>> dst = EmbeddingNet("resnet18", embedding_dim=8)
+        >>> load_backbone_weights(dst.backbone, path)
+        {'missing': [], 'unexpected': []}
+        >>> torch.equal(dst.backbone.conv1.weight, src.backbone.conv1.weight)
+        True
     """
     path = Path(path)
     if not path.is_file():

@@ -21,7 +21,13 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
     """[N, D] -> [N, 2]: the projection on the two leading principal axes (signs fixed
-    so that each axis' largest loading is positive, for stable pictures)."""
+    so that each axis' largest loading is positive, for stable pictures).
+
+    Example:
+        >>> x = np.array([[0.0, 0, 0], [2, 0, 0], [0, 1, 0], [2, 1, 0]])
+        >>> pca_2d(x).round(3).tolist()  # first axis: the direction of largest spread
+        [[-1.0, -0.5], [1.0, -0.5], [-1.0, 0.5], [1.0, 0.5]]
+    """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"x must be [N, D], got shape {x.shape}")
@@ -49,7 +55,14 @@ def _fmt(x) -> str:
 
 
 def results_table(test: dict) -> list[str]:
-    """Markdown rows: kNN and head, image / patient accuracy per magnification + pooled."""
+    """Markdown rows: kNN and head, image / patient accuracy per magnification + pooled.
+
+    Example:
+        >>> r = {"scales": [40], "per_scale": {"40": {"accuracy": 0.9, "patient_accuracy": 0.8}},
+        ...      "pooled": {"accuracy": 0.9, "patient_accuracy": 0.8}}
+        >>> results_table({"knn": r, "head": r})[2]
+        '| kNN | image | 0.900 | 0.900 |'
+    """
     scales = [str(s) for s in test["knn"]["scales"]]
     head = ["| method | level | " + " | ".join(f"{s}x" for s in scales) + " | pooled |"]
     head.append("|" + "---|" * (len(scales) + 3))
@@ -66,7 +79,19 @@ def results_table(test: dict) -> list[str]:
 def fold_summary(per_fold: dict[int, dict]) -> dict:
     """Mean and standard deviation (ddof = 1) over folds of each test accuracy:
     ``{"folds": [...], "knn" | "head": {"image" | "patient": {"40" ... "pooled":
-    {"mean", "std", "values"}}}, "cross_scale_mean": {...}}``."""
+    {"mean", "std", "values"}}}, "cross_scale_mean": {...}}``.
+
+    Example:
+        >>> def fold(acc):
+        ...     cell = {"accuracy": acc, "patient_accuracy": acc}
+        ...     r = {"scales": [40], "per_scale": {"40": cell}, "pooled": cell,
+        ...          "cross_scale_mean": acc}
+        ...     return {"test": {"knn": r, "head": r}}
+        >>> s = fold_summary({1: fold(0.8), 2: fold(0.9)})
+        >>> pooled = s["knn"]["patient"]["pooled"]
+        >>> round(pooled["mean"], 3), round(pooled["std"], 4)
+        (0.85, 0.0707)
+    """
     if not per_fold:
         raise ValueError("per_fold is empty: no fold finished")
 
@@ -89,7 +114,16 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
 
 
 def fold_table(summary: dict) -> list[str]:
-    """Markdown rows of :func:`fold_summary` in percent: mean +- std."""
+    """Markdown rows of :func:`fold_summary` in percent: mean +- std.
+
+    Example:
+        >>> cell = {"mean": 0.85, "std": 0.0707, "values": [0.8, 0.9]}
+        >>> level = {"40": cell, "pooled": cell}
+        >>> both = {"image": level, "patient": level}
+        >>> s = {"knn": both, "head": both, "cross_scale_mean": cell}
+        >>> fold_table(s)[2]
+        '| kNN | image | 85.00 +- 7.07 | 85.00 +- 7.07 |'
+    """
     cols = list(summary["knn"]["image"])
     rows = ["| predictor | level | " + " | ".join(f"{c}x" if c != "pooled" else c
                                                  for c in cols) + " |"]  # fmt: skip
@@ -185,7 +219,15 @@ def _projection(emb: dict, class_names: list[str], path: Path) -> None:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.md`` and ``run_dir/plots/*.png``; returns the report path."""
+    """Write ``run_dir/report.md`` and ``run_dir/plots/*.png``; returns the report path.
+
+    Example:
+        Write ``report.md`` and ``plots/`` of a finished run (skipped here: it needs a
+        run; the recipe calls it and tests/test_recipe.py checks every file):
+
+        >>> write_report("runs/example")  # doctest: +SKIP
+        PosixPath('runs/example/report.md')
+    """
     run = Path(run_dir)
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():

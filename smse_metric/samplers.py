@@ -43,7 +43,16 @@ POLICIES = ("replace", "error")
 
 @dataclass(frozen=True)
 class SamplerStats:
-    """What one epoch's plan drew. ``repeated_draws = images_drawn - unique_images``."""
+    """What one epoch's plan drew. ``repeated_draws = images_drawn - unique_images``.
+
+    Example:
+        >>> s = MultiScaleBatchSampler([0, 0, 0, 1, 1, 1], groups=[0, 0, 1, 2, 3, 3],
+        ...                            scales=[1, 2, 1, 1, 1, 2], classes_per_batch=2,
+        ...                            groups_per_class=1, seed=0)
+        >>> st = s.stats
+        >>> st.batches, st.unique_images, st.images_drawn - st.unique_images == st.repeated_draws
+        (2, 6, True)
+    """
 
     batches: int  #: global batches (before the rank split, after drop/pad)
     batches_per_rank: int

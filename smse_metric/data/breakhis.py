@@ -53,7 +53,13 @@ _FOLDER_TO_SUBTYPE = {folder: code for code, (_, folder) in SUBTYPES.items()}
 
 @dataclass(frozen=True)
 class BreakHisRecord:
-    """The fields of one BreakHis file name."""
+    """The fields of one BreakHis file name.
+
+    Example:
+        >>> r = parse_breakhis_filename("SOB_M_DC-14-2523-400-012.png")
+        >>> r.tumor_class, r.subtype, r.slide_id, r.magnification, r.sequence
+        ('M', 'DC', '2523', 400, 12)
+    """
 
     procedure: str
     tumor_class: str  #: "B" (benign) or "M" (malignant)
@@ -111,6 +117,18 @@ class BreakHisIndex:
     ``label`` is binary (0 benign, 1 malignant); ``subtype`` indexes
     ``subtype_names``; ``group`` indexes ``group_names`` (slides or cases);
     ``report`` says what the scan found, dropped and why.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> index = scan_breakhis(root)
+        >>> len(index) == len(index.paths) == len(index.label), index.report["groups"]
+        (True, 24)
+        >>> small = index.subset(index.magnification == 40)
+        >>> set(small.magnification.tolist())
+        {40}
     """
 
     paths: list[str]
@@ -207,6 +225,15 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
     Raises:
         ValueError: for a missing or empty directory, an unknown subtype folder, a
             malformed file name, or a folder that contradicts its file's name.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> index = scan_breakhis(root, group_by="slide")
+        >>> sorted(set(index.magnification.tolist())), index.report["duplicate_patient_dropped"]
+        ([40, 100, 200, 400], 0)
     """
     if group_by not in ("slide", "case"):
         raise ValueError(f"group_by must be 'slide' or 'case', got {group_by!r}")
@@ -269,6 +296,17 @@ def load_folds(path: str | Path, fold: int) -> dict[str, set[str]]:
     ``dsfold<k>.txt`` rows are ``<filename>|<mag>|<fold>|<grp>``; ``Folds.csv`` has
     the columns ``fold,mag,grp,filename``. Returns ``{"train": {...}, "test": {...}}``
     of file base names (use :meth:`BreakHisIndex.masks` to select rows).
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> index = scan_breakhis(root)
+        >>> split = load_folds(root / "Folds.csv", fold=1)
+        >>> masks = index.masks(split)
+        >>> bool((masks["train"] ^ masks["test"]).all())  # every image in exactly one part
+        True
     """
     path = Path(path)
     if not path.is_file():
@@ -314,6 +352,17 @@ def patient_split(
     Groups (patients) are shuffled with ``default_rng(seed)`` and assigned whole; with
     ``stratify`` this is done per subtype, so each split has every subtype that has
     enough patients, and every subtype keeps at least one training patient.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> index = scan_breakhis(root)
+        >>> split = patient_split(index, test_fraction=0.3, val_fraction=0.1, seed=0)
+        >>> check_patient_disjoint(split, index.group)  # raises if a patient were shared
+        >>> sorted(split)
+        ['test', 'train', 'val']
     """
     for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
         if not 0 <= v < 1:
@@ -343,7 +392,19 @@ def patient_split(
 
 
 def check_patient_disjoint(masks: dict[str, np.ndarray], groups: np.ndarray) -> None:
-    """Raise ValueError naming a patient that appears in two splits."""
+    """Raise ValueError naming a patient that appears in two splits.
+
+    Example:
+        >>> import numpy as np
+        >>> groups = np.array([0, 0, 1, 2])
+        >>> check_patient_disjoint({"train": np.array([1, 1, 0, 0], bool),
+        ...                         "test": np.array([0, 0, 1, 1], bool)}, groups)
+        >>> check_patient_disjoint({"train": np.array([1, 0, 0, 0], bool),
+        ...                         "test": np.array([0, 1, 1, 1], bool)}, groups)
+        Traceback (most recent call last):
+        ...
+        ValueError: patient 0 is in both 'train' and 'test'
+    """
     owner: dict[int, str] = {}
     for name, m in masks.items():
         for gid in np.unique(np.asarray(groups)[m]).tolist():

@@ -31,7 +31,13 @@ def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def eval_transform(
     size: tuple[int, int],
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    """Resize to ``size`` = (H, W); images are float [3, H, W] in [0, 1]."""
+    """Resize to ``size`` = (H, W); images are float [3, H, W] in [0, 1].
+
+    Example:
+        >>> img = torch.rand(3, 46, 70)
+        >>> eval_transform((32, 48))(img, None).shape
+        torch.Size([3, 32, 48])
+    """
 
     def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return _resize(img, size)
@@ -47,7 +53,14 @@ def train_transform(
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """Random crop (area fraction in ``crop_scale``), resize, flips, 90-degree rotations
     (square sizes only), brightness / contrast / saturation jitter of +-``color`` and
-    H&E stain jitter: per-stain scale and shift of +-``stain`` in optical density."""
+    H&E stain jitter: per-stain scale and shift of +-``stain`` in optical density.
+
+    Example:
+        >>> img = torch.rand(3, 46, 70)
+        >>> out = train_transform((32, 32))(img, torch.Generator().manual_seed(0))
+        >>> out.shape, bool(out.min() >= 0) and bool(out.max() <= 1)
+        (torch.Size([3, 32, 32]), True)
+    """
 
     def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         def u(lo, hi):
@@ -95,6 +108,18 @@ class BreakHisDataset(torch.utils.data.Dataset):
         skip_bad_images: check every file once now; unreadable ones are left out,
             counted and listed in ``bad_images``. Otherwise a bad file raises an
             error naming it when it is read.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> from smse_metric.data.dataset import BreakHisDataset
+        >>> ds = BreakHisDataset(scan_breakhis(root), "train", size=(16, 16), seed=0)
+        >>> image, label, group, scale = ds[0]
+        >>> image.shape, image.dtype, scale in (40, 100, 200, 400)
+        (torch.Size([3, 16, 16]), torch.float32, True)
+        >>> ds.set_epoch(1)  # new augmentations, still reproducible
     """
 
     def __init__(

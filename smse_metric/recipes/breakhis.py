@@ -59,6 +59,19 @@ __all__ = [
 
 @dataclass
 class Splits:
+    """The scanned data and three patient-disjoint boolean masks over it.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> from smse_metric.recipes import load_config
+        >>> s = load_splits(load_config("smse-triplet", {"data": {"synthetic": True}}), root)
+        >>> bool((s.train | s.val | s.test).all()), bool((s.train & s.test).any())
+        (True, False)
+    """
+
     index: BreakHisIndex
     train: np.ndarray  #: boolean masks over ``index``
     val: np.ndarray
@@ -83,7 +96,19 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
     """Scan ``root``, keep the configured magnifications, and split patients: the fold
     file's train/test (``data.folds_file``, ``root/Folds.csv`` or
     ``root/dsfold<fold>.txt``) or, without one, :func:`patient_split`; validation
-    patients are drawn from the training ones."""
+    patients are drawn from the training ones.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> from smse_metric.recipes import load_config
+        >>> cfg = load_config("smse-triplet", {"data": {"path": str(root), "fold": 2}})
+        >>> s = load_splits(cfg, root)  # fold 2 of root/Folds.csv, validation from training
+        >>> int(s.train.sum()) > int(s.val.sum()) > 0
+        True
+    """
     index = scan_breakhis(root, group_by=cfg.data.group_by)
     index = index.subset(np.isin(index.magnification, cfg.data.magnifications))
     folds = _folds_file(cfg, Path(root))
@@ -105,7 +130,17 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
 
 
 def data_root(cfg: Config, run_dir: str | Path) -> Path:
-    """The data a run trains on: ``data.path``, or ``RUN_DIR/data`` for synthetic runs."""
+    """The data a run trains on: ``data.path``, or ``RUN_DIR/data`` for synthetic runs.
+
+    Example:
+        >>> from smse_metric.recipes import load_config
+        >>> synthetic = load_config(overrides={"data": {"synthetic": True}})
+        >>> data_root(synthetic, "runs/a").as_posix()
+        'runs/a/data'
+        >>> real = load_config(overrides={"data": {"path": "/data/BreaKHis"}})
+        >>> data_root(real, "runs/a").as_posix()
+        '/data/BreaKHis'
+    """
     return Path(cfg.data.path) if cfg.data.path else Path(run_dir) / "data"
 
 
@@ -184,7 +219,16 @@ def _num_classes(cfg: Config) -> int:
 
 
 def build_model(cfg: Config) -> EmbeddingNet:
-    """The run's network, untrained (load ``checkpoints/best.pt`` into it)."""
+    """The run's network, untrained (load ``checkpoints/best.pt`` into it).
+
+    Example:
+        >>> from smse_metric.recipes import load_config
+        >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "task": "subtype"},
+        ...                                    "model": {"embedding_dim": 32}})
+        >>> emb, logits = build_model(cfg)(torch.randn(2, 3, 32, 32))
+        >>> emb.shape, logits.shape
+        (torch.Size([2, 32]), torch.Size([2, 8]))
+    """
     return EmbeddingNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.embedding_dim,
                         _num_classes(cfg), cfg.model.normalize, cfg.model.weights)  # fmt: skip
 
@@ -203,7 +247,23 @@ def _optimizer(cfg: Config, model: torch.nn.Module):
 
 
 def evaluate_split(cfg: Config, model, gallery, queries, device, channels_last=False) -> dict:
-    """kNN (gallery: training images) and head metrics of one split, as dicts."""
+    """kNN (gallery: training images) and head metrics of one split, as dicts.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> from smse_metric.recipes import load_config
+        >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "image_size": [16, 16],
+        ...                                             "num_workers": 0}})
+        >>> s = load_splits(cfg, root)
+        >>> ds = _datasets(cfg, s)
+        >>> cpu = torch.device("cpu")
+        >>> out = evaluate_split(cfg, build_model(cfg), ds["gallery"], ds["val"], cpu)
+        >>> sorted(out), 0 <= out["knn"]["pooled"]["patient_accuracy"] <= 1
+        (['head', 'knn'], True)
+    """
     g_emb, _ = embed(model, _eval_loader(cfg, gallery), device, channels_last)
     q_emb, q_pred = embed(model, _eval_loader(cfg, queries), device, channels_last)
     return _reports(cfg, (g_emb, gallery), (q_emb, q_pred, queries))
@@ -261,6 +321,16 @@ def train(
         TrainingInterrupted: after SIGINT / SIGTERM, once ``last.pt`` is written.
         FloatingPointError: on a non-finite loss, naming the step; ``last.pt`` keeps
             the last good epoch.
+
+    Example:
+        Two epochs on the synthetic dataset (tests/test_recipe.py runs this path; skipped
+        here because it trains a network):
+
+        >>> from smse_metric.recipes import load_config
+        >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True}, "optim": {"epochs": 2}})
+        >>> metrics = train(cfg, "runs/example")  # doctest: +SKIP
+        >>> metrics["test"]["knn"]["pooled"]["patient_accuracy"]  # doctest: +SKIP
+        0.8...
     """
     out = Path(out_dir)
     root = data_root(cfg, out) if root is None else Path(root)
@@ -464,7 +534,16 @@ def evaluate_run(
 ) -> dict:
     """Evaluate a run's ``checkpoints/best.pt`` on its test patients and write
     ``metrics.json``, ``embeddings/{gallery,test}.npz``, ``index/gallery.faiss`` (the
-    kNN gallery that ``search`` queries) and ``report.md`` with its plots."""
+    kNN gallery that ``search`` queries) and ``report.md`` with its plots.
+
+    Example:
+        Recompute a finished run's outputs (tests/test_recipe.py runs this; skipped here
+        because it needs a trained run):
+
+        >>> metrics = evaluate_run("runs/example")  # doctest: +SKIP
+        >>> sorted(metrics["test"])  # doctest: +SKIP
+        ['head', 'knn']
+    """
     from ..report import write_report
 
     out = Path(run_dir)

@@ -108,6 +108,16 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """A recipe's whole configuration: one dataclass per TOML section.
+
+    Example:
+        >>> cfg = Config()  # every default; load_config() validates
+        >>> cfg.loss.metric, cfg.sampler.kind, cfg.optim.lr
+        ('triplet', 'multiscale', 0.001)
+        >>> cfg.to_dict()["eval"]["exclude"]
+        'group'
+    """
+
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -196,6 +206,16 @@ def load_config(source: str | Path | None = None, overrides: dict | None = None)
     """A validated :class:`Config` from a preset name, a TOML file, or defaults.
 
     ``overrides`` are nested dicts applied on top (``{"optim": {"epochs": 2}}``).
+
+    Example:
+        >>> cfg = load_config("smse-pair", {"optim": {"epochs": 3}, "data": {"synthetic": True}})
+        >>> cfg.loss.metric, cfg.optim.epochs
+        ('pair', 3)
+        >>> load_config("smse-pair", {"loss": {"margn": 1.0}, "data": {"synthetic": True}})
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown key loss.margn (known: [...])
     """
     raw: dict = {}
     if source is not None:
@@ -239,7 +259,14 @@ def _toml_value(v: Any) -> str:
 
 
 def config_to_toml(cfg: Config) -> str:
-    """The resolved config as TOML (``None`` values are left out: they are defaults)."""
+    """The resolved config as TOML (``None`` values are left out: they are defaults).
+
+    Example:
+        >>> cfg = load_config("baseline-ce", {"data": {"synthetic": True}})
+        >>> text = config_to_toml(cfg)
+        >>> text.splitlines()[0], 'classification = "ce"' in text
+        ('[data]', True)
+    """
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")

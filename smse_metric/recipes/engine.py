@@ -21,21 +21,18 @@ from torch import Tensor, nn
 
 from ..distributed import gather_batch, get_rank, get_world_size
 
-__all__ = [
-    "Interrupt",
-    "ResumableBatches",
-    "ShuffledBatchSampler",
-    "TrainingInterrupted",
-    "embed",
-    "init_distributed",
-    "load_checkpoint",
-    "save_checkpoint",
-    "train_step",
-]
+__all__ = ["TrainingInterrupted", "embed", "load_checkpoint", "save_checkpoint", "train_step"]
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C (SIGINT / SIGTERM) once the checkpoint is written."""
+    """Raised after Ctrl-C (SIGINT / SIGTERM) once the checkpoint is written.
+
+    Example:
+        >>> from pathlib import Path
+        >>> e = TrainingInterrupted(Path("runs/a/checkpoints/last.pt"), epoch=3, step=17)
+        >>> str(e).split(";")[0]
+        'interrupted at epoch 3 step 17'
+    """
 
     def __init__(self, checkpoint: Path, epoch: int, step: int) -> None:
         super().__init__(
@@ -146,6 +143,16 @@ def train_step(
     gradient over ranks); the metric loss sees the global batch through
     :func:`~smse_metric.distributed.gather_batch`, so every rank mines over every
     rank's embeddings and the summed gradient is that of the global loss.
+
+    Example:
+        >>> from smse_metric import ReinforcedFocalLoss, TripletMarginLoss
+        >>> from smse_metric.models import EmbeddingNet
+        >>> net = EmbeddingNet(embedding_dim=8)
+        >>> opt = torch.optim.Adam(net.parameters())
+        >>> x, y, s = torch.randn(8, 3, 32, 32), torch.arange(8) % 2, torch.arange(8) % 4
+        >>> loss = train_step(net, x, y, s, opt, ReinforcedFocalLoss(), TripletMarginLoss(0.2))
+        >>> loss.shape, loss.requires_grad
+        (torch.Size([]), False)
     """
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         emb, logits = model(images)
@@ -166,13 +173,30 @@ def train_step(
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic write (temp file + rename); ``state`` holds tensors, numbers, strings and
-    containers only, so ``torch.load(weights_only=True)`` reads it."""
+    containers only, so ``torch.load(weights_only=True)`` reads it.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "last.pt"
+        >>> save_checkpoint(path, {"model": nn.Linear(2, 2).state_dict(), "progress": {"epoch": 1}})
+        >>> load_checkpoint(path)["progress"]  # torch.load(weights_only=True)
+        {'epoch': 1}
+    """
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` onto ``device``.
+
+    Example:
+        >>> load_checkpoint("no/such/file.pt")
+        Traceback (most recent call last):
+        ...
+        ValueError: no checkpoint at no/such/file.pt
+    """
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint at {path}")
     return torch.load(path, map_location=device, weights_only=True)
@@ -180,7 +204,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 
 @torch.no_grad()
 def embed(model: nn.Module, loader, device: torch.device, channels_last: bool = False):
-    """Embeddings [N, D] (float32, CPU) and head predictions [N] of a loader, in order."""
+    """Embeddings [N, D] (float32, CPU) and head predictions [N] of a loader, in order.
+
+    Example:
+        >>> from smse_metric.models import EmbeddingNet
+        >>> data = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16))
+        >>> emb, pred = embed(EmbeddingNet(embedding_dim=8), torch.utils.data.DataLoader(data),
+        ...                   torch.device("cpu"))
+        >>> emb.shape, pred.shape
+        (torch.Size([5, 8]), torch.Size([5]))
+    """
     model.eval()
     embs, preds = [], []
     for images, *_ in loader:

@@ -24,6 +24,14 @@ __all__ = ["Neighbour", "contact_sheet", "search_run"]
 
 @dataclass(frozen=True)
 class Neighbour:
+    """One search result: a gallery image and its metadata.
+
+    Example:
+        >>> n = Neighbour(1, 0.12, "a.png", "22549AB", "benign", "A", 40)
+        >>> n.patient, n.magnification
+        ('22549AB', 40)
+    """
+
     rank: int
     distance: float
     path: str
@@ -46,6 +54,13 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     """The ``k`` gallery images nearest to ``image`` under the run's best checkpoint.
 
     Returns a list of :class:`Neighbour`, nearest first.
+
+    Example:
+        The five training images nearest to an image, under a finished run (skipped here:
+        it needs a trained run; tests/test_recipe.py runs it):
+
+        >>> for n in search_run("runs/example", "query.png", k=5):  # doctest: +SKIP
+        ...     print(n.rank, round(n.distance, 3), n.patient, n.subtype, n.magnification)
     """
     from .breakhis import build_model
     from .engine import load_checkpoint
@@ -87,7 +102,20 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
 
 def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Path,
                   thumb: int = 160) -> Path:  # fmt: skip
-    """A PNG row: the query, then each neighbour captioned with its metadata."""
+    """A PNG row: the query, then each neighbour captioned with its metadata.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> from smse_metric.recipes.search import Neighbour
+        >>> paths = scan_breakhis(root).paths
+        >>> found = [Neighbour(i + 1, 0.1 * i, paths[i], "p", "benign", "A", 40) for i in range(3)]
+        >>> sheet = contact_sheet(paths[5], found, root / "sheet.png", thumb=64)
+        >>> from PIL import Image; Image.open(sheet).size
+        (256, 110)
+    """
     tiles = [(Path(image), "query")] + [
         (Path(n.path), f"#{n.rank} d={n.distance:.3f}\n{n.patient}\n{n.subtype} "
                        f"{n.label[:3]} {n.magnification}x")
