@@ -20,6 +20,8 @@ import faiss
 import numpy as np
 import torch
 
+from .symmetric_knn import symmetric_knn
+
 __all__ = [
     "ClassificationMetrics",
     "EvaluationReport",
@@ -36,6 +38,8 @@ WEIGHTS = ("uniform", "distance")
 DEVICES = ("auto", "cpu", "cuda")
 #: neighbour-table entries per chunk (indices + distances: 12 bytes each)
 CHUNK_ENTRIES = 1 << 24
+#: leave-one-out searches of at least this many rows use the symmetric search
+SYMMETRIC_MIN_ROWS = 4096
 
 
 # --------------------------------------------------------------------------- inputs
@@ -139,6 +143,17 @@ class FaissIndex:
         else:
             self.index = cpu_index
         self.index.add(gallery)
+
+    def vectors(self) -> np.ndarray:
+        """[G, D] float32 view of the stored gallery (L2-normalised for ``"cosine"``);
+        flat CPU indexes only."""
+        if not isinstance(self.index, faiss.IndexFlat):
+            raise ValueError("vectors() needs a flat CPU index")
+        return (
+            faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim)
+            .view(np.float32)
+            .reshape(self.ntotal, self.dim)
+        )
 
     def save(self, path: str | Path) -> None:
         """Write the index with ``faiss.write_index`` (a GPU index is copied to the CPU)."""
@@ -294,6 +309,14 @@ class KNNClassifier:
                 f"k={k} is larger than the usable gallery of query {i}: {n_g} items, "
                 f"{excluded[i]} excluded by exclude={exclude!r}"
             )
+        if extra is None and self._symmetric(q, qg, exclude):
+            groups = self.groups_ if exclude == "group" else None
+            dist, ids = symmetric_knn(self.index_.vectors(), k, self.metric, groups)
+            step = max(1, CHUNK_ENTRIES // k)
+            for start in range(0, n_q, step):
+                rows = slice(start, min(n_q, start + step))
+                yield _Neighbours(rows, dist[rows], ids[rows])
+            return
         want = k + (np.zeros(n_q, dtype=np.int64) if extra is None else extra)
         want = np.minimum(want, usable)
         need = np.minimum(want + excluded, n_g)
@@ -322,6 +345,17 @@ class KNNClassifier:
             yield _Neighbours(slice(start, stop), np.where(valid, dist, np.inf),
                               np.where(valid, ids, -1))  # fmt: skip
             start = stop
+
+    def _symmetric(self, q: np.ndarray, qg: np.ndarray | None, exclude: str) -> bool:
+        """Whether the queries are this exact-CPU gallery itself, so that
+        :func:`~smse_metric.symmetric_knn.symmetric_knn` can answer at half the cost."""
+        if exclude == "none" or self.index_type != "flat" or self.index_.device != "cpu":
+            return False
+        if len(q) != self.index_.ntotal or len(q) < SYMMETRIC_MIN_ROWS:
+            return False
+        if exclude == "group" and not np.array_equal(qg, self.groups_):
+            return False
+        return np.array_equal(FaissIndex._prepare(q, self.metric), self.index_.vectors())
 
     def _votes(self, nb: _Neighbours) -> np.ndarray:
         d, ids = nb.dist[:, : self.k], nb.ids[:, : self.k]

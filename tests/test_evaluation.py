@@ -117,6 +117,33 @@ def test_chunked_equals_one_shot(monkeypatch):
     assert_close_reports(evaluate_embeddings(emb, y, g, s, k=5).to_dict(), one)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("exclude", ["self", "group"])
+def test_symmetric_leave_one_out_equals_the_faiss_search(monkeypatch, metric, exclude):
+    rng = np.random.default_rng(3)
+    n = 5000  # above SYMMETRIC_MIN_ROWS and over several 2048-row blocks
+    y = rng.integers(0, 5, n)
+    x = (rng.standard_normal((n, 16)) + y[:, None] * 0.3).astype(np.float32)
+    g, s = rng.integers(0, 300, n), rng.integers(0, 4, n)
+
+    def run():
+        knn = KNNClassifier(k=7, metric=metric).fit(x, y, g)
+        chunks = list(knn.kneighbors_chunks(x, g, exclude))
+        report = evaluate_embeddings(x, y, g, s, k=7, exclude=exclude, metric=metric,
+                                     map_at_r=False)  # fmt: skip
+        return np.concatenate([c.ids for c in chunks]), report.to_dict()
+
+    calls = []
+    real = ev.symmetric_knn
+    monkeypatch.setattr(ev, "symmetric_knn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast_ids, fast = run()
+    assert calls  # the symmetric search answered
+    monkeypatch.setattr(ev, "SYMMETRIC_MIN_ROWS", 10**9)
+    slow_ids, slow = run()
+    np.testing.assert_array_equal(fast_ids, slow_ids)
+    assert fast == slow
+
+
 def test_torch_inputs_on_any_device_equal_numpy():
     emb, y, g, s = data(n=80, seed=4)
     a = evaluate_embeddings(torch.from_numpy(emb).double(), torch.from_numpy(y), g, s).to_dict()

@@ -1,0 +1,157 @@
+"""Exact leave-one-out k-nearest neighbours of a set within itself, at half the cost.
+
+When the queries are the gallery (leave-one-out, leave-one-patient-out), the
+similarity matrix is symmetric: block ``(I, J)`` of ``X @ X.T`` serves the queries of
+block ``I`` (its rows) and those of block ``J`` (its columns). Computing each pair of
+blocks once halves the matrix products a flat index would do. Selection keeps, per
+query, its current k best and their threshold (the k-th value); a block's entries can
+only enter where a tile of 32 entries has its maximum above the threshold, so almost
+all of the block is rejected by one tile-maximum pass, and the few candidates are
+merged exactly. Ties are broken by index, so the result is the k smallest by
+``(distance, index)``: the same rule as :class:`~smse_metric.evaluation.KNNClassifier`.
+
+L2 uses one product of augmented rows, ``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2]
+= -d(i, j)^2 / 2``, which is symmetric in ``i, j`` like the cosine similarity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["symmetric_knn"]
+
+BLOCK = 2048  #: rows per block: a [BLOCK, BLOCK] float32 block is 16 MiB
+TILE = 32  #: entries per tile of the rejection pass
+_FLOOR = torch.finfo(torch.float32).min  # thresholds never admit masked (-inf) entries
+_EMPTY = torch.iinfo(torch.int64).min  # key of an empty slot
+_LOW = (1 << 32) - 1
+
+
+def _keys(values: Tensor, ids: Tensor) -> Tensor:
+    """int64 keys whose order is (value descending, id ascending) as one number: the
+    float's order-preserving int32 image in the high half, ``2**32 - 1 - id`` below."""
+    bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return bits * (1 << 32) + (_LOW - ids)
+
+
+def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(values, ids) of keys; empty slots give (-inf, -1)."""
+    bits = (keys >> 32).to(torch.int32)
+    values = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+    ids = _LOW - (keys & _LOW)
+    empty = keys == _EMPTY
+    return values.masked_fill(empty, float("-inf")), ids.masked_fill(empty, -1)
+
+
+def _merge(state: Tensor, rows: Tensor, keys: Tensor) -> None:
+    """Merge candidate keys into the running top-k keys of their rows, in place."""
+    if rows.numel() == 0:
+        return
+    urows, inv, counts = torch.unique(rows, return_inverse=True, return_counts=True)
+    order = torch.argsort(inv, stable=True)
+    pos = torch.empty_like(inv)
+    pos[order] = torch.arange(len(inv)) - (torch.cumsum(counts, 0) - counts)[inv[order]]
+    dense = torch.full((len(urows), int(counts.max())), _EMPTY, dtype=torch.int64)
+    dense[inv, pos] = keys
+    state[urows] = torch.cat([state[urows], dense], 1).topk(state.shape[1], dim=1).values
+
+
+def _candidates(s: Tensor, tau: Tensor, by_column: bool = False) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the entries of ``s`` [R, C] (both multiples of TILE) that reach
+    their row's threshold ``tau[r]`` (or, ``by_column``, their column's ``tau[c]``),
+    found through the tiles of TILE entries whose maximum reaches it."""
+    r, c = s.shape
+    if not by_column:
+        tiles = s.view(r, c // TILE, TILE)
+        tr, tc = (tiles.amax(2) >= tau[:, None]).nonzero(as_tuple=True)
+        j, off = (tiles[tr, tc] >= tau[tr, None]).nonzero(as_tuple=True)
+        return tr[j], tc[j] * TILE + off
+    tiles = s.view(r // TILE, TILE, c)
+    tr, tc = (tiles.amax(1) >= tau[None, :]).nonzero(as_tuple=True)
+    j, off = (tiles[tr, :, tc] >= tau[tc, None]).nonzero(as_tuple=True)
+    return tr[j] * TILE + off, tc[j]
+
+
+def _threshold(state: Tensor, pad: int) -> Tensor:
+    """Each row's k-th value (floored to finite), padded with +inf (admits nothing)."""
+    tau = _decode(state[:, -1])[0].clamp_min(_FLOOR)
+    return torch.cat([tau, torch.full((pad,), float("inf"))])
+
+
+def symmetric_knn(
+    x: np.ndarray | Tensor,
+    k: int,
+    metric: str = "cosine",
+    groups: np.ndarray | None = None,
+    block: int = BLOCK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other rows of every row of ``x``, exactly.
+
+    Args:
+        x: [N, D] float32 embeddings (CPU); for ``"cosine"`` they are L2-normalised here.
+        k: neighbours per row; every row needs at least k usable others.
+        metric: ``"cosine"`` (distance ``1 - cos``) or ``"l2"`` (euclidean).
+        groups: [N] group of each row; rows of a row's own group are excluded
+            (leave-one-group-out). Without it only the row itself is excluded.
+        block: rows per block (a multiple of 32).
+
+    Returns:
+        ``(dist, ids)``, two [N, k] arrays ordered by distance, then index.
+
+    Example:
+        >>> x = np.array([[0.0], [1.0], [3.0], [7.0]], dtype="float32")
+        >>> dist, ids = symmetric_knn(x, k=2, metric="l2")
+        >>> ids.tolist(), dist[:, 0].tolist()
+        ([[1, 2], [0, 2], [1, 0], [2, 1]], [1.0, 1.0, 2.0, 4.0])
+        >>> symmetric_knn(x, k=1, metric="l2", groups=np.array([0, 0, 1, 1]))[1].ravel().tolist()
+        [2, 2, 1, 1]
+    """
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+    if block < TILE or block % TILE:
+        raise ValueError(f"block must be a positive multiple of {TILE}, got {block}")
+    x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
+    perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
+    orig = torch.from_numpy(perm.astype(np.int64))
+    xp = x[orig]
+    if metric == "cosine":
+        xp = torch.nn.functional.normalize(xp, dim=1)
+        a = b = xp
+    else:
+        half, ones = xp.square().sum(1, keepdim=True) / 2, torch.ones(n, 1)
+        a, b = torch.cat([xp, -half, ones], 1), torch.cat([xp, ones, -half], 1)
+    g = None if groups is None else torch.from_numpy(np.asarray(groups)[perm])
+    state = torch.full((n, k), _EMPTY, dtype=torch.int64)
+    bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
+    for s, e in bounds:  # each block against itself: the first k of every row
+        sim = a[s:e] @ b[s:e].T
+        sim.fill_diagonal_(float("-inf"))
+        if g is not None:
+            sim.masked_fill_(g[s:e, None] == g[None, s:e], float("-inf"))
+        keys = _keys(sim, orig[s:e][None, :]).masked_fill_(sim == float("-inf"), _EMPTY)
+        kk = min(k, e - s)
+        state[s:e, :kk] = keys.topk(kk, dim=1).values
+    for bi, (s, e) in enumerate(bounds):
+        for t, u in bounds[bi + 1 :]:
+            sim = a[s:e] @ b[t:u].T
+            if g is not None and g[e - 1] >= g[t]:  # sorted groups: only edges overlap
+                sim.masked_fill_(g[s:e, None] == g[None, t:u], float("-inf"))
+            pad_r, pad_c = -(e - s) % TILE, -(u - t) % TILE
+            if pad_r or pad_c:
+                sim = torch.nn.functional.pad(sim, (0, pad_c, 0, pad_r), value=float("-inf"))
+            r, c = _candidates(sim, _threshold(state[s:e], pad_r))
+            _merge(state, r + s, _keys(sim[r, c], orig[c + t]))
+            r, c = _candidates(sim, _threshold(state[t:u], pad_c), by_column=True)
+            _merge(state, c + t, _keys(sim[r, c], orig[r + s]))
+    out = torch.empty_like(state)
+    out[orig] = state  # back to the input's row order
+    out_vals, out_ids = _decode(out)
+    dist = 1.0 - out_vals if metric == "cosine" else (-2.0 * out_vals).clamp_min(0).sqrt()
+    dist[out_ids < 0] = float("inf")
+    return dist.numpy(), out_ids.numpy()
