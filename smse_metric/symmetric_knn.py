@@ -134,9 +134,11 @@ def symmetric_knn(
         sim.fill_diagonal_(float("-inf"))
         if g is not None:
             sim.masked_fill_(g[s:e, None] == g[None, s:e], float("-inf"))
-        keys = _keys(sim, orig[s:e][None, :]).masked_fill_(sim == float("-inf"), _EMPTY)
         kk = min(k, e - s)
-        state[s:e, :kk] = keys.topk(kk, dim=1).values
+        tau = sim.topk(kk, dim=1).values[:, -1].clamp_min(_FLOOR)
+        # everything reaching the k-th value (more than k only where it is tied)
+        r, c = (sim >= tau[:, None]).nonzero(as_tuple=True)
+        _merge(state, r + s, _keys(sim[r, c], orig[c + s]))
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
             sim = a[s:e] @ b[t:u].T
