@@ -132,6 +132,19 @@ def test_baseline_trains_and_selects_on_its_head(root, tmp_path):
     )
 
 
+def test_unreadable_images_are_left_out_and_listed(tmp_path):
+    root = tmp_path / "data"
+    make_synthetic_breakhis(root, images_per_magnification=2, image_size=(40, 28), seed=0)
+    cfg = load_config("smse-triplet", {**TINY, "optim": {"epochs": 1}})
+    splits = load_splits(cfg, root)
+    victim = Path(splits.index.paths[int(np.flatnonzero(splits.train)[0])])
+    victim.write_bytes(b"not a png")
+    metrics = train(cfg, tmp_path / "run", root, quiet=True)
+    assert [p for p, _ in metrics["bad_images"]] == [str(victim)]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "unreadable images left out: 1" in report and victim.name in report
+
+
 def test_evaluate_reproduces_the_metrics(run, capsys):
     before = json.loads((run / "metrics.json").read_text())
     assert main(["evaluate", "--run", str(run)]) == 0
