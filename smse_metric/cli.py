@@ -162,11 +162,11 @@ def _demo(args: argparse.Namespace) -> int:
     from .recipes.demo import demo_table, demo_verdict, run_demo
 
     out = Path(args.out)
-    if out.exists() and any(p.name != "data" for p in out.iterdir()):
+    if out.exists() and any(not p.name.startswith("data") for p in out.iterdir()):
         if not args.overwrite:
             raise ValueError(f"{out} holds an earlier demo; pass --overwrite to replace it")
         for p in out.iterdir():
-            if p.name != "data":
+            if not p.name.startswith("data"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     t0 = time.perf_counter()
     results = run_demo(out, epochs=args.epochs, seed=args.seed, device=args.device or "auto")

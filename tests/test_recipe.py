@@ -337,5 +337,6 @@ def test_demo_prints_a_table_that_parses(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 2  # refuses to overwrite
 
 
-def test_training_restores_the_signal_handlers(run):
+def test_training_restores_the_signal_handlers_and_determinism_flag(run):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not torch.are_deterministic_algorithms_enabled()  # the run asked for it

@@ -338,9 +338,13 @@ def train(
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(root.resolve())))
     device = _device(cfg)
     own_group = init_distributed(device.type)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
         return _train(cfg, out, root, resume, on_step, quiet, device)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         if own_group:
             dist.destroy_process_group()
 
@@ -353,8 +357,6 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(config_to_toml(cfg))
     torch.manual_seed(cfg.run.seed)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True)
     splits = load_splits(cfg, root)
     ds = _datasets(cfg, splits)
     model = build_model(cfg).to(device)

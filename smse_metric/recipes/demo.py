@@ -95,7 +95,7 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seed: int = 0,
     from .breakhis import train
 
     out = Path(out_dir)
-    root = out / "data"
+    root = out / f"data-seed{seed}"  # kept by --overwrite: the same seed makes the same data
     if not (root / "Folds.csv").is_file():
         make_synthetic_breakhis(root, {k: 2 * v for k, v in DEFAULT_PATIENTS.items()}, seed=seed)
     results = {}
