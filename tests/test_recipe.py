@@ -171,6 +171,10 @@ def test_search_returns_k_neighbours_with_metadata(run, root, capsys):
     assert sheet.is_file() and found[0].path in out and found[1].path in out
     with pytest.raises(ValueError, match="k must be"):
         search_run(run, query, k=0)
+    bad = run / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"cannot read image .*bad\.png"):
+        search_run(run, bad)
 
 
 def _script(root, out, interrupt_at):

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .breakhis import BreakHisIndex
 
-__all__ = ["BreakHisDataset", "eval_transform", "train_transform"]
+__all__ = ["BreakHisDataset", "eval_transform", "read_image", "train_transform"]
 
 _HE = torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
 _HE = _HE / _HE.norm(dim=1, keepdim=True)
@@ -26,6 +26,25 @@ _HE = _HE / _HE.norm(dim=1, keepdim=True)
 def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return TF.interpolate(img[None], size=size, mode="bilinear", antialias=True,
                           align_corners=False)[0]  # fmt: skip
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as RGB float [3, H, W] in [0, 1]; an OSError names a bad file.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("RGB", (5, 4), (255, 0, 0)).save(path)
+        >>> img = read_image(path)
+        >>> img.shape, img[:, 0, 0].tolist()
+        (torch.Size([3, 4, 5]), [1.0, 0.0, 0.0])
+    """
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
 def eval_transform(
@@ -167,13 +186,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
 
     def load(self, i: int) -> torch.Tensor:
         """The i-th image as float [3, H, W] in [0, 1], untransformed."""
-        path = self.index.paths[self.rows[i]]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+        return read_image(self.index.paths[self.rows[i]])
 
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed + self.epoch * len(self) + int(i))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.breakhis import SUBTYPES
-from ..data.dataset import eval_transform
+from ..data.dataset import eval_transform, read_image
 from ..evaluation import FaissIndex
 from .config import load_config
 
@@ -39,15 +39,6 @@ class Neighbour:
     label: str  #: benign / malignant
     subtype: str
     magnification: int
-
-
-def _load_image(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
 def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str = "cpu"):
@@ -76,7 +67,11 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     model = build_model(cfg)
     model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt", "cpu")["model"])
     model.to(device).eval()
-    x = eval_transform(tuple(cfg.data.image_size))(_load_image(Path(image)), None)
+    try:
+        img = read_image(image)
+    except OSError as e:
+        raise ValueError(str(e)) from e
+    x = eval_transform(tuple(cfg.data.image_size))(img, None)
     with torch.no_grad():
         emb, _ = model(x[None].to(device))
     index = FaissIndex.load(run / "index" / "gallery.faiss")
