@@ -119,7 +119,7 @@ def symmetric_knn(
         raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
     perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
     orig = torch.from_numpy(perm.astype(np.int64))
-    xp = x[orig]
+    xp = x if groups is None else x[orig]  # without groups the order is the identity
     if metric == "cosine":
         xp = torch.nn.functional.normalize(xp, dim=1)
         a = b = xp
