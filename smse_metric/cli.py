@@ -26,12 +26,14 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _summary(metrics: dict, out: Path) -> None:
-    from .report import results_table
+    from .report import format_score, results_table
 
     print(f"best epoch {metrics['best_epoch']} ({metrics['selected_on']} "
           f"{metrics['best_val_score']:.3f})")  # fmt: skip
     print("\n".join(results_table(metrics["test"])))
-    print(f"cross-magnification kNN mean: {metrics['test']['knn']['cross_scale_mean']:.3f}")
+    print(
+        f"cross-magnification kNN mean: {format_score(metrics['test']['knn']['cross_scale_mean'])}"
+    )
     print(f"wrote {out} (report: {out / 'report.md'})")
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["fold_summary", "fold_table", "pca_2d", "results_table", "write_report"]
+__all__ = [
+    "fold_summary",
+    "fold_table",
+    "format_score",
+    "pca_2d",
+    "results_table",
+    "write_report",
+]
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -50,7 +57,13 @@ def _pyplot():
     return plt
 
 
-def _fmt(x) -> str:
+def format_score(x) -> str:
+    """Three decimals, or ``-`` for a missing score (``None``, NaN).
+
+    Example:
+        >>> format_score(0.81234), format_score(None)
+        ('0.812', '-')
+    """
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
 
@@ -69,10 +82,10 @@ def results_table(test: dict) -> list[str]:
     for name in ("knn", "head"):
         rep = test[name]
         for level, key in (("image", "accuracy"), ("patient", "patient_accuracy")):
-            cells = [_fmt(rep["per_scale"][s][key]) for s in scales]
+            cells = [format_score(rep["per_scale"][s][key]) for s in scales]
             label = "kNN" if name == "knn" else "head"
             head.append(f"| {label} | {level} | " + " | ".join(cells) + f" | "
-                        f"{_fmt(rep['pooled'][key])} |")  # fmt: skip
+                        f"{format_score(rep['pooled'][key])} |")  # fmt: skip
     return head
 
 
@@ -109,7 +122,8 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
             cols = {s: [m["test"][name]["per_scale"][s][key] for m in metrics] for s in scales}
             cols["pooled"] = [m["test"][name]["pooled"][key] for m in metrics]
             out[name][level] = {s: stats(v) for s, v in cols.items()}
-    out["cross_scale_mean"] = stats([m["test"]["knn"]["cross_scale_mean"] for m in metrics])
+    cross = [m["test"]["knn"]["cross_scale_mean"] for m in metrics]
+    out["cross_scale_mean"] = None if None in cross else stats(cross)  # one magnification
     return out
 
 
@@ -134,7 +148,8 @@ def fold_table(summary: dict) -> list[str]:
             text = [f"{100 * c['mean']:.2f} +- {100 * c['std']:.2f}" for c in cells]
             rows.append(f"| {label} | {level} | " + " | ".join(text) + " |")
     x = summary["cross_scale_mean"]
-    rows += ["", f"kNN cross-magnification mean: {100 * x['mean']:.2f} +- {100 * x['std']:.2f}"]
+    if x is not None:
+        rows += ["", f"kNN cross-magnification mean: {100 * x['mean']:.2f} +- {100 * x['std']:.2f}"]
     return rows
 
 
@@ -186,12 +201,13 @@ def _cross_scale(knn: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
     for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, _fmt(v), ha="center", va="center", fontsize=8,
+        ax.text(j, i, format_score(v), ha="center", va="center", fontsize=8,
                 color="white" if v < 0.6 else "black")  # fmt: skip
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
+    mean = format_score(knn["cross_scale_mean"])
     ax.set(xlabel="gallery magnification", ylabel="query magnification",
-           title=f"kNN accuracy (off-diagonal mean {_fmt(knn['cross_scale_mean'])})")  # fmt: skip
+           title=f"kNN accuracy (off-diagonal mean {mean})")  # fmt: skip
     ax.title.set_fontsize(9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -245,7 +261,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [f"# Run report: {run.name}", ""]
     lines += [
         f"Best epoch {metrics['best_epoch']} ({metrics['selected_on']} "
-        f"{_fmt(metrics['best_val_score'])}); images train / validation / test: "
+        f"{format_score(metrics['best_val_score'])}); images train / validation / test: "
         f"{metrics['splits']['train']} / {metrics['splits']['val']} / "
         f"{metrics['splits']['test']}. kNN: k = {test['knn']['k']}, {test['knn']['metric']}, "
         f"exclude = {test['knn']['exclude']}, gallery = the training images.",
@@ -255,7 +271,7 @@ def write_report(run_dir: str | Path) -> Path:
         *results_table(test),
         "",
         f"Cross-magnification kNN accuracy, off-diagonal mean: "
-        f"{_fmt(test['knn']['cross_scale_mean'])}.",
+        f"{format_score(test['knn']['cross_scale_mean'])}.",
         "",
         "![cross-magnification](plots/cross_scale.png)",
         "",

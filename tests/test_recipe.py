@@ -145,6 +145,22 @@ def test_unreadable_images_are_left_out_and_listed(tmp_path):
     assert "unreadable images left out: 1" in report and victim.name in report
 
 
+def test_one_magnification_trains_reports_and_summarises_folds(root, tmp_path, capsys):
+    one = {**TINY, "data": {**TINY["data"], "magnifications": [200]}, "optim": {"epochs": 1}}
+    cfg = tmp_path / "one.toml"
+    cfg.write_text(config_to_toml(load_config("smse-pair", one)))
+    args = ["train", "--config", str(cfg), "--data", str(root)]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert "cross-magnification kNN mean: -" in capsys.readouterr().out  # nothing to cross
+    metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert list(metrics["test"]["knn"]["per_scale"]) == ["200"]
+    assert "off-diagonal mean: -." in (tmp_path / "single" / "report.md").read_text()
+    out = tmp_path / "folds"
+    assert main([*args, "--out", str(out), "--folds", "1-2"]) == 0
+    assert json.loads((out / "folds.json").read_text())["cross_scale_mean"] is None
+    assert "cross-magnification" not in (out / "folds.md").read_text()
+
+
 def test_evaluate_reproduces_the_metrics(run, capsys):
     before = json.loads((run / "metrics.json").read_text())
     assert main(["evaluate", "--run", str(run)]) == 0

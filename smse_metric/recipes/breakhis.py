@@ -110,12 +110,14 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
         True
     """
     index = scan_breakhis(root, group_by=cfg.data.group_by)
-    index = index.subset(np.isin(index.magnification, cfg.data.magnifications))
+    keep = np.isin(index.magnification, cfg.data.magnifications)
     folds = _folds_file(cfg, Path(root))
-    if folds is not None:
+    if folds is not None:  # fold files list every magnification: match, then restrict
         masks = index.masks(load_folds(folds, cfg.data.fold))
-        train, test = masks["train"], masks["test"]
+        index = index.subset(keep)
+        train, test = masks["train"][keep], masks["test"][keep]
     else:
+        index = index.subset(keep)
         split = patient_split(index, cfg.data.test_fraction, 0.0, seed=cfg.run.seed)
         train, test = split["train"], split["test"]
     inner = patient_split(index.subset(train), cfg.data.val_fraction, 0.0, seed=cfg.run.seed)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..data import make_synthetic_breakhis
 from ..data.synthetic import DEFAULT_PATIENTS
+from ..report import format_score
 from .config import load_config
 
 __all__ = ["DEMO_METHODS", "DEMO_OVERRIDES", "demo_table", "demo_verdict", "run_demo"]
@@ -76,7 +77,7 @@ def demo_verdict(results: dict[str, dict]) -> str:
         lines.append(
             f"{method}: pooled patient accuracy {patient:.3f}"
             f" ({'kNN' if select == 'knn' else 'head'}, as selected on validation), "
-            f"cross-magnification mean {m['test']['knn']['cross_scale_mean']:.3f}"
+            f"cross-magnification mean {format_score(m['test']['knn']['cross_scale_mean'])}"
         )
     return "\n".join(lines)
 
