@@ -161,6 +161,16 @@ def test_one_magnification_trains_reports_and_summarises_folds(root, tmp_path, c
     assert "cross-magnification" not in (out / "folds.md").read_text()
 
 
+def test_subtype_task_trains_with_eight_classes(root, tmp_path):
+    cfg = load_config("smse-triplet", {**TINY, "data": {**TINY["data"], "task": "subtype"},
+                                       "optim": {"epochs": 1}})  # fmt: skip
+    metrics = train(cfg, tmp_path / "run", root, quiet=True)
+    head = metrics["test"]["head"]["pooled"]
+    assert len(head["confusion"]) == 8 and sum(map(sum, head["confusion"])) == head["n"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "plots/confusion.png" in report
+
+
 def test_evaluate_reproduces_the_metrics(run, capsys):
     before = json.loads((run / "metrics.json").read_text())
     assert main(["evaluate", "--run", str(run)]) == 0
