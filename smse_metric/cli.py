@@ -51,15 +51,10 @@ def _parse_folds(spec: str) -> list[int]:
     return folds
 
 
-def _train(args: argparse.Namespace) -> int:
-    import dataclasses
-    import shutil
-
+def _train_config(args: argparse.Namespace, folds: list[int] | None):
+    """The validated config of a new run (nothing is written yet)."""
     from .recipes import load_config
-    from .recipes.breakhis import data_root, train
 
-    out = Path(args.out)
-    folds = _parse_folds(args.folds) if args.folds else None
     overrides: dict = {"data": {}, "model": {}, "optim": {}, "run": {}}
     for section, key, value in (("data", "fold", args.fold), ("optim", "epochs", args.epochs),
                                 ("run", "device", args.device),
@@ -67,6 +62,44 @@ def _train(args: argparse.Namespace) -> int:
                                 ("model", "weights", args.weights)):  # fmt: skip
         if value is not None:
             overrides[section][key] = value
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise ValueError(f"--weights {args.weights} does not exist")
+    if args.synthetic:
+        overrides["data"]["synthetic"] = True
+    elif args.data:
+        if not Path(args.data).is_dir():
+            raise ValueError(f"--data {args.data} is not a directory")
+        overrides["data"]["path"] = str(Path(args.data).resolve())
+    else:
+        raise ValueError("give --data DIR (a BreakHis directory) or --synthetic")
+    return load_config(args.config or "smse-triplet", overrides)
+
+
+def _validate_run(cfg, folds: list[int] | None) -> None:
+    """Every check a run makes before it writes: data, splits and backbone."""
+    import dataclasses
+
+    from .recipes.breakhis import load_splits, resolve_inputs
+
+    resolve_inputs(cfg)  # builds the backbone: an unknown name or a failed download
+    if cfg.data.path is None:
+        return  # synthetic data is written by the run itself
+    for k in folds or [cfg.data.fold]:
+        load_splits(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k)),
+                    cfg.data.path)  # fmt: skip
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .distributed import is_main_process
+    from .recipes import load_config
+    from .recipes.breakhis import data_root, device_of
+    from .recipes.engine import init_distributed
+    from .recipes.rundir import check_run_dir, claim_run_dir
+
+    out = Path(args.out)
+    folds = _parse_folds(args.folds) if args.folds else None
     if args.resume:
         if args.config or args.data or args.synthetic:
             raise ValueError("--resume continues the run with its own config.toml and data; "
@@ -75,27 +108,76 @@ def _train(args: argparse.Namespace) -> int:
         saved = [r / "config.toml" for r in runs if (r / "config.toml").is_file()]
         if not saved or (not folds and not (out / "checkpoints" / "last.pt").is_file()):
             raise ValueError(f"{out} has no checkpoints/last.pt to resume from")
+        overrides = {"optim": {"epochs": args.epochs}} if args.epochs else None
         cfg = load_config(saved[0], overrides)
-    else:
-        if out.exists() and any(out.iterdir()):
-            if not args.overwrite:
-                raise ValueError(
-                    f"{out} exists and is not empty; pass --resume to continue it or "
-                    "--overwrite to replace it"
-                )
-            shutil.rmtree(out)
-        if args.synthetic:
-            overrides["data"]["synthetic"] = True
-        elif args.data:
-            overrides["data"]["path"] = str(Path(args.data).resolve())
-        else:
-            raise ValueError("give --data DIR (a BreakHis directory) or --synthetic")
-        cfg = load_config(args.config or "smse-triplet", overrides)
-        root = data_root(cfg, out)
-        if args.synthetic and not (root / "Folds.csv").is_file():
-            make_synthetic_breakhis(root, seed=cfg.run.seed)
-        if folds:  # every fold reads the same data
-            cfg.data.path = str(root.resolve())
+        return _train_folds(args, cfg, out, folds)
+    cfg = _train_config(args, folds)
+    _validate_run(cfg, folds)
+    own_group = init_distributed(device_of(cfg).type)  # torchrun: rank 0 prepares, all wait
+    try:
+        error = None
+        if is_main_process():
+            try:
+                protected = [cfg.data.path] if cfg.data.path else []
+                replace = check_run_dir(out, args.overwrite, protected)
+            except ValueError as e:
+                error = e
+        if _any_failed(error is not None):
+            if error is not None:
+                raise error
+            return 2
+        if not is_main_process():
+            _barrier()
+            return _train_folds(args, _shared_data(cfg, out, folds), out, folds)
+        with claim_run_dir(out, replace):
+            if args.synthetic:
+                make_synthetic_breakhis(data_root(cfg, out), seed=cfg.run.seed)
+            _barrier()
+            return _train_folds(args, _shared_data(cfg, out, folds), out, folds)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _shared_data(cfg, out: Path, folds: list[int] | None):
+    """Folds of a synthetic run share OUT/data; a single run finds it by itself."""
+    import dataclasses
+
+    if cfg.data.path is not None or not folds:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, path=str((out / "data").resolve())))  # fmt: skip
+
+
+def _any_failed(failed: bool) -> bool:
+    """Whether any rank failed (every rank learns it, so none waits forever)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return failed
+    flag = torch.tensor([float(failed)])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _train_folds(args: argparse.Namespace, cfg, out: Path, folds: list[int] | None) -> int:
+    import dataclasses
+    import shutil
+
+    from .distributed import is_main_process
+    from .recipes.breakhis import train
+    from .recipes.rundir import check_run_dir
+
     if not folds:
         metrics = train(cfg, out, resume=args.resume)
         if metrics is not None:  # rank 0
@@ -109,8 +191,8 @@ def _train(args: argparse.Namespace) -> int:
             results[k] = json.loads((run / "metrics.json").read_text())
             continue
         resume_k = args.resume and (run / "checkpoints" / "last.pt").is_file()
-        if not resume_k and run.exists():
-            shutil.rmtree(run)  # started but never reached a checkpoint
+        if not resume_k and is_main_process() and check_run_dir(run, overwrite=False):
+            shutil.rmtree(run)  # ours, started but never reached a checkpoint
         print(f"fold {k}: {run}", flush=True)
         results[k] = train(cfg_k, run, resume=resume_k)
     if all(m is not None for m in results.values()):  # rank 0
@@ -158,26 +240,22 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import shutil
-    import time
-
-    from .recipes.demo import demo_table, demo_verdict, run_demo
+    from .recipes.demo import comparison_table, demo_table, run_demo
+    from .recipes.rundir import DEMO_MARKER, check_run_dir, claim_run_dir
 
     out = Path(args.out)
-    if out.exists() and any(not p.name.startswith("data") for p in out.iterdir()):
-        if not args.overwrite:
-            raise ValueError(f"{out} holds an earlier demo; pass --overwrite to replace it")
-        for p in out.iterdir():
-            if not p.name.startswith("data"):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    t0 = time.perf_counter()
-    results = run_demo(out, epochs=args.epochs, seed=args.seed, device=args.device or "auto")
+    replace = check_run_dir(out, args.overwrite, marker=DEMO_MARKER)
+    with claim_run_dir(out, replace, marker=DEMO_MARKER):
+        summary = run_demo(out, epochs=args.epochs, seeds=args.seeds,
+                           device=args.device or "auto")  # fmt: skip
+    runs = summary["runs"]
     print()
-    print(demo_table(results))
+    print("replicate 1 of", len(runs))
+    print(demo_table(runs[0]))
     print()
-    print(demo_verdict(results))
-    print(f"\n{time.perf_counter() - t0:.0f} s; reports: "
-          + ", ".join(str(out / m / "report.md") for m in results))  # fmt: skip
+    print(f"paired over {len(runs)} replicates (mean; difference = {'-'.join(runs[0])}):")
+    print(comparison_table(summary["comparison"], runs))
+    print(f"\n{summary['seconds']:.0f} s wall time; summary: {out / 'summary.md'}")
     return 0
 
 
@@ -260,12 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser(
         "demo", help="SMSE vs a plain classifier on the synthetic dataset (minutes, CPU)",
-        description="Generate the synthetic dataset, train smse-triplet and baseline-ce, "
-        "print one table of test accuracies and write both reports.",
+        description="Generate the synthetic dataset, train smse-triplet and baseline-ce on "
+        "several paired replicates, and print each headline metric's mean difference, its "
+        "95%% confidence interval and the verdict.",
     )  # fmt: skip
     de.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    de.add_argument("--epochs", type=int, help="epochs per method (default 12)")
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--epochs", type=int, help="epochs per method (default 8)")
+    de.add_argument(
+        "--seeds", type=int, default=5,
+        help="paired replicates (fold k and seed k for both methods; default 5)",
+    )  # fmt: skip
     de.add_argument("--device", choices=("auto", "cpu", "cuda"))
     de.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
     de.set_defaults(func=_demo)

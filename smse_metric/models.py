@@ -11,7 +11,60 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EmbeddingNet", "load_backbone_weights"]
+__all__ = ["EmbeddingNet", "SmallCNN", "backbone_data_config", "load_backbone_weights"]
+
+#: backbones of this project (no timm name); everything else is created by timm
+LOCAL_BACKBONES = ("smse-cnn",)
+
+
+class SmallCNN(nn.Module):
+    """The SMSE paper's kind of network: six 3x3 convolutions with batch norm and PReLU,
+    a max-pool after each pair, global average pooling; ``[B, 3, H, W] -> [B, 128]``.
+
+    Small enough to train in seconds on a CPU, which is what the demo needs.
+
+    Example:
+        >>> SmallCNN()(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 128])
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 32, 64, 64, 128, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c in enumerate(widths):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                       nn.PReLU(c)]  # fmt: skip
+            if i % 2 == 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.num_features = c_in
+        #: inputs as timm describes them: trained from scratch on images around 0.5
+        self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                               "interpolation": "bilinear"}  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x).mean((2, 3))
+
+
+def backbone_data_config(backbone: nn.Module) -> dict:
+    """The input normalisation a backbone expects: ``{"mean", "std", "interpolation"}``
+    from its timm ``pretrained_cfg`` (ImageNet's for most timm models).
+
+    Example:
+        >>> cfg = backbone_data_config(EmbeddingNet("resnet18").backbone)
+        >>> cfg["mean"], cfg["interpolation"]
+        ((0.485, 0.456, 0.406), 'bicubic')
+    """
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(backbone)
+    return {
+        "mean": tuple(float(v) for v in cfg["mean"]),
+        "std": tuple(float(v) for v in cfg["std"]),
+        "interpolation": str(cfg.get("interpolation") or "bilinear"),
+    }
 
 
 def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list[str]]:
@@ -55,7 +108,8 @@ class EmbeddingNet(nn.Module):
     """``x -> (embeddings [B, embedding_dim], logits [B, num_classes])``.
 
     Args:
-        backbone: any timm model name, ``hf-hub:`` names included.
+        backbone: any timm model name, ``hf-hub:`` names included, or ``"smse-cnn"``
+            (:class:`SmallCNN`).
         pretrained: download the backbone's pretrained weights (only when asked).
         embedding_dim: size of the embedding.
         num_classes: classes of the classifier head (on the embedding, as in SMSE).
@@ -86,18 +140,25 @@ class EmbeddingNet(nn.Module):
             raise ValueError(
                 f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}"
             )
-        try:
-            self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0)
-        except Exception as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"backbone {backbone!r} is not a timm model") from e
-            if not pretrained:
-                raise
-            raise RuntimeError(
-                f"could not download pretrained weights for {backbone!r} ({type(e).__name__}: "
-                f"{e}). Use a local file with --weights FILE (.safetensors or .pt), or train "
-                "from scratch with --no-pretrained."
-            ) from e
+        if backbone in LOCAL_BACKBONES:
+            if pretrained:
+                raise ValueError(f"backbone {backbone!r} has no pretrained weights")
+            self.backbone = SmallCNN()
+        elif not timm.is_model(backbone) and not backbone.startswith("hf-hub:"):
+            raise ValueError(f"backbone {backbone!r} is not a timm model nor one of "
+                             f"{list(LOCAL_BACKBONES)}")  # fmt: skip
+        else:
+            try:
+                self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0)
+            except Exception as e:
+                if not pretrained:
+                    raise
+                # one line the CLI can print: what failed and what to do instead
+                raise ValueError(
+                    f"could not download pretrained weights for {backbone!r} "
+                    f"({type(e).__name__}); offline, pass --weights FILE (a local "
+                    ".safetensors / .pt) or --no-pretrained"
+                ) from e
         if weights is not None:
             self.weights_report = load_backbone_weights(self.backbone, weights)
         self.backbone_name = backbone

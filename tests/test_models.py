@@ -44,8 +44,37 @@ def test_failed_download_suggests_local_weights_or_no_pretrained(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match=r"--weights FILE.*--no-pretrained"):
+    with pytest.raises(ValueError, match=r"--weights FILE.*--no-pretrained") as e:
         EmbeddingNet("resnet18", pretrained=True)
+    assert "\n" not in str(e.value)  # one line for the CLI
+
+
+def test_pretrained_offline_is_one_line_from_the_cli(monkeypatch, tmp_path, capsys):
+    import timm
+
+    from smse_metric.cli import main
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    out = tmp_path / "run"
+    assert main(["train", "--synthetic", "--pretrained", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--no-pretrained" in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_small_cnn_and_its_input_config():
+    from smse_metric.models import SmallCNN, backbone_data_config
+
+    net = EmbeddingNet("smse-cnn", embedding_dim=8, num_classes=3)
+    emb, logits = net(torch.randn(4, 3, 32, 32))
+    assert emb.shape == (4, 8) and logits.shape == (4, 3)
+    assert isinstance(net.backbone, SmallCNN)
+    assert backbone_data_config(net.backbone)["std"] == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        EmbeddingNet("smse-cnn", pretrained=True)
 
 
 def test_unknown_backbone_and_bad_sizes():

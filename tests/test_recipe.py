@@ -17,7 +17,7 @@ from smse_metric.cli import main
 from smse_metric.data import make_synthetic_breakhis
 from smse_metric.evaluation import FaissIndex
 from smse_metric.recipes import config_to_toml, load_config
-from smse_metric.recipes.breakhis import load_splits, train
+from smse_metric.recipes.breakhis import load_splits, resolve_inputs, train
 
 TINY = {
     "data": {"synthetic": True, "image_size": [32, 32], "num_workers": 0, "val_fraction": 0.2},
@@ -96,9 +96,11 @@ def _check_run(run, cfg):
     history = _history(run)
     assert [h["epoch"] for h in history] == list(range(cfg.optim.epochs))
     assert all(np.isfinite(h["loss"]) and 0 <= h["val_score"] <= 1 for h in history)
-    for name in ("last", "best"):
-        state = torch.load(run / "checkpoints" / f"{name}.pt", weights_only=True)
-        assert {"model", "optimizer", "progress"} <= set(state)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "progress", "history"} <= set(last)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert set(best) == {"model", "progress"}  # weights only: the optimiser lives in last.pt
+    assert (run / ".smse-run").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_epoch"] == max(range(len(history)), key=lambda e: history[e]["val_score"])
     knn, head = metrics["test"]["knn"], metrics["test"]["head"]
@@ -115,7 +117,7 @@ def _check_run(run, cfg):
     saved = load_config(run / "config.toml")
     assert Path(saved.data.path).is_dir()
     saved.data.path = cfg.data.path
-    assert saved == cfg
+    assert saved == resolve_inputs(cfg)  # the backbone's normalisation, recorded
 
 
 def test_training_writes_every_output(run):
@@ -162,9 +164,13 @@ def test_one_magnification_trains_reports_and_summarises_folds(root, tmp_path, c
 
 
 def test_subtype_task_trains_with_eight_classes(root, tmp_path):
-    cfg = load_config("smse-triplet", {**TINY, "data": {**TINY["data"], "task": "subtype"},
+    data = {**TINY["data"], "task": "subtype"}
+    with pytest.raises(ValueError, match=r"at least 2 patients of each class.*A: 1 training"):
+        load_splits(load_config("smse-triplet", {**TINY, "data": data}), root)
+    cfg = load_config("smse-triplet", {**TINY, "data": {**data, "small_validation": "warn"},
                                        "optim": {"epochs": 1}})  # fmt: skip
-    metrics = train(cfg, tmp_path / "run", root, quiet=True)
+    with pytest.warns(UserWarning, match="at least 2 patients of each class"):
+        metrics = train(cfg, tmp_path / "run", root, quiet=True)
     head = metrics["test"]["head"]["pooled"]
     assert len(head["confusion"]) == 8 and sum(map(sum, head["confusion"])) == head["n"]
     report = (tmp_path / "run" / "report.md").read_text()
@@ -245,7 +251,7 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys)
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["test"] == json.loads(json.dumps(reference["test"]))
     assert resumed["best_epoch"] == reference["best_epoch"]
-    timing = {"images_per_s"}
+    timing = {"images_per_s", "seconds"}
     strip = [{k: v for k, v in h.items() if k not in timing} for h in _history(out)]
     assert strip == [{k: v for k, v in h.items() if k not in timing}
                      for h in _history(tmp_path / "straight")]  # fmt: skip
@@ -334,37 +340,41 @@ def test_every_subcommand_has_help(command, capsys):
     assert e.value.code == 0 and f"usage: smse-metric {command}" in capsys.readouterr().out
 
 
-def test_demo_prints_a_table_that_parses(tmp_path, monkeypatch, capsys):
+def test_demo_compares_paired_replicates_with_a_confidence_interval(tmp_path, monkeypatch,
+                                                                    capsys):  # fmt: skip
     from smse_metric.recipes import demo
+    from smse_metric.recipes.compare import paired_comparison
 
-    tiny = {"data": {**demo.DEMO_OVERRIDES["data"], "image_size": [32, 32]},
-            "optim": {**demo.DEMO_OVERRIDES["optim"], "epochs": 1},
+    monkeypatch.setattr(demo, "DEMO_PATIENTS", {k: 2 * v for k, v in
+                                                demo.DEFAULT_PATIENTS.items()})  # fmt: skip
+    tiny = {**demo.DEMO_OVERRIDES, "optim": {**demo.DEMO_OVERRIDES["optim"], "epochs": 1},
             "sampler": {"groups_per_class": 2}}  # fmt: skip
     monkeypatch.setattr(demo, "DEMO_OVERRIDES", tiny)
-    assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
-    lines = [x for x in printed.splitlines() if x.startswith("|")]
-    header, rows = [c.strip() for c in lines[0].strip("|").split("|")], lines[2:]
-    assert header == ["method", "predictor", "level", "40x", "100x", "200x", "400x", "pooled",
-                      "cross-mag mean"]  # fmt: skip
-    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
-    assert {(c[0], c[1], c[2]) for c in cells} == {
-        (m, p, lv) for m in demo.DEMO_METHODS for p in ("kNN", "head")
-        for lv in ("image", "patient")
-    }  # fmt: skip
-    for c in cells:
-        values = [float(v) for v in c[3:8]]
-        assert all(0 <= v <= 1 for v in values)
-        assert (c[8] == "-") == (c[1] == "head")
-    table = {(c[0], c[1], c[2]): c for c in cells}
-    for m, predictor in (("smse-triplet", "kNN"), ("baseline-ce", "head")):
-        patient, xmag = table[(m, predictor, "patient")][7], table[(m, "kNN", "patient")][8]
-        assert (f"{m}: pooled patient accuracy {patient} ({predictor}, as selected on "
-                f"validation), cross-magnification mean {xmag}") in printed  # fmt: skip
-    for m in demo.DEMO_METHODS:
-        assert (tmp_path / m / "report.md").is_file()
-    assert (tmp_path / "summary.md").read_text().count("|") > 20
-    assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 2  # refuses to overwrite
+    cells = [[v.strip() for v in r.strip("|").split("|")] for r in printed.splitlines()
+             if r.startswith("| ")]  # fmt: skip
+    rows = {c[0]: c for c in cells}
+    summary = json.loads((out / "summary.json").read_text())
+    runs = summary["runs"]
+    assert len(runs) == 2 and all(set(r) == set(demo.DEMO_METHODS) for r in runs)
+    # the printed numbers are recomputed here from the per-replicate test metrics
+    a = [r["smse-triplet"]["knn"]["pooled"]["patient_accuracy"] for r in runs]
+    b = [r["baseline-ce"]["head"]["pooled"]["patient_accuracy"] for r in runs]
+    c = paired_comparison(a, b)
+    row = rows["pooled patient accuracy"]
+    assert row[1:4] == [f"{c.mean_a:.3f}", f"{c.mean_b:.3f}", f"{c.difference:+.3f}"]
+    assert row[4] == f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]" and row[5] == c.verdict
+    assert "wall time" in printed and (out / "summary.md").read_text().count("|") > 20
+    for k in range(2):  # replicate k: fold k + 1 and seed k, the same for both methods
+        cfgs = [load_config(out / f"seed{k}" / m / "config.toml") for m in demo.DEMO_METHODS]
+        assert {(c.data.fold, c.run.seed, c.data.path) for c in cfgs} == {
+            (k + 1, k, str((out / "data").resolve()))
+        }
+    assert (out / ".smse-demo").is_file()
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 2  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_training_restores_the_signal_handlers_and_determinism_flag(run):

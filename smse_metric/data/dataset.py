@@ -17,15 +17,40 @@ from PIL import Image, UnidentifiedImageError
 
 from .breakhis import BreakHisIndex
 
-__all__ = ["BreakHisDataset", "eval_transform", "read_image", "train_transform"]
+__all__ = [
+    "INTERPOLATIONS",
+    "BreakHisDataset",
+    "eval_transform",
+    "normalize_image",
+    "read_image",
+    "train_transform",
+]
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 _HE = torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
 _HE = _HE / _HE.norm(dim=1, keepdim=True)
 
 
-def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return TF.interpolate(img[None], size=size, mode="bilinear", antialias=True,
-                          align_corners=False)[0]  # fmt: skip
+def _resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {mode!r}")
+    if mode == "nearest":
+        return TF.interpolate(img[None], size=size, mode="nearest")[0]
+    out = TF.interpolate(img[None], size=size, mode=mode, antialias=True, align_corners=False)
+    return out[0].clamp(0, 1)  # bicubic overshoots
+
+
+def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(img - mean) / std`` per channel, for an image [3, H, W] or a batch [B, 3, H, W].
+
+    Example:
+        >>> normalize_image(torch.full((3, 1, 1), 0.5), (0.5, 0.25, 0.0), (0.5, 0.5, 1.0)).flatten()
+        tensor([0.0000, 0.5000, 0.5000])
+    """
+    m = torch.as_tensor(mean, dtype=img.dtype).reshape(3, 1, 1)
+    s = torch.as_tensor(std, dtype=img.dtype).reshape(3, 1, 1)
+    return (img - m) / s
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -48,9 +73,10 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 def eval_transform(
-    size: tuple[int, int],
+    size: tuple[int, int], interpolation: str = "bilinear"
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    """Resize to ``size`` = (H, W); images are float [3, H, W] in [0, 1].
+    """Resize to ``size`` = (H, W) with ``interpolation``; images are float [3, H, W] in
+    [0, 1].
 
     Example:
         >>> img = torch.rand(3, 46, 70)
@@ -59,7 +85,7 @@ def eval_transform(
     """
 
     def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return _resize(img, size)
+        return _resize(img, size, interpolation)
 
     return apply
 
@@ -69,6 +95,7 @@ def train_transform(
     crop_scale: tuple[float, float] = (0.6, 1.0),
     color: float = 0.15,
     stain: float = 0.05,
+    interpolation: str = "bilinear",
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """Random crop (area fraction in ``crop_scale``), resize, flips, 90-degree rotations
     (square sizes only), brightness / contrast / saturation jitter of +-``color`` and
@@ -89,7 +116,7 @@ def train_transform(
         frac = u(*crop_scale)
         ch, cw = max(1, round(h * math.sqrt(frac))), max(1, round(w * math.sqrt(frac)))
         y0, x0 = int(u(0, h - ch + 1)), int(u(0, w - cw + 1))
-        img = _resize(img[:, y0 : y0 + ch, x0 : x0 + cw], size)
+        img = _resize(img[:, y0 : y0 + ch, x0 : x0 + cw], size, interpolation)
         if u(0, 1) < 0.5:
             img = img.flip(2)
         if u(0, 1) < 0.5:
@@ -115,7 +142,7 @@ def train_transform(
 
 class BreakHisDataset(torch.utils.data.Dataset):
     """Images of a :class:`~smse_metric.data.BreakHisIndex` as
-    ``(image [3, H, W] float in [0, 1], label, group, scale)``.
+    ``(image [3, H, W] float, label, group, scale)``.
 
     Args:
         index: the scanned dataset (use ``index.subset(mask)`` for a split).
@@ -127,6 +154,10 @@ class BreakHisDataset(torch.utils.data.Dataset):
         skip_bad_images: check every file once now; unreadable ones are left out,
             counted and listed in ``bad_images``. Otherwise a bad file raises an
             error naming it when it is read.
+        mean: per-channel mean the backbone expects (None: images stay in [0, 1]).
+        std: per-channel standard deviation, with ``mean``.
+        interpolation: resize mode of the built-in transforms (one of
+            ``INTERPOLATIONS``), as the backbone's data config gives it.
 
     Example:
         >>> import tempfile
@@ -149,15 +180,25 @@ class BreakHisDataset(torch.utils.data.Dataset):
         task: str = "binary",
         seed: int = 0,
         skip_bad_images: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         if task not in ("binary", "subtype"):
             raise ValueError(f"task must be 'binary' or 'subtype', got {task!r}")
+        if (mean is None) != (std is None):
+            raise ValueError("mean and std must be given together")
+        if std is not None and (len(std) != 3 or len(mean) != 3 or min(std) <= 0):
+            raise ValueError(f"mean and std must hold 3 values, std > 0: {mean}, {std}")
         if isinstance(transform, str):
             if transform not in ("train", "eval"):
                 raise ValueError(
                     f"transform must be 'train', 'eval' or a callable, got {transform!r}"
                 )
-            transform = train_transform(size) if transform == "train" else eval_transform(size)
+            make = train_transform if transform == "train" else eval_transform
+            transform = make(size, interpolation=interpolation)
+        self.mean = None if mean is None else tuple(float(v) for v in mean)
+        self.std = None if std is None else tuple(float(v) for v in std)
         self.index, self.transform, self.task, self.seed = index, transform, task, int(seed)
         self.epoch = 0
         self.bad_images: list[tuple[str, str]] = []
@@ -190,8 +231,11 @@ class BreakHisDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed + self.epoch * len(self) + int(i))
+        img = self.transform(self.load(i), g)
+        if self.mean is not None:
+            img = normalize_image(img, self.mean, self.std)
         return (
-            self.transform(self.load(i), g),
+            img,
             int(self.labels[i]),
             int(self.groups[i]),
             int(self.scales[i]),

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,19 @@ from .engine import (
     save_checkpoint,
     train_step,
 )
+from .rundir import RUN_MARKER
 
 __all__ = [
     "Splits",
     "TrainingInterrupted",
     "build_model",
     "data_root",
+    "device_of",
     "evaluate_run",
     "evaluate_split",
     "load_splits",
+    "resolve_inputs",
+    "split_sizes",
     "train",
 ]
 
@@ -120,15 +125,62 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
         index = index.subset(keep)
         split = patient_split(index, cfg.data.test_fraction, 0.0, seed=cfg.run.seed)
         train, test = split["train"], split["test"]
-    inner = patient_split(index.subset(train), cfg.data.val_fraction, 0.0, seed=cfg.run.seed)
-    val = np.zeros(len(index), dtype=bool)
-    val[np.flatnonzero(train)[inner["test"]]] = True
+    val = _validation_patients(cfg, index, train)
     train = train & ~val
     for name, m in (("train", train), ("validation", val), ("test", test)):
         if not m.any():
             raise ValueError(f"the {name} split is empty: too few patients for the fractions")
     check_patient_disjoint({"train": train, "val": val, "test": test}, index.group)
     return Splits(index, train, val, test)
+
+
+def _validation_patients(cfg: Config, index: BreakHisIndex, train: np.ndarray) -> np.ndarray:
+    """Validation patients drawn per class from the training patients: a
+    ``val_fraction`` of each class's, at least ``min_val_patients_per_class``, and never
+    a class's last training patient. Too few patients raise (or warn, by config)."""
+    labels = index.label if cfg.data.task == "binary" else index.subtype
+    names = index.label_names if cfg.data.task == "binary" else index.subtype_names
+    rng = np.random.default_rng([cfg.run.seed, 1])
+    want_min, val = cfg.data.min_val_patients_per_class, np.zeros(len(index), dtype=bool)
+    short = []
+    for c in np.unique(labels[train]):
+        patients = np.unique(index.group[train & (labels == c)])
+        want = max(want_min, round(cfg.data.val_fraction * len(patients)))
+        take = min(want, len(patients) - 1)
+        if take < want_min:
+            short.append(f"{names[c]}: {len(patients)} training patients")
+        chosen = rng.permutation(patients)[:take]
+        val |= train & np.isin(index.group, chosen)
+    if short:
+        msg = (f"validation needs at least {want_min} patients of each class and one left "
+               f"to train on, but {'; '.join(short)} (lower data.min_val_patients_per_class "
+               "or set data.small_validation = \"warn\")")  # fmt: skip
+        if cfg.data.small_validation == "error":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=3)
+    return val
+
+
+def split_sizes(splits: Splits) -> str:
+    """One line: images and patients of each split.
+
+    Example:
+        >>> import tempfile
+        >>> from smse_metric.data import make_synthetic_breakhis
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> from smse_metric.recipes import load_config
+        >>> print(split_sizes(load_splits(load_config(overrides={"data": {"path": str(root)}}),
+        ...                               root)))
+        train 59 images / 11 patients, validation 21 / 4, test 45 / 9
+    """
+    parts = []
+    for name, mask in (("train", splits.train), ("validation", splits.val),
+                       ("test", splits.test)):  # fmt: skip
+        n, p = int(mask.sum()), len(np.unique(splits.index.group[mask]))
+        parts.append(f"{name} {n} images / {p} patients" if name == "train" else
+                     f"{name} {n} / {p}")  # fmt: skip
+    return ", ".join(parts)
 
 
 def data_root(cfg: Config, run_dir: str | Path) -> Path:
@@ -146,7 +198,15 @@ def data_root(cfg: Config, run_dir: str | Path) -> Path:
     return Path(cfg.data.path) if cfg.data.path else Path(run_dir) / "data"
 
 
-def _device(cfg: Config) -> torch.device:
+def device_of(cfg: Config) -> torch.device:
+    """The run's device: ``run.device`` (``auto``: CUDA when present), this rank's GPU.
+
+    Example:
+        >>> from smse_metric.recipes import load_config
+        >>> device_of(load_config(overrides={"data": {"synthetic": True},
+        ...                                  "run": {"device": "cpu"}}))
+        device(type='cpu')
+    """
     if cfg.run.device == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     elif cfg.run.device == "cuda" and not torch.cuda.is_available():
@@ -167,13 +227,39 @@ def _amp(cfg: Config, device: torch.device):
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
+def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
+    """``cfg`` with ``data.mean``, ``data.std`` and ``data.interpolation`` filled from the
+    backbone's data config where the config leaves them empty (a key set in the config
+    wins), so that training, evaluation and search normalise alike.
+
+    Example:
+        >>> from smse_metric.recipes import load_config
+        >>> cfg = resolve_inputs(load_config(overrides={"data": {"synthetic": True}}))
+        >>> cfg.data.mean, cfg.data.std  # resnet18: ImageNet's
+        ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    """
+    d = cfg.data
+    if d.mean is not None and d.interpolation is not None:
+        return cfg
+    from ..models import backbone_data_config
+
+    own = backbone_data_config((model or build_model(cfg)).backbone)
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        d, mean=list(own["mean"]) if d.mean is None else d.mean,
+        std=list(own["std"]) if d.std is None else d.std,
+        interpolation=own["interpolation"] if d.interpolation is None else d.interpolation,
+    ))  # fmt: skip
+
+
 def _datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
     size = tuple(cfg.data.image_size)
 
     def make(mask, transform):
         return BreakHisDataset(splits.index.subset(mask), transform, size=size,
                                task=cfg.data.task, seed=cfg.run.seed,
-                               skip_bad_images=cfg.data.skip_bad_images)  # fmt: skip
+                               skip_bad_images=cfg.data.skip_bad_images, mean=cfg.data.mean,
+                               std=cfg.data.std,
+                               interpolation=cfg.data.interpolation or "bilinear")  # fmt: skip
 
     return {
         "train": make(splits.train, "train"),
@@ -338,7 +424,8 @@ def train(
     root = data_root(cfg, out) if root is None else Path(root)
     if root.resolve() != (out / "data").resolve():  # config.toml must name the data
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(root.resolve())))
-    device = _device(cfg)
+    cfg = resolve_inputs(cfg)
+    device = device_of(cfg)
     own_group = init_distributed(device.type)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -355,12 +442,16 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
     main = is_main_process()
     world = get_world_size()
     ckpt_dir = out / "checkpoints"
+    torch.manual_seed(cfg.run.seed)
+    splits = load_splits(cfg, root)  # inputs validated before anything is written
+    ds = _datasets(cfg, splits)
+    say = print if main and not quiet else (lambda *a, **k: None)
+    say(f"data: {split_sizes(splits)}", flush=True)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_MARKER).is_file():
+            (out / RUN_MARKER).write_text("created by smse-metric\n")
         (out / "config.toml").write_text(config_to_toml(cfg))
-    torch.manual_seed(cfg.run.seed)
-    splits = load_splits(cfg, root)
-    ds = _datasets(cfg, splits)
     model = build_model(cfg).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
@@ -376,7 +467,7 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
     progress = {"epoch": 0, "position": 0, "loss_sum": 0.0, "steps": 0, "seen": 0,
                 "seconds": 0.0, "best": -math.inf, "best_epoch": -1, "stale": 0,
                 "done": False}  # fmt: skip
-    history = out / "history.jsonl"
+    history: list[dict] = []  # saved in last.pt: the file is rewritten from it
     if resume:
         state = load_checkpoint(ckpt_dir / "last.pt", device)
         model.load_state_dict(state["model"])
@@ -387,8 +478,7 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"].cpu())
         progress.update(state["progress"])
-    elif main:
-        history.write_text("")
+        history = list(state.get("history", []))
 
     net = model
     if world > 1:
@@ -401,8 +491,14 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": torch.get_rng_state(), "progress": dict(progress),
+            "rng": torch.get_rng_state(), "progress": dict(progress), "history": list(history),
         }  # fmt: skip
+
+    def save_last() -> None:
+        # the checkpoint first, then the history written from it: a kill between the
+        # two leaves a history that the next --resume rewrites, never a duplicate epoch
+        save_checkpoint(ckpt_dir / "last.pt", state_dict())
+        _write_history(out / "history.jsonl", history)
 
     with Interrupt() as interrupt:
         while not progress["done"] and progress["epoch"] < cfg.optim.epochs:
@@ -445,7 +541,7 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
                     progress["seconds"] += time.perf_counter() - t0
                     bar.close()
                     if main:
-                        save_checkpoint(ckpt_dir / "last.pt", state_dict())
+                        save_last()
                     raise TrainingInterrupted(ckpt_dir / "last.pt", epoch, step)
             bar.close()
             progress["seconds"] += time.perf_counter() - t0
@@ -453,9 +549,11 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
                 scheduler.step()
             _end_epoch(cfg, model, ds, device, channels_last, progress, history, main)
             if main:
-                save_checkpoint(ckpt_dir / "last.pt", state_dict())
-                if progress["best_epoch"] == epoch:
-                    save_checkpoint(ckpt_dir / "best.pt", state_dict())
+                if progress["best_epoch"] == epoch:  # weights only: optimiser state in last
+                    save_checkpoint(ckpt_dir / "best.pt", {"model": model.state_dict(),
+                                                           "progress": dict(progress)})  # fmt: skip
+                save_last()
+                say(_epoch_line(history[-1], cfg, progress), flush=True)
             more = not progress["done"] and progress["epoch"] < cfg.optim.epochs
             if more and _any_rank(interrupt.requested, device):
                 raise TrainingInterrupted(ckpt_dir / "last.pt", epoch + 1, 0)
@@ -486,14 +584,14 @@ def _end_epoch(cfg, model, ds, device, channels_last, progress, history, main) -
         record = {
             "epoch": epoch, "loss": progress["loss_sum"] / max(progress["steps"], 1),
             "images_per_s": progress["seen"] / max(progress["seconds"], 1e-9),
+            "seconds": progress["seconds"],
             "val_score": score,
             "val_patient_accuracy": val["knn"]["pooled"]["patient_accuracy"],
             "val_accuracy": val["knn"]["pooled"]["accuracy"],
             "val_head_patient_accuracy": val["head"]["pooled"]["patient_accuracy"],
             "val_head_accuracy": val["head"]["pooled"]["accuracy"],
         }  # fmt: skip
-        with open(history, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        history.append(record)
         verdict[0] = float(score > progress["best"])
         verdict[1] = score
     if get_world_size() > 1:
@@ -507,6 +605,21 @@ def _end_epoch(cfg, model, ds, device, channels_last, progress, history, main) -
         if cfg.optim.patience and progress["stale"] >= cfg.optim.patience:
             progress["done"] = True
     progress.update(epoch=epoch + 1, position=0, loss_sum=0.0, steps=0, seen=0, seconds=0.0)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, path)
+
+
+def _epoch_line(record: dict, cfg: Config, progress: dict) -> str:
+    return (f"epoch {record['epoch'] + 1}/{cfg.optim.epochs}  loss {record['loss']:.4f}  "
+            f"val {cfg.eval.select} patient acc {record['val_score']:.3f} "
+            f"(kNN {record['val_patient_accuracy']:.3f}, head "
+            f"{record['val_head_patient_accuracy']:.3f}; best {progress['best']:.3f} at epoch "
+            f"{progress['best_epoch'] + 1})  {record['images_per_s']:.0f} img/s  "
+            f"{record['seconds']:.1f} s")  # fmt: skip
 
 
 def _bad_images(ds: dict[str, BreakHisDataset]) -> list[list[str]]:
@@ -553,7 +666,7 @@ def evaluate_run(
     out = Path(run_dir)
     cfg = load_config(out / "config.toml") if cfg is None else cfg
     root = data_root(cfg, out) if root is None else Path(root)
-    device = _device(cfg) if device is None else torch.device(device)
+    device = device_of(cfg) if device is None else torch.device(device)
     splits = load_splits(cfg, root)
     ds = _datasets(cfg, splits)
     model = build_model(cfg) if model is None else model

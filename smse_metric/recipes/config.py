@@ -8,6 +8,7 @@ raise a ValueError that names the key (``loss.margin``). Presets live in
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,10 +37,21 @@ class DataConfig:
     #: else <path>/dsfold<fold>.txt, else a stratified patient split
     folds_file: str | None = None
     val_fraction: float = 0.15  #: of the training patients, for model selection
+    #: validation patients drawn per class (at least this many, stratified by class)
+    min_val_patients_per_class: int = 2
+    #: too few patients for that minimum: "error" refuses the run, "warn" goes on
+    small_validation: str = field(default="error", metadata={"choices": ("error", "warn")})
     test_fraction: float = 0.3  #: used only without a fold file
     image_size: list[int] = field(default_factory=lambda: [224, 224])
     num_workers: int = 2
     skip_bad_images: bool = True  #: leave unreadable files out, list them in the report
+    #: input normalisation; empty: the backbone's own data config (timm pretrained_cfg),
+    #: resolved when the run starts and written to the run's config.toml
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = field(
+        default=None, metadata={"choices": ("bilinear", "bicubic", "nearest")}
+    )
 
 
 @dataclass
@@ -135,7 +147,7 @@ _AT_LEAST = {
     "data.fold": 1, "data.num_workers": 0, "sampler.classes_per_batch": 1,
     "sampler.groups_per_class": 1, "sampler.images_per_scale": 1, "sampler.batch_size": 1,
     "model.embedding_dim": 1, "optim.step_size": 1, "optim.epochs": 1, "optim.patience": 0,
-    "eval.k": 1,
+    "eval.k": 1, "data.min_val_patients_per_class": 0,
 }  # fmt: skip
 _POSITIVE = {"optim.lr", "loss.alpha", "optim.step_gamma"}
 
@@ -163,6 +175,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{key} must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
     elif hint is str and not isinstance(value, str):
         raise ValueError(f"{key} must be a string, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
@@ -198,6 +212,14 @@ def _validate(cfg: Config) -> None:
     for key in ("val_fraction", "test_fraction"):
         if not 0 <= getattr(cfg.data, key) < 1:
             raise ValueError(f"data.{key} must be in [0, 1)")
+    for key in ("mean", "std"):
+        v = getattr(cfg.data, key)
+        if v is not None and len(v) != 3:
+            raise ValueError(f"data.{key} must hold 3 values (R, G, B), got {v}")
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ValueError("data.mean and data.std must be given together")
+    if cfg.data.std is not None and min(cfg.data.std) <= 0:
+        raise ValueError(f"data.std must be positive, got {cfg.data.std}")
     if cfg.data.path is None and not cfg.data.synthetic:
         raise ValueError("data.path is empty: give a BreakHis directory or set data.synthetic")
 

@@ -1,29 +1,53 @@
 """``smse-metric demo``: SMSE against a plain classifier on the synthetic dataset.
 
-Generates the synthetic BreakHis (twice the default patients, so validation and test
-hold enough patients to mean something), trains ``smse-triplet`` and ``baseline-ce``
-with the same backbone, image size and epochs, and prints one table. Everything is
-chosen before looking at test numbers; model selection uses validation patients.
+One synthetic BreakHis with many patients and few images each (about 44 test patients
+per fold), both methods trained with the same small CNN, image size and epochs on each
+of several paired replicates: replicate ``k`` uses fold ``k + 1`` of the data's
+``Folds.csv`` and training seed ``k`` for both methods. Everything is fixed before
+looking at test numbers; epochs are selected on validation patients. The verdict per
+headline metric comes from the 95% confidence interval of the paired difference.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ..data import make_synthetic_breakhis
 from ..data.synthetic import DEFAULT_PATIENTS
 from ..report import format_score
+from .compare import paired_comparison
 from .config import load_config
 
-__all__ = ["DEMO_METHODS", "DEMO_OVERRIDES", "demo_table", "demo_verdict", "run_demo"]
+__all__ = [
+    "DEMO_METHODS",
+    "DEMO_OVERRIDES",
+    "HEADLINE",
+    "comparison_table",
+    "demo_comparison",
+    "demo_table",
+    "demo_verdict",
+    "run_demo",
+]
 
 DEMO_METHODS = ("smse-triplet", "baseline-ce")
-#: small images and few epochs so that both runs fit in minutes on two CPU cores
+DEMO_SEEDS = 5
+#: six times the default synthetic patients, one image per magnification (+-1)
+DEMO_PATIENTS = {k: 6 * v for k, v in DEFAULT_PATIENTS.items()}
+DEMO_DATA = {"images_per_magnification": 1, "image_size": (48, 32)}
+#: the paper's kind of small CNN, small images and few epochs: 2 x 5 runs in minutes
 DEMO_OVERRIDES = {
-    "data": {"synthetic": True, "image_size": [48, 48], "num_workers": 0},
-    "optim": {"epochs": 12, "step_size": 8, "patience": 0},
+    "data": {"image_size": [32, 32], "num_workers": 0},
+    "model": {"backbone": "smse-cnn", "embedding_dim": 32},
+    "optim": {"epochs": 8, "step_size": 6, "patience": 0},
 }
+#: (name, predictor, level key): each method judged by the predictor it was selected on
+HEADLINE = (
+    ("pooled patient accuracy", "selected", "patient_accuracy"),
+    ("pooled image accuracy", "selected", "accuracy"),
+    ("cross-magnification mean (kNN)", "knn", "cross_scale_mean"),
+)
 COLUMNS = ("40x", "100x", "200x", "400x", "pooled", "cross-mag mean")
 
 
@@ -52,11 +76,7 @@ def demo_table(results: dict[str, dict]) -> str:
         for predictor, name in (("kNN", "knn"), ("head", "head")):
             for level in ("image", "patient"):
                 rows.append(_row(method, predictor, level, metrics["test"][name]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
-             for r in rows]  # fmt: skip
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return _markdown(rows)
 
 
 def demo_verdict(results: dict[str, dict]) -> str:
@@ -82,43 +102,108 @@ def demo_verdict(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path, epochs: int | None = None, seed: int = 0,
-             device: str = "auto", quiet: bool = False) -> dict[str, dict]:  # fmt: skip
-    """Train both methods under ``out_dir/<method>``; returns {method: metrics}.
+def _selected(metrics: dict) -> str:
+    return "knn" if "knn" in metrics["selected_on"] else "head"
+
+
+def _headline(metrics: dict, predictor: str, key: str) -> float | None:
+    report = metrics["test"][_selected(metrics) if predictor == "selected" else predictor]
+    return report["cross_scale_mean"] if key == "cross_scale_mean" else report["pooled"][key]
+
+
+def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per headline metric: the paired comparison of the first method against the second
+    over the replicates (``results[k]`` = {method: metrics} of replicate ``k``).
 
     Example:
-        About two and a half minutes on two CPU cores (skipped here; `make demo` and
+        >>> def m(p):
+        ...     rep = {"pooled": {"patient_accuracy": p, "accuracy": p}, "cross_scale_mean": p}
+        ...     return {"selected_on": "validation knn patient accuracy",
+        ...             "test": {"knn": rep, "head": rep}}
+        >>> runs = [{"a": m(0.8 + e), "b": m(0.7)} for e in (0.0, 0.01, 0.02)]
+        >>> demo_comparison(runs)["pooled patient accuracy"]["verdict"]
+        'better'
+    """
+    a, b = list(results[0])
+    out = {}
+    for name, predictor, key in HEADLINE:
+        va = [_headline(r[a], predictor, key) for r in results]
+        vb = [_headline(r[b], predictor, key) for r in results]
+        if any(v is None for v in va + vb):
+            continue  # one magnification: nothing to cross
+        out[name] = {"a": a, "b": b, "values_a": va, "values_b": vb,
+                     **paired_comparison(va, vb).to_dict()}  # fmt: skip
+    return out
+
+
+def comparison_table(comparison: dict[str, dict], results: list[dict[str, dict]]) -> str:
+    """Markdown: per headline metric, each method's mean, the paired difference, its 95%
+    confidence interval and the verdict."""
+    first = results[0]
+    names = {m: f"{m} ({'kNN' if _selected(first[m]) == 'knn' else 'head'})" for m in first}
+    rows = [["metric", *names.values(), "difference", "95% CI", "verdict"]]
+    for metric, c in comparison.items():
+        rows.append([metric, f"{c['mean_a']:.3f}", f"{c['mean_b']:.3f}",
+                     f"{c['difference']:+.3f}", f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]",
+                     c["verdict"]])  # fmt: skip
+    return _markdown(rows)
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+             for r in rows]  # fmt: skip
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_SEEDS,
+             device: str = "auto", quiet: bool = False) -> dict:  # fmt: skip
+    """Train both methods on ``seeds`` paired replicates under ``out_dir/seed<k>/<method>``
+    and write ``summary.md`` / ``summary.json``; returns ``{"runs": [{method: metrics}],
+    "comparison": {metric: ...}, "seconds": wall time}``.
+
+    Example:
+        About four minutes on two CPU cores (skipped here; `make demo` and
         tests/test_recipe.py run it):
 
-        >>> results = run_demo("runs/demo")  # doctest: +SKIP
-        >>> print(demo_table(results))  # doctest: +SKIP
+        >>> summary = run_demo("runs/demo")  # doctest: +SKIP
+        >>> summary["comparison"]["pooled patient accuracy"]["verdict"]  # doctest: +SKIP
     """
     from .breakhis import train
 
+    if seeds < 2:
+        raise ValueError(f"seeds must be at least 2 for a confidence interval, got {seeds}")
+    t0 = time.perf_counter()
     out = Path(out_dir)
-    root = out / f"data-seed{seed}"  # kept by --overwrite: the same seed makes the same data
+    root = out / "data"
     if not (root / "Folds.csv").is_file():
-        make_synthetic_breakhis(root, {k: 2 * v for k, v in DEFAULT_PATIENTS.items()}, seed=seed)
-    results = {}
-    for method in DEMO_METHODS:
-        overrides = {k: dict(v) for k, v in DEMO_OVERRIDES.items()}
-        overrides["data"]["path"] = str(root.resolve())
-        overrides["run"] = {"seed": seed, "device": device}
-        if epochs is not None:
-            overrides["optim"]["epochs"] = epochs
-        cfg = load_config(method, overrides)
-        if not quiet:
-            print(f"training {method} ({cfg.optim.epochs} epochs) ...", flush=True)
-        results[method] = train(cfg, out / method, root, quiet=quiet)
-    table = demo_table(results)
+        make_synthetic_breakhis(root, DEMO_PATIENTS, seed=0, folds=max(5, seeds), **DEMO_DATA)
+    runs = []
+    for k in range(seeds):
+        results = {}
+        for method in DEMO_METHODS:
+            overrides = {key: dict(v) for key, v in DEMO_OVERRIDES.items()}
+            overrides["data"].update(path=str(root.resolve()), fold=k + 1)
+            overrides["run"] = {"seed": k, "device": device}
+            if epochs is not None:
+                overrides["optim"]["epochs"] = epochs
+            cfg = load_config(method, overrides)
+            if not quiet:
+                print(f"replicate {k + 1}/{seeds}: {method} ({cfg.optim.epochs} epochs)",
+                      flush=True)  # fmt: skip
+            results[method] = train(cfg, out / f"seed{k}" / method, root, quiet=True)
+        runs.append(results)
+    comparison = demo_comparison(runs)
+    seconds = time.perf_counter() - t0
+    summary = {"runs": runs, "comparison": comparison, "seconds": seconds}
     (out / "summary.md").write_text(
-        "# Demo: SMSE vs a plain classifier on the synthetic dataset\n\n"
-        + table
-        + "\n\n"
-        + demo_verdict(results).replace("\n", "\n\n")
-        + "\n"
-    )
+        f"# Demo: SMSE vs a plain classifier, {seeds} paired replicates\n\n"
+        + comparison_table(comparison, runs) + "\n\n## Replicate 1\n\n"
+        + demo_table(runs[0]) + "\n\n" + demo_verdict(runs[0]).replace("\n", "\n\n") + "\n"
+    )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(
-        {m: {"knn": r["test"]["knn"], "head": r["test"]["head"]} for m, r in results.items()},
-        indent=1))  # fmt: skip
-    return results
+        {"comparison": comparison, "seconds": seconds,
+         "runs": [{m: {"knn": r["test"]["knn"], "head": r["test"]["head"]}
+                   for m, r in results.items()} for results in runs]}, indent=1))  # fmt: skip
+    return summary
