@@ -217,7 +217,7 @@ def _fold_summary(results: dict[int, dict], out: Path) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from .recipes.breakhis import evaluate_run
 
-    metrics = evaluate_run(args.run, device=args.device)
+    metrics = evaluate_run(args.run, root=args.data, device=args.device)
     _summary(metrics, Path(args.run))
     return 0
 
@@ -225,15 +225,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from .recipes.search import contact_sheet, search_run
 
-    found = search_run(args.run, args.image, args.k, device=args.device or "cpu")
+    sheet = (
+        Path(args.sheet) if args.sheet else Path(args.run) / f"search-{Path(args.image).stem}.png"
+    )
+    if not sheet.parent.is_dir():  # before the search, not after it
+        raise ValueError(f"--sheet {sheet}: the directory {sheet.parent} does not exist")
+    found = search_run(args.run, args.image, args.k, device=args.device or "cpu", data=args.data)
     print(f"{'rank':>4}  {'distance':>8}  {'patient':<22} {'class':<9} {'subtype':<7} "
           f"{'mag':>4}  path")  # fmt: skip
     for n in found:
         print(f"{n.rank:>4}  {n.distance:8.4f}  {n.patient:<22} {n.label:<9} {n.subtype:<7} "
               f"{n.magnification:>4}  {n.path}")  # fmt: skip
-    sheet = (
-        Path(args.sheet) if args.sheet else Path(args.run) / f"search-{Path(args.image).stem}.png"
-    )
     contact_sheet(args.image, found, sheet)
     print(f"contact sheet: {sheet}")
     return 0
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ev.add_argument("--run", required=True, help="run directory")
     ev.add_argument("--device", choices=("cpu", "cuda"))
+    ev.add_argument("--data", help="the run's dataset, if it moved since training")
     ev.set_defaults(func=_evaluate)
 
     se = sub.add_parser(
@@ -334,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("-k", type=int, default=5, help="neighbours to return (default 5)")
     se.add_argument("--sheet", help="contact sheet path (default RUN/search-<image>.png)")
     se.add_argument("--device", choices=("cpu", "cuda"))
+    se.add_argument("--data", help="the run's dataset, if it moved since training")
     se.set_defaults(func=_search)
 
     de = sub.add_parser(

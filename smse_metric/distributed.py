@@ -63,9 +63,26 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     """
     if get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _AllGather.apply(x)
 
-    return torch.cat(all_gather(x), dim=0)
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient of this rank's slice (torch's
+    own ``torch.distributed.nn.functional.all_gather`` is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        world, rank = get_world_size(), get_rank()
+        ctx.rows, ctx.rank = x.shape[0], rank
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # gloo has no reduce_scatter: sum all, keep this rank's rows
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_batch(*tensors: Tensor) -> tuple[Tensor, ...]:

@@ -58,3 +58,21 @@ def test_bad_sources(tmp_path):
     bad.write_text("[loss\nmargin = 1")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("key, value", [("optim.lr", float("nan")), ("loss.margin", float("inf")),
+                                        ("loss.gamma", float("-inf"))])  # fmt: skip
+def test_non_finite_numbers_are_refused_naming_the_key(key, value):
+    section, name = key.split(".")
+    with pytest.raises(ValueError, match=rf"{key} must be a finite number"):
+        load_config("smse-triplet", {"data": {"synthetic": True}, section: {name: value}})
+
+
+def test_input_normalisation_keys_are_checked():
+    base = {"synthetic": True}
+    with pytest.raises(ValueError, match=r"data\.mean and data\.std must be given together"):
+        load_config(overrides={"data": {**base, "mean": [0.5, 0.5, 0.5]}})
+    with pytest.raises(ValueError, match=r"data\.std must hold 3 values"):
+        load_config(overrides={"data": {**base, "mean": [0.5] * 3, "std": [0.5]}})
+    with pytest.raises(ValueError, match=r"data\.interpolation must be one of"):
+        load_config(overrides={"data": {**base, "interpolation": "lanczos"}})

@@ -380,3 +380,134 @@ def test_demo_compares_paired_replicates_with_a_confidence_interval(tmp_path, mo
 def test_training_restores_the_signal_handlers_and_determinism_flag(run):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert not torch.are_deterministic_algorithms_enabled()  # the run asked for it
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"", "truncated or not a torch checkpoint"),
+        (None, "truncated or not a torch checkpoint"),  # the first half of a real one
+        ("pickle", "objects other than tensors"),
+    ],
+)
+def test_corrupt_or_hostile_checkpoints_give_one_clear_line(run, tmp_path, content, why, capsys):
+    import pickle
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    best = copy / "checkpoints" / "best.pt"
+    if content is None:
+        best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    elif content == "pickle":
+        best.write_bytes(pickle.dumps({"model": Path("x")}, protocol=2))  # an arbitrary object
+    else:
+        best.write_bytes(content)
+    assert main(["evaluate", "--run", str(copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(best) in err and why in err
+    assert "weights_only=False" not in err
+
+
+def test_moved_data_needs_data_and_a_bad_sheet_fails_before_searching(root, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    out = tmp_path / "run"
+    train(load_config("smse-triplet", {**TINY, "optim": {"epochs": 1}}), out, data, quiet=True)
+    with np.load(out / "embeddings" / "test.npz") as emb:
+        query = Path(str(emb["paths"][0]))
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    query = moved / query.relative_to(data)
+    assert main(["evaluate", "--run", str(out)]) == 2
+    assert "pass --data DIR" in capsys.readouterr().err
+    bad = ["search", "--run", str(out), str(query), "--sheet", str(tmp_path / "no" / "s.png")]
+    assert main(bad) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["search", "--run", str(out), str(query)]) == 2  # gallery images moved
+    assert "pass --data DIR" in capsys.readouterr().err
+    sheet = tmp_path / "s.png"
+    args = ["search", "--run", str(out), str(query), "--data", str(moved), "--sheet", str(sheet)]
+    assert main(args) == 0 and sheet.is_file()
+    assert str(moved) in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(out), "--data", str(moved)]) == 0
+
+
+def test_history_has_no_duplicate_epoch_after_a_kill_anywhere(root, tmp_path, monkeypatch):
+    """A kill after last.pt is written but before history.jsonl (the worst moment), then
+    --resume: each epoch appears once."""
+    from smse_metric.recipes import breakhis
+
+    cfg = load_config("smse-triplet", {**TINY, "optim": {"epochs": 3}})
+    out = tmp_path / "run"
+    real = breakhis._write_history
+
+    def killed_after_epoch_1(path, history):
+        if len(history) == 2:
+            raise SystemExit("killed")  # last.pt of epoch 1 is on disk, the history is not
+        real(path, history)
+
+    monkeypatch.setattr(breakhis, "_write_history", killed_after_epoch_1)
+    with pytest.raises(SystemExit):
+        train(cfg, out, root, quiet=True)
+    assert [h["epoch"] for h in _history(out)] == [0]
+    monkeypatch.undo()
+    train(cfg, out, root, resume=True, quiet=True)
+    assert [h["epoch"] for h in _history(out)] == [0, 1, 2]
+
+
+def test_one_line_per_epoch_without_a_terminal(root, tmp_path, capsys):
+    cfg = load_config("smse-triplet", {**TINY, "optim": {"epochs": 2}})
+    train(cfg, tmp_path / "run", root)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("data: train ") and "validation" in out[0] and "test" in out[0]
+    epochs = [x for x in out if x.startswith("epoch ")]
+    assert len(epochs) == 2 and all("img/s" in x and "loss" in x for x in epochs)
+
+
+def test_pretrained_style_inputs_get_the_backbones_mean_and_std(root):
+    from smse_metric.data.dataset import eval_transform, read_image
+    from smse_metric.recipes.breakhis import _datasets
+
+    cfg = resolve_inputs(load_config("smse-triplet", {**TINY, "model": {"pretrained": False}}))
+    assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
+    assert cfg.data.interpolation == "bicubic"  # resnet18's timm default
+    assert "mean = [0.485, 0.456, 0.406]" in config_to_toml(cfg)
+    own = {**TINY, "data": {**TINY["data"], "mean": [0.5] * 3, "std": [0.5] * 3}}
+    assert resolve_inputs(load_config("smse-triplet", own)).data.std == [0.5] * 3  # key wins
+    ds = _datasets(cfg, load_splits(cfg, root))
+    for name in ("train", "gallery", "val", "test"):
+        assert (ds[name].mean, ds[name].std) == (tuple(cfg.data.mean), tuple(cfg.data.std))
+    # evaluation: exactly (resize(img) - mean) / std
+    img = read_image(ds["test"].paths[0])
+    want = eval_transform(tuple(cfg.data.image_size), "bicubic")(img, None)
+    want = (want - torch.tensor(cfg.data.mean)[:, None, None]) / torch.tensor(cfg.data.std)[
+        :, None, None
+    ]
+    assert torch.allclose(ds["test"][0][0], want)
+    # training images are normalised alike: undoing it lands exactly in [0, 1]
+    batch = torch.stack([ds["train"][i][0] for i in range(16)])
+    pixels = (
+        batch * torch.tensor(cfg.data.std)[:, None, None]
+        + torch.tensor(cfg.data.mean)[:, None, None]
+    )
+    assert batch.max() > 1.5 and pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_torchrun_with_synthetic_data_rank_0_prepares_and_others_wait(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    tiny = {**TINY, "model": {"backbone": "smse-cnn", "embedding_dim": 8},
+            "optim": {"epochs": 1}}  # fmt: skip
+    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           "--standalone", "--nproc_per_node=2", "-m", "smse_metric", "train", "--config",
+           str(cfg), "--synthetic", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "FutureWarning" not in child.stderr  # all_gather: no deprecated torch call
+    assert child.stdout.count("wrote ") == 1 and (out / "data" / "Folds.csv").is_file()
+    assert (out / ".smse-run").is_file() and (out / "metrics.json").is_file()

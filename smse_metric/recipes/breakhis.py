@@ -664,8 +664,10 @@ def evaluate_run(
     from ..report import write_report
 
     out = Path(run_dir)
-    cfg = load_config(out / "config.toml") if cfg is None else cfg
+    cfg = resolve_inputs(load_config(out / "config.toml")) if cfg is None else cfg
     root = data_root(cfg, out) if root is None else Path(root)
+    if not root.is_dir():
+        raise ValueError(f"the run's data {root} does not exist (moved? pass --data DIR)")
     device = device_of(cfg) if device is None else torch.device(device)
     splits = load_splits(cfg, root)
     ds = _datasets(cfg, splits)

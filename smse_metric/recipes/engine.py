@@ -8,6 +8,7 @@ distributed test can drive :func:`train_step` with any ``(embeddings, logits)`` 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 from collections.abc import Iterator
@@ -199,7 +200,17 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """
     if not Path(path).is_file():
         raise ValueError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: never load it
+        raise ValueError(f"{path} holds objects other than tensors and plain data; "
+                         "it is not a checkpoint of smse-metric") from e  # fmt: skip
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is truncated or not a torch checkpoint "
+                         f"({type(e).__name__})") from e  # fmt: skip
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} is not a checkpoint of smse-metric (no model weights)")
+    return state
 
 
 @torch.no_grad()

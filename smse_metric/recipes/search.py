@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.breakhis import SUBTYPES
-from ..data.dataset import eval_transform, read_image
+from ..data.dataset import eval_transform, normalize_image, read_image
 from ..evaluation import FaissIndex
 from .config import load_config
 
@@ -41,10 +41,14 @@ class Neighbour:
     magnification: int
 
 
-def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str = "cpu"):
+def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str = "cpu",
+               data: str | Path | None = None):  # fmt: skip
     """The ``k`` gallery images nearest to ``image`` under the run's best checkpoint.
 
-    Returns a list of :class:`Neighbour`, nearest first.
+    The query is resized and normalised as the run's evaluation images were (the
+    ``data.mean`` / ``std`` / ``interpolation`` of its ``config.toml``). ``data``: where
+    the run's dataset lies now, if it moved. Returns a list of :class:`Neighbour`,
+    nearest first.
 
     Example:
         The five training images nearest to an image, under a finished run (skipped here:
@@ -53,7 +57,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
         >>> for n in search_run("runs/example", "query.png", k=5):  # doctest: +SKIP
         ...     print(n.rank, round(n.distance, 3), n.patient, n.subtype, n.magnification)
     """
-    from .breakhis import build_model
+    from .breakhis import build_model, data_root, resolve_inputs
     from .engine import load_checkpoint
 
     run = Path(run_dir)
@@ -63,7 +67,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
                  "embeddings/gallery.npz"):  # fmt: skip
         if not (run / need).is_file():
             raise ValueError(f"{run} has no {need}: train (or evaluate) the run first")
-    cfg = load_config(run / "config.toml")
+    cfg = resolve_inputs(load_config(run / "config.toml"))
     model = build_model(cfg)
     model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt", "cpu")["model"])
     model.to(device).eval()
@@ -71,7 +75,8 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
         img = read_image(image)
     except OSError as e:
         raise ValueError(str(e)) from e
-    x = eval_transform(tuple(cfg.data.image_size))(img, None)
+    x = eval_transform(tuple(cfg.data.image_size), cfg.data.interpolation)(img, None)
+    x = normalize_image(x, cfg.data.mean, cfg.data.std)
     with torch.no_grad():
         emb, _ = model(x[None].to(device))
     index = FaissIndex.load(run / "index" / "gallery.faiss")
@@ -79,6 +84,10 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     with np.load(run / "embeddings" / "gallery.npz", allow_pickle=False) as meta:
         meta = {key: meta[key] for key in ("paths", "groups", "labels", "subtypes",
                                            "magnifications")}  # fmt: skip
+    if data is not None:  # the dataset moved: same tree under a new root
+        old = data_root(cfg, run).resolve()
+        meta["paths"] = np.array([str(Path(data) / Path(p).relative_to(old))
+                                  for p in meta["paths"]])  # fmt: skip
     codes = list(SUBTYPES)
     return [
         Neighbour(
@@ -111,6 +120,13 @@ def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Pat
         >>> from PIL import Image; Image.open(sheet).size
         (256, 110)
     """
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ValueError(f"cannot write the contact sheet {out}: {out.parent} does not exist")
+    missing = [n.path for n in neighbours if not Path(n.path).is_file()]
+    if missing:
+        raise ValueError(f"gallery image {missing[0]} is missing (did the data move? pass "
+                         "--data DIR)")  # fmt: skip
     tiles = [(Path(image), "query")] + [
         (Path(n.path), f"#{n.rank} d={n.distance:.3f}\n{n.patient}\n{n.subtype} "
                        f"{n.label[:3]} {n.magnification}x")
@@ -125,6 +141,5 @@ def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Pat
             im.thumbnail((thumb, thumb))
             sheet.paste(im, (col * thumb + (thumb - im.width) // 2, (thumb - im.height) // 2))
         draw.multiline_text((col * thumb + 4, thumb + 2), text, fill="black", spacing=1)
-    out = Path(out)
     sheet.save(out)
     return out
