@@ -11,7 +11,8 @@ PUBLIC_MODULES = [
     "smse_metric.distributed",
     "smse_metric.models", "smse_metric.data", "smse_metric.data.dataset", "smse_metric.recipes",
     "smse_metric.recipes.breakhis", "smse_metric.recipes.engine", "smse_metric.recipes.search",
-    "smse_metric.recipes.demo", "smse_metric.report",
+    "smse_metric.recipes.demo", "smse_metric.recipes.compare", "smse_metric.recipes.rundir",
+    "smse_metric.report",
 ]  # fmt: skip
 
 

@@ -9,7 +9,8 @@ from smse_metric.recipes import PRESETS, config_to_toml, load_config
 def test_presets_load(name):
     cfg = load_config(name, {"data": {"synthetic": True}})
     assert cfg.data.synthetic and cfg.optim.epochs == 40
-    expected = {"smse-triplet": "triplet", "smse-pair": "pair", "baseline-ce": "none"}[name]
+    expected = {"smse-triplet": "triplet", "smse-triplet-small": "triplet", "smse-pair": "pair",
+                "baseline-ce": "none"}[name]  # fmt: skip
     assert cfg.loss.metric == expected
     if name == "baseline-ce":
         assert cfg.sampler.kind == "frequency" and cfg.loss.classification == "ce"
@@ -76,3 +77,10 @@ def test_input_normalisation_keys_are_checked():
         load_config(overrides={"data": {**base, "mean": [0.5] * 3, "std": [0.5]}})
     with pytest.raises(ValueError, match=r"data\.interpolation must be one of"):
         load_config(overrides={"data": {**base, "interpolation": "lanczos"}})
+
+
+def test_the_small_preset_is_smse_triplet_on_the_small_cnn():
+    small = load_config("smse-triplet-small", {"data": {"synthetic": True}})
+    full = load_config("smse-triplet", {"data": {"synthetic": True}})
+    assert (small.model.backbone, small.data.image_size) == ("smse-cnn", [96, 96])
+    assert small.loss == full.loss and small.optim == full.optim and small.sampler == full.sampler

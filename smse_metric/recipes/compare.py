@@ -36,7 +36,13 @@ def t_quantile_975(df: int) -> float:
 
 @dataclass(frozen=True)
 class PairedComparison:
-    """Method A against method B on one metric over ``n`` paired seeds."""
+    """Method A against method B on one metric over ``n`` paired seeds.
+
+    Example:
+        >>> c = PairedComparison(5, 0.80, 0.78, 0.02, -0.01, 0.05)
+        >>> c.verdict, c.to_dict()["verdict"]
+        ('no significant difference', 'no significant difference')
+    """
 
     n: int
     mean_a: float

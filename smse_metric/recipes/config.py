@@ -22,7 +22,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["PRESETS", "Config", "config_to_toml", "load_config", "preset_path"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRESETS = ("smse-triplet", "smse-pair", "baseline-ce")
+PRESETS = ("smse-triplet", "smse-triplet-small", "smse-pair", "baseline-ce")
 
 
 @dataclass

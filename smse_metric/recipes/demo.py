@@ -138,7 +138,17 @@ def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
 
 def comparison_table(comparison: dict[str, dict], results: list[dict[str, dict]]) -> str:
     """Markdown: per headline metric, each method's mean, the paired difference, its 95%
-    confidence interval and the verdict."""
+    confidence interval and the verdict.
+
+    Example:
+        >>> def m(p):
+        ...     rep = {"pooled": {"patient_accuracy": p, "accuracy": p}, "cross_scale_mean": p}
+        ...     return {"selected_on": "validation knn patient accuracy",
+        ...             "test": {"knn": rep, "head": rep}}
+        >>> runs = [{"a": m(0.8), "b": m(0.7 + e)} for e in (0.0, 0.05, 0.1)]
+        >>> print(comparison_table(demo_comparison(runs), runs).splitlines()[2])
+        | pooled patient accuracy        | 0.800   | 0.750   | +0.050     | [-0.074, +0.174] | no significant difference |
+    """
     first = results[0]
     names = {m: f"{m} ({'kNN' if _selected(first[m]) == 'knn' else 'head'})" for m in first}
     rows = [["metric", *names.values(), "difference", "95% CI", "verdict"]]
