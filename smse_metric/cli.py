@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tr.add_argument(
         "--config",
-        help="a preset (smse-triplet [default], smse-triplet-small, smse-pair, baseline-ce) or a TOML file",
+        help="a preset (smse-triplet [default], smse-triplet-small, smse-pair, baseline-ce) "
+        "or a TOML file",
     )
     src = tr.add_mutually_exclusive_group()
     src.add_argument("--data", help="BreakHis-layout directory")
