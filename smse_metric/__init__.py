@@ -1,6 +1,6 @@
 """smse-metric: fast, exact, GPU-friendly metric learning for multi-magnification histopathology.
 
-Example:
+Examples:
     >>> import torch
     >>> from smse_metric import TripletMarginLoss, TripletMiner
     >>> emb = torch.nn.functional.normalize(torch.randn(32, 16), dim=1).requires_grad_()

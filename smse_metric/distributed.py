@@ -21,7 +21,7 @@ def _active() -> bool:
 def get_rank() -> int:
     """This process's rank in the default process group (0 without one).
 
-    Example:
+    Examples:
         >>> get_rank()  # no process group
         0
     """
@@ -31,7 +31,7 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Processes in the default process group (1 without one).
 
-    Example:
+    Examples:
         >>> get_world_size()
         1
     """
@@ -41,7 +41,7 @@ def get_world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0 (or no process group): the one process that writes files.
 
-    Example:
+    Examples:
         >>> is_main_process()
         True
     """
@@ -56,7 +56,7 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     slice; with DDP's gradient averaging that is the gradient of the global loss.
     Without a process group it returns ``x`` itself.
 
-    Example:
+    Examples:
         >>> x = torch.randn(4, 8, requires_grad=True)
         >>> all_gather_with_grad(x) is x  # one process: nothing to gather
         True
@@ -89,7 +89,7 @@ def gather_batch(*tensors: Tensor) -> tuple[Tensor, ...]:
     """All-gather a batch: tensors that require grad keep it (embeddings); others
     (labels, scales) are gathered without autograd.
 
-    Example:
+    Examples:
         >>> emb, labels = torch.randn(4, 8, requires_grad=True), torch.arange(4)
         >>> e, y = gather_batch(emb, labels)  # under torchrun: [world_size * 4, ...]
         >>> e.shape, y.shape

@@ -99,7 +99,7 @@ class FaissIndex:
         nlist: IVF cells (default ``4 * sqrt(G)``).
         nprobe: IVF cells visited per query.
 
-    Example:
+    Examples:
         >>> idx = FaissIndex(np.eye(3, dtype="float32"), metric="l2")
         >>> dist, ids = idx.search(np.eye(3, dtype="float32"), k=1)
         >>> ids.ravel().tolist()
@@ -162,7 +162,7 @@ class FaissIndex:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> FaissIndex:
-        """Read an index written by :meth:`save`; its metric follows the index type
+        """Read an index written by `save`; its metric follows the index type
         (inner product: ``"cosine"``, L2: ``"l2"``)."""
         _choice("device", device, DEVICES)
         if not Path(path).is_file():
@@ -219,13 +219,13 @@ class KNNClassifier:
         metric: ``"cosine"`` or ``"l2"``.
         weights: ``"uniform"`` or ``"distance"`` (``1 / d``; a query at distance 0
             from some neighbours takes only those, as scikit-learn does).
-        device: see :class:`FaissIndex`.
-        index: see :class:`FaissIndex`.
+        device: see `FaissIndex`.
+        index: see `FaissIndex`.
 
     Ties: neighbours at equal distance are ordered by gallery index; classes with
     equal votes go to the smaller class index (scikit-learn's rule).
 
-    Example:
+    Examples:
         >>> emb = np.array([[0.0, 1], [0, 2], [5, 5], [5, 6]], dtype="float32")
         >>> knn = KNNClassifier(k=1, metric="l2").fit(emb, ["a", "a", "b", "b"], [1, 2, 3, 4])
         >>> knn.predict(emb, query_groups=[1, 2, 3, 4], exclude="group").tolist()
@@ -348,7 +348,7 @@ class KNNClassifier:
 
     def _symmetric(self, q: np.ndarray, qg: np.ndarray | None, exclude: str) -> bool:
         """Whether the queries are this exact-CPU gallery itself, so that
-        :func:`~smse_metric.symmetric_knn.symmetric_knn` can answer at half the cost."""
+        [`symmetric_knn`][smse_metric.symmetric_knn.symmetric_knn] can answer at half the cost."""
         if exclude == "none" or self.index_type != "flat" or self.index_.device != "cpu":
             return False
         if len(q) != self.index_.ntotal or len(q) < SYMMETRIC_MIN_ROWS:
@@ -390,7 +390,7 @@ class KNNClassifier:
 class ClassificationMetrics:
     """Classification scores of one set of queries. Per-class lists follow ``classes``.
 
-    Example:
+    Examples:
         >>> r = evaluate_predictions([0, 1, 1, 1], [0, 1, 0, 1], groups=[7, 7, 8, 8])
         >>> m = r.pooled  # a ClassificationMetrics
         >>> m.accuracy, m.patient_accuracy, m.confusion
@@ -411,7 +411,7 @@ class ClassificationMetrics:
 class RetrievalMetrics:
     """Retrieval scores of one set of queries against their gallery.
 
-    Example:
+    Examples:
         >>> emb = np.array([[0.0, 1], [0, 1.1], [1, 0], [1.1, 0]], dtype="float32")
         >>> r = evaluate_embeddings(emb, [0, 0, 1, 1], k=1, exclude="self").retrieval
         >>> r.precision_at_1, r.map_at_r
@@ -426,9 +426,9 @@ class RetrievalMetrics:
 
 @dataclass
 class EvaluationReport:
-    """Everything :func:`evaluate_embeddings` measured; ``to_dict()`` / ``to_json()``.
+    """Everything `evaluate_embeddings` measured; ``to_dict()`` / ``to_json()``.
 
-    Example:
+    Examples:
         >>> rng = np.random.default_rng(0)
         >>> labels = np.repeat([0, 1], 40)
         >>> emb = rng.standard_normal((80, 4)) + 3 * labels[:, None]
@@ -515,7 +515,7 @@ def evaluate_predictions(
     patient-level accuracy, balanced accuracy, per-class scores, confusion matrices,
     pooled and per scale. ``groups=None`` makes every image its own patient.
 
-    Example:
+    Examples:
         >>> r = evaluate_predictions(pred=[1, 1, 0, 0, 1], labels=[1, 1, 1, 0, 0],
         ...                          groups=[0, 0, 0, 1, 1], scales=[40, 40, 400, 40, 400])
         >>> round(r.pooled.accuracy, 3), r.pooled.patient_accuracy  # (2/3 + 1/2) / 2
@@ -612,15 +612,15 @@ def evaluate_embeddings(
         exclude: ``"group"`` (leave-one-patient-out), ``"self"`` or ``"none"``.
         gallery: None (the queries are their own gallery) or ``(embeddings, labels,
             groups, scales)`` / a dict with those keys (groups, scales may be None).
-        metric: see :class:`KNNClassifier`.
-        weights: see :class:`KNNClassifier`.
-        device: see :class:`KNNClassifier`.
+        metric: see `KNNClassifier`.
+        weights: see `KNNClassifier`.
+        device: see `KNNClassifier`.
         map_at_r: also compute MAP@R, which retrieves R neighbours per query (R = the
             usable gallery items of its class); turn off for huge galleries.
         cross_scale: compute the matrix of kNN accuracy (query scale x gallery
             restricted to one scale); needs ``scales``.
 
-    Example:
+    Examples:
         >>> rng = np.random.default_rng(0)
         >>> emb = rng.normal(size=(40, 8)).astype("float32")
         >>> y = np.repeat([0, 1], 20)

@@ -9,7 +9,7 @@ Shapes: ``B`` embeddings of dimension ``D``; an optional reference set of
 ``R`` embeddings (``ref_emb``), otherwise the batch is its own reference
 (``R = B``) and an embedding is never its own positive.
 
-Example:
+Examples:
     >>> import torch
     >>> from smse_metric import functional as F
     >>> emb = torch.randn(8, 4, requires_grad=True)
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 DISTANCE_METRICS = ("euclidean", "squared_euclidean", "cosine")
-#: Triplet selections shared by the fused loss and :class:`~smse_metric.TripletMiner`.
+#: Triplet selections shared by the fused loss and [`TripletMiner`][smse_metric.TripletMiner].
 TRIPLET_STRATEGIES = ("all", "semihard", "hard", "easy", "batch_hard")
 FUSED_TRIPLETS = ("all", "semihard", "hard", "batch_hard")
 PAIR_REDUCTIONS = ("mean", "sum", "mean_nonzero")
@@ -192,7 +192,7 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
         Gradients are finite everywhere, including at zero distance (duplicate
         embeddings are normal in a batch); there the euclidean gradient is 0.
 
-    Example:
+    Examples:
         >>> d = pairwise_distances(torch.eye(3))
         >>> round(d[0, 1].item(), 4)
         1.4142
@@ -237,7 +237,7 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
     embedding paired with itself) is not a positive. With ``ref_labels`` every
     same-label pair counts, as in pytorch-metric-learning.
 
-    Example:
+    Examples:
         >>> pos, neg = label_masks(torch.tensor([0, 0, 1]))
         >>> pos.int().tolist(), neg.int().tolist()
         ([[0, 1, 0], [1, 0, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1], [1, 1, 0]])
@@ -249,7 +249,7 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
 def cross_scale_mask(scales: Tensor, ref_scales: Tensor | None = None) -> Tensor:
     """[B, R] bool mask of pairs whose scales (magnifications) differ.
 
-    Example:
+    Examples:
         >>> cross_scale_mask(torch.tensor([40, 100, 40])).int().tolist()
         [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
     """
@@ -340,7 +340,7 @@ def reinforced_focal_loss(
         beta: None (ones) or [C] per-class weights.
         reduction: ``"mean"`` (plain mean over samples), ``"sum"`` or ``"none"`` ([N]).
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
         >>> reinforced_focal_loss(logits, torch.tensor([0, 0]), alpha=1, gamma=1).shape
         torch.Size([])
@@ -375,7 +375,7 @@ def focal_loss(
     Args:
         logits: [N, C]; target: [N] in ``[0, C)``; weight: None or [C].
 
-    Example:
+    Examples:
         >>> focal_loss(torch.zeros(2, 3), torch.tensor([0, 2]), gamma=0.0)
         tensor(1.0986)
     """
@@ -464,7 +464,7 @@ def contrastive_loss(
     Returns:
         A scalar. With no valid pair it is a zero connected to the graph.
 
-    Example:
+    Examples:
         >>> emb = torch.randn(6, 3, requires_grad=True)
         >>> contrastive_loss(emb, torch.tensor([0, 0, 1, 1, 2, 2])).backward()
     """
@@ -564,7 +564,7 @@ def triplet_windows(
     Returns:
         ``(lo, hi)``, two [B, R] int32 tensors.
 
-    Example:
+    Examples:
         >>> neg = torch.tensor([[0.1, 0.5, 0.9]])  # anchor 0's negative distances, sorted
         >>> d_ap = torch.tensor([[0.4, 0.0, 0.0]])  # column 0 is its positive, at 0.4
         >>> lo, hi = triplet_windows(neg, d_ap, margin=0.2, strategy="semihard")
@@ -673,7 +673,7 @@ def triplet_margin_loss(
 
     - ``"all"``, ``"semihard"``, ``"hard"``: the selections of
       pytorch-metric-learning's ``TripletMarginMiner`` with this margin (see
-      :func:`triplet_windows`), computed per anchor by sorting negative
+      `triplet_windows`), computed per anchor by sorting negative
       distances, ``searchsorted`` and counting: O(B^2 log B) time, O(B^2) memory;
     - ``"batch_hard"``: per anchor, the farthest positive and the closest negative.
 
@@ -693,7 +693,7 @@ def triplet_margin_loss(
     Returns:
         A scalar; a graph-connected zero when no triplet applies.
 
-    Example:
+    Examples:
         >>> emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
         >>> labels = torch.arange(16) % 3
         >>> triplet_margin_loss(emb, labels, margin=0.2, triplets="semihard").backward()

@@ -1,6 +1,6 @@
 """Loss modules: thin ``nn.Module`` wrappers that hold hyperparameters.
 
-The math lives in :mod:`smse_metric.functional`. Metric losses are called like
+The math lives in [`smse_metric.functional`][smse_metric.functional]. Metric losses are called like
 pytorch-metric-learning losses, ``loss(embeddings, labels, indices_tuple=None,
 ref_emb=None, ref_labels=None)``, plus ``scales`` / ``ref_scales`` for
 cross-scale positives; classification losses like ``nn.CrossEntropyLoss``.
@@ -34,17 +34,17 @@ class ReinforcedFocalLoss(nn.Module):
 
     A class-weighted, powered L1 distance between the softmax output and the
     one-hot target (the form in the SMSE authors' code). See
-    :func:`smse_metric.functional.reinforced_focal_loss`.
+    [`smse_metric.functional.reinforced_focal_loss`][smse_metric.functional.reinforced_focal_loss].
 
     Args:
         alpha: scale (> 0). gamma: focusing exponent (>= 0).
-        beta: None (all ones) or [C] per-class weights; see :meth:`from_class_counts`.
+        beta: None (all ones) or [C] per-class weights; see `from_class_counts`.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
 
     Shape:
         logits [N, C], target [N] -> scalar, or [N] with ``reduction="none"``.
 
-    Example:
+    Examples:
         >>> loss_fn = ReinforcedFocalLoss.from_class_counts([2480, 5429])
         >>> loss = loss_fn(torch.randn(4, 2, requires_grad=True), torch.tensor([0, 1, 1, 0]))
         >>> loss.backward()
@@ -95,7 +95,7 @@ class FocalLoss(nn.Module):
     Shape:
         logits [N, C], target [N] -> scalar, or [N] with ``reduction="none"``.
 
-    Example:
+    Examples:
         >>> FocalLoss(gamma=2.0)(torch.randn(3, 4), torch.tensor([0, 3, 1])).shape
         torch.Size([])
     """
@@ -141,7 +141,7 @@ class ContrastiveLoss(_MetricLoss):
     Shape:
         embeddings [B, D], labels [B] (scales [B]) -> scalar.
 
-    Example:
+    Examples:
         >>> loss_fn = ContrastiveLoss(margin=1.0)
         >>> emb = torch.randn(8, 16, requires_grad=True)
         >>> loss_fn(emb, torch.tensor([0, 0, 1, 1, 0, 1, 0, 1])).backward()
@@ -185,7 +185,7 @@ class TripletMarginLoss(_MetricLoss):
     Shape:
         embeddings [B, D], labels [B] (scales [B]) -> scalar.
 
-    Example:
+    Examples:
         >>> loss_fn = TripletMarginLoss(margin=0.2, triplets="semihard")
         >>> emb = torch.nn.functional.normalize(torch.randn(32, 16), dim=1).requires_grad_()
         >>> loss_fn(emb, torch.arange(32) % 4).backward()

@@ -80,7 +80,7 @@ class TripletMiner(_Miner):
     Shape:
         embeddings [B, D], labels [B] -> three int64 tensors [T].
 
-    Example:
+    Examples:
         >>> miner = TripletMiner("semihard", margin=0.2)
         >>> emb = torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
         >>> a, p, n = miner(emb, torch.arange(32) % 4)
@@ -182,7 +182,7 @@ class PairMiner(_Miner):
     Shape:
         embeddings [B, D], labels [B] -> four int64 tensors ([P], [P], [Q], [Q]).
 
-    Example:
+    Examples:
         >>> a1, p, a2, n = PairMiner("hard", pos_margin=0.2, neg_margin=0.8)(
         ...     torch.randn(16, 4), torch.arange(16) % 2)
     """

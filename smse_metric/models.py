@@ -23,7 +23,7 @@ class SmallCNN(nn.Module):
 
     Small enough to train in seconds on a CPU, which is what the demo needs.
 
-    Example:
+    Examples:
         >>> SmallCNN()(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 128])
     """
@@ -52,7 +52,7 @@ def backbone_data_config(backbone: nn.Module) -> dict:
     """The input normalisation a backbone expects: ``{"mean", "std", "interpolation"}``
     from its timm ``pretrained_cfg`` (ImageNet's for most timm models).
 
-    Example:
+    Examples:
         >>> cfg = backbone_data_config(EmbeddingNet("resnet18").backbone)
         >>> cfg["mean"], cfg["interpolation"]
         ((0.485, 0.456, 0.406), 'bicubic')
@@ -73,7 +73,7 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
     ``.pt`` files are read with ``torch.load(weights_only=True)``. Classifier keys the
     backbone does not have are ignored; returns the ``missing`` and ``unexpected`` keys.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> src = EmbeddingNet("resnet18", embedding_dim=8)
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "backbone.pt"
@@ -109,7 +109,7 @@ class EmbeddingNet(nn.Module):
 
     Args:
         backbone: any timm model name, ``hf-hub:`` names included, or ``"smse-cnn"``
-            (:class:`SmallCNN`).
+            (`SmallCNN`).
         pretrained: download the backbone's pretrained weights (only when asked).
         embedding_dim: size of the embedding.
         num_classes: classes of the classifier head (on the embedding, as in SMSE).
@@ -117,7 +117,7 @@ class EmbeddingNet(nn.Module):
         weights: a local ``.safetensors`` / ``.pt`` file to load into the backbone
             instead of downloading.
 
-    Example:
+    Examples:
         >>> net = EmbeddingNet("resnet18", embedding_dim=64, num_classes=2)
         >>> emb, logits = net(torch.randn(2, 3, 64, 64))
         >>> emb.shape, logits.shape

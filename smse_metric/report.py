@@ -30,7 +30,7 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     """[N, D] -> [N, 2]: the projection on the two leading principal axes (signs fixed
     so that each axis' largest loading is positive, for stable pictures).
 
-    Example:
+    Examples:
         >>> x = np.array([[0.0, 0, 0], [2, 0, 0], [0, 1, 0], [2, 1, 0]])
         >>> pca_2d(x).round(3).tolist()  # first axis: the direction of largest spread
         [[-1.0, -0.5], [1.0, -0.5], [-1.0, 0.5], [1.0, 0.5]]
@@ -60,7 +60,7 @@ def _pyplot():
 def format_score(x) -> str:
     """Three decimals, or ``-`` for a missing score (``None``, NaN).
 
-    Example:
+    Examples:
         >>> format_score(0.81234), format_score(None)
         ('0.812', '-')
     """
@@ -70,7 +70,7 @@ def format_score(x) -> str:
 def results_table(test: dict) -> list[str]:
     """Markdown rows: kNN and head, image / patient accuracy per magnification + pooled.
 
-    Example:
+    Examples:
         >>> r = {"scales": [40], "per_scale": {"40": {"accuracy": 0.9, "patient_accuracy": 0.8}},
         ...      "pooled": {"accuracy": 0.9, "patient_accuracy": 0.8}}
         >>> results_table({"knn": r, "head": r})[2]
@@ -94,7 +94,7 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
     ``{"folds": [...], "knn" | "head": {"image" | "patient": {"40" ... "pooled":
     {"mean", "std", "values"}}}, "cross_scale_mean": {...}}``.
 
-    Example:
+    Examples:
         >>> def fold(acc):
         ...     cell = {"accuracy": acc, "patient_accuracy": acc}
         ...     r = {"scales": [40], "per_scale": {"40": cell}, "pooled": cell,
@@ -128,9 +128,9 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
 
 
 def fold_table(summary: dict) -> list[str]:
-    """Markdown rows of :func:`fold_summary` in percent: mean +- std.
+    """Markdown rows of `fold_summary` in percent: mean +- std.
 
-    Example:
+    Examples:
         >>> cell = {"mean": 0.85, "std": 0.0707, "values": [0.8, 0.9]}
         >>> level = {"40": cell, "pooled": cell}
         >>> both = {"image": level, "patient": level}
@@ -237,7 +237,7 @@ def _projection(emb: dict, class_names: list[str], path: Path) -> None:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/plots/*.png``; returns the report path.
 
-    Example:
+    Examples:
         Write ``report.md`` and ``plots/`` of a finished run (skipped here: it needs a
         run; the recipe calls it and tests/test_recipe.py checks every file):
 

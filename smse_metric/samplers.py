@@ -45,7 +45,7 @@ POLICIES = ("replace", "error")
 class SamplerStats:
     """What one epoch's plan drew. ``repeated_draws = images_drawn - unique_images``.
 
-    Example:
+    Examples:
         >>> s = MultiScaleBatchSampler([0, 0, 0, 1, 1, 1], groups=[0, 0, 1, 2, 3, 3],
         ...                            scales=[1, 2, 1, 1, 1, 2], classes_per_batch=2,
         ...                            groups_per_class=1, seed=0)
@@ -131,12 +131,12 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
         world_size: number of ranks; default ``torch.distributed``'s, else 1.
         small_group_policy: ``"replace"`` fills what is missing (a class with too few
             groups, a group without some scale) by drawing with replacement and counts
-            it in :attr:`stats`; ``"error"`` raises a ValueError naming it.
+            it in `stats`; ``"error"`` raises a ValueError naming it.
 
     Batch layout: ``[class][group][scale][image]`` flattened, so
     ``batch_size = classes_per_batch * groups_per_class * n_scales * images_per_scale``.
 
-    Example:
+    Examples:
         >>> labels = [0] * 8 + [1] * 8
         >>> groups = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
         >>> scales = [40, 40, 100, 100] * 4
@@ -456,7 +456,7 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self._epoch_plan()[1]
 
     def state_dict(self) -> dict[str, int]:
-        """Where this rank is: resume with :meth:`load_state_dict` on the same data."""
+        """Where this rank is: resume with `load_state_dict` on the same data."""
         return {
             "epoch": self.epoch,
             "position": self._position,

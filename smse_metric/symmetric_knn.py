@@ -8,7 +8,7 @@ query, its current k best and their threshold (the k-th value); a block's entrie
 only enter where a tile of 32 entries has its maximum above the threshold, so almost
 all of the block is rejected by one tile-maximum pass, and the few candidates are
 merged exactly. Ties are broken by index, so the result is the k smallest by
-``(distance, index)``: the same rule as :class:`~smse_metric.evaluation.KNNClassifier`.
+``(distance, index)``: the same rule as [`KNNClassifier`][smse_metric.evaluation.KNNClassifier].
 
 L2 uses one product of augmented rows, ``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2]
 = -d(i, j)^2 / 2``, which is symmetric in ``i, j`` like the cosine similarity.
@@ -101,7 +101,7 @@ def symmetric_knn(
     Returns:
         ``(dist, ids)``, two [N, k] arrays ordered by distance, then index.
 
-    Example:
+    Examples:
         >>> x = np.array([[0.0], [1.0], [3.0], [7.0]], dtype="float32")
         >>> dist, ids = symmetric_knn(x, k=2, metric="l2")
         >>> ids.tolist(), dist[:, 0].tolist()

@@ -511,3 +511,20 @@ def test_torchrun_with_synthetic_data_rank_0_prepares_and_others_wait(tmp_path):
     assert "FutureWarning" not in child.stderr  # all_gather: no deprecated torch call
     assert child.stdout.count("wrote ") == 1 and (out / "data" / "Folds.csv").is_file()
     assert (out / ".smse-run").is_file() and (out / "metrics.json").is_file()
+
+
+def test_the_demo_data_gives_every_replicate_at_least_40_test_patients(tmp_path):
+    from smse_metric.recipes import demo
+    from smse_metric.recipes.breakhis import split_sizes
+
+    root = make_synthetic_breakhis(tmp_path / "data", demo.DEMO_PATIENTS, seed=0, folds=5,
+                                   **demo.DEMO_DATA)  # fmt: skip
+    for k in range(demo.DEMO_SEEDS):
+        overrides = {key: dict(v) for key, v in demo.DEMO_OVERRIDES.items()}
+        overrides["data"].update(path=str(root), fold=k + 1)
+        splits = load_splits(load_config("smse-triplet", overrides), root)
+        test_patients = len(np.unique(splits.index.group[splits.test]))
+        assert test_patients >= 40, (k, split_sizes(splits))
+        val = splits.index.label[splits.val]
+        for c in (0, 1):  # validation: at least 2 patients of each class
+            assert len(np.unique(splits.index.group[splits.val][val == c])) >= 2

@@ -55,7 +55,7 @@ _FOLDER_TO_SUBTYPE = {folder: code for code, (_, folder) in SUBTYPES.items()}
 class BreakHisRecord:
     """The fields of one BreakHis file name.
 
-    Example:
+    Examples:
         >>> r = parse_breakhis_filename("SOB_M_DC-14-2523-400-012.png")
         >>> r.tumor_class, r.subtype, r.slide_id, r.magnification, r.sequence
         ('M', 'DC', '2523', 400, 12)
@@ -78,7 +78,7 @@ def parse_breakhis_filename(name: str | Path) -> BreakHisRecord:
         ValueError: quoting the name, when it does not follow the grammar, names an
             unknown subtype or magnification, or a subtype of the other class.
 
-    Example:
+    Examples:
         >>> r = parse_breakhis_filename("SOB_B_TA-14-16184CD-40-001.png")
         >>> r.subtype, r.slide_id, r.case_id, r.magnification
         ('TA', '16184CD', '16184', 40)
@@ -112,13 +112,13 @@ def parse_breakhis_filename(name: str | Path) -> BreakHisRecord:
 
 @dataclass
 class BreakHisIndex:
-    """Images found by :func:`scan_breakhis`, one row each (numpy arrays of length N).
+    """Images found by `scan_breakhis`, one row each (numpy arrays of length N).
 
     ``label`` is binary (0 benign, 1 malignant); ``subtype`` indexes
     ``subtype_names``; ``group`` indexes ``group_names`` (slides or cases);
     ``report`` says what the scan found, dropped and why.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -167,7 +167,7 @@ class BreakHisIndex:
 
     def masks(self, split: dict[str, set[str]]) -> dict[str, np.ndarray]:
         """Boolean masks from a fold split (``{"train": {file names}, ...}``), as
-        :func:`load_folds` returns; raises if a listed file is not in the index."""
+        `load_folds` returns; raises if a listed file is not in the index."""
         names = np.array(self.names)
         out = {}
         for part, files in split.items():
@@ -226,7 +226,7 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
         ValueError: for a missing or empty directory, an unknown subtype folder, a
             malformed file name, or a folder that contradicts its file's name.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -295,9 +295,9 @@ def load_folds(path: str | Path, fold: int) -> dict[str, set[str]]:
 
     ``dsfold<k>.txt`` rows are ``<filename>|<mag>|<fold>|<grp>``; ``Folds.csv`` has
     the columns ``fold,mag,grp,filename``. Returns ``{"train": {...}, "test": {...}}``
-    of file base names (use :meth:`BreakHisIndex.masks` to select rows).
+    of file base names (use `BreakHisIndex.masks` to select rows).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -353,7 +353,7 @@ def patient_split(
     ``stratify`` this is done per subtype, so each split has every subtype that has
     enough patients, and every subtype keeps at least one training patient.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -394,7 +394,7 @@ def patient_split(
 def check_patient_disjoint(masks: dict[str, np.ndarray], groups: np.ndarray) -> None:
     """Raise ValueError naming a patient that appears in two splits.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> groups = np.array([0, 0, 1, 2])
         >>> check_patient_disjoint({"train": np.array([1, 1, 0, 0], bool),

@@ -44,7 +44,7 @@ def _resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") ->
 def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(img - mean) / std`` per channel, for an image [3, H, W] or a batch [B, 3, H, W].
 
-    Example:
+    Examples:
         >>> normalize_image(torch.full((3, 1, 1), 0.5), (0.5, 0.25, 0.0), (0.5, 0.5, 1.0)).flatten()
         tensor([0.0000, 0.5000, 0.5000])
     """
@@ -56,7 +56,7 @@ def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 def read_image(path: str | Path) -> torch.Tensor:
     """An image file as RGB float [3, H, W] in [0, 1]; an OSError names a bad file.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = Path(tempfile.mkdtemp()) / "a.png"
         >>> Image.new("RGB", (5, 4), (255, 0, 0)).save(path)
@@ -78,7 +78,7 @@ def eval_transform(
     """Resize to ``size`` = (H, W) with ``interpolation``; images are float [3, H, W] in
     [0, 1].
 
-    Example:
+    Examples:
         >>> img = torch.rand(3, 46, 70)
         >>> eval_transform((32, 48))(img, None).shape
         torch.Size([3, 32, 48])
@@ -101,7 +101,7 @@ def train_transform(
     (square sizes only), brightness / contrast / saturation jitter of +-``color`` and
     H&E stain jitter: per-stain scale and shift of +-``stain`` in optical density.
 
-    Example:
+    Examples:
         >>> img = torch.rand(3, 46, 70)
         >>> out = train_transform((32, 32))(img, torch.Generator().manual_seed(0))
         >>> out.shape, bool(out.min() >= 0) and bool(out.max() <= 1)
@@ -141,7 +141,7 @@ def train_transform(
 
 
 class BreakHisDataset(torch.utils.data.Dataset):
-    """Images of a :class:`~smse_metric.data.BreakHisIndex` as
+    """Images of a [`BreakHisIndex`][smse_metric.data.BreakHisIndex] as
     ``(image [3, H, W] float, label, group, scale)``.
 
     Args:
@@ -159,7 +159,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
         interpolation: resize mode of the built-in transforms (one of
             ``INTERPOLATIONS``), as the backbone's data config gives it.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,

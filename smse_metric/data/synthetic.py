@@ -182,7 +182,7 @@ def make_synthetic_breakhis(
     """Write a synthetic BreakHis tree and a ``Folds.csv`` under ``out_dir``.
 
     Args:
-        patients_per_subtype: {subtype code: patients}; default :data:`DEFAULT_PATIENTS`.
+        patients_per_subtype: {subtype code: patients}; default `DEFAULT_PATIENTS`.
         images_per_magnification: images per patient per magnification (on average;
             each patient varies by +-1, as real patients do).
         image_size: (width, height) in pixels (BreakHis is 700 x 460).
@@ -192,7 +192,7 @@ def make_synthetic_breakhis(
     Returns:
         ``out_dir``; the images are under ``out_dir/BreaKHis_v1/histology_slides/breast``.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))

@@ -1,6 +1,6 @@
 """The SMSE recipe on BreakHis-layout data: data splits, training, evaluation.
 
-``train(cfg, out_dir)`` fits the model of a :class:`~smse_metric.recipes.Config` on the
+``train(cfg, out_dir)`` fits the model of a [`Config`][smse_metric.recipes.Config] on the
 training patients, selects the epoch on a validation split drawn from the training
 patients (never on test), and evaluates the selected checkpoint on the test patients
 with kNN over the training embeddings and with the classifier head.
@@ -66,7 +66,7 @@ __all__ = [
 class Splits:
     """The scanned data and three patient-disjoint boolean masks over it.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -100,10 +100,10 @@ def _folds_file(cfg: Config, root: Path) -> Path | None:
 def load_splits(cfg: Config, root: str | Path) -> Splits:
     """Scan ``root``, keep the configured magnifications, and split patients: the fold
     file's train/test (``data.folds_file``, ``root/Folds.csv`` or
-    ``root/dsfold<fold>.txt``) or, without one, :func:`patient_split`; validation
+    ``root/dsfold<fold>.txt``) or, without one, `patient_split`; validation
     patients are drawn from the training ones.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -164,7 +164,7 @@ def _validation_patients(cfg: Config, index: BreakHisIndex, train: np.ndarray) -
 def split_sizes(splits: Splits) -> str:
     """One line: images and patients of each split.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -186,7 +186,7 @@ def split_sizes(splits: Splits) -> str:
 def data_root(cfg: Config, run_dir: str | Path) -> Path:
     """The data a run trains on: ``data.path``, or ``RUN_DIR/data`` for synthetic runs.
 
-    Example:
+    Examples:
         >>> from smse_metric.recipes import load_config
         >>> synthetic = load_config(overrides={"data": {"synthetic": True}})
         >>> data_root(synthetic, "runs/a").as_posix()
@@ -201,7 +201,7 @@ def data_root(cfg: Config, run_dir: str | Path) -> Path:
 def device_of(cfg: Config) -> torch.device:
     """The run's device: ``run.device`` (``auto``: CUDA when present), this rank's GPU.
 
-    Example:
+    Examples:
         >>> from smse_metric.recipes import load_config
         >>> device_of(load_config(overrides={"data": {"synthetic": True},
         ...                                  "run": {"device": "cpu"}}))
@@ -232,7 +232,7 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
     backbone's data config where the config leaves them empty (a key set in the config
     wins), so that training, evaluation and search normalise alike.
 
-    Example:
+    Examples:
         >>> from smse_metric.recipes import load_config
         >>> cfg = resolve_inputs(load_config(overrides={"data": {"synthetic": True}}))
         >>> cfg.data.mean, cfg.data.std  # resnet18: ImageNet's
@@ -309,7 +309,7 @@ def _num_classes(cfg: Config) -> int:
 def build_model(cfg: Config) -> EmbeddingNet:
     """The run's network, untrained (load ``checkpoints/best.pt`` into it).
 
-    Example:
+    Examples:
         >>> from smse_metric.recipes import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "task": "subtype"},
         ...                                    "model": {"embedding_dim": 32}})
@@ -337,7 +337,7 @@ def _optimizer(cfg: Config, model: torch.nn.Module):
 def evaluate_split(cfg: Config, model, gallery, queries, device, channels_last=False) -> dict:
     """kNN (gallery: training images) and head metrics of one split, as dicts.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
@@ -400,7 +400,7 @@ def train(
 
     Writes ``config.toml``, ``history.jsonl`` (one line per epoch),
     ``checkpoints/{last,best}.pt`` (``last`` after every epoch and on Ctrl-C) and then
-    everything :func:`evaluate_run` writes. ``resume=True`` continues from
+    everything `evaluate_run` writes. ``resume=True`` continues from
     ``checkpoints/last.pt`` (mid-epoch after an interruption) to the same result as an
     uninterrupted run. Under ``torchrun`` it trains with DDP; only rank 0 writes and
     returns metrics (other ranks return ``None``).
@@ -410,7 +410,7 @@ def train(
         FloatingPointError: on a non-finite loss, naming the step; ``last.pt`` keeps
             the last good epoch.
 
-    Example:
+    Examples:
         Two epochs on the synthetic dataset (tests/test_recipe.py runs this path; skipped
         here because it trains a network):
 
@@ -653,7 +653,7 @@ def evaluate_run(
     ``metrics.json``, ``embeddings/{gallery,test}.npz``, ``index/gallery.faiss`` (the
     kNN gallery that ``search`` queries) and ``report.md`` with its plots.
 
-    Example:
+    Examples:
         Recompute a finished run's outputs (tests/test_recipe.py runs this; skipped here
         because it needs a trained run):
 

@@ -22,7 +22,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 def t_quantile_975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (two-sided 95%).
 
-    Example:
+    Examples:
         >>> t_quantile_975(4), round(t_quantile_975(1000), 3)
         (2.776, 1.962)
     """
@@ -38,7 +38,7 @@ def t_quantile_975(df: int) -> float:
 class PairedComparison:
     """Method A against method B on one metric over ``n`` paired seeds.
 
-    Example:
+    Examples:
         >>> c = PairedComparison(5, 0.80, 0.78, 0.02, -0.01, 0.05)
         >>> c.verdict, c.to_dict()["verdict"]
         ('no significant difference', 'no significant difference')
@@ -67,7 +67,7 @@ class PairedComparison:
 def paired_comparison(a: Sequence[float], b: Sequence[float]) -> PairedComparison:
     """Mean difference ``a - b`` over paired values and its 95% t interval.
 
-    Example:
+    Examples:
         >>> c = paired_comparison([0.80, 0.82, 0.79], [0.70, 0.71, 0.72])
         >>> round(c.difference, 3), c.verdict
         (0.093, 'better')

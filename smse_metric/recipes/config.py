@@ -122,7 +122,7 @@ class EvalConfig:
 class Config:
     """A recipe's whole configuration: one dataclass per TOML section.
 
-    Example:
+    Examples:
         >>> cfg = Config()  # every default; load_config() validates
         >>> cfg.loss.metric, cfg.sampler.kind, cfg.optim.lr
         ('triplet', 'multiscale', 0.001)
@@ -225,11 +225,11 @@ def _validate(cfg: Config) -> None:
 
 
 def load_config(source: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """A validated :class:`Config` from a preset name, a TOML file, or defaults.
+    """A validated `Config` from a preset name, a TOML file, or defaults.
 
     ``overrides`` are nested dicts applied on top (``{"optim": {"epochs": 2}}``).
 
-    Example:
+    Examples:
         >>> cfg = load_config("smse-pair", {"optim": {"epochs": 3}, "data": {"synthetic": True}})
         >>> cfg.loss.metric, cfg.optim.epochs
         ('pair', 3)
@@ -283,7 +283,7 @@ def _toml_value(v: Any) -> str:
 def config_to_toml(cfg: Config) -> str:
     """The resolved config as TOML (``None`` values are left out: they are defaults).
 
-    Example:
+    Examples:
         >>> cfg = load_config("baseline-ce", {"data": {"synthetic": True}})
         >>> text = config_to_toml(cfg)
         >>> text.splitlines()[0], 'classification = "ce"' in text

@@ -63,7 +63,7 @@ def demo_table(results: dict[str, dict]) -> str:
     """A Markdown table: method x predictor (kNN, head) x level (image, patient), the
     accuracy per magnification, pooled, and the cross-magnification mean (kNN).
 
-    Example:
+    Examples:
         >>> rep = {"per_scale": {str(s): {"accuracy": 0.5, "patient_accuracy": 0.5}
         ...                     for s in (40, 100, 200, 400)},
         ...        "pooled": {"accuracy": 0.5, "patient_accuracy": 0.5}, "cross_scale_mean": 0.5}
@@ -84,7 +84,7 @@ def demo_verdict(results: dict[str, dict]) -> str:
     selected on (kNN for smse-triplet, the head for baseline-ce), and the kNN
     cross-magnification mean.
 
-    Example:
+    Examples:
         >>> rep = {"pooled": {"patient_accuracy": 0.75}, "cross_scale_mean": 0.5}
         >>> print(demo_verdict({"m": {"selected_on": "validation knn patient accuracy",
         ...                           "test": {"knn": rep, "head": rep}}}))
@@ -115,7 +115,7 @@ def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
     """Per headline metric: the paired comparison of the first method against the second
     over the replicates (``results[k]`` = {method: metrics} of replicate ``k``).
 
-    Example:
+    Examples:
         >>> def m(p):
         ...     rep = {"pooled": {"patient_accuracy": p, "accuracy": p}, "cross_scale_mean": p}
         ...     return {"selected_on": "validation knn patient accuracy",
@@ -140,7 +140,7 @@ def comparison_table(comparison: dict[str, dict], results: list[dict[str, dict]]
     """Markdown: per headline metric, each method's mean, the paired difference, its 95%
     confidence interval and the verdict.
 
-    Example:
+    Examples:
         >>> def m(p):
         ...     rep = {"pooled": {"patient_accuracy": p, "accuracy": p}, "cross_scale_mean": p}
         ...     return {"selected_on": "validation knn patient accuracy",
@@ -175,7 +175,7 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
     and write ``summary.md`` / ``summary.json``; returns ``{"runs": [{method: metrics}],
     "comparison": {metric: ...}, "seconds": wall time}``.
 
-    Example:
+    Examples:
         About four minutes on two CPU cores (skipped here; `make demo` and
         tests/test_recipe.py run it):
 

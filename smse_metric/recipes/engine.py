@@ -2,7 +2,7 @@
 samplers that resume mid-epoch, checkpoints, Ctrl-C, DDP set-up and embedding.
 
 Kept apart from ``breakhis.py`` (what to train on and what to report) so that the
-distributed test can drive :func:`train_step` with any ``(embeddings, logits)`` model.
+distributed test can drive `train_step` with any ``(embeddings, logits)`` model.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["TrainingInterrupted", "embed", "load_checkpoint", "save_checkpoint",
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C (SIGINT / SIGTERM) once the checkpoint is written.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> e = TrainingInterrupted(Path("runs/a/checkpoints/last.pt"), epoch=3, step=17)
         >>> str(e).split(";")[0]
@@ -142,10 +142,10 @@ def train_step(
 
     The classification loss is the mean over this rank's batch (DDP averages its
     gradient over ranks); the metric loss sees the global batch through
-    :func:`~smse_metric.distributed.gather_batch`, so every rank mines over every
+    [`gather_batch`][smse_metric.distributed.gather_batch], so every rank mines over every
     rank's embeddings and the summed gradient is that of the global loss.
 
-    Example:
+    Examples:
         >>> from smse_metric import ReinforcedFocalLoss, TripletMarginLoss
         >>> from smse_metric.models import EmbeddingNet
         >>> net = EmbeddingNet(embedding_dim=8)
@@ -176,7 +176,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic write (temp file + rename); ``state`` holds tensors, numbers, strings and
     containers only, so ``torch.load(weights_only=True)`` reads it.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from pathlib import Path
         >>> path = Path(tempfile.mkdtemp()) / "last.pt"
@@ -192,7 +192,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)`` onto ``device``.
 
-    Example:
+    Examples:
         >>> load_checkpoint("no/such/file.pt")
         Traceback (most recent call last):
         ...
@@ -217,7 +217,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 def embed(model: nn.Module, loader, device: torch.device, channels_last: bool = False):
     """Embeddings [N, D] (float32, CPU) and head predictions [N] of a loader, in order.
 
-    Example:
+    Examples:
         >>> from smse_metric.models import EmbeddingNet
         >>> data = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16))
         >>> emb, pred = embed(EmbeddingNet(embedding_dim=8), torch.utils.data.DataLoader(data),

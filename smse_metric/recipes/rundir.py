@@ -29,7 +29,7 @@ def _contains(parent: Path, child: Path) -> bool:
 def is_unfinished_run(path: str | Path) -> bool:
     """A run directory of ours where no run (nor fold) reached its first checkpoint.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> run = Path(tempfile.mkdtemp())
         >>> is_unfinished_run(run)  # not ours: no marker
@@ -57,7 +57,7 @@ def check_run_dir(
     ``overwrite`` was not given; it lacks the project's marker; it is the current
     directory or one of its parents; it is, or holds, a ``protected`` path (the data).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> home = Path(tempfile.mkdtemp())
         >>> check_run_dir(home / "new", overwrite=False)
@@ -97,10 +97,10 @@ def check_run_dir(
 @contextmanager
 def claim_run_dir(out: str | Path, replace: bool, marker: str = RUN_MARKER) -> Iterator[Path]:
     """Create ``out`` with its marker (after removing it when ``replace``, which only
-    :func:`check_run_dir` may decide); if the body raises before ``checkpoints/last.pt``
+    `check_run_dir` may decide); if the body raises before ``checkpoints/last.pt``
     exists, remove what this call created, so a retry starts clean.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> out = Path(tempfile.mkdtemp()) / "run"
         >>> try:

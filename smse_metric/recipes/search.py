@@ -26,7 +26,7 @@ __all__ = ["Neighbour", "contact_sheet", "search_run"]
 class Neighbour:
     """One search result: a gallery image and its metadata.
 
-    Example:
+    Examples:
         >>> n = Neighbour(1, 0.12, "a.png", "22549AB", "benign", "A", 40)
         >>> n.patient, n.magnification
         ('22549AB', 40)
@@ -47,10 +47,10 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
 
     The query is resized and normalised as the run's evaluation images were (the
     ``data.mean`` / ``std`` / ``interpolation`` of its ``config.toml``). ``data``: where
-    the run's dataset lies now, if it moved. Returns a list of :class:`Neighbour`,
+    the run's dataset lies now, if it moved. Returns a list of `Neighbour`,
     nearest first.
 
-    Example:
+    Examples:
         The five training images nearest to an image, under a finished run (skipped here:
         it needs a trained run; tests/test_recipe.py runs it):
 
@@ -108,7 +108,7 @@ def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Pat
                   thumb: int = 160) -> Path:  # fmt: skip
     """A PNG row: the query, then each neighbour captioned with its metadata.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
