@@ -21,7 +21,7 @@ lint: install
 
 docs: install
 	$(PY) docs/scripts/plot_rfl.py
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 test: install lint docs
 	$(PY) -m pytest

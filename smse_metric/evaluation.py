@@ -16,11 +16,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from .symmetric_knn import symmetric_knn
+
+
+def _faiss():
+    """faiss, imported where an index is built: ``import smse_metric`` must not need it."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            "this needs FAISS: pip install 'smse-metric[faiss]' (CPU) or 'smse-metric[gpu]' (CUDA)"
+        ) from e
+    return faiss
+
 
 __all__ = [
     "ClassificationMetrics",
@@ -83,6 +94,7 @@ def _choice(name: str, value: str, choices) -> None:
 
 
 def _faiss_gpus() -> int:
+    faiss = _faiss()
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
@@ -115,6 +127,7 @@ class FaissIndex:
         nlist: int | None = None,
         nprobe: int = 16,
     ) -> None:
+        faiss = _faiss()
         _choice("metric", metric, METRICS)
         _choice("device", device, DEVICES)
         _choice("index", index, ("flat", "ivf"))
@@ -147,6 +160,7 @@ class FaissIndex:
     def vectors(self) -> np.ndarray:
         """[G, D] float32 view of the stored gallery (L2-normalised for ``"cosine"``);
         flat CPU indexes only."""
+        faiss = _faiss()
         if not isinstance(self.index, faiss.IndexFlat):
             raise ValueError("vectors() needs a flat CPU index")
         return (
@@ -157,6 +171,7 @@ class FaissIndex:
 
     def save(self, path: str | Path) -> None:
         """Write the index with ``faiss.write_index`` (a GPU index is copied to the CPU)."""
+        faiss = _faiss()
         index = faiss.index_gpu_to_cpu(self.index) if self.device == "cuda" else self.index
         faiss.write_index(index, str(path))
 
@@ -164,6 +179,7 @@ class FaissIndex:
     def load(cls, path: str | Path, device: str = "cpu") -> FaissIndex:
         """Read an index written by `save`; its metric follows the index type
         (inner product: ``"cosine"``, L2: ``"l2"``)."""
+        faiss = _faiss()
         _choice("device", device, DEVICES)
         if not Path(path).is_file():
             raise ValueError(f"no FAISS index at {path}")
@@ -182,6 +198,7 @@ class FaissIndex:
 
     @staticmethod
     def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
+        faiss = _faiss()
         if metric == "cosine":
             x = x.copy()
             faiss.normalize_L2(x)

@@ -3,6 +3,8 @@ cannot drift from the code; the RFL figure script runs."""
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,36 @@ def test_rfl_figure_is_drawn(tmp_path):
     assert rfl_loss.max() <= 2.0 < ce_loss.max()  # bounded, where CE is not
     assert abs(rfl_grad[0]) < abs(rfl_grad[1])  # hopeless samples get less push
     assert os.path.basename(out) == "rfl.png"
+
+
+def _docs_copy(tmp_path: Path) -> Path:
+    """The docs project in a scratch directory (code and included files linked)."""
+    import shutil
+
+    copy = tmp_path / "site-src"
+    copy.mkdir()
+    shutil.copy(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
+    shutil.copytree(ROOT / "docs", copy / "docs")
+    for name in ("smse_metric", "benchmarks", "README.md"):
+        (copy / name).symlink_to(ROOT / name)
+    return copy
+
+
+def _build(project: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(project / "out")]
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    return subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+
+
+def test_the_strict_docs_build_fails_on_one_broken_reference(tmp_path):
+    """`make docs` must be able to fail: the same build, one unresolvable reference."""
+    docs_rule = [x for x in (ROOT / "Makefile").read_text().splitlines() if "mkdocs build" in x]
+    assert docs_rule and all("--strict" in x and "--quiet" not in x for x in docs_rule)
+    project = _docs_copy(tmp_path)
+    page = project / "docs" / "index.md"
+    page.write_text(page.read_text() + "\nSee [nothing][smse_metric.no_such_symbol].\n")
+    broken = _build(project)
+    assert broken.returncode != 0
+    log = broken.stdout + broken.stderr
+    assert "no_such_symbol" in log and "Aborted" in log
