@@ -56,6 +56,9 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     slice; with DDP's gradient averaging that is the gradient of the global loss.
     Without a process group it returns ``x`` itself.
 
+    Args:
+        x: [B, ...] this rank's tensor; every rank passes the same shape.
+
     Examples:
         >>> x = torch.randn(4, 8, requires_grad=True)
         >>> all_gather_with_grad(x) is x  # one process: nothing to gather

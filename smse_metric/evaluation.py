@@ -407,6 +407,16 @@ class KNNClassifier:
 class ClassificationMetrics:
     """Classification scores of one set of queries. Per-class lists follow ``classes``.
 
+    Attributes:
+        n: number of images scored.
+        accuracy: correct images / images.
+        patient_accuracy: mean over patients of each patient's image accuracy.
+        balanced_accuracy: mean over classes of the per-class recall.
+        precision: per-class precision, in class order.
+        recall: per-class recall, in class order.
+        f1: per-class F1, in class order.
+        confusion: rows: true class, columns: predicted class, image counts.
+
     Examples:
         >>> r = evaluate_predictions([0, 1, 1, 1], [0, 1, 0, 1], groups=[7, 7, 8, 8])
         >>> m = r.pooled  # a ClassificationMetrics
@@ -428,6 +438,12 @@ class ClassificationMetrics:
 class RetrievalMetrics:
     """Retrieval scores of one set of queries against their gallery.
 
+    Attributes:
+        precision_at_1: share of queries whose nearest neighbour has their label.
+        recall_at_k: share of queries with a same-label item among the k neighbours.
+        map_at_r: mean average precision at R (None when not computed).
+        queries_without_relevant: queries with no same-label item in the gallery.
+
     Examples:
         >>> emb = np.array([[0.0, 1], [0, 1.1], [1, 0], [1.1, 0]], dtype="float32")
         >>> r = evaluate_embeddings(emb, [0, 0, 1, 1], k=1, exclude="self").retrieval
@@ -444,6 +460,19 @@ class RetrievalMetrics:
 @dataclass
 class EvaluationReport:
     """Everything `evaluate_embeddings` measured; ``to_dict()`` / ``to_json()``.
+
+    Attributes:
+        classes: the class labels, in the order of per-class lists.
+        scales: the magnifications present, in the order of ``per_scale``.
+        k: neighbours per query (None for a classifier's predictions).
+        metric: ``"cosine"`` or ``"l2"`` (None for predictions).
+        exclude: ``"none"``, ``"self"`` or ``"group"`` (None for predictions).
+        pooled: classification metrics over every query.
+        per_scale: classification metrics of each magnification's queries.
+        retrieval: precision@1, recall@k and MAP@R over every query (kNN only).
+        retrieval_per_scale: the same per magnification.
+        cross_scale: query magnification x gallery magnification kNN accuracy.
+        cross_scale_mean: mean of the off-diagonal cells (None with one magnification).
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -531,6 +560,13 @@ def evaluate_predictions(
     """Score predicted labels (e.g. a classifier head's) like kNN predictions: image- and
     patient-level accuracy, balanced accuracy, per-class scores, confusion matrices,
     pooled and per scale. ``groups=None`` makes every image its own patient.
+
+    Args:
+        pred: [N] predicted labels.
+        labels: [N] true labels.
+        groups: [N] patient ids (None: every image its own patient).
+        scales: [N] magnification ids (None: one scale).
+        classes: every class label to report (default: those present).
 
     Examples:
         >>> r = evaluate_predictions(pred=[1, 1, 0, 0, 1], labels=[1, 1, 1, 0, 0],

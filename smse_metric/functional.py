@@ -11,10 +11,10 @@ Shapes: ``B`` embeddings of dimension ``D``; an optional reference set of
 
 Examples:
     >>> import torch
-    >>> from smse_metric import functional as F
+    >>> from smse_metric import functional as smf
     >>> emb = torch.randn(8, 4, requires_grad=True)
     >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
-    >>> loss = F.triplet_margin_loss(emb, labels, margin=0.5, triplets="semihard")
+    >>> loss = smf.triplet_margin_loss(emb, labels, margin=0.5, triplets="semihard")
     >>> loss.backward()
 """
 
@@ -237,6 +237,10 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
     embedding paired with itself) is not a positive. With ``ref_labels`` every
     same-label pair counts, as in pytorch-metric-learning.
 
+    Args:
+        labels: [B] integer labels of the anchors.
+        ref_labels: [R] labels of the reference (default: the batch itself).
+
     Examples:
         >>> pos, neg = label_masks(torch.tensor([0, 0, 1]))
         >>> pos.int().tolist(), neg.int().tolist()
@@ -248,6 +252,10 @@ def label_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tenso
 
 def cross_scale_mask(scales: Tensor, ref_scales: Tensor | None = None) -> Tensor:
     """[B, R] bool mask of pairs whose scales (magnifications) differ.
+
+    Args:
+        scales: [B] magnification ids of the anchors.
+        ref_scales: [R] magnification ids of the reference (default: ``scales``).
 
     Examples:
         >>> cross_scale_mask(torch.tensor([40, 100, 40])).int().tolist()
@@ -339,6 +347,7 @@ def reinforced_focal_loss(
         gamma: focusing exponent, >= 0.
         beta: None (ones) or [C] per-class weights.
         reduction: ``"mean"`` (plain mean over samples), ``"sum"`` or ``"none"`` ([N]).
+        eps: ``1 - p`` is clamped to at least this, so ``gamma < 1`` keeps finite gradients.
 
     Examples:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
@@ -373,7 +382,11 @@ def focal_loss(
     plain mean over samples.
 
     Args:
-        logits: [N, C]; target: [N] in ``[0, C)``; weight: None or [C].
+        logits: [N, C] unnormalised scores.
+        target: [N] class indices in ``[0, C)``.
+        gamma: focusing exponent, >= 0.
+        weight: None (ones) or [C] per-class weights.
+        reduction: ``"mean"`` (plain mean over samples), ``"sum"`` or ``"none"`` ([N]).
 
     Examples:
         >>> focal_loss(torch.zeros(2, 3), torch.tensor([0, 2]), gamma=0.0)
@@ -448,7 +461,8 @@ def contrastive_loss(
     """SMSE pair loss ``0.5 * [y d^2 + (1 - y) relu(margin - d)^2]``, d euclidean.
 
     Args:
-        embeddings: [B, D]; labels: [B] integers.
+        embeddings: [B, D] embeddings.
+        labels: [B] integer labels.
         margin: negatives closer than this are penalised.
         reduction: ``"mean"`` over all selected positive and negative pairs,
             ``"sum"``, or ``"mean_nonzero"`` over pairs with a positive loss.
@@ -460,6 +474,7 @@ def contrastive_loss(
         scales: [B] magnification ids; with ``cross_scale`` only positives at
             different scales count.
         ref_scales: [R] magnification ids of ``ref_emb``.
+        cross_scale: keep only positive pairs whose scales differ (needs ``scales``).
 
     Returns:
         A scalar. With no valid pair it is a zero connected to the graph.
@@ -560,6 +575,8 @@ def triplet_windows(
     Args:
         sorted_neg: [B, R] ascending rows, ``+inf`` where not a negative.
         d_ap: [B, R] anchor-positive distances (only entries at positives matter).
+        margin: the triplet margin.
+        strategy: ``"all"``, ``"semihard"`` or ``"hard"``, as in PML's ``TripletMarginMiner``.
 
     Returns:
         ``(lo, hi)``, two [B, R] int32 tensors.
@@ -678,9 +695,12 @@ def triplet_margin_loss(
     - ``"batch_hard"``: per anchor, the farthest positive and the closest negative.
 
     Args:
-        embeddings: [B, D]; labels: [B] integers.
-        margin: the margin; ``squared=True`` uses squared euclidean distances
-            (the SMSE form), otherwise euclidean.
+        embeddings: [B, D] embeddings.
+        labels: [B] integer labels.
+        margin: the margin.
+        squared: use squared euclidean distances (the SMSE form), otherwise euclidean.
+        triplets: without ``indices_tuple``, the selection: ``"all"``, ``"semihard"``,
+            ``"hard"`` or ``"batch_hard"`` (above).
         reduction: ``"mean_nonzero"`` (mean over triplets with positive loss, PML's
             default), ``"mean"`` (over all selected triplets) or ``"sum"``.
         indices_tuple: ``(a, p, n)`` from any miner; exactly those triplets are used.

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional as smf
 
 __all__ = ["ContrastiveLoss", "FocalLoss", "ReinforcedFocalLoss", "TripletMarginLoss"]
 
@@ -37,7 +37,8 @@ class ReinforcedFocalLoss(nn.Module):
     [`smse_metric.functional.reinforced_focal_loss`][smse_metric.functional.reinforced_focal_loss].
 
     Args:
-        alpha: scale (> 0). gamma: focusing exponent (>= 0).
+        alpha: scale (> 0).
+        gamma: focusing exponent (>= 0).
         beta: None (all ones) or [C] per-class weights; see `from_class_counts`.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
 
@@ -60,7 +61,7 @@ class ReinforcedFocalLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        F._check_choice("reduction", reduction, F.CLASS_REDUCTIONS)
+        smf._check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if not gamma >= 0:
@@ -81,7 +82,7 @@ class ReinforcedFocalLoss(nn.Module):
         return cls(alpha=alpha, gamma=gamma, beta=(1 - c / c.sum()).float(), **kwargs)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return F.reinforced_focal_loss(
+        return smf.reinforced_focal_loss(
             logits, target, self.alpha, self.gamma, self.beta, self.reduction
         )
 
@@ -91,6 +92,11 @@ class ReinforcedFocalLoss(nn.Module):
 
 class FocalLoss(nn.Module):
     """Classic focal loss (Lin et al.) ``-w[y] (1 - p_y) ** gamma * log p_y``, for ablations.
+
+    Args:
+        gamma: focusing exponent, >= 0 (0 with no weight: cross-entropy).
+        weight: None (ones) or [C] per-class weights.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
 
     Shape:
         logits [N, C], target [N] -> scalar, or [N] with ``reduction="none"``.
@@ -109,14 +115,14 @@ class FocalLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        F._check_choice("reduction", reduction, F.CLASS_REDUCTIONS)
+        smf._check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma, self.reduction = float(gamma), reduction
         self.register_buffer("weight", _class_weights(weight, "weight"))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return F.focal_loss(logits, target, self.gamma, self.weight, self.reduction)
+        return smf.focal_loss(logits, target, self.gamma, self.weight, self.reduction)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, reduction={self.reduction!r}"
@@ -125,7 +131,7 @@ class FocalLoss(nn.Module):
 class _MetricLoss(nn.Module):
     def __init__(self, margin: float, reduction: str, reductions, cross_scale: bool) -> None:
         super().__init__()
-        F._check_choice("reduction", reduction, reductions)
+        smf._check_choice("reduction", reduction, reductions)
         self.margin, self.reduction, self.cross_scale = float(margin), reduction, bool(cross_scale)
 
 
@@ -150,7 +156,7 @@ class ContrastiveLoss(_MetricLoss):
     def __init__(
         self, margin: float = 1.0, reduction: str = "mean", cross_scale: bool = False
     ) -> None:
-        super().__init__(margin, reduction, F.PAIR_REDUCTIONS, cross_scale)
+        super().__init__(margin, reduction, smf.PAIR_REDUCTIONS, cross_scale)
 
     def forward(
         self,
@@ -162,7 +168,7 @@ class ContrastiveLoss(_MetricLoss):
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> Tensor:
-        return F.contrastive_loss(
+        return smf.contrastive_loss(
             embeddings, labels, self.margin, self.reduction, indices_tuple,
             ref_emb, ref_labels, scales, ref_scales, self.cross_scale,
         )  # fmt: skip
@@ -175,7 +181,8 @@ class TripletMarginLoss(_MetricLoss):
     """Triplet loss ``relu(d(a,p) - d(a,n) + margin)`` with fused exact triplet selection.
 
     Args:
-        margin: the margin. squared: use squared euclidean distances (SMSE's form).
+        margin: the margin.
+        squared: use squared euclidean distances (SMSE's form).
         triplets: without an ``indices_tuple``, which triplets: ``"all"``,
             ``"semihard"``, ``"hard"`` (as PML's ``TripletMarginMiner``) or
             ``"batch_hard"``; computed without materialising triplets.
@@ -199,8 +206,8 @@ class TripletMarginLoss(_MetricLoss):
         reduction: str = "mean_nonzero",
         cross_scale: bool = False,
     ) -> None:
-        super().__init__(margin, reduction, F.TRIPLET_REDUCTIONS, cross_scale)
-        F._check_choice("triplets", triplets, F.FUSED_TRIPLETS)
+        super().__init__(margin, reduction, smf.TRIPLET_REDUCTIONS, cross_scale)
+        smf._check_choice("triplets", triplets, smf.FUSED_TRIPLETS)
         self.squared, self.triplets = bool(squared), triplets
 
     def forward(
@@ -213,7 +220,7 @@ class TripletMarginLoss(_MetricLoss):
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> Tensor:
-        return F.triplet_margin_loss(
+        return smf.triplet_margin_loss(
             embeddings, labels, self.margin, self.squared, self.triplets, self.reduction,
             indices_tuple, ref_emb, ref_labels, scales, ref_scales, self.cross_scale,
         )  # fmt: skip

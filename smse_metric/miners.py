@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional as smf
 
 __all__ = ["PairMiner", "TripletMiner"]
 
@@ -22,26 +22,26 @@ PAIR_STRATEGIES = ("all", "hard", "batch_hard")
 class _Miner(nn.Module):
     def __init__(self, strategy: str, choices, cross_scale: bool, chunk_size: int) -> None:
         super().__init__()
-        F._check_choice("strategy", strategy, choices)
+        smf._check_choice("strategy", strategy, choices)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.strategy, self.cross_scale, self.chunk_size = strategy, bool(cross_scale), chunk_size
 
     def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric):
         """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor chunk."""
-        labels, ref_emb, ref_labels, scales, ref_scales = F._prepare_metric_inputs(
+        labels, ref_emb, ref_labels, scales, ref_scales = smf._prepare_metric_inputs(
             embeddings, labels, ref_emb, ref_labels, scales, ref_scales, self.cross_scale
         )
         same = ref_emb is None
-        emb = F._upcast(embeddings.detach())
-        ref = emb if same else F._upcast(ref_emb.detach())
+        emb = smf._upcast(embeddings.detach())
+        ref = emb if same else smf._upcast(ref_emb.detach())
         ref_labels = labels if same else ref_labels
         ref_scales = scales if ref_scales is None else ref_scales
         for start in range(0, emb.shape[0], self.chunk_size):
             stop = min(start + self.chunk_size, emb.shape[0])
-            with F._full_precision(emb.device):
-                dist = F.pairwise_distances(emb[start:stop], ref, metric=metric)
-            pos, neg = F._block_masks(
+            with smf._full_precision(emb.device):
+                dist = smf.pairwise_distances(emb[start:stop], ref, metric=metric)
+            pos, neg = smf._block_masks(
                 labels, ref_labels, scales if self.cross_scale else None, ref_scales, same,
                 start, stop,
             )  # fmt: skip
@@ -49,7 +49,7 @@ class _Miner(nn.Module):
 
 
 def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor):
-    valid, hardest_pos, hardest_neg = F._hardest(dist, pos, neg)
+    valid, hardest_pos, hardest_neg = smf._hardest(dist, pos, neg)
     anchors = valid.nonzero().squeeze(1)
     return anchors, hardest_pos[anchors], hardest_neg[anchors]
 
@@ -95,7 +95,7 @@ class TripletMiner(_Miner):
         max_triplets: int | None = None,
         chunk_size: int = 1024,
     ) -> None:
-        super().__init__(strategy, F.TRIPLET_STRATEGIES, cross_scale, chunk_size)
+        super().__init__(strategy, smf.TRIPLET_STRATEGIES, cross_scale, chunk_size)
         if max_triplets is not None and (not isinstance(max_triplets, int) or max_triplets < 1):
             raise ValueError(f"max_triplets must be None or a positive int, got {max_triplets!r}")
         self.margin, self.squared, self.max_triplets = float(margin), bool(squared), max_triplets
@@ -138,7 +138,7 @@ class TripletMiner(_Miner):
 
     def _windows(self, dist: Tensor, pos: Tensor, neg: Tensor):
         sorted_neg, order = torch.where(neg, dist, float("inf")).sort(dim=1)
-        lo, hi = F.triplet_windows(sorted_neg, dist, self.margin, self.strategy)
+        lo, hi = smf.triplet_windows(sorted_neg, dist, self.margin, self.strategy)
         pa, pp = pos.nonzero(as_tuple=True)
         lo = lo[pa, pp].long()
         counts = (hi[pa, pp].long() - lo).clamp_min_(0)
@@ -178,6 +178,13 @@ class PairMiner(_Miner):
     than ``pos_margin`` and negatives closer than ``neg_margin`` (PML's
     ``PairMarginMiner``). ``"batch_hard"``: per anchor with both, its farthest
     positive and closest negative (PML's ``BatchHardMiner`` as pairs).
+
+    Args:
+        strategy: ``"all"``, ``"hard"`` or ``"batch_hard"`` (above).
+        pos_margin: with ``"hard"``, positives farther than this are kept.
+        neg_margin: with ``"hard"``, negatives closer than this are kept.
+        cross_scale: keep only positives whose scale differs from the anchor's.
+        chunk_size: anchors mined at a time: working memory is O(chunk_size x B).
 
     Shape:
         embeddings [B, D], labels [B] -> four int64 tensors ([P], [P], [Q], [Q]).

@@ -23,6 +23,9 @@ class SmallCNN(nn.Module):
 
     Small enough to train in seconds on a CPU, which is what the demo needs.
 
+    Args:
+        widths: output channels of the six convolutions (a max-pool after each pair).
+
     Examples:
         >>> SmallCNN()(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 128])
@@ -52,6 +55,9 @@ def backbone_data_config(backbone: nn.Module) -> dict:
     """The input normalisation a backbone expects: ``{"mean", "std", "interpolation"}``
     from its timm ``pretrained_cfg`` (ImageNet's for most timm models).
 
+    Args:
+        backbone: a timm model (or any module with a ``pretrained_cfg``).
+
     Examples:
         >>> cfg = backbone_data_config(EmbeddingNet("resnet18").backbone)
         >>> cfg["mean"], cfg["interpolation"]
@@ -72,6 +78,10 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
 
     ``.pt`` files are read with ``torch.load(weights_only=True)``. Classifier keys the
     backbone does not have are ignored; returns the ``missing`` and ``unexpected`` keys.
+
+    Args:
+        module: the backbone to load into (``EmbeddingNet.backbone``).
+        path: a ``.safetensors``, ``.pt`` or ``.pth`` file holding a state dict.
 
     Examples:
         >>> import tempfile, pathlib

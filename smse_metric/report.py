@@ -30,6 +30,9 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     """[N, D] -> [N, 2]: the projection on the two leading principal axes (signs fixed
     so that each axis' largest loading is positive, for stable pictures).
 
+    Args:
+        x: [N, D] points.
+
     Examples:
         >>> x = np.array([[0.0, 0, 0], [2, 0, 0], [0, 1, 0], [2, 1, 0]])
         >>> pca_2d(x).round(3).tolist()  # first axis: the direction of largest spread
@@ -57,8 +60,11 @@ def _pyplot():
     return plt
 
 
-def format_score(x) -> str:
+def format_score(x: float | None) -> str:
     """Three decimals, or ``-`` for a missing score (``None``, NaN).
+
+    Args:
+        x: a score, or None.
 
     Examples:
         >>> format_score(0.81234), format_score(None)
@@ -69,6 +75,9 @@ def format_score(x) -> str:
 
 def results_table(test: dict) -> list[str]:
     """Markdown rows: kNN and head, image / patient accuracy per magnification + pooled.
+
+    Args:
+        test: the ``test`` part of ``metrics.json`` (``knn`` and ``head`` reports).
 
     Examples:
         >>> r = {"scales": [40], "per_scale": {"40": {"accuracy": 0.9, "patient_accuracy": 0.8}},
@@ -93,6 +102,9 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
     """Mean and standard deviation (ddof = 1) over folds of each test accuracy:
     ``{"folds": [...], "knn" | "head": {"image" | "patient": {"40" ... "pooled":
     {"mean", "std", "values"}}}, "cross_scale_mean": {...}}``.
+
+    Args:
+        per_fold: ``{fold: metrics}`` of each fold's ``metrics.json``.
 
     Examples:
         >>> def fold(acc):
@@ -129,6 +141,9 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
 
 def fold_table(summary: dict) -> list[str]:
     """Markdown rows of `fold_summary` in percent: mean +- std.
+
+    Args:
+        summary: what `fold_summary` returns.
 
     Examples:
         >>> cell = {"mean": 0.85, "std": 0.0707, "values": [0.8, 0.9]}
@@ -236,6 +251,9 @@ def _projection(emb: dict, class_names: list[str], path: Path) -> None:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/plots/*.png``; returns the report path.
+
+    Args:
+        run_dir: a run directory with ``metrics.json``.
 
     Examples:
         Write ``report.md`` and ``plots/`` of a finished run (skipped here: it needs a

@@ -45,6 +45,20 @@ POLICIES = ("replace", "error")
 class SamplerStats:
     """What one epoch's plan drew. ``repeated_draws = images_drawn - unique_images``.
 
+    Attributes:
+        batches: global batches (before the rank split, after dropping or padding).
+        batches_per_rank: batches each rank iterates.
+        images_drawn: image slots filled, over all ranks.
+        unique_images: distinct images among them.
+        repeated_draws: ``images_drawn - unique_images``.
+        cycled_cells: (group, scale) cells with fewer images than the group's visits need.
+        filler_group_visits: group visits added to complete a slot or balance classes.
+        substituted_cells: (group, scale) cells with no image, filled from the same class.
+        filler_class_slots: class slots added to complete a batch.
+        dropped_batches: the ``len % world_size`` batches left out with ``drop_last``.
+        padded_batches: batches repeated (without ``drop_last``) so every rank gets as
+            many.
+
     Examples:
         >>> s = MultiScaleBatchSampler([0, 0, 0, 1, 1, 1], groups=[0, 0, 1, 2, 3, 3],
         ...                            scales=[1, 2, 1, 1, 1, 2], classes_per_batch=2,

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smse_metric import FocalLoss, ReinforcedFocalLoss
-from smse_metric import functional as F
+from smse_metric import functional as smf
 
 # --------------------------------------------------------------------------- distances
 
@@ -18,7 +18,7 @@ from smse_metric import functional as F
 def test_pairwise_distances_equal_loops(metric, with_ref):
     x, _, _ = make_batch(7, 3, 2, normalize=False, seed=1)
     y = make_batch(5, 3, 2, normalize=False, seed=2)[0] if with_ref else None
-    d = F.pairwise_distances(x, y, metric)
+    d = smf.pairwise_distances(x, y, metric)
     other = x if y is None else y
     for i in range(len(x)):
         for j in range(len(other)):
@@ -31,9 +31,9 @@ def test_pairwise_distances_equal_loops(metric, with_ref):
 
 def test_self_distance_diagonal_is_exactly_zero_in_float32():
     x = torch.randn(64, 32) * 10
-    d = F.pairwise_distances(x)
+    d = smf.pairwise_distances(x)
     assert torch.equal(torch.diagonal(d), torch.zeros(64))
-    assert torch.equal(torch.diagonal(F.pairwise_distances(x, metric="squared_euclidean")),
+    assert torch.equal(torch.diagonal(smf.pairwise_distances(x, metric="squared_euclidean")),
                        torch.zeros(64))  # fmt: skip
 
 
@@ -43,19 +43,19 @@ def test_euclidean_gradient_with_ref_equals_autograd_of_loops():
     x.requires_grad_()
     y.requires_grad_()
     w = torch.randn(5, 4, dtype=torch.float64)
-    (F.pairwise_distances(x, y) * w).sum().backward()
+    (smf.pairwise_distances(x, y) * w).sum().backward()
     gx, gy = x.grad.clone(), y.grad.clone()
     x.grad = y.grad = None
     sum(w[i, j] * ref.dist(x[i], y[j]) for i in range(5) for j in range(4)).backward()
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gy, y.grad)
-    assert torch.autograd.gradcheck(lambda a, b: F.pairwise_distances(a, b), (x, y))
+    assert torch.autograd.gradcheck(lambda a, b: smf.pairwise_distances(a, b), (x, y))
 
 
 def test_distances_under_autocast_are_float32():
     x = torch.randn(8, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        d = F.pairwise_distances(x.bfloat16())
+        d = smf.pairwise_distances(x.bfloat16())
     assert d.dtype == torch.float32
 
 
@@ -71,8 +71,8 @@ def test_masks_equal_loops(labels, scales, with_ref):
     y = torch.tensor(labels)
     s = torch.tensor(scales.draw(st.lists(st.integers(0, 2), min_size=len(y), max_size=len(y))))
     ry, rs = (y.flip(0), s.flip(0)) if with_ref else (None, None)
-    pos, neg = F.label_masks(y, ry)
-    cross = F.cross_scale_mask(s, rs)
+    pos, neg = smf.label_masks(y, ry)
+    cross = smf.cross_scale_mask(s, rs)
     oy, os_ = (y, s) if ry is None else (ry, rs)
     for i in range(len(y)):
         for j in range(len(oy)):
@@ -99,7 +99,7 @@ def test_reinforced_focal_loss_equals_formula(n, c, alpha, gamma, weighted, seed
     target = torch.randint(0, c, (n,), generator=g)
     beta = torch.rand(c, generator=g, dtype=torch.float64) if weighted else None
     want = ref.rfl(logits, target, alpha, gamma, beta)
-    got = F.reinforced_focal_loss(logits, target, alpha, gamma, beta, reduction="none")
+    got = smf.reinforced_focal_loss(logits, target, alpha, gamma, beta, reduction="none")
     torch.testing.assert_close(got, want)
     module = ReinforcedFocalLoss(alpha, gamma, beta)
     torch.testing.assert_close(module(logits, target), want.mean().to(torch.float64))
@@ -112,7 +112,7 @@ def test_rfl_with_unit_parameters_is_one_minus_p():
     logits = torch.randn(10, 3, dtype=torch.float64)
     target = torch.randint(0, 3, (10,))
     p = torch.softmax(logits, 1)[torch.arange(10), target]
-    got = F.reinforced_focal_loss(logits, target, alpha=1.0, gamma=1.0, reduction="none")
+    got = smf.reinforced_focal_loss(logits, target, alpha=1.0, gamma=1.0, reduction="none")
     torch.testing.assert_close(got, 1 - p)
 
 
@@ -126,7 +126,7 @@ def test_rfl_from_class_counts_uses_one_minus_frequency():
 def test_rfl_is_bounded_and_suppresses_easy_samples():
     logits = torch.tensor([[10.0, -10.0], [-10.0, 10.0]], dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 0])  # first easy, second badly wrong
-    loss = F.reinforced_focal_loss(logits, target, alpha=2.0, gamma=1.5, reduction="none")
+    loss = smf.reinforced_focal_loss(logits, target, alpha=2.0, gamma=1.5, reduction="none")
     assert 1.99 < float(loss[1].detach()) <= 2.0
     loss.sum().backward()
     assert logits.grad[0].abs().max() < 1e-10 < logits.grad[1].abs().max()
@@ -138,10 +138,10 @@ def test_rfl_gradcheck_and_finite_at_certainty(gamma):
     target = torch.randint(0, 3, (6,))
     beta = torch.rand(3, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda z: F.reinforced_focal_loss(z, target, 2.0, gamma, beta), (logits,)
+        lambda z: smf.reinforced_focal_loss(z, target, 2.0, gamma, beta), (logits,)
     )
     sure = torch.tensor([[60.0, -60.0]], requires_grad=True)  # p == 1 in float32
-    F.reinforced_focal_loss(sure, torch.tensor([0]), gamma=gamma).backward()
+    smf.reinforced_focal_loss(sure, torch.tensor([0]), gamma=gamma).backward()
     assert torch.isfinite(sure.grad).all()
 
 

@@ -10,7 +10,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from smse_metric import ContrastiveLoss, PairMiner, TripletMarginLoss, TripletMiner
-from smse_metric import functional as F
+from smse_metric import functional as smf
 
 FUSED = ["all", "semihard", "hard", "batch_hard"]
 REDUCTIONS = ["mean_nonzero", "mean", "sum"]
@@ -44,7 +44,7 @@ def test_fused_triplet_equals_naive_loop(strategy, reduction, squared):
     emb, labels, _ = make_batch(18, 5, 3, seed=1)
     margin = 0.3 if not squared else 0.5
     assert_same(
-        lambda e: F.triplet_margin_loss(e, labels, margin, squared, strategy, reduction),
+        lambda e: smf.triplet_margin_loss(e, labels, margin, squared, strategy, reduction),
         lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, squared),
         emb,
     )
@@ -57,11 +57,11 @@ def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, mo
     kw = dict(scales=scales, cross_scale=True)
 
     def loss(e):
-        return F.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
+        return smf.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
 
     one = value_and_grad(loss, emb)
-    monkeypatch.setattr(F, "_BLOCK_ENTRIES", 50)  # blocks of 2 anchors
-    assert len(F._row_blocks(23, 23)) == 12
+    monkeypatch.setattr(smf, "_BLOCK_ENTRIES", 50)  # blocks of 2 anchors
+    assert len(smf._row_blocks(23, 23)) == 12
     many = value_and_grad(loss, emb)
     torch.testing.assert_close(one, many)
 
@@ -73,7 +73,7 @@ def test_fused_triplet_cross_scale_and_ref_emb(strategy):
     kw = dict(ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales,
               cross_scale=True)  # fmt: skip
     assert_same(
-        lambda e: F.triplet_margin_loss(e, labels, 0.4, False, strategy, "mean", **kw),
+        lambda e: smf.triplet_margin_loss(e, labels, 0.4, False, strategy, "mean", **kw),
         lambda e: ref.triplet_loss(e, labels, 0.4, strategy, "mean", **kw),
         emb,
     )
@@ -95,7 +95,7 @@ def test_fused_triplet_property_matches_naive(
     emb, labels, scales = make_batch(n, 3, n_classes, n_scales, seed=seed)
     kw = dict(scales=scales, cross_scale=cross)
     assert_same(
-        lambda e: F.triplet_margin_loss(e, labels, margin, False, strategy, reduction, **kw),
+        lambda e: smf.triplet_margin_loss(e, labels, margin, False, strategy, reduction, **kw),
         lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, **kw),
         emb,
     )
@@ -190,8 +190,8 @@ def test_tuple_distances_by_rows_equal_by_matrix(squared, same):
     emb, _, _ = make_batch(10, 3, 2, seed=22)
     ref_emb = emb if same else make_batch(10, 3, 2, seed=23)[0]
     i, j = torch.tensor([0, 1, 2, 7]), torch.tensor([3, 4, 2, 9])
-    rows = F._gathered_distances(emb, ref_emb, same, [(i, j)], squared)[0]  # 4 x 3 <= 100
-    big = F._gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], squared)[0]
+    rows = smf._gathered_distances(emb, ref_emb, same, [(i, j)], squared)[0]  # 4 x 3 <= 100
+    big = smf._gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], squared)[0]
     torch.testing.assert_close(rows, big[:4])
     want = torch.stack([ref.dist(emb[a], ref_emb[b], squared) for a, b in zip(i, j, strict=True)])
     torch.testing.assert_close(rows, want)
@@ -207,7 +207,7 @@ def test_contrastive_fused_equals_naive(reduction, cross):
     emb = emb * 0.6  # some negatives inside the margin, some outside
     kw = dict(scales=scales, cross_scale=cross)
     assert_same(
-        lambda e: F.contrastive_loss(e, labels, 0.7, reduction, **kw),
+        lambda e: smf.contrastive_loss(e, labels, 0.7, reduction, **kw),
         lambda e: ref.contrastive(e, labels, 0.7, reduction, **kw),
         emb,
     )
@@ -219,13 +219,13 @@ def test_contrastive_with_ref_and_pairs_equals_naive():
     kw = dict(ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales,
               cross_scale=True)  # fmt: skip
     assert_same(
-        lambda e: F.contrastive_loss(e, labels, 1.2, "mean", **kw),
+        lambda e: smf.contrastive_loss(e, labels, 1.2, "mean", **kw),
         lambda e: ref.contrastive(e, labels, 1.2, "mean", **kw),
         emb,
     )
     pairs = PairMiner("all", cross_scale=True)(emb, labels, scales, r_emb, r_labels, r_scales)
     assert_same(
-        lambda e: F.contrastive_loss(e, labels, 1.2, "mean", pairs, **kw),
+        lambda e: smf.contrastive_loss(e, labels, 1.2, "mean", pairs, **kw),
         lambda e: ref.contrastive(e, labels, 1.2, "mean", **kw),
         emb,
     )
@@ -250,15 +250,15 @@ def test_contrastive_triplet_tuple_is_read_as_pairs():
 @pytest.mark.parametrize(
     "fn",
     [
-        lambda e, y, s: F.triplet_margin_loss(e, y, 0.5, triplets="all"),
-        lambda e, y, s: F.triplet_margin_loss(e, y, 0.5, triplets="semihard", reduction="mean"),
-        lambda e, y, s: F.triplet_margin_loss(e, y, 0.5, triplets="hard"),
-        lambda e, y, s: F.triplet_margin_loss(e, y, 0.5, squared=True, triplets="batch_hard"),
-        lambda e, y, s: F.triplet_margin_loss(e, y, 0.5, scales=s, cross_scale=True),
-        lambda e, y, s: F.contrastive_loss(e, y, 1.0),
-        lambda e, y, s: F.contrastive_loss(e, y, 1.0, scales=s, cross_scale=True),
-        lambda e, y, s: F.pairwise_distances(e).sum(),
-        lambda e, y, s: F.pairwise_distances(e, metric="cosine").sum(),
+        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, triplets="all"),
+        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, triplets="semihard", reduction="mean"),
+        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, triplets="hard"),
+        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, squared=True, triplets="batch_hard"),
+        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, scales=s, cross_scale=True),
+        lambda e, y, s: smf.contrastive_loss(e, y, 1.0),
+        lambda e, y, s: smf.contrastive_loss(e, y, 1.0, scales=s, cross_scale=True),
+        lambda e, y, s: smf.pairwise_distances(e).sum(),
+        lambda e, y, s: smf.pairwise_distances(e, metric="cosine").sum(),
     ],
 )
 def test_gradcheck_float64(fn):
@@ -318,7 +318,7 @@ def test_degenerate_batches(loss):
 
 def test_duplicate_embeddings_have_zero_gradient_between_them():
     x = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=torch.float64, requires_grad=True)
-    d = F.pairwise_distances(x)
+    d = smf.pairwise_distances(x)
     assert d.abs().max() == 0
     d.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
@@ -396,7 +396,7 @@ def test_compiles_fullgraph_without_graph_break(loss):
         (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(4),
                                      ref_emb=torch.randn(3, 5), ref_labels=torch.arange(3)),
          ValueError, "ref_emb"),
-        (lambda: F.pairwise_distances(torch.randn(3, 2), metric="manhattan"), ValueError,
+        (lambda: smf.pairwise_distances(torch.randn(3, 2), metric="manhattan"), ValueError,
          "metric"),
     ],
 )  # fmt: skip

@@ -55,6 +55,16 @@ _FOLDER_TO_SUBTYPE = {folder: code for code, (_, folder) in SUBTYPES.items()}
 class BreakHisRecord:
     """The fields of one BreakHis file name.
 
+    Attributes:
+        procedure: biopsy procedure, ``"SOB"`` in BreakHis.
+        tumor_class: ``"B"`` (benign) or ``"M"`` (malignant).
+        subtype: subtype code: A, F, PT, TA, DC, LC, MC or PC.
+        year: the two-digit year of the file name.
+        slide_id: the slide token, digits and optional letters (``"22549AB"``).
+        case_id: the numeric case of the slide (``"22549"``).
+        magnification: 40, 100, 200 or 400.
+        sequence: the image's number within its slide and magnification.
+
     Examples:
         >>> r = parse_breakhis_filename("SOB_M_DC-14-2523-400-012.png")
         >>> r.tumor_class, r.subtype, r.slide_id, r.magnification, r.sequence
@@ -73,6 +83,9 @@ class BreakHisRecord:
 
 def parse_breakhis_filename(name: str | Path) -> BreakHisRecord:
     """Parse ``SOB_B_A-14-22549AB-40-001.png`` (a bare name or a path).
+
+    Args:
+        name: a file name or path; only its last part is parsed.
 
     Raises:
         ValueError: quoting the name, when it does not follow the grammar, names an
@@ -117,6 +130,19 @@ class BreakHisIndex:
     ``label`` is binary (0 benign, 1 malignant); ``subtype`` indexes
     ``subtype_names``; ``group`` indexes ``group_names`` (slides or cases);
     ``report`` says what the scan found, dropped and why.
+
+    Attributes:
+        paths: image file paths, one per row.
+        records: the parsed file name of each row (`BreakHisRecord`).
+        label: [N] binary label, 0 benign, 1 malignant.
+        subtype: [N] index into ``subtype_names``.
+        group: [N] index into ``group_names`` (a slide or a case).
+        magnification: [N] 40, 100, 200 or 400.
+        group_names: the patient id of each group index.
+        group_by: ``"slide"`` or ``"case"``: what a group is.
+        label_names: names of the binary labels.
+        subtype_names: codes of the eight subtypes, in index order.
+        report: what the scan found, dropped and why (counts, the duplicated patient).
 
     Examples:
         >>> import tempfile
@@ -221,6 +247,7 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
         group_by: ``"slide"`` (82 patients, the official protocol) or ``"case"``
             (numeric case: 70 groups, stricter against leakage).
         dedupe: drop the DC copy of patient 13412, which BreakHis also ships as LC.
+        root: a directory holding a BreakHis tree (original, Kaggle or mkfold).
 
     Raises:
         ValueError: for a missing or empty directory, an unknown subtype folder, a
@@ -297,6 +324,10 @@ def load_folds(path: str | Path, fold: int) -> dict[str, set[str]]:
     the columns ``fold,mag,grp,filename``. Returns ``{"train": {...}, "test": {...}}``
     of file base names (use `BreakHisIndex.masks` to select rows).
 
+    Args:
+        path: a ``Folds.csv`` (Kaggle) or ``dsfold<k>.txt`` (official kit) file.
+        fold: the fold to read, from 1.
+
     Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
@@ -353,6 +384,13 @@ def patient_split(
     ``stratify`` this is done per subtype, so each split has every subtype that has
     enough patients, and every subtype keeps at least one training patient.
 
+    Args:
+        index: the scanned images (`BreakHisIndex`).
+        test_fraction: share of each stratum's patients put in test, in [0, 1).
+        val_fraction: share put in validation, in [0, 1).
+        seed: seed of ``numpy.random.default_rng`` for the shuffle.
+        stratify: split each subtype's patients apart (else all patients together).
+
     Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
@@ -393,6 +431,10 @@ def patient_split(
 
 def check_patient_disjoint(masks: dict[str, np.ndarray], groups: np.ndarray) -> None:
     """Raise ValueError naming a patient that appears in two splits.
+
+    Args:
+        masks: split name -> boolean mask over the images.
+        groups: [N] patient id of each image.
 
     Examples:
         >>> import numpy as np

@@ -44,6 +44,11 @@ def _resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") ->
 def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(img - mean) / std`` per channel, for an image [3, H, W] or a batch [B, 3, H, W].
 
+    Args:
+        img: [3, H, W] or [B, 3, H, W] float image.
+        mean: three per-channel means.
+        std: three per-channel standard deviations.
+
     Examples:
         >>> normalize_image(torch.full((3, 1, 1), 0.5), (0.5, 0.25, 0.0), (0.5, 0.5, 1.0)).flatten()
         tensor([0.0000, 0.5000, 0.5000])
@@ -55,6 +60,9 @@ def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 
 def read_image(path: str | Path) -> torch.Tensor:
     """An image file as RGB float [3, H, W] in [0, 1]; an OSError names a bad file.
+
+    Args:
+        path: an image file PIL can open.
 
     Examples:
         >>> import tempfile
@@ -78,6 +86,10 @@ def eval_transform(
     """Resize to ``size`` = (H, W) with ``interpolation``; images are float [3, H, W] in
     [0, 1].
 
+    Args:
+        size: output (height, width).
+        interpolation: resize mode, one of ``INTERPOLATIONS``.
+
     Examples:
         >>> img = torch.rand(3, 46, 70)
         >>> eval_transform((32, 48))(img, None).shape
@@ -100,6 +112,13 @@ def train_transform(
     """Random crop (area fraction in ``crop_scale``), resize, flips, 90-degree rotations
     (square sizes only), brightness / contrast / saturation jitter of +-``color`` and
     H&E stain jitter: per-stain scale and shift of +-``stain`` in optical density.
+
+    Args:
+        size: output (height, width).
+        crop_scale: range of the random crop's area, as a fraction of the image.
+        color: brightness, contrast and saturation jitter, +- this factor.
+        stain: H&E stain jitter in optical density, +- this scale and shift.
+        interpolation: resize mode, one of ``INTERPOLATIONS``.
 
     Examples:
         >>> img = torch.rand(3, 46, 70)

@@ -188,6 +188,7 @@ def make_synthetic_breakhis(
         image_size: (width, height) in pixels (BreakHis is 700 x 460).
         seed: everything is drawn from ``default_rng(seed)``.
         folds: patient-disjoint ~70/30 folds written to ``out_dir/Folds.csv``.
+        out_dir: directory to write (created if missing).
 
     Returns:
         ``out_dir``; the images are under ``out_dir/BreaKHis_v1/histology_slides/breast``.

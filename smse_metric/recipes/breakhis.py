@@ -66,6 +66,12 @@ __all__ = [
 class Splits:
     """The scanned data and three patient-disjoint boolean masks over it.
 
+    Attributes:
+        index: the scanned images of the configured magnifications.
+        train: [N] bool: training patients' images.
+        val: [N] bool: validation patients' images (drawn from the training ones).
+        test: [N] bool: test patients' images.
+
     Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
@@ -102,6 +108,10 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
     file's train/test (``data.folds_file``, ``root/Folds.csv`` or
     ``root/dsfold<fold>.txt``) or, without one, `patient_split`; validation
     patients are drawn from the training ones.
+
+    Args:
+        cfg: the run's validated `Config`.
+        root: the BreakHis-layout data directory.
 
     Examples:
         >>> import tempfile
@@ -164,6 +174,9 @@ def _validation_patients(cfg: Config, index: BreakHisIndex, train: np.ndarray) -
 def split_sizes(splits: Splits) -> str:
     """One line: images and patients of each split.
 
+    Args:
+        splits: the run's `Splits`.
+
     Examples:
         >>> import tempfile
         >>> from smse_metric.data import make_synthetic_breakhis
@@ -186,6 +199,10 @@ def split_sizes(splits: Splits) -> str:
 def data_root(cfg: Config, run_dir: str | Path) -> Path:
     """The data a run trains on: ``data.path``, or ``RUN_DIR/data`` for synthetic runs.
 
+    Args:
+        cfg: the run's validated `Config`.
+        run_dir: the run directory (synthetic data lives in ``run_dir/data``).
+
     Examples:
         >>> from smse_metric.recipes import load_config
         >>> synthetic = load_config(overrides={"data": {"synthetic": True}})
@@ -200,6 +217,9 @@ def data_root(cfg: Config, run_dir: str | Path) -> Path:
 
 def device_of(cfg: Config) -> torch.device:
     """The run's device: ``run.device`` (``auto``: CUDA when present), this rank's GPU.
+
+    Args:
+        cfg: the run's validated `Config`.
 
     Examples:
         >>> from smse_metric.recipes import load_config
@@ -231,6 +251,10 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
     """``cfg`` with ``data.mean``, ``data.std`` and ``data.interpolation`` filled from the
     backbone's data config where the config leaves them empty (a key set in the config
     wins), so that training, evaluation and search normalise alike.
+
+    Args:
+        cfg: the run's validated `Config`.
+        model: the network whose backbone to ask (default: built from ``cfg``).
 
     Examples:
         >>> from smse_metric.recipes import load_config
@@ -309,6 +333,9 @@ def _num_classes(cfg: Config) -> int:
 def build_model(cfg: Config) -> EmbeddingNet:
     """The run's network, untrained (load ``checkpoints/best.pt`` into it).
 
+    Args:
+        cfg: the run's validated `Config`.
+
     Examples:
         >>> from smse_metric.recipes import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "task": "subtype"},
@@ -334,8 +361,23 @@ def _optimizer(cfg: Config, model: torch.nn.Module):
     return optimizer, scheduler
 
 
-def evaluate_split(cfg: Config, model, gallery, queries, device, channels_last=False) -> dict:
+def evaluate_split(
+    cfg: Config,
+    model: EmbeddingNet,
+    gallery: BreakHisDataset,
+    queries: BreakHisDataset,
+    device: torch.device,
+    channels_last: bool = False,
+) -> dict:
     """kNN (gallery: training images) and head metrics of one split, as dicts.
+
+    Args:
+        cfg: the run's validated `Config`.
+        model: the network, returning ``(embeddings, logits)``.
+        gallery: the kNN gallery dataset (the training images, untransformed).
+        queries: the dataset to score (validation or test).
+        device: where to embed.
+        channels_last: feed images in channels-last memory format (GPUs).
 
     Examples:
         >>> import tempfile
@@ -404,6 +446,14 @@ def train(
     ``checkpoints/last.pt`` (mid-epoch after an interruption) to the same result as an
     uninterrupted run. Under ``torchrun`` it trains with DDP; only rank 0 writes and
     returns metrics (other ranks return ``None``).
+
+    Args:
+        cfg: the run's validated `Config`.
+        out_dir: the run directory to write.
+        root: the data directory (default: ``data.path``, or ``out_dir/data`` when synthetic).
+        resume: continue from ``out_dir/checkpoints/last.pt``.
+        on_step: called after every step with ``{epoch, step, loss}`` (tests, logging).
+        quiet: print nothing (no split sizes, no per-epoch lines, no progress bar).
 
     Raises:
         TrainingInterrupted: after SIGINT / SIGTERM, once ``last.pt`` is written.
@@ -652,6 +702,14 @@ def evaluate_run(
     """Evaluate a run's ``checkpoints/best.pt`` on its test patients and write
     ``metrics.json``, ``embeddings/{gallery,test}.npz``, ``index/gallery.faiss`` (the
     kNN gallery that ``search`` queries) and ``report.md`` with its plots.
+
+    Args:
+        run_dir: a run directory with ``config.toml`` and ``checkpoints/best.pt``.
+        root: the data directory, if it moved since training (default: the config's).
+        device: where to embed (default: the config's ``run.device``).
+        cfg: the run's config, when the caller has it (default: ``config.toml``).
+        model: a network to load ``best.pt`` into (default: built from the config).
+        bad_images: unreadable images already found, to list in the report.
 
     Examples:
         Recompute a finished run's outputs (tests/test_recipe.py runs this; skipped here

@@ -22,6 +22,9 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 def t_quantile_975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (two-sided 95%).
 
+    Args:
+        df: degrees of freedom, at least 1.
+
     Examples:
         >>> t_quantile_975(4), round(t_quantile_975(1000), 3)
         (2.776, 1.962)
@@ -37,6 +40,14 @@ def t_quantile_975(df: int) -> float:
 @dataclass(frozen=True)
 class PairedComparison:
     """Method A against method B on one metric over ``n`` paired seeds.
+
+    Attributes:
+        n: number of pairs (seeds).
+        mean_a: mean of method A's values.
+        mean_b: mean of method B's values.
+        difference: mean of the paired differences A - B.
+        ci_low: lower end of its 95% confidence interval.
+        ci_high: upper end of its 95% confidence interval.
 
     Examples:
         >>> c = PairedComparison(5, 0.80, 0.78, 0.02, -0.01, 0.05)
@@ -66,6 +77,10 @@ class PairedComparison:
 
 def paired_comparison(a: Sequence[float], b: Sequence[float]) -> PairedComparison:
     """Mean difference ``a - b`` over paired values and its 95% t interval.
+
+    Args:
+        a: method A's values, one per seed.
+        b: method B's values on the same seeds, in the same order.
 
     Examples:
         >>> c = paired_comparison([0.80, 0.82, 0.79], [0.70, 0.71, 0.72])

@@ -122,6 +122,15 @@ class EvalConfig:
 class Config:
     """A recipe's whole configuration: one dataclass per TOML section.
 
+    Attributes:
+        data: ``[data]``: dataset, task, magnifications, split, image size, normalisation.
+        sampler: ``[sampler]``: multi-scale or frequency batches and their shape.
+        model: ``[model]``: backbone, pretrained weights, embedding size.
+        loss: ``[loss]``: metric loss, selection, margin, classification loss, weights.
+        optim: ``[optim]``: optimiser, learning rate, schedule, epochs, early stopping.
+        run: ``[run]``: seed, device, mixed precision, determinism.
+        eval: ``[eval]``: kNN k, exclusion, metric, and the predictor selected on.
+
     Examples:
         >>> cfg = Config()  # every default; load_config() validates
         >>> cfg.loss.metric, cfg.sampler.kind, cfg.optim.lr
@@ -229,6 +238,10 @@ def load_config(source: str | Path | None = None, overrides: dict | None = None)
 
     ``overrides`` are nested dicts applied on top (``{"optim": {"epochs": 2}}``).
 
+    Args:
+        source: a preset name (``PRESETS``), a TOML file, or None for the defaults.
+        overrides: nested dicts applied on top (``{"optim": {"epochs": 2}}``).
+
     Examples:
         >>> cfg = load_config("smse-pair", {"optim": {"epochs": 3}, "data": {"synthetic": True}})
         >>> cfg.loss.metric, cfg.optim.epochs
@@ -282,6 +295,9 @@ def _toml_value(v: Any) -> str:
 
 def config_to_toml(cfg: Config) -> str:
     """The resolved config as TOML (``None`` values are left out: they are defaults).
+
+    Args:
+        cfg: a validated `Config`.
 
     Examples:
         >>> cfg = load_config("baseline-ce", {"data": {"synthetic": True}})

@@ -63,6 +63,9 @@ def demo_table(results: dict[str, dict]) -> str:
     """A Markdown table: method x predictor (kNN, head) x level (image, patient), the
     accuracy per magnification, pooled, and the cross-magnification mean (kNN).
 
+    Args:
+        results: ``{method: metrics}`` of one replicate, as `train` returns them.
+
     Examples:
         >>> rep = {"per_scale": {str(s): {"accuracy": 0.5, "patient_accuracy": 0.5}
         ...                     for s in (40, 100, 200, 400)},
@@ -83,6 +86,9 @@ def demo_verdict(results: dict[str, dict]) -> str:
     """One line per headline number: each method judged by the predictor its epoch was
     selected on (kNN for smse-triplet, the head for baseline-ce), and the kNN
     cross-magnification mean.
+
+    Args:
+        results: ``{method: metrics}`` of one replicate, as `train` returns them.
 
     Examples:
         >>> rep = {"pooled": {"patient_accuracy": 0.75}, "cross_scale_mean": 0.5}
@@ -115,6 +121,9 @@ def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
     """Per headline metric: the paired comparison of the first method against the second
     over the replicates (``results[k]`` = {method: metrics} of replicate ``k``).
 
+    Args:
+        results: one ``{method: metrics}`` per replicate; methods in the same order.
+
     Examples:
         >>> def m(p):
         ...     rep = {"pooled": {"patient_accuracy": p, "accuracy": p}, "cross_scale_mean": p}
@@ -139,6 +148,10 @@ def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
 def comparison_table(comparison: dict[str, dict], results: list[dict[str, dict]]) -> str:
     """Markdown: per headline metric, each method's mean, the paired difference, its 95%
     confidence interval and the verdict.
+
+    Args:
+        comparison: what `demo_comparison` returns.
+        results: the replicates' ``{method: metrics}``, for the column names.
 
     Examples:
         >>> def m(p):
@@ -174,6 +187,13 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
     """Train both methods on ``seeds`` paired replicates under ``out_dir/seed<k>/<method>``
     and write ``summary.md`` / ``summary.json``; returns ``{"runs": [{method: metrics}],
     "comparison": {metric: ...}, "seconds": wall time}``.
+
+    Args:
+        out_dir: where the data, the runs and the summary go.
+        epochs: epochs per run (default 8).
+        seeds: paired replicates, at least 2 (default 5).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        quiet: print nothing while training.
 
     Examples:
         About four minutes on two CPU cores (skipped here; `make demo` and

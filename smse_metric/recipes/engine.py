@@ -11,7 +11,7 @@ import os
 import pickle
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -27,6 +27,11 @@ __all__ = ["TrainingInterrupted", "embed", "load_checkpoint", "save_checkpoint",
 
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C (SIGINT / SIGTERM) once the checkpoint is written.
+
+    Args:
+        checkpoint: the ``last.pt`` written before stopping.
+        epoch: the epoch interrupted.
+        step: the step of that epoch reached.
 
     Examples:
         >>> from pathlib import Path
@@ -145,6 +150,19 @@ def train_step(
     [`gather_batch`][smse_metric.distributed.gather_batch], so every rank mines over every
     rank's embeddings and the summed gradient is that of the global loss.
 
+    Args:
+        model: a network returning ``(embeddings, logits)`` (DDP-wrapped or not).
+        images: [B, 3, H, W] this rank's batch.
+        labels: [B] class labels.
+        scales: [B] magnification ids.
+        optimizer: the optimiser to step.
+        cls_loss: classification loss on the logits (e.g. `ReinforcedFocalLoss`).
+        metric_loss: metric loss on the gathered embeddings, or None.
+        metric_weight: weight of the metric loss.
+        cls_weight: weight of the classification loss.
+        amp_dtype: autocast dtype (``torch.bfloat16`` / ``float16``), or None for none.
+        scaler: a ``GradScaler`` for float16, or None.
+
     Examples:
         >>> from smse_metric import ReinforcedFocalLoss, TripletMarginLoss
         >>> from smse_metric.models import EmbeddingNet
@@ -176,6 +194,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic write (temp file + rename); ``state`` holds tensors, numbers, strings and
     containers only, so ``torch.load(weights_only=True)`` reads it.
 
+    Args:
+        path: the checkpoint file to write.
+        state: tensors, numbers, strings and containers of them.
+
     Examples:
         >>> import tempfile
         >>> from pathlib import Path
@@ -191,6 +213,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)`` onto ``device``.
+
+    Args:
+        path: the checkpoint file.
+        device: where to map its tensors.
 
     Examples:
         >>> load_checkpoint("no/such/file.pt")
@@ -214,8 +240,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, loader, device: torch.device, channels_last: bool = False):
+def embed(
+    model: nn.Module, loader: Iterable, device: torch.device, channels_last: bool = False
+) -> tuple[Tensor, Tensor]:
     """Embeddings [N, D] (float32, CPU) and head predictions [N] of a loader, in order.
+
+    Args:
+        model: a network returning ``(embeddings, logits)``.
+        loader: batches whose first item is the images.
+        device: where to run the network.
+        channels_last: feed images in channels-last memory format.
 
     Examples:
         >>> from smse_metric.models import EmbeddingNet

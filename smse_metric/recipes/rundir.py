@@ -29,6 +29,9 @@ def _contains(parent: Path, child: Path) -> bool:
 def is_unfinished_run(path: str | Path) -> bool:
     """A run directory of ours where no run (nor fold) reached its first checkpoint.
 
+    Args:
+        path: a directory.
+
     Examples:
         >>> import tempfile
         >>> run = Path(tempfile.mkdtemp())
@@ -56,6 +59,13 @@ def check_run_dir(
     Raises ``ValueError`` naming the path and the reason otherwise: it holds files and
     ``overwrite`` was not given; it lacks the project's marker; it is the current
     directory or one of its parents; it is, or holds, a ``protected`` path (the data).
+
+    Args:
+        out: the directory the run would use.
+        overwrite: whether the user asked to replace an existing run.
+        protected: paths that must survive whatever happens (the data).
+        marker: the file that marks a directory as the project's own.
+        flag: the option named in the refusal.
 
     Examples:
         >>> import tempfile
@@ -99,6 +109,11 @@ def claim_run_dir(out: str | Path, replace: bool, marker: str = RUN_MARKER) -> I
     """Create ``out`` with its marker (after removing it when ``replace``, which only
     `check_run_dir` may decide); if the body raises before ``checkpoints/last.pt``
     exists, remove what this call created, so a retry starts clean.
+
+    Args:
+        out: the run directory.
+        replace: remove ``out`` first (only what `check_run_dir` returned).
+        marker: the marker file to write.
 
     Examples:
         >>> import tempfile

@@ -26,6 +26,15 @@ __all__ = ["Neighbour", "contact_sheet", "search_run"]
 class Neighbour:
     """One search result: a gallery image and its metadata.
 
+    Attributes:
+        rank: 1 for the nearest.
+        distance: distance to the query (cosine: 1 - similarity; l2: euclidean).
+        path: the gallery image file.
+        patient: its patient (slide or case) id.
+        label: ``benign`` or ``malignant``.
+        subtype: its subtype code.
+        magnification: 40, 100, 200 or 400.
+
     Examples:
         >>> n = Neighbour(1, 0.12, "a.png", "22549AB", "benign", "A", 40)
         >>> n.patient, n.magnification
@@ -49,6 +58,13 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     ``data.mean`` / ``std`` / ``interpolation`` of its ``config.toml``). ``data``: where
     the run's dataset lies now, if it moved. Returns a list of `Neighbour`,
     nearest first.
+
+    Args:
+        run_dir: a trained run directory.
+        image: the query image file.
+        k: neighbours to return.
+        device: where to embed the query.
+        data: where the run's dataset lies now, if it moved.
 
     Examples:
         The five training images nearest to an image, under a finished run (skipped here:
@@ -107,6 +123,12 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
 def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Path,
                   thumb: int = 160) -> Path:  # fmt: skip
     """A PNG row: the query, then each neighbour captioned with its metadata.
+
+    Args:
+        image: the query image file.
+        neighbours: what `search_run` returned.
+        out: the PNG to write; its directory must exist.
+        thumb: tile size in pixels.
 
     Examples:
         >>> import tempfile
