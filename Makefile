@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint docs bench bench-quick clean
+.PHONY: install demo test test-core lint docs bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,23 @@ docs: install
 test: install lint docs
 	$(PY) -m pytest
 
+# The library alone (torch + numpy, no extras) in its own venv, with the tests that need
+# nothing else: what `pip install smse-metric` users get.
+CORE_VENV ?= .venv-core
+CORE_TESTS := tests/test_functional.py tests/test_losses.py tests/test_miners.py \
+	tests/test_samplers.py tests/test_evaluation_symmetric.py tests/test_distributed.py \
+	tests/test_imports.py smse_metric/functional.py smse_metric/losses.py \
+	smse_metric/miners.py smse_metric/samplers.py smse_metric/distributed.py \
+	smse_metric/evaluation/symmetric.py
+
+$(CORE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+test-core: $(CORE_VENV)/.installed
+	$(CORE_VENV)/bin/python -m pytest -p no:cacheprovider $(CORE_TESTS)
+
 bench: install
 	$(PY) -m benchmarks
 
@@ -33,4 +50,4 @@ bench-quick: install
 	$(PY) -m benchmarks --quick --out build/bench-quick
 
 clean:
-	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CORE_VENV) build site *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -28,8 +28,8 @@ from benchmarks.bench_sampler import layout
 from benchmarks.common import machine, markdown_table, write_report
 from smse_metric import MultiScaleBatchSampler, ReinforcedFocalLoss, TripletMarginLoss
 from smse_metric.evaluation import evaluate_embeddings
-from smse_metric.models import EmbeddingNet
-from smse_metric.recipes.engine import train_step
+from smse_metric.recipes.histopathology.engine import train_step
+from smse_metric.recipes.histopathology.models import EmbeddingNet
 
 BATCH = 32  # 2 classes x 4 patients x 4 magnifications, as the smse presets
 #: BreakHis binary: ~70 % of 7909 images train; 15 % of those validate

@@ -1,5 +1,7 @@
+"""``python -m smse_metric``: the histopathology recipe's command line."""
+
 import sys
 
-from .cli import main
+from .recipes.histopathology.cli import main
 
 sys.exit(main())

@@ -6,14 +6,13 @@ import inspect
 
 import pytest
 
+APP = "smse_metric.recipes.histopathology"
 PUBLIC_MODULES = [
     "smse_metric", "smse_metric.functional", "smse_metric.losses", "smse_metric.miners",
-    "smse_metric.samplers", "smse_metric.evaluation", "smse_metric.symmetric_knn",
+    "smse_metric.samplers", "smse_metric.evaluation",
     "smse_metric.distributed",
-    "smse_metric.models", "smse_metric.data", "smse_metric.data.dataset", "smse_metric.recipes",
-    "smse_metric.recipes.breakhis", "smse_metric.recipes.engine", "smse_metric.recipes.search",
-    "smse_metric.recipes.demo", "smse_metric.recipes.compare", "smse_metric.recipes.rundir",
-    "smse_metric.report",
+    *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.dataset", ".training", ".engine",
+                            ".search", ".demo", ".compare", ".rundir", ".report")),
 ]  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from smse_metric.data import (
+from smse_metric.recipes.histopathology.data import (
     check_patient_disjoint,
     load_folds,
     make_synthetic_breakhis,
@@ -16,7 +16,7 @@ from smse_metric.data import (
     patient_split,
     scan_breakhis,
 )
-from smse_metric.data.breakhis import SUBTYPES
+from smse_metric.recipes.histopathology.data.breakhis import SUBTYPES
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from smse_metric.recipes import PRESETS, config_to_toml, load_config
+from smse_metric.recipes.histopathology import PRESETS, config_to_toml, load_config
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from smse_metric import MultiScaleBatchSampler
-from smse_metric.data import make_synthetic_breakhis, scan_breakhis
-from smse_metric.data.dataset import BreakHisDataset
+from smse_metric.recipes.histopathology.data import make_synthetic_breakhis, scan_breakhis
+from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def _images():
 
 def _one_step(model, images, labels, scales):
     from smse_metric import ReinforcedFocalLoss
-    from smse_metric.recipes.engine import train_step
+    from smse_metric.recipes.histopathology.engine import train_step
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     loss = train_step(model, images, labels, scales, opt, ReinforcedFocalLoss(),

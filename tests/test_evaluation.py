@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from sklearn.neighbors import KNeighborsClassifier
 
 from smse_metric import KNNClassifier, evaluate_embeddings, evaluate_predictions
-from smse_metric import evaluation as ev
+from smse_metric.evaluation import knn as ev
 
 
 def data(n=120, d=6, classes=3, groups=20, scales=3, seed=0):

@@ -7,10 +7,16 @@ import pytest
 import torch
 
 from smse_metric import KNNClassifier
-from smse_metric.data import make_synthetic_breakhis
-from smse_metric.recipes import load_config
-from smse_metric.recipes.breakhis import _datasets, _eval_loader, build_model, load_splits, train
-from smse_metric.recipes.engine import embed, load_checkpoint
+from smse_metric.recipes.histopathology import load_config
+from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+from smse_metric.recipes.histopathology.engine import embed, load_checkpoint
+from smse_metric.recipes.histopathology.training import (
+    _datasets,
+    _eval_loader,
+    build_model,
+    load_splits,
+    train,
+)
 
 DEVICES = [
     "cpu",
@@ -70,7 +76,7 @@ def test_each_method_learns_the_easy_task(easy, tmp_path, method, device):
     cfg = load_config(method, overrides)
     out = tmp_path / "run"
     metrics = train(cfg, out, easy, quiet=True)
-    from smse_metric.recipes.breakhis import resolve_inputs
+    from smse_metric.recipes.histopathology.training import resolve_inputs
 
     cfg = resolve_inputs(cfg)
     ds = _datasets(cfg, load_splits(cfg, easy))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from smse_metric.models import EmbeddingNet, load_backbone_weights
+from smse_metric.recipes.histopathology.models import EmbeddingNet, load_backbone_weights
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenetv3_small_050"])
@@ -52,7 +52,7 @@ def test_failed_download_suggests_local_weights_or_no_pretrained(monkeypatch):
 def test_pretrained_offline_is_one_line_from_the_cli(monkeypatch, tmp_path, capsys):
     import timm
 
-    from smse_metric.cli import main
+    from smse_metric.recipes.histopathology.cli import main
 
     def offline(*args, **kwargs):
         raise OSError("no network")
@@ -66,7 +66,7 @@ def test_pretrained_offline_is_one_line_from_the_cli(monkeypatch, tmp_path, caps
 
 
 def test_small_cnn_and_its_input_config():
-    from smse_metric.models import SmallCNN, backbone_data_config
+    from smse_metric.recipes.histopathology.models import SmallCNN, backbone_data_config
 
     net = EmbeddingNet("smse-cnn", embedding_dim=8, num_classes=3)
     emb, logits = net(torch.randn(4, 3, 32, 32))

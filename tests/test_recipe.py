@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from smse_metric.cli import main
-from smse_metric.data import make_synthetic_breakhis
 from smse_metric.evaluation import FaissIndex
-from smse_metric.recipes import config_to_toml, load_config
-from smse_metric.recipes.breakhis import load_splits, resolve_inputs, train
+from smse_metric.recipes.histopathology import config_to_toml, load_config
+from smse_metric.recipes.histopathology.cli import main
+from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+from smse_metric.recipes.histopathology.training import load_splits, resolve_inputs, train
 
 TINY = {
     "data": {"synthetic": True, "image_size": [32, 32], "num_workers": 0, "val_fraction": 0.2},
@@ -185,7 +185,7 @@ def test_evaluate_reproduces_the_metrics(run, capsys):
 
 
 def test_search_returns_k_neighbours_with_metadata(run, root, capsys):
-    from smse_metric.recipes.search import search_run
+    from smse_metric.recipes.histopathology.search import search_run
 
     with np.load(run / "embeddings" / "test.npz") as emb:
         query = str(emb["paths"][0])
@@ -213,8 +213,8 @@ def _script(root, out, interrupt_at):
     """A child process that trains and sends itself SIGINT after a given step."""
     return textwrap.dedent(f"""
         import os, signal, sys
-        from smse_metric.recipes import load_config
-        from smse_metric.recipes.breakhis import TrainingInterrupted, train
+        from smse_metric.recipes.histopathology import load_config
+        from smse_metric.recipes.histopathology.training import TrainingInterrupted, train
         cfg = load_config("smse-triplet", {TINY!r})
         cfg.optim.epochs = 3
 
@@ -258,19 +258,19 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):
-    from smse_metric.recipes import breakhis
+    from smse_metric.recipes.histopathology import training
 
     cfg = load_config("smse-triplet", TINY)
-    train_set = breakhis._datasets(cfg, load_splits(cfg, root))["train"]
-    poison_at = len(breakhis._train_loader(cfg, train_set)) + 2  # epoch 1, step 1
-    real, calls = breakhis.train_step, []
+    train_set = training._datasets(cfg, load_splits(cfg, root))["train"]
+    poison_at = len(training._train_loader(cfg, train_set)) + 2  # epoch 1, step 1
+    real, calls = training.train_step, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == poison_at else loss
 
-    monkeypatch.setattr(breakhis, "train_step", poisoned)
+    monkeypatch.setattr(training, "train_step", poisoned)
     with pytest.raises(FloatingPointError, match="epoch 1 step 1"):
         train(cfg, tmp_path / "run", root, quiet=True)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
@@ -342,8 +342,8 @@ def test_every_subcommand_has_help(command, capsys):
 
 def test_demo_compares_paired_replicates_with_a_confidence_interval(tmp_path, monkeypatch,
                                                                     capsys):  # fmt: skip
-    from smse_metric.recipes import demo
-    from smse_metric.recipes.compare import paired_comparison
+    from smse_metric.recipes.histopathology import demo
+    from smse_metric.recipes.histopathology.compare import paired_comparison
 
     monkeypatch.setattr(demo, "DEMO_PATIENTS", {k: 2 * v for k, v in
                                                 demo.DEFAULT_PATIENTS.items()})  # fmt: skip
@@ -438,18 +438,18 @@ def test_moved_data_needs_data_and_a_bad_sheet_fails_before_searching(root, tmp_
 def test_history_has_no_duplicate_epoch_after_a_kill_anywhere(root, tmp_path, monkeypatch):
     """A kill after last.pt is written but before history.jsonl (the worst moment), then
     --resume: each epoch appears once."""
-    from smse_metric.recipes import breakhis
+    from smse_metric.recipes.histopathology import training
 
     cfg = load_config("smse-triplet", {**TINY, "optim": {"epochs": 3}})
     out = tmp_path / "run"
-    real = breakhis._write_history
+    real = training._write_history
 
     def killed_after_epoch_1(path, history):
         if len(history) == 2:
             raise SystemExit("killed")  # last.pt of epoch 1 is on disk, the history is not
         real(path, history)
 
-    monkeypatch.setattr(breakhis, "_write_history", killed_after_epoch_1)
+    monkeypatch.setattr(training, "_write_history", killed_after_epoch_1)
     with pytest.raises(SystemExit):
         train(cfg, out, root, quiet=True)
     assert [h["epoch"] for h in _history(out)] == [0]
@@ -468,8 +468,8 @@ def test_one_line_per_epoch_without_a_terminal(root, tmp_path, capsys):
 
 
 def test_pretrained_style_inputs_get_the_backbones_mean_and_std(root):
-    from smse_metric.data.dataset import eval_transform, read_image
-    from smse_metric.recipes.breakhis import _datasets
+    from smse_metric.recipes.histopathology.data.dataset import eval_transform, read_image
+    from smse_metric.recipes.histopathology.training import _datasets
 
     cfg = resolve_inputs(load_config("smse-triplet", {**TINY, "model": {"pretrained": False}}))
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
@@ -514,8 +514,8 @@ def test_torchrun_with_synthetic_data_rank_0_prepares_and_others_wait(tmp_path):
 
 
 def test_the_demo_data_gives_every_replicate_at_least_40_test_patients(tmp_path):
-    from smse_metric.recipes import demo
-    from smse_metric.recipes.breakhis import split_sizes
+    from smse_metric.recipes.histopathology import demo
+    from smse_metric.recipes.histopathology.training import split_sizes
 
     root = make_synthetic_breakhis(tmp_path / "data", demo.DEMO_PATIENTS, seed=0, folds=5,
                                    **demo.DEMO_DATA)  # fmt: skip

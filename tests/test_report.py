@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sklearn.decomposition import PCA
 
-from smse_metric.report import fold_summary, pca_2d, write_report
+from smse_metric.recipes.histopathology.report import fold_summary, pca_2d, write_report
 
 
 @given(st.integers(3, 40), st.integers(2, 9), st.integers(0, 2**16))

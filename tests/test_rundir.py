@@ -2,10 +2,10 @@
 
 import pytest
 
-from smse_metric.cli import main
-from smse_metric.data import make_synthetic_breakhis
-from smse_metric.recipes import config_to_toml, load_config
-from smse_metric.recipes.rundir import RUN_MARKER, check_run_dir, claim_run_dir
+from smse_metric.recipes.histopathology import config_to_toml, load_config
+from smse_metric.recipes.histopathology.cli import main
+from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+from smse_metric.recipes.histopathology.rundir import RUN_MARKER, check_run_dir, claim_run_dir
 
 TINY = {
     "data": {"synthetic": True, "image_size": [16, 16], "num_workers": 0},
@@ -124,12 +124,12 @@ def test_a_marked_run_is_replaced_and_a_fresh_one_is_marked(tmp_path, config, da
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, config, data,
                                                                      monkeypatch):  # fmt: skip
-    from smse_metric.recipes import breakhis
+    from smse_metric.recipes.histopathology import training
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the first step")
 
-    monkeypatch.setattr(breakhis, "train_step", broken)
+    monkeypatch.setattr(training, "train_step", broken)
     out = tmp_path / "run"
     args = ["train", "--config", str(config), "--data", str(data), "--out", str(out)]
     with pytest.raises(RuntimeError, match="a bug in the first step"):

@@ -8,8 +8,12 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from smse_metric.cli import main as cli_main
-from smse_metric.data import load_folds, make_synthetic_breakhis, scan_breakhis
+from smse_metric.recipes.histopathology.cli import main as cli_main
+from smse_metric.recipes.histopathology.data import (
+    load_folds,
+    make_synthetic_breakhis,
+    scan_breakhis,
+)
 
 
 def digest(root):

@@ -1,9 +1,6 @@
-"""Reference recipes: the SMSE method on BreakHis-layout data.
+"""Applications built on the library. The core (``smse_metric``) never imports them.
 
-``config`` holds the validated configuration and presets; ``breakhis`` the training
-and evaluation (``from smse_metric.recipes.breakhis import train``).
+``smse_metric.recipes.histopathology`` is the SMSE recipe on BreakHis-layout data: data,
+models, configuration, training, evaluation, reports, search, demo and the
+``smse-metric`` command. It needs the ``[recipe]`` extra.
 """
-
-from .config import PRESETS, Config, config_to_toml, load_config
-
-__all__ = ["PRESETS", "Config", "config_to_toml", "load_config"]

@@ -53,7 +53,7 @@ def _parse_folds(spec: str) -> list[int]:
 
 def _train_config(args: argparse.Namespace, folds: list[int] | None):
     """The validated config of a new run (nothing is written yet)."""
-    from .recipes import load_config
+    from . import load_config
 
     overrides: dict = {"data": {}, "model": {}, "optim": {}, "run": {}}
     for section, key, value in (("data", "fold", args.fold), ("optim", "epochs", args.epochs),
@@ -79,7 +79,7 @@ def _validate_run(cfg, folds: list[int] | None) -> None:
     """Every check a run makes before it writes: data, splits and backbone."""
     import dataclasses
 
-    from .recipes.breakhis import load_splits, resolve_inputs
+    from .training import load_splits, resolve_inputs
 
     resolve_inputs(cfg)  # builds the backbone: an unknown name or a failed download
     if cfg.data.path is None:
@@ -92,11 +92,12 @@ def _validate_run(cfg, folds: list[int] | None) -> None:
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from .distributed import is_main_process
-    from .recipes import load_config
-    from .recipes.breakhis import data_root, device_of
-    from .recipes.engine import init_distributed
-    from .recipes.rundir import check_run_dir, claim_run_dir
+    from smse_metric.distributed import is_main_process
+
+    from . import load_config
+    from .engine import init_distributed
+    from .rundir import check_run_dir, claim_run_dir
+    from .training import data_root, device_of
 
     out = Path(args.out)
     folds = _parse_folds(args.folds) if args.folds else None
@@ -174,9 +175,10 @@ def _train_folds(args: argparse.Namespace, cfg, out: Path, folds: list[int] | No
     import dataclasses
     import shutil
 
-    from .distributed import is_main_process
-    from .recipes.breakhis import train
-    from .recipes.rundir import check_run_dir
+    from smse_metric.distributed import is_main_process
+
+    from .rundir import check_run_dir
+    from .training import train
 
     if not folds:
         metrics = train(cfg, out, resume=args.resume)
@@ -215,7 +217,7 @@ def _fold_summary(results: dict[int, dict], out: Path) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .recipes.breakhis import evaluate_run
+    from .training import evaluate_run
 
     metrics = evaluate_run(args.run, root=args.data, device=args.device)
     _summary(metrics, Path(args.run))
@@ -223,7 +225,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .recipes.search import contact_sheet, search_run
+    from .search import contact_sheet, search_run
 
     sheet = (
         Path(args.sheet) if args.sheet else Path(args.run) / f"search-{Path(args.image).stem}.png"
@@ -242,8 +244,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .recipes.demo import comparison_table, demo_table, run_demo
-    from .recipes.rundir import DEMO_MARKER, check_run_dir, claim_run_dir
+    from .demo import comparison_table, demo_table, run_demo
+    from .rundir import DEMO_MARKER, check_run_dir, claim_run_dir
 
     out = Path(args.out)
     replace = check_run_dir(out, args.overwrite, marker=DEMO_MARKER)
@@ -361,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .recipes.engine import TrainingInterrupted
+    from .engine import TrainingInterrupted
 
     try:
         return args.func(args)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..distributed import gather_batch, get_rank, get_world_size
+from smse_metric.distributed import gather_batch, get_rank, get_world_size
 
 __all__ = ["TrainingInterrupted", "embed", "load_checkpoint", "save_checkpoint", "train_step"]
 
@@ -165,7 +165,7 @@ def train_step(
 
     Examples:
         >>> from smse_metric import ReinforcedFocalLoss, TripletMarginLoss
-        >>> from smse_metric.models import EmbeddingNet
+        >>> from smse_metric.recipes.histopathology.models import EmbeddingNet
         >>> net = EmbeddingNet(embedding_dim=8)
         >>> opt = torch.optim.Adam(net.parameters())
         >>> x, y, s = torch.randn(8, 3, 32, 32), torch.arange(8) % 2, torch.arange(8) % 4
@@ -252,7 +252,7 @@ def embed(
         channels_last: feed images in channels-last memory format.
 
     Examples:
-        >>> from smse_metric.models import EmbeddingNet
+        >>> from smse_metric.recipes.histopathology.models import EmbeddingNet
         >>> data = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16))
         >>> emb, pred = embed(EmbeddingNet(embedding_dim=8), torch.utils.data.DataLoader(data),
         ...                   torch.device("cpu"))

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smse_metric.symmetric_knn import symmetric_knn
+from smse_metric.evaluation import symmetric_knn
 
 
 def brute(x, k, metric, groups=None):

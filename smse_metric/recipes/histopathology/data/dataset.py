@@ -160,7 +160,7 @@ def train_transform(
 
 
 class BreakHisDataset(torch.utils.data.Dataset):
-    """Images of a [`BreakHisIndex`][smse_metric.data.BreakHisIndex] as
+    """Images of a [`BreakHisIndex`][smse_metric.recipes.histopathology.data.BreakHisIndex] as
     ``(image [3, H, W] float, label, group, scale)``.
 
     Args:
@@ -180,10 +180,11 @@ class BreakHisDataset(torch.utils.data.Dataset):
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
-        >>> from smse_metric.data.dataset import BreakHisDataset
+        >>> from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset
         >>> ds = BreakHisDataset(scan_breakhis(root), "train", size=(16, 16), seed=0)
         >>> image, label, group, scale = ds[0]
         >>> image.shape, image.dtype, scale in (40, 100, 200, 400)

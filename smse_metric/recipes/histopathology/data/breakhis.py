@@ -146,7 +146,8 @@ class BreakHisIndex:
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
         >>> index = scan_breakhis(root)
@@ -255,7 +256,8 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
         >>> index = scan_breakhis(root, group_by="slide")
@@ -330,7 +332,8 @@ def load_folds(path: str | Path, fold: int) -> dict[str, set[str]]:
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
         >>> index = scan_breakhis(root)
@@ -393,7 +396,8 @@ def patient_split(
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
         >>> index = scan_breakhis(root)

@@ -14,11 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from ..data import make_synthetic_breakhis
-from ..data.synthetic import DEFAULT_PATIENTS
-from ..report import format_score
 from .compare import paired_comparison
 from .config import load_config
+from .data import make_synthetic_breakhis
+from .data.synthetic import DEFAULT_PATIENTS
+from .report import format_score
 
 __all__ = [
     "DEMO_METHODS",
@@ -202,7 +202,7 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
         >>> summary = run_demo("runs/demo")  # doctest: +SKIP
         >>> summary["comparison"]["pooled patient accuracy"]["verdict"]  # doctest: +SKIP
     """
-    from .breakhis import train
+    from .training import train
 
     if seeds < 2:
         raise ValueError(f"seeds must be at least 2 for a confidence interval, got {seeds}")

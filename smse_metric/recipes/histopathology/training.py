@@ -1,6 +1,7 @@
 """The SMSE recipe on BreakHis-layout data: data splits, training, evaluation.
 
-``train(cfg, out_dir)`` fits the model of a [`Config`][smse_metric.recipes.Config] on the
+``train(cfg, out_dir)`` fits the model of a
+[`Config`][smse_metric.recipes.histopathology.Config] on the
 training patients, selects the epoch on a validation split drawn from the training
 patients (never on test), and evaluates the selected checkpoint on the test patients
 with kNN over the training embeddings and with the classifier head.
@@ -25,15 +26,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..data import BreakHisIndex, load_folds, patient_split, scan_breakhis
-from ..data.breakhis import check_patient_disjoint
-from ..data.dataset import BreakHisDataset
-from ..distributed import get_world_size, is_main_process
-from ..evaluation import FaissIndex, evaluate_embeddings, evaluate_predictions
-from ..losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
-from ..models import EmbeddingNet
-from ..samplers import MultiScaleBatchSampler
+from smse_metric.distributed import get_world_size, is_main_process
+from smse_metric.evaluation import FaissIndex, evaluate_embeddings, evaluate_predictions
+from smse_metric.losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
+from smse_metric.samplers import MultiScaleBatchSampler
+
 from .config import Config, config_to_toml, load_config
+from .data import BreakHisIndex, load_folds, patient_split, scan_breakhis
+from .data.breakhis import check_patient_disjoint
+from .data.dataset import BreakHisDataset
 from .engine import (
     Interrupt,
     ResumableBatches,
@@ -45,6 +46,7 @@ from .engine import (
     save_checkpoint,
     train_step,
 )
+from .models import EmbeddingNet
 from .rundir import RUN_MARKER
 
 __all__ = [
@@ -74,10 +76,11 @@ class Splits:
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> s = load_splits(load_config("smse-triplet", {"data": {"synthetic": True}}), root)
         >>> bool((s.train | s.val | s.test).all()), bool((s.train & s.test).any())
         (True, False)
@@ -115,10 +118,11 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"path": str(root), "fold": 2}})
         >>> s = load_splits(cfg, root)  # fold 2 of root/Folds.csv, validation from training
         >>> int(s.train.sum()) > int(s.val.sum()) > 0
@@ -179,10 +183,10 @@ def split_sizes(splits: Splits) -> str:
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> print(split_sizes(load_splits(load_config(overrides={"data": {"path": str(root)}}),
         ...                               root)))
         train 59 images / 11 patients, validation 21 / 4, test 45 / 9
@@ -204,7 +208,7 @@ def data_root(cfg: Config, run_dir: str | Path) -> Path:
         run_dir: the run directory (synthetic data lives in ``run_dir/data``).
 
     Examples:
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> synthetic = load_config(overrides={"data": {"synthetic": True}})
         >>> data_root(synthetic, "runs/a").as_posix()
         'runs/a/data'
@@ -222,7 +226,7 @@ def device_of(cfg: Config) -> torch.device:
         cfg: the run's validated `Config`.
 
     Examples:
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> device_of(load_config(overrides={"data": {"synthetic": True},
         ...                                  "run": {"device": "cpu"}}))
         device(type='cpu')
@@ -257,7 +261,7 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
         model: the network whose backbone to ask (default: built from ``cfg``).
 
     Examples:
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = resolve_inputs(load_config(overrides={"data": {"synthetic": True}}))
         >>> cfg.data.mean, cfg.data.std  # resnet18: ImageNet's
         ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -265,7 +269,7 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
     d = cfg.data
     if d.mean is not None and d.interpolation is not None:
         return cfg
-    from ..models import backbone_data_config
+    from .models import backbone_data_config
 
     own = backbone_data_config((model or build_model(cfg)).backbone)
     return dataclasses.replace(cfg, data=dataclasses.replace(
@@ -337,7 +341,7 @@ def build_model(cfg: Config) -> EmbeddingNet:
         cfg: the run's validated `Config`.
 
     Examples:
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "task": "subtype"},
         ...                                    "model": {"embedding_dim": 32}})
         >>> emb, logits = build_model(cfg)(torch.randn(2, 3, 32, 32))
@@ -381,10 +385,11 @@ def evaluate_split(
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "image_size": [16, 16],
         ...                                             "num_workers": 0}})
         >>> s = load_splits(cfg, root)
@@ -464,7 +469,7 @@ def train(
         Two epochs on the synthetic dataset (tests/test_recipe.py runs this path; skipped
         here because it trains a network):
 
-        >>> from smse_metric.recipes import load_config
+        >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True}, "optim": {"epochs": 2}})
         >>> metrics = train(cfg, "runs/example")  # doctest: +SKIP
         >>> metrics["test"]["knn"]["pooled"]["patient_accuracy"]  # doctest: +SKIP
@@ -719,7 +724,7 @@ def evaluate_run(
         >>> sorted(metrics["test"])  # doctest: +SKIP
         ['head', 'knn']
     """
-    from ..report import write_report
+    from .report import write_report
 
     out = Path(run_dir)
     cfg = resolve_inputs(load_config(out / "config.toml")) if cfg is None else cfg

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.breakhis import SUBTYPES
-from ..data.dataset import eval_transform, normalize_image, read_image
-from ..evaluation import FaissIndex
+from smse_metric.evaluation import FaissIndex
+
 from .config import load_config
+from .data.breakhis import SUBTYPES
+from .data.dataset import eval_transform, normalize_image, read_image
 
 __all__ = ["Neighbour", "contact_sheet", "search_run"]
 
@@ -73,8 +74,8 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
         >>> for n in search_run("runs/example", "query.png", k=5):  # doctest: +SKIP
         ...     print(n.rank, round(n.distance, 3), n.patient, n.subtype, n.magnification)
     """
-    from .breakhis import build_model, data_root, resolve_inputs
     from .engine import load_checkpoint
+    from .training import build_model, data_root, resolve_inputs
 
     run = Path(run_dir)
     if not isinstance(k, int) or k < 1:
@@ -132,10 +133,11 @@ def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Pat
 
     Examples:
         >>> import tempfile
-        >>> from smse_metric.data import make_synthetic_breakhis, scan_breakhis
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
         >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
         ...                                image_size=(32, 24))
-        >>> from smse_metric.recipes.search import Neighbour
+        >>> from smse_metric.recipes.histopathology.search import Neighbour
         >>> paths = scan_breakhis(root).paths
         >>> found = [Neighbour(i + 1, 0.1 * i, paths[i], "p", "benign", "A", 40) for i in range(3)]
         >>> sheet = contact_sheet(paths[5], found, root / "sheet.png", thumb=64)

@@ -1,0 +1,52 @@
+"""Internal: input checks and constants shared by the evaluation modules (not public
+API; the public names are re-exported by ``smse_metric.evaluation``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+METRICS = ("cosine", "l2")
+EXCLUDE = ("none", "self", "group")
+WEIGHTS = ("uniform", "distance")
+DEVICES = ("auto", "cpu", "cuda")
+#: neighbour-table entries per chunk (indices + distances: 12 bytes each)
+CHUNK_ENTRIES = 1 << 24
+#: leave-one-out searches of at least this many rows use the symmetric search
+SYMMETRIC_MIN_ROWS = 4096
+
+
+def as_float32(name: str, x: Any) -> np.ndarray:
+    """[N, D] embeddings from numpy or torch (any device) as one C-contiguous float32 copy."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(1).sum())
+        raise ValueError(f"{name} has {bad} rows with NaN or inf")
+    return arr
+
+
+def as_ids(name: str, y: Any, n: int) -> np.ndarray:
+    """[n] labels / groups / scales (ints or strings) as a numpy array."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} elements but the embeddings have {n} rows")
+    if arr.dtype.kind == "f":
+        raise TypeError(f"{name} must hold integers or strings, got {arr.dtype}")
+    return arr
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,245 @@
+"""``evaluate_embeddings`` (kNN) and ``evaluate_predictions`` (a classifier's labels):
+image- and patient-level accuracy, per-class scores, retrieval metrics, per
+magnification and pooled, and the cross-magnification matrix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._inputs import DEVICES, EXCLUDE, as_float32, as_ids, check_choice
+from .index import faiss_gpu_count
+from .knn import KNNClassifier
+from .metrics import (
+    EvaluationReport,
+    classification_metrics,
+    encode_ids,
+    retrieval_metrics,
+)
+
+__all__ = ["evaluate_embeddings", "evaluate_predictions"]
+
+
+def evaluate_predictions(
+    pred: Any, labels: Any, groups: Any = None, scales: Any = None, classes: Any = None
+) -> EvaluationReport:
+    """Score predicted labels (e.g. a classifier head's) like kNN predictions: image- and
+    patient-level accuracy, balanced accuracy, per-class scores, confusion matrices,
+    pooled and per scale. ``groups=None`` makes every image its own patient.
+
+    Args:
+        pred: [N] predicted labels.
+        labels: [N] true labels.
+        groups: [N] patient ids (None: every image its own patient).
+        scales: [N] magnification ids (None: one scale).
+        classes: every class label to report (default: those present).
+
+    Examples:
+        >>> r = evaluate_predictions(pred=[1, 1, 0, 0, 1], labels=[1, 1, 1, 0, 0],
+        ...                          groups=[0, 0, 0, 1, 1], scales=[40, 40, 400, 40, 400])
+        >>> round(r.pooled.accuracy, 3), r.pooled.patient_accuracy  # (2/3 + 1/2) / 2
+        (0.6, 0.5833333333333333)
+        >>> r.per_scale["40"].accuracy
+        1.0
+    """
+    y = as_ids("labels", labels, len(np.asarray(labels)))
+    n = len(y)
+    table = np.unique(y if classes is None else np.asarray(classes))
+    _, true = encode_ids("labels", y, n, table)
+    _, p = encode_ids("pred", pred, n, table)
+    g = (
+        np.arange(n)
+        if groups is None
+        else np.unique(as_ids("groups", groups, n), return_inverse=True)[1]
+    )
+    report = EvaluationReport(
+        classes=table.tolist(), scales=[], k=None, metric=None, exclude=None,
+        pooled=classification_metrics(p, true, g, len(table)),
+    )  # fmt: skip
+    if scales is not None:
+        s_table, s = np.unique(as_ids("scales", scales, n), return_inverse=True)
+        report.scales = s_table.tolist()
+        for i, name in enumerate(s_table.tolist()):
+            m = s == i
+            report.per_scale[str(name)] = classification_metrics(p[m], true[m], g[m], len(table))
+    return report
+
+
+def _gallery(gallery, n_queries: int, dim: int):
+    if isinstance(gallery, dict):
+        gallery = tuple(gallery.get(key) for key in ("embeddings", "labels", "groups", "scales"))
+    if not isinstance(gallery, tuple | list) or len(gallery) != 4:
+        raise ValueError("gallery must be (embeddings, labels, groups, scales) or a dict of those")
+    emb = as_float32("gallery embeddings", gallery[0])
+    if emb.shape[1] != dim:
+        raise ValueError(f"gallery has dimension {emb.shape[1]}, the embeddings {dim}")
+    n = len(emb)
+    y = as_ids("gallery labels", gallery[1], n)
+    # without groups, gallery images are their own patients, distinct from every query's
+    g = None if gallery[2] is None else as_ids("gallery groups", gallery[2], n)
+    s = None if gallery[3] is None else as_ids("gallery scales", gallery[3], n)
+    return emb, y, g, s
+
+
+def _joint_codes(a: np.ndarray | None, n_a: int, b: np.ndarray | None, n_b: int):
+    """Integer codes of two group arrays in one table. A side without groups (None)
+    gets negative codes of its own, one per image, which match nothing."""
+    if a is not None and b is not None:
+        if a.dtype.kind != b.dtype.kind:
+            a, b = a.astype(str), b.astype(str)
+        codes = np.unique(np.concatenate([a, b]), return_inverse=True)[1]
+        return codes[:n_a], codes[n_a:]
+    ca = -1 - np.arange(n_a) if a is None else np.unique(a, return_inverse=True)[1]
+    cb = -1 - n_a - np.arange(n_b) if b is None else np.unique(b, return_inverse=True)[1]
+    return ca, cb
+
+
+def evaluate_embeddings(
+    embeddings: Any,
+    labels: Any,
+    groups: Any = None,
+    scales: Any = None,
+    k: int = 5,
+    exclude: str = "group",
+    gallery: tuple | dict | None = None,
+    metric: str = "cosine",
+    weights: str = "uniform",
+    map_at_r: bool = True,
+    cross_scale: bool = True,
+    device: str = "auto",
+) -> EvaluationReport:
+    """kNN evaluation of embeddings: classification and retrieval, pooled and per scale,
+    and the cross-magnification matrix.
+
+    Args:
+        embeddings: [N, D] queries.
+        labels: [N] class of each query.
+        groups: [N] patient of each query; None makes every image its own patient
+            (``exclude="group"`` is then leave-one-out).
+        scales: [N] magnification of each query, or None.
+        k: neighbours that vote (and recall@k).
+        exclude: ``"group"`` (leave-one-patient-out), ``"self"`` or ``"none"``.
+        gallery: None (the queries are their own gallery) or ``(embeddings, labels,
+            groups, scales)`` / a dict with those keys (groups, scales may be None).
+        metric: see `KNNClassifier`.
+        weights: see `KNNClassifier`.
+        device: see `KNNClassifier`.
+        map_at_r: also compute MAP@R, which retrieves R neighbours per query (R = the
+            usable gallery items of its class); turn off for huge galleries.
+        cross_scale: compute the matrix of kNN accuracy (query scale x gallery
+            restricted to one scale); needs ``scales``.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> emb = rng.normal(size=(40, 8)).astype("float32")
+        >>> y = np.repeat([0, 1], 20)
+        >>> emb[y == 1] += 2
+        >>> r = evaluate_embeddings(emb, y, groups=np.arange(40) // 4, scales=np.arange(40) % 2,
+        ...                         metric="l2")
+        >>> r.pooled.accuracy > 0.9
+        True
+    """
+    check_choice("exclude", exclude, EXCLUDE)
+    check_choice("device", device, DEVICES)
+    if device == "auto":  # decided on the caller's tensors, before they become numpy
+        on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
+        device = "cuda" if on_cuda and faiss_gpu_count() else "cpu"
+    q = as_float32("embeddings", embeddings)
+    n = q.shape[0]
+    qy = as_ids("labels", labels, n)
+    qg = None if groups is None else as_ids("groups", groups, n)
+    qs = None if scales is None else as_ids("scales", scales, n)
+    if gallery is None:
+        g_emb, gy, gg, gs = q, qy, qg, qs
+    else:
+        if exclude == "self":
+            raise ValueError("exclude='self' needs the queries to be the gallery (gallery=None)")
+        g_emb, gy, gg, gs = _gallery(gallery, n, q.shape[1])
+    # Exclusion works on group codes; "self" is "group" with one group per image.
+    if exclude == "self":
+        ex_q = ex_g = np.arange(n)
+    elif gallery is None:
+        ex_q = ex_g = np.arange(n) if qg is None else np.unique(qg, return_inverse=True)[1]
+    else:
+        ex_q, ex_g = _joint_codes(qg, n, gg, len(g_emb))
+    knn_exclude = "none" if exclude == "none" else "group"
+    q_group_codes = np.arange(n) if qg is None else np.unique(qg, return_inverse=True)[1]
+
+    classes, g_codes = np.unique(gy, return_inverse=True)
+    _, q_codes = encode_ids("labels", qy, n, classes)
+    n_classes = len(classes)
+    knn = KNNClassifier(k, metric, weights, device).fit(g_emb, gy, groups=ex_g)
+
+    # R of each query: usable gallery items of its class.
+    n_rel = np.bincount(g_codes, minlength=n_classes)[q_codes].astype(np.int64)
+    if knn_exclude == "group":
+        own = knn.query_group_codes(ex_q, n)
+        same = np.bincount(knn.groups_ * n_classes + g_codes,
+                           minlength=len(knn.group_sizes_) * n_classes)  # fmt: skip
+        n_rel -= np.where(own >= 0, same[np.maximum(own, 0) * n_classes + q_codes], 0)
+    extra = np.maximum(n_rel - k, 0) if map_at_r else None
+
+    pred = np.empty(n, dtype=np.int64)
+    p1 = np.empty(n, dtype=bool)
+    hit_k = np.empty(n, dtype=bool)
+    ap = np.zeros(n)
+    for nb in knn.kneighbors_chunks(q, ex_q, knn_exclude, k, extra):
+        r = nb.rows
+        pred[r] = knn.votes(nb).argmax(1)
+        rel = (knn.labels_[np.maximum(nb.ids, 0)] == q_codes[r, None]) & (nb.ids >= 0)
+        p1[r], hit_k[r] = rel[:, 0], rel[:, :k].any(1)
+        if map_at_r:
+            rank = np.arange(1, rel.shape[1] + 1)[None, :]
+            rel &= rank <= n_rel[r, None]
+            precision_at_hits = np.where(rel, np.cumsum(rel, axis=1) / rank, 0.0)
+            ap[r] = precision_at_hits.sum(1) / np.maximum(n_rel[r], 1)
+
+    report = EvaluationReport(
+        classes=classes.tolist(), scales=[], k=k, metric=metric, exclude=exclude,
+        pooled=classification_metrics(pred, q_codes, q_group_codes, n_classes),
+        retrieval=retrieval_metrics(p1, hit_k, ap, n_rel, map_at_r),
+    )  # fmt: skip
+    if qs is None:
+        return report
+    s_table, s_codes = np.unique(qs, return_inverse=True)
+    report.scales = s_table.tolist()
+    for i, name in enumerate(report.scales):
+        m = s_codes == i
+        report.per_scale[str(name)] = classification_metrics(
+            pred[m], q_codes[m], q_group_codes[m], n_classes
+        )
+        report.retrieval_per_scale[str(name)] = retrieval_metrics(
+            p1[m], hit_k[m], ap[m], n_rel[m], map_at_r
+        )
+    if cross_scale and gs is not None:
+        report.cross_scale = _cross_scale_matrix(
+            q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, knn_exclude,
+            KNNClassifier(k, metric, weights, device), classes,
+        )  # fmt: skip
+        cells = np.array(report.cross_scale, dtype=float)
+        off = cells[~np.eye(len(cells), dtype=bool)]
+        off = off[np.isfinite(off)]
+        report.cross_scale_mean = float(off.mean()) if off.size else None
+    return report
+
+
+def _cross_scale_matrix(q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, exclude, knn,
+                        classes):  # fmt: skip
+    """Cell (a, b): kNN accuracy of scale-a queries against the gallery's scale-b items.
+    A cell whose gallery has fewer than k usable items for some query is NaN."""
+    matrix = np.full((len(s_table), len(s_table)), np.nan)
+    for b, name in enumerate(s_table.tolist()):
+        in_b = gs == name
+        if not in_b.any():
+            continue
+        knn.fit(g_emb[in_b], gy[in_b], groups=ex_g[in_b])
+        for a in range(len(s_table)):
+            m = s_codes == a
+            try:
+                pred = knn.predict(q[m], ex_q[m], exclude)
+            except ValueError:
+                continue
+            matrix[a, b] = float((pred == classes[q_codes[m]]).mean())
+    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]

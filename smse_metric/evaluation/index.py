@@ -1,0 +1,155 @@
+"""Exact (or IVF) nearest-neighbour search over a gallery with FAISS, imported only when
+an index is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._inputs import DEVICES, METRICS, as_float32, check_choice
+
+__all__ = ["FaissIndex"]
+
+
+def _faiss():
+    """faiss, imported where an index is built: ``import smse_metric`` must not need it."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            "this needs FAISS: pip install 'smse-metric[faiss]' (CPU) or 'smse-metric[gpu]' (CUDA)"
+        ) from e
+    return faiss
+
+
+def faiss_gpu_count() -> int:
+    """GPUs the installed faiss can use (0 for faiss-cpu)."""
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+class FaissIndex:
+    """Exact (or IVF) nearest-neighbour search over a gallery, hiding index and device.
+
+    Args:
+        embeddings: [G, D] gallery, numpy or torch on any device (copied once).
+        metric: ``"cosine"`` (inner product of L2-normalised vectors; distance
+            ``1 - cos``) or ``"l2"`` (euclidean distance).
+        device: ``"auto"`` (a GPU index when faiss has GPUs and the embeddings are a
+            CUDA tensor), ``"cpu"`` or ``"cuda"``.
+        index: ``"flat"`` (exact) or ``"ivf"`` (approximate, for very large galleries).
+        nlist: IVF cells (default ``4 * sqrt(G)``).
+        nprobe: IVF cells visited per query.
+
+    Examples:
+        >>> idx = FaissIndex(np.eye(3, dtype="float32"), metric="l2")
+        >>> dist, ids = idx.search(np.eye(3, dtype="float32"), k=1)
+        >>> ids.ravel().tolist()
+        [0, 1, 2]
+    """
+
+    def __init__(
+        self,
+        embeddings: Any,
+        metric: str = "cosine",
+        device: str = "auto",
+        index: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+    ) -> None:
+        faiss = _faiss()
+        check_choice("metric", metric, METRICS)
+        check_choice("device", device, DEVICES)
+        check_choice("index", index, ("flat", "ivf"))
+        on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
+        gallery = self.prepare(as_float32("embeddings", embeddings), metric)
+        self.metric, self.ntotal, self.dim = metric, gallery.shape[0], gallery.shape[1]
+        gpus = faiss_gpu_count()
+        if device == "cuda" and gpus == 0:
+            raise ValueError("device='cuda' but the installed faiss has no GPU support")
+        self.device = (
+            "cuda" if device == "cuda" or (device == "auto" and gpus and on_cuda) else "cpu"
+        )
+        flat = faiss.IndexFlatIP(self.dim) if metric == "cosine" else faiss.IndexFlatL2(self.dim)
+        if index == "ivf":
+            nlist = nlist or max(1, int(4 * np.sqrt(self.ntotal)))
+            ivf_metric = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+            cpu_index = faiss.IndexIVFFlat(flat, self.dim, nlist, ivf_metric)
+            cpu_index.train(gallery)
+            cpu_index.nprobe = nprobe
+            self._quantizer = flat  # the IVF index does not own it
+        else:
+            cpu_index = flat
+        if self.device == "cuda":
+            self._resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._resources, 0, cpu_index)
+        else:
+            self.index = cpu_index
+        self.index.add(gallery)
+
+    def vectors(self) -> np.ndarray:
+        """[G, D] float32 view of the stored gallery (L2-normalised for ``"cosine"``);
+        flat CPU indexes only."""
+        faiss = _faiss()
+        if not isinstance(self.index, faiss.IndexFlat):
+            raise ValueError("vectors() needs a flat CPU index")
+        return (
+            faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim)
+            .view(np.float32)
+            .reshape(self.ntotal, self.dim)
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the index with ``faiss.write_index`` (a GPU index is copied to the CPU)."""
+        faiss = _faiss()
+        index = faiss.index_gpu_to_cpu(self.index) if self.device == "cuda" else self.index
+        faiss.write_index(index, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> FaissIndex:
+        """Read an index written by `save`; its metric follows the index type
+        (inner product: ``"cosine"``, L2: ``"l2"``)."""
+        faiss = _faiss()
+        check_choice("device", device, DEVICES)
+        if not Path(path).is_file():
+            raise ValueError(f"no FAISS index at {path}")
+        index = faiss.read_index(str(path))
+        self = cls.__new__(cls)
+        inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
+        self.metric, self.ntotal, self.dim = ("cosine" if inner else "l2"), index.ntotal, index.d
+        self.device = "cpu"
+        if device == "cuda":
+            if faiss_gpu_count() == 0:
+                raise ValueError("device='cuda' but the installed faiss has no GPU support")
+            self._resources = faiss.StandardGpuResources()
+            index, self.device = faiss.index_cpu_to_gpu(self._resources, 0, index), "cuda"
+        self.index = index
+        return self
+
+    @staticmethod
+    def prepare(x: np.ndarray, metric: str) -> np.ndarray:
+        """Vectors as the index stores them: L2-normalised (a copy) for ``"cosine"``.
+
+        Args:
+            x: [N, D] float32 vectors.
+            metric: ``"cosine"`` or ``"l2"``.
+        """
+        faiss = _faiss()
+        if metric == "cosine":
+            x = x.copy()
+            faiss.normalize_L2(x)
+        return x
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest gallery items of each query: distances [Q, k] (ascending) and ids [Q, k]
+        (``-1`` where the gallery has fewer than k items)."""
+        q = self.prepare(as_float32("queries", queries), self.metric)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the gallery {self.dim}")
+        raw, ids = self.index.search(q, int(k))
+        dist = 1.0 - raw if self.metric == "cosine" else np.sqrt(np.maximum(raw, 0))
+        dist[ids < 0] = np.inf
+        return dist, ids

@@ -1,0 +1,229 @@
+"""k-nearest-neighbour classification with leave-one-out and leave-one-patient-out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._inputs import (
+    CHUNK_ENTRIES,
+    EXCLUDE,
+    METRICS,
+    SYMMETRIC_MIN_ROWS,
+    WEIGHTS,
+    as_float32,
+    as_ids,
+    check_choice,
+)
+from .index import FaissIndex
+from .symmetric import symmetric_knn
+
+__all__ = ["KNNClassifier", "Neighbours"]
+
+
+@dataclass
+class Neighbours:
+    """The neighbour table of one chunk of queries, after exclusions, as
+    `KNNClassifier.kneighbors_chunks` yields it.
+
+    Attributes:
+        rows: which queries of the call this chunk holds.
+        dist: [q, k] distances, ascending; ``inf`` where fewer neighbours remain.
+        ids: [q, k] gallery row of each neighbour (``-1`` with ``inf``).
+
+    Examples:
+        >>> knn = KNNClassifier(k=1, metric="l2").fit(np.array([[0.0], [1.0]]), [0, 1])
+        >>> nb = next(knn.kneighbors_chunks(np.array([[0.9]])))
+        >>> nb.rows, nb.ids.tolist()
+        (slice(0, 1, None), [[1]])
+    """
+
+    rows: slice
+    dist: np.ndarray
+    ids: np.ndarray
+
+
+class KNNClassifier:
+    """k-nearest-neighbour classifier over a FAISS index, with leave-one-patient-out.
+
+    Args:
+        k: neighbours that vote.
+        metric: ``"cosine"`` or ``"l2"``.
+        weights: ``"uniform"`` or ``"distance"`` (``1 / d``; a query at distance 0
+            from some neighbours takes only those, as scikit-learn does).
+        device: see `FaissIndex`.
+        index: see `FaissIndex`.
+
+    Ties: neighbours at equal distance are ordered by gallery index; classes with
+    equal votes go to the smaller class index (scikit-learn's rule).
+
+    Examples:
+        >>> emb = np.array([[0.0, 1], [0, 2], [5, 5], [5, 6]], dtype="float32")
+        >>> knn = KNNClassifier(k=1, metric="l2").fit(emb, ["a", "a", "b", "b"], [1, 2, 3, 4])
+        >>> knn.predict(emb, query_groups=[1, 2, 3, 4], exclude="group").tolist()
+        ['a', 'a', 'b', 'b']
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        metric: str = "cosine",
+        weights: str = "uniform",
+        device: str = "auto",
+        index: str = "flat",
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        check_choice("metric", metric, METRICS)
+        check_choice("weights", weights, WEIGHTS)
+        self.k, self.metric, self.weights = int(k), metric, weights
+        self.device, self.index_type = device, index
+
+    def fit(self, embeddings: Any, labels: Any, groups: Any = None) -> KNNClassifier:
+        """Index the gallery. ``groups`` (patients) enable ``exclude="group"``."""
+        self.index_ = FaissIndex(embeddings, self.metric, self.device, self.index_type)
+        n = self.index_.ntotal
+        self.classes_, self.labels_ = np.unique(as_ids("labels", labels, n), return_inverse=True)
+        self.groups_ = None
+        if groups is not None:
+            self._group_values, self.groups_ = np.unique(
+                as_ids("groups", groups, n), return_inverse=True
+            )
+            self.group_sizes_ = np.bincount(self.groups_)  # gallery images per group
+        return self
+
+    def query_group_codes(self, query_groups: Any, n: int) -> np.ndarray:
+        """Query groups as the gallery's group codes; -1 for groups the gallery lacks.
+
+        Args:
+            query_groups: [n] group (patient) of each query.
+            n: number of queries.
+        """
+        if self.groups_ is None:
+            raise ValueError("exclude='group' needs fit(..., groups=...)")
+        if query_groups is None:
+            raise ValueError("exclude='group' needs query_groups")
+        qg = as_ids("query_groups", query_groups, n)
+        pos = np.searchsorted(self._group_values, qg)
+        pos = np.minimum(pos, len(self._group_values) - 1)
+        return np.where(self._group_values[pos] == qg, pos, -1)
+
+    def kneighbors_chunks(
+        self,
+        queries: Any,
+        query_groups: Any = None,
+        exclude: str = "none",
+        k: int | None = None,
+        extra: np.ndarray | None = None,
+    ) -> Iterator[Neighbours]:
+        """Yield, per chunk of queries, the k nearest usable neighbours.
+
+        ``exclude="self"``: the queries are the fitted gallery in the same order and
+        query i never sees gallery item i. ``exclude="group"``: no query sees an item
+        of its own group (leave-one-patient-out). Enough extra neighbours are retrieved
+        that exactly k usable ones remain, or a ValueError says which query lacks them.
+        ``extra`` [Q] asks for more neighbours per query (used for MAP@R).
+        """
+        check_choice("exclude", exclude, EXCLUDE)
+        k = self.k if k is None else int(k)
+        q = as_float32("queries", queries)
+        n_q, n_g = q.shape[0], self.index_.ntotal
+        if exclude == "self" and n_q != n_g:
+            raise ValueError(
+                f"exclude='self' needs the queries to be the fitted gallery ({n_g} rows), got {n_q}"
+            )
+        excluded = np.zeros(n_q, dtype=np.int64)
+        qg = None
+        if exclude == "self":
+            excluded += 1
+        elif exclude == "group":
+            qg = self.query_group_codes(query_groups, n_q)
+            excluded = np.where(qg >= 0, self.group_sizes_[np.maximum(qg, 0)], 0)
+        usable = n_g - excluded
+        if (usable < k).any():
+            i = int(np.argmax(usable < k))
+            raise ValueError(
+                f"k={k} is larger than the usable gallery of query {i}: {n_g} items, "
+                f"{excluded[i]} excluded by exclude={exclude!r}"
+            )
+        if extra is None and self._symmetric(q, qg, exclude):
+            groups = self.groups_ if exclude == "group" else None
+            dist, ids = symmetric_knn(self.index_.vectors(), k, self.metric, groups)
+            step = max(1, CHUNK_ENTRIES // k)
+            for start in range(0, n_q, step):
+                rows = slice(start, min(n_q, start + step))
+                yield Neighbours(rows, dist[rows], ids[rows])
+            return
+        want = k + (np.zeros(n_q, dtype=np.int64) if extra is None else extra)
+        want = np.minimum(want, usable)
+        need = np.minimum(want + excluded, n_g)
+        start = 0
+        while start < n_q:
+            # Chunks sized so that chunk x neighbours stays under CHUNK_ENTRIES.
+            ahead = need[start : start + max(1, CHUNK_ENTRIES // max(k, 1))]
+            cum = np.maximum.accumulate(ahead) * np.arange(1, len(ahead) + 1)
+            rows = max(1, int(np.searchsorted(cum, CHUNK_ENTRIES, side="right")))
+            stop = min(n_q, start + rows)
+            kk = int(need[start:stop].max())
+            dist, ids = self.index_.search(q[start:stop], kk)
+            # Deterministic order: distance, then gallery index.
+            order = np.lexsort((ids, dist))
+            dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+            drop = ids < 0
+            if exclude == "self":
+                drop |= ids == np.arange(start, stop)[:, None]
+            elif exclude == "group":
+                drop |= self.groups_[np.maximum(ids, 0)] == qg[start:stop, None]
+            keep_first = np.argsort(drop, axis=1, kind="stable")
+            width = int(want[start:stop].max())
+            sel = keep_first[:, :width]
+            dist, ids = np.take_along_axis(dist, sel, 1), np.take_along_axis(ids, sel, 1)
+            valid = np.arange(width)[None, :] < want[start:stop, None]
+            yield Neighbours(slice(start, stop), np.where(valid, dist, np.inf),
+                              np.where(valid, ids, -1))  # fmt: skip
+            start = stop
+
+    def _symmetric(self, q: np.ndarray, qg: np.ndarray | None, exclude: str) -> bool:
+        """Whether the queries are this exact-CPU gallery itself, so that
+        [`symmetric_knn`][smse_metric.symmetric_knn.symmetric_knn] can answer at half the cost."""
+        if exclude == "none" or self.index_type != "flat" or self.index_.device != "cpu":
+            return False
+        if len(q) != self.index_.ntotal or len(q) < SYMMETRIC_MIN_ROWS:
+            return False
+        if exclude == "group" and not np.array_equal(qg, self.groups_):
+            return False
+        return np.array_equal(FaissIndex.prepare(q, self.metric), self.index_.vectors())
+
+    def votes(self, nb: Neighbours) -> np.ndarray:
+        """[q, C] votes of a chunk's first ``k`` neighbours for each of ``classes_``
+        (counts, or ``1 / d`` weights with ``weights="distance"``).
+
+        Args:
+            nb: a chunk from `kneighbors_chunks`.
+        """
+        d, ids = nb.dist[:, : self.k], nb.ids[:, : self.k]
+        if self.weights == "uniform":
+            w = np.ones_like(d, dtype=np.float64)
+        else:
+            exact = d <= 0
+            with np.errstate(divide="ignore"):
+                w = np.where(exact.any(1, keepdims=True), exact, 1.0 / d).astype(np.float64)
+        n_classes = len(self.classes_)
+        flat = (np.arange(len(ids))[:, None] * n_classes + self.labels_[ids]).ravel()
+        votes = np.bincount(flat, weights=w.ravel(), minlength=len(ids) * n_classes)
+        return votes.reshape(len(ids), n_classes)
+
+    def predict_proba(self, queries: Any, query_groups: Any = None, exclude: str = "none"):
+        """[Q, C] vote shares over ``classes_``."""
+        out = []
+        for nb in self.kneighbors_chunks(queries, query_groups, exclude):
+            v = self.votes(nb)
+            out.append(v / v.sum(1, keepdims=True))
+        return np.concatenate(out)
+
+    def predict(self, queries: Any, query_groups: Any = None, exclude: str = "none"):
+        """[Q] predicted labels (values of the fitted labels)."""
+        return self.classes_[self.predict_proba(queries, query_groups, exclude).argmax(1)]
