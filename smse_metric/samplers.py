@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import get_rank, get_world_size
+
 __all__ = ["MultiScaleBatchSampler", "SamplerStats"]
 
 POLICIES = ("replace", "error")
@@ -111,11 +113,10 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _dist_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if world_size is None:
-        world_size = torch.distributed.get_world_size() if initialised else 1
+        world_size = get_world_size()
     if rank is None:
-        rank = torch.distributed.get_rank() if initialised else 0
+        rank = get_rank()
     world_size = _positive_int("world_size", world_size)
     if (
         isinstance(rank, bool)

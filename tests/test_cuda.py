@@ -106,7 +106,8 @@ def test_recipe_trains_on_cuda_with_amp_and_channels_last(tmp_path):
 
     from smse_metric.recipes.histopathology import load_config
     from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
-    from smse_metric.recipes.histopathology.training import evaluate_run, train
+    from smse_metric.recipes.histopathology.evaluate import evaluate_run
+    from smse_metric.recipes.histopathology.training import train
 
     root = make_synthetic_breakhis(tmp_path / "data", images_per_magnification=2,
                                    image_size=(40, 28))  # fmt: skip

@@ -15,9 +15,11 @@ import torch
 
 from smse_metric.evaluation import FaissIndex
 from smse_metric.recipes.histopathology import config_to_toml, load_config
+from smse_metric.recipes.histopathology.build import resolve_inputs
 from smse_metric.recipes.histopathology.cli import main
 from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
-from smse_metric.recipes.histopathology.training import load_splits, resolve_inputs, train
+from smse_metric.recipes.histopathology.splits import load_splits
+from smse_metric.recipes.histopathology.training import train
 
 TINY = {
     "data": {"synthetic": True, "image_size": [32, 32], "num_workers": 0, "val_fraction": 0.2},
@@ -258,11 +260,11 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):
-    from smse_metric.recipes.histopathology import training
+    from smse_metric.recipes.histopathology import build, training
 
     cfg = load_config("smse-triplet", TINY)
-    train_set = training._datasets(cfg, load_splits(cfg, root))["train"]
-    poison_at = len(training._train_loader(cfg, train_set)) + 2  # epoch 1, step 1
+    train_set = build.make_datasets(cfg, load_splits(cfg, root))["train"]
+    poison_at = len(build.train_loader(cfg, train_set)) + 2  # epoch 1, step 1
     real, calls = training.train_step, []
 
     def poisoned(*args, **kwargs):
@@ -468,8 +470,8 @@ def test_one_line_per_epoch_without_a_terminal(root, tmp_path, capsys):
 
 
 def test_pretrained_style_inputs_get_the_backbones_mean_and_std(root):
+    from smse_metric.recipes.histopathology.build import make_datasets
     from smse_metric.recipes.histopathology.data.dataset import eval_transform, read_image
-    from smse_metric.recipes.histopathology.training import _datasets
 
     cfg = resolve_inputs(load_config("smse-triplet", {**TINY, "model": {"pretrained": False}}))
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]
@@ -477,7 +479,7 @@ def test_pretrained_style_inputs_get_the_backbones_mean_and_std(root):
     assert "mean = [0.485, 0.456, 0.406]" in config_to_toml(cfg)
     own = {**TINY, "data": {**TINY["data"], "mean": [0.5] * 3, "std": [0.5] * 3}}
     assert resolve_inputs(load_config("smse-triplet", own)).data.std == [0.5] * 3  # key wins
-    ds = _datasets(cfg, load_splits(cfg, root))
+    ds = make_datasets(cfg, load_splits(cfg, root))
     for name in ("train", "gallery", "val", "test"):
         assert (ds[name].mean, ds[name].std) == (tuple(cfg.data.mean), tuple(cfg.data.std))
     # evaluation: exactly (resize(img) - mean) / std
@@ -515,7 +517,7 @@ def test_torchrun_with_synthetic_data_rank_0_prepares_and_others_wait(tmp_path):
 
 def test_the_demo_data_gives_every_replicate_at_least_40_test_patients(tmp_path):
     from smse_metric.recipes.histopathology import demo
-    from smse_metric.recipes.histopathology.training import split_sizes
+    from smse_metric.recipes.histopathology.splits import split_sizes
 
     root = make_synthetic_breakhis(tmp_path / "data", demo.DEMO_PATIENTS, seed=0, folds=5,
                                    **demo.DEMO_DATA)  # fmt: skip

@@ -79,7 +79,8 @@ def _validate_run(cfg, folds: list[int] | None) -> None:
     """Every check a run makes before it writes: data, splits and backbone."""
     import dataclasses
 
-    from .training import load_splits, resolve_inputs
+    from .build import resolve_inputs
+    from .splits import load_splits
 
     resolve_inputs(cfg)  # builds the backbone: an unknown name or a failed download
     if cfg.data.path is None:
@@ -95,9 +96,10 @@ def _train(args: argparse.Namespace) -> int:
     from smse_metric.distributed import is_main_process
 
     from . import load_config
+    from .build import device_of
     from .engine import init_distributed
     from .rundir import check_run_dir, claim_run_dir
-    from .training import data_root, device_of
+    from .splits import data_root
 
     out = Path(args.out)
     folds = _parse_folds(args.folds) if args.folds else None
@@ -217,7 +219,7 @@ def _fold_summary(results: dict[int, dict], out: Path) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .training import evaluate_run
+    from .evaluate import evaluate_run
 
     metrics = evaluate_run(args.run, root=args.data, device=args.device)
     _summary(metrics, Path(args.run))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .data.breakhis import MAGNIFICATIONS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -30,7 +32,7 @@ class DataConfig:
     path: str | None = None  #: BreakHis root; None with synthetic = true
     synthetic: bool = False
     task: str = field(default="binary", metadata={"choices": ("binary", "subtype")})
-    magnifications: list[int] = field(default_factory=lambda: [40, 100, 200, 400])
+    magnifications: list[int] = field(default_factory=lambda: list(MAGNIFICATIONS))
     group_by: str = field(default="slide", metadata={"choices": ("slide", "case")})
     fold: int = 1
     #: Folds.csv or dsfold{fold}.txt ({fold} is replaced); default: <path>/Folds.csv,
@@ -212,10 +214,8 @@ def _build(cls, values: dict, prefix: str):
 
 def _validate(cfg: Config) -> None:
     mags = cfg.data.magnifications
-    if not mags or len(set(mags)) != len(mags) or not set(mags) <= {40, 100, 200, 400}:
-        raise ValueError(
-            f"data.magnifications must be distinct values of 40, 100, 200, 400: {mags}"
-        )
+    if not mags or len(set(mags)) != len(mags) or not set(mags) <= set(MAGNIFICATIONS):
+        raise ValueError(f"data.magnifications must be distinct values of {MAGNIFICATIONS}: {mags}")
     if len(cfg.data.image_size) != 2 or min(cfg.data.image_size) < 16:
         raise ValueError(f"data.image_size must be [height, width], >= 16: {cfg.data.image_size}")
     for key in ("val_fraction", "test_fraction"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from .compare import paired_comparison
 from .config import load_config
 from .data import make_synthetic_breakhis
+from .data.breakhis import MAGNIFICATIONS
 from .data.synthetic import DEFAULT_PATIENTS
 from .report import format_score
 
@@ -53,7 +54,7 @@ COLUMNS = ("40x", "100x", "200x", "400x", "pooled", "cross-mag mean")
 
 def _row(method: str, predictor: str, level: str, report: dict) -> list[str]:
     key = "accuracy" if level == "image" else "patient_accuracy"
-    cells = [report["per_scale"][str(s)][key] for s in (40, 100, 200, 400)]
+    cells = [report["per_scale"][str(s)][key] for s in MAGNIFICATIONS]
     cells.append(report["pooled"][key])
     cells.append(report["cross_scale_mean"] if predictor == "kNN" else None)
     return [method, predictor, level] + ["-" if c is None else f"{c:.3f}" for c in cells]

@@ -74,8 +74,9 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
         >>> for n in search_run("runs/example", "query.png", k=5):  # doctest: +SKIP
         ...     print(n.rank, round(n.distance, 3), n.patient, n.subtype, n.magnification)
     """
+    from .build import build_model, resolve_inputs
     from .engine import load_checkpoint
-    from .training import build_model, data_root, resolve_inputs
+    from .splits import data_root
 
     run = Path(run_dir)
     if not isinstance(k, int) or k < 1:

@@ -40,6 +40,9 @@ SUBTYPES = {
     "PC": ("M", "papillary_carcinoma"),
 }
 MAGNIFICATIONS = (40, 100, 200, 400)
+#: Ruifrok & Johnston's stain vectors (optical density per unit of stain): hematoxylin,
+#: eosin, and the residual (DAB) channel; rows are R, G, B absorbances
+STAIN_VECTORS = ((0.650, 0.704, 0.286), (0.072, 0.990, 0.105), (0.268, 0.570, 0.776))
 #: the patient shipped twice; the DC copy is dropped by ``dedupe``
 DUPLICATED_SLIDE, DUPLICATE_SUBTYPE = "13412", "DC"
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as TF
 from PIL import Image, UnidentifiedImageError
 
-from .breakhis import BreakHisIndex
+from .breakhis import STAIN_VECTORS, BreakHisIndex
 
 __all__ = [
     "INTERPOLATIONS",
@@ -28,7 +28,7 @@ __all__ = [
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
-_HE = torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
+_HE = torch.tensor(STAIN_VECTORS)
 _HE = _HE / _HE.norm(dim=1, keepdim=True)
 
 

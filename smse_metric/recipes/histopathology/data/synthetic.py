@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .breakhis import MAGNIFICATIONS, SUBTYPES
+from .breakhis import MAGNIFICATIONS, STAIN_VECTORS, SUBTYPES
 
 __all__ = ["DEFAULT_PATIENTS", "make_synthetic_breakhis"]
 
@@ -26,8 +26,7 @@ __all__ = ["DEFAULT_PATIENTS", "make_synthetic_breakhis"]
 DEFAULT_PATIENTS = {"A": 2, "F": 3, "PT": 2, "TA": 2, "DC": 8, "LC": 2, "MC": 3, "PC": 2}
 TREE = Path("BreaKHis_v1/histology_slides/breast")
 
-_H = np.array([0.650, 0.704, 0.286])  # Ruifrok & Johnston stain vectors (OD per unit)
-_E = np.array([0.072, 0.990, 0.105])
+_H, _E = np.array(STAIN_VECTORS[0]), np.array(STAIN_VECTORS[1])
 
 
 @dataclass(frozen=True)

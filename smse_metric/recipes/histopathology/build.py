@@ -1,0 +1,293 @@
+"""The objects a run is made of, built from its validated config: device, inputs,
+datasets and loaders, network, losses, optimiser."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from smse_metric.losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
+from smse_metric.samplers import MultiScaleBatchSampler
+
+from .config import Config
+from .data.breakhis import SUBTYPES
+from .data.dataset import BreakHisDataset
+from .engine import ResumableBatches, ShuffledBatchSampler
+from .models import EmbeddingNet
+from .splits import Splits
+
+__all__ = [
+    "amp_setup",
+    "build_model",
+    "device_of",
+    "eval_loader",
+    "make_datasets",
+    "make_losses",
+    "make_optimizer",
+    "num_classes",
+    "resolve_inputs",
+    "train_loader",
+]
+
+
+def device_of(cfg: Config) -> torch.device:
+    """The run's device: ``run.device`` (``auto``: CUDA when present), this rank's GPU.
+
+    Args:
+        cfg: the run's validated `Config`.
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> device_of(load_config(overrides={"data": {"synthetic": True},
+        ...                                  "run": {"device": "cpu"}}))
+        device(type='cpu')
+    """
+    if cfg.run.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    elif cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device = 'cuda' but no CUDA device is available")
+    else:
+        kind = cfg.run.device
+    if kind == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def amp_setup(
+    cfg: Config, device: torch.device
+) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """``(autocast dtype or None, GradScaler or None)``: bf16 where the GPU has it, else
+    fp16 with a gradient scaler; nothing on the CPU or with ``run.amp = false``.
+
+    Args:
+        cfg: the run's `Config`.
+        device: where the run trains.
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> amp_setup(load_config(overrides={"data": {"synthetic": True}}), torch.device("cpu"))
+        (None, None)
+    """
+    if not (cfg.run.amp and device.type == "cuda"):
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
+    """``cfg`` with ``data.mean``, ``data.std`` and ``data.interpolation`` filled from the
+    backbone's data config where the config leaves them empty (a key set in the config
+    wins), so that training, evaluation and search normalise alike.
+
+    Args:
+        cfg: the run's validated `Config`.
+        model: the network whose backbone to ask (default: built from ``cfg``).
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> cfg = resolve_inputs(load_config(overrides={"data": {"synthetic": True}}))
+        >>> cfg.data.mean, cfg.data.std  # resnet18: ImageNet's
+        ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    """
+    d = cfg.data
+    if d.mean is not None and d.interpolation is not None:
+        return cfg
+    from .models import backbone_data_config
+
+    own = backbone_data_config((model or build_model(cfg)).backbone)
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        d, mean=list(own["mean"]) if d.mean is None else d.mean,
+        std=list(own["std"]) if d.std is None else d.std,
+        interpolation=own["interpolation"] if d.interpolation is None else d.interpolation,
+    ))  # fmt: skip
+
+
+def make_datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
+    """The run's datasets: ``train`` (augmented), and ``gallery`` (the training images),
+    ``val`` and ``test`` for evaluation, normalised as ``cfg.data`` says.
+
+    Args:
+        cfg: the run's `Config` (``data.mean`` etc. resolved, see `resolve_inputs`).
+        splits: the run's `Splits`.
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.splits import load_splits
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
+        ...                                       "num_workers": 0}})
+        >>> ds = make_datasets(cfg, load_splits(cfg, root))
+        >>> sorted(ds), len(ds["gallery"]) == len(ds["train"])
+        (['gallery', 'test', 'train', 'val'], True)
+    """
+    size = tuple(cfg.data.image_size)
+
+    def make(mask, transform):
+        return BreakHisDataset(splits.index.subset(mask), transform, size=size,
+                               task=cfg.data.task, seed=cfg.run.seed,
+                               skip_bad_images=cfg.data.skip_bad_images, mean=cfg.data.mean,
+                               std=cfg.data.std,
+                               interpolation=cfg.data.interpolation or "bilinear")  # fmt: skip
+
+    return {
+        "train": make(splits.train, "train"),
+        "gallery": make(splits.train, "eval"),
+        "val": make(splits.val, "eval"),
+        "test": make(splits.test, "eval"),
+    }
+
+
+def eval_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
+    """Batches of 64 in order, with ``data.num_workers`` workers.
+
+    Args:
+        cfg: the run's `Config`.
+        ds: the dataset to read.
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.splits import load_splits
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
+        ...                                       "num_workers": 0}})
+        >>> images, labels, patients, mags = next(iter(eval_loader(
+        ...     cfg, make_datasets(cfg, load_splits(cfg, root))["test"])))
+        >>> images.shape[1:]
+        torch.Size([3, 16, 16])
+    """
+    return DataLoader(ds, batch_size=64, shuffle=False, num_workers=cfg.data.num_workers)
+
+
+def train_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
+    """Training batches: multi-scale (classes x patients x magnifications) or
+    frequency-ordered, per ``sampler.kind``, resumable mid-epoch.
+
+    Args:
+        cfg: the run's `Config`.
+        ds: the training dataset.
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.splits import load_splits
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
+        ...                                       "num_workers": 0}})
+        >>> loader = train_loader(cfg, make_datasets(cfg, load_splits(cfg, root))["train"])
+        >>> len(next(iter(loader.batch_sampler)))  # 2 classes x 4 patients x 4 magnifications
+        32
+    """
+    if cfg.sampler.kind == "multiscale":
+        inner = MultiScaleBatchSampler(
+            ds.labels, ds.groups, ds.scales, cfg.sampler.classes_per_batch,
+            cfg.sampler.groups_per_class, cfg.sampler.images_per_scale, seed=cfg.run.seed,
+        )  # fmt: skip
+    else:
+        inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
+    return DataLoader(ds, batch_sampler=ResumableBatches(inner),
+                      num_workers=cfg.data.num_workers)  # fmt: skip
+
+
+def make_losses(
+    cfg: Config, class_counts: np.ndarray
+) -> tuple[torch.nn.Module | None, torch.nn.Module]:
+    """``(metric loss or None, classification loss)`` as ``cfg.loss`` says.
+
+    Args:
+        cfg: the run's `Config`.
+        class_counts: [C] training images per class (the RFL's ``beta``).
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> metric, cls = make_losses(load_config(overrides={"data": {"synthetic": True}}),
+        ...                           np.array([30, 70]))
+        >>> type(metric).__name__, type(cls).__name__
+        ('TripletMarginLoss', 'ReinforcedFocalLoss')
+    """
+    lc = cfg.loss
+    metric = None
+    if lc.metric == "triplet":
+        metric = TripletMarginLoss(lc.margin, lc.squared, lc.triplets, cross_scale=lc.cross_scale)
+    elif lc.metric == "pair":
+        metric = ContrastiveLoss(lc.margin, cross_scale=lc.cross_scale)
+    if lc.classification == "rfl":
+        cls = (ReinforcedFocalLoss.from_class_counts(class_counts, lc.alpha, lc.gamma)
+               if lc.beta_from_counts else ReinforcedFocalLoss(lc.alpha, lc.gamma))  # fmt: skip
+    elif lc.classification == "focal":
+        cls = FocalLoss(lc.gamma)
+    else:
+        cls = torch.nn.CrossEntropyLoss()
+    return metric, cls
+
+
+def num_classes(cfg: Config) -> int:
+    """2 for the binary task, 8 for subtypes.
+
+    Args:
+        cfg: the run's `Config`.
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> num_classes(load_config(overrides={"data": {"synthetic": True, "task": "subtype"}}))
+        8
+    """
+    return 2 if cfg.data.task == "binary" else len(SUBTYPES)
+
+
+def build_model(cfg: Config) -> EmbeddingNet:
+    """The run's network, untrained (load ``checkpoints/best.pt`` into it).
+
+    Args:
+        cfg: the run's validated `Config`.
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "task": "subtype"},
+        ...                                    "model": {"embedding_dim": 32}})
+        >>> emb, logits = build_model(cfg)(torch.randn(2, 3, 32, 32))
+        >>> emb.shape, logits.shape
+        (torch.Size([2, 32]), torch.Size([2, 8]))
+    """
+    return EmbeddingNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.embedding_dim,
+                        num_classes(cfg), cfg.model.normalize, cfg.model.weights)  # fmt: skip
+
+
+def make_optimizer(
+    cfg: Config, model: torch.nn.Module
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """``(optimiser, scheduler or None)`` as ``cfg.optim`` says.
+
+    Args:
+        cfg: the run's `Config`.
+        model: the network whose parameters it trains.
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> cfg = load_config(overrides={"data": {"synthetic": True}})
+        >>> opt, sched = make_optimizer(cfg, torch.nn.Linear(2, 2))
+        >>> type(opt).__name__, type(sched).__name__
+        ('Adam', 'StepLR')
+    """
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    optimizer = opt_cls[cfg.optim.name](model.parameters(), lr=cfg.optim.lr,
+                                        weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    scheduler = None
+    if cfg.optim.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.optim.step_size,
+                                                    cfg.optim.step_gamma)  # fmt: skip
+    elif cfg.optim.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.optim.epochs)
+    return optimizer, scheduler

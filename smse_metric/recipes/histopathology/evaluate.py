@@ -1,0 +1,201 @@
+"""Evaluating a run: kNN (gallery: the training images) and head metrics of a split, and
+everything a finished run writes from its best checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smse_metric.evaluation import FaissIndex, evaluate_embeddings, evaluate_predictions
+
+from .build import build_model, device_of, eval_loader, make_datasets, num_classes, resolve_inputs
+from .config import Config, load_config
+from .data.dataset import BreakHisDataset
+from .engine import embed, load_checkpoint
+from .models import EmbeddingNet
+from .splits import data_root, load_splits
+
+__all__ = ["evaluate_run", "evaluate_split", "split_reports", "unreadable_images"]
+
+
+def evaluate_split(
+    cfg: Config,
+    model: EmbeddingNet,
+    gallery: BreakHisDataset,
+    queries: BreakHisDataset,
+    device: torch.device,
+    channels_last: bool = False,
+) -> dict:
+    """kNN (gallery: training images) and head metrics of one split, as dicts.
+
+    Args:
+        cfg: the run's validated `Config`.
+        model: the network, returning ``(embeddings, logits)``.
+        gallery: the kNN gallery dataset (the training images, untransformed).
+        queries: the dataset to score (validation or test).
+        device: where to embed.
+        channels_last: feed images in channels-last memory format (GPUs).
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True, "image_size": [16, 16],
+        ...                                             "num_workers": 0}})
+        >>> s = load_splits(cfg, root)
+        >>> ds = make_datasets(cfg, s)
+        >>> cpu = torch.device("cpu")
+        >>> out = evaluate_split(cfg, build_model(cfg), ds["gallery"], ds["val"], cpu)
+        >>> sorted(out), 0 <= out["knn"]["pooled"]["patient_accuracy"] <= 1
+        (['head', 'knn'], True)
+    """
+    g_emb, _ = embed(model, eval_loader(cfg, gallery), device, channels_last)
+    q_emb, q_pred = embed(model, eval_loader(cfg, queries), device, channels_last)
+    return split_reports(cfg, gallery, g_emb, queries, q_emb, q_pred)
+
+
+def split_reports(
+    cfg: Config,
+    gallery: BreakHisDataset,
+    gallery_emb: torch.Tensor,
+    queries: BreakHisDataset,
+    query_emb: torch.Tensor,
+    query_pred: torch.Tensor,
+) -> dict:
+    """The kNN report (queries against the gallery, as ``cfg.eval`` says) and the
+    classifier head's report of one split, as dicts.
+
+    Args:
+        cfg: the run's `Config`.
+        gallery: the gallery images (labels, patients, magnifications).
+        gallery_emb: [G, D] their embeddings.
+        queries: the images scored.
+        query_emb: [Q, D] their embeddings.
+        query_pred: [Q] the head's predicted labels.
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.splits import load_splits
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> cfg = load_config(overrides={"data": {"path": str(root)}})
+        >>> ds = make_datasets(cfg, load_splits(cfg, root))
+        >>> g, q = ds["gallery"], ds["test"]
+        >>> out = split_reports(cfg, g, torch.randn(len(g), 4), q, torch.randn(len(q), 4),
+        ...                     torch.zeros(len(q), dtype=torch.long))
+        >>> sorted(out), out["head"]["pooled"]["recall"]  # the head said "benign" for all
+        (['head', 'knn'], [1.0, 0.0])
+    """
+    g, q = gallery, queries
+    g_emb, q_emb, q_pred = gallery_emb, query_emb, query_pred
+    knn = evaluate_embeddings(
+        q_emb, q.labels, q.groups, q.scales, k=cfg.eval.k, exclude=cfg.eval.exclude,
+        gallery=(g_emb, g.labels, g.groups, g.scales), metric=cfg.eval.metric, map_at_r=False,
+    )  # fmt: skip
+    head = evaluate_predictions(q_pred.numpy(), q.labels, q.groups, q.scales,
+                                classes=np.arange(num_classes(cfg)))  # fmt: skip
+    return {"knn": knn.to_dict(), "head": head.to_dict()}
+
+
+def unreadable_images(ds: dict[str, BreakHisDataset]) -> list[list[str]]:
+    """``[path, reason]`` of every image the datasets left out as unreadable, once each.
+
+    Args:
+        ds: datasets by split name, as `make_datasets` returns them.
+
+    Examples:
+        >>> class Fake:
+        ...     bad_images = [("a.png", "OSError: truncated")]
+        >>> unreadable_images({"train": Fake(), "gallery": Fake()})
+        [['a.png', 'OSError: truncated']]
+    """
+    seen, out = set(), []
+    for d in ds.values():
+        for path, why in d.bad_images:
+            if path not in seen:
+                seen.add(path)
+                out.append([path, why])
+    return out
+
+
+def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset) -> None:
+    idx = ds.index.subset(ds.rows)
+    np.savez(
+        path, embeddings=emb.numpy().astype(np.float32), labels=ds.labels,
+        subtypes=idx.subtype, groups=np.array([idx.group_names[g] for g in idx.group], dtype=str),
+        magnifications=ds.scales, paths=np.array(ds.paths, dtype=str),
+    )  # fmt: skip
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    root: str | Path | None = None,
+    device: torch.device | str | None = None,
+    cfg: Config | None = None,
+    model: EmbeddingNet | None = None,
+    bad_images: list | None = None,
+) -> dict:
+    """Evaluate a run's ``checkpoints/best.pt`` on its test patients and write
+    ``metrics.json``, ``embeddings/{gallery,test}.npz``, ``index/gallery.faiss`` (the
+    kNN gallery that ``search`` queries) and ``report.md`` with its plots.
+
+    Args:
+        run_dir: a run directory with ``config.toml`` and ``checkpoints/best.pt``.
+        root: the data directory, if it moved since training (default: the config's).
+        device: where to embed (default: the config's ``run.device``).
+        cfg: the run's config, when the caller has it (default: ``config.toml``).
+        model: a network to load ``best.pt`` into (default: built from the config).
+        bad_images: unreadable images already found, to list in the report.
+
+    Examples:
+        Recompute a finished run's outputs (tests/test_recipe.py runs this; skipped here
+        because it needs a trained run):
+
+        >>> metrics = evaluate_run("runs/example")  # doctest: +SKIP
+        >>> sorted(metrics["test"])  # doctest: +SKIP
+        ['head', 'knn']
+    """
+    from .report import write_report
+
+    out = Path(run_dir)
+    cfg = resolve_inputs(load_config(out / "config.toml")) if cfg is None else cfg
+    root = data_root(cfg, out) if root is None else Path(root)
+    if not root.is_dir():
+        raise ValueError(f"the run's data {root} does not exist (moved? pass --data DIR)")
+    device = device_of(cfg) if device is None else torch.device(device)
+    splits = load_splits(cfg, root)
+    ds = make_datasets(cfg, splits)
+    model = build_model(cfg) if model is None else model
+    state = load_checkpoint(out / "checkpoints" / "best.pt", device)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    channels_last = device.type == "cuda"
+    g_emb, _ = embed(model, eval_loader(cfg, ds["gallery"]), device, channels_last)
+    q_emb, q_pred = embed(model, eval_loader(cfg, ds["test"]), device, channels_last)
+    test = split_reports(cfg, ds["gallery"], g_emb, ds["test"], q_emb, q_pred)
+    progress = state["progress"]
+    metrics = {
+        "best_epoch": int(progress["best_epoch"]),
+        "selected_on": f"validation {cfg.eval.select} patient accuracy",
+        "best_val_score": float(progress["best"]),
+        "test": test,
+        "splits": {k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
+        "data": splits.index.report,
+        "bad_images": unreadable_images(ds) if bad_images is None else bad_images,
+    }
+    (out / "embeddings").mkdir(exist_ok=True)
+    _save_embeddings(out / "embeddings" / "gallery.npz", g_emb, ds["gallery"])
+    _save_embeddings(out / "embeddings" / "test.npz", q_emb, ds["test"])
+    (out / "index").mkdir(exist_ok=True)
+    FaissIndex(g_emb, metric=cfg.eval.metric, device="cpu").save(out / "index" / "gallery.faiss")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report(out)
+    return metrics
