@@ -31,7 +31,7 @@ test: install lint docs
 CORE_VENV ?= .venv-core
 CORE_TESTS := tests/test_functional.py tests/test_losses.py tests/test_miners.py \
 	tests/test_samplers.py tests/test_evaluation_symmetric.py tests/test_distributed.py \
-	tests/test_imports.py smse_metric/functional.py smse_metric/losses.py \
+	tests/test_imports.py smse_metric/functional smse_metric/losses.py \
 	smse_metric/miners.py smse_metric/samplers.py smse_metric/distributed.py \
 	smse_metric/evaluation/symmetric.py
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as smf
+from .functional import _common as common
 
 __all__ = ["ContrastiveLoss", "FocalLoss", "ReinforcedFocalLoss", "TripletMarginLoss"]
 
@@ -61,7 +62,7 @@ class ReinforcedFocalLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        smf._check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
+        common.check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if not gamma >= 0:
@@ -115,7 +116,7 @@ class FocalLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        smf._check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
+        common.check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma, self.reduction = float(gamma), reduction
@@ -131,7 +132,7 @@ class FocalLoss(nn.Module):
 class _MetricLoss(nn.Module):
     def __init__(self, margin: float, reduction: str, reductions, cross_scale: bool) -> None:
         super().__init__()
-        smf._check_choice("reduction", reduction, reductions)
+        common.check_choice("reduction", reduction, reductions)
         self.margin, self.reduction, self.cross_scale = float(margin), reduction, bool(cross_scale)
 
 
@@ -207,7 +208,7 @@ class TripletMarginLoss(_MetricLoss):
         cross_scale: bool = False,
     ) -> None:
         super().__init__(margin, reduction, smf.TRIPLET_REDUCTIONS, cross_scale)
-        smf._check_choice("triplets", triplets, smf.FUSED_TRIPLETS)
+        common.check_choice("triplets", triplets, smf.FUSED_TRIPLETS)
         self.squared, self.triplets = bool(squared), triplets
 
     def forward(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as smf
+from .functional import _common as common
 
 __all__ = ["PairMiner", "TripletMiner"]
 
@@ -22,26 +23,26 @@ PAIR_STRATEGIES = ("all", "hard", "batch_hard")
 class _Miner(nn.Module):
     def __init__(self, strategy: str, choices, cross_scale: bool, chunk_size: int) -> None:
         super().__init__()
-        smf._check_choice("strategy", strategy, choices)
+        common.check_choice("strategy", strategy, choices)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.strategy, self.cross_scale, self.chunk_size = strategy, bool(cross_scale), chunk_size
 
     def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric):
         """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor chunk."""
-        labels, ref_emb, ref_labels, scales, ref_scales = smf._prepare_metric_inputs(
+        labels, ref_emb, ref_labels, scales, ref_scales = common.prepare_metric_inputs(
             embeddings, labels, ref_emb, ref_labels, scales, ref_scales, self.cross_scale
         )
         same = ref_emb is None
-        emb = smf._upcast(embeddings.detach())
-        ref = emb if same else smf._upcast(ref_emb.detach())
+        emb = common.upcast(embeddings.detach())
+        ref = emb if same else common.upcast(ref_emb.detach())
         ref_labels = labels if same else ref_labels
         ref_scales = scales if ref_scales is None else ref_scales
         for start in range(0, emb.shape[0], self.chunk_size):
             stop = min(start + self.chunk_size, emb.shape[0])
-            with smf._full_precision(emb.device):
+            with common.full_precision(emb.device):
                 dist = smf.pairwise_distances(emb[start:stop], ref, metric=metric)
-            pos, neg = smf._block_masks(
+            pos, neg = common.block_masks(
                 labels, ref_labels, scales if self.cross_scale else None, ref_scales, same,
                 start, stop,
             )  # fmt: skip
@@ -49,7 +50,7 @@ class _Miner(nn.Module):
 
 
 def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor):
-    valid, hardest_pos, hardest_neg = smf._hardest(dist, pos, neg)
+    valid, hardest_pos, hardest_neg = common.hardest(dist, pos, neg)
     anchors = valid.nonzero().squeeze(1)
     return anchors, hardest_pos[anchors], hardest_neg[anchors]
 

@@ -2,7 +2,9 @@
 
 import os
 import socket
+from importlib.util import find_spec
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -105,6 +107,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(
+    find_spec("timm") is None or find_spec("PIL") is None,
+    reason="drives the recipe's train_step: needs the [recipe] extra",
+)
 def test_two_process_ddp_update_matches_one_process_on_the_global_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     model = TinyNet()

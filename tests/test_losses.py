@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from smse_metric import ContrastiveLoss, PairMiner, TripletMarginLoss, TripletMiner
 from smse_metric import functional as smf
+from smse_metric.functional import _common as common
+from smse_metric.functional.distances import gathered_distances
 
 try:  # the [pml] extra; a core-only install runs everything else
     from pytorch_metric_learning import losses as pml_losses
@@ -67,8 +69,8 @@ def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, mo
         return smf.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
 
     one = value_and_grad(loss, emb)
-    monkeypatch.setattr(smf, "_BLOCK_ENTRIES", 50)  # blocks of 2 anchors
-    assert len(smf._row_blocks(23, 23)) == 12
+    monkeypatch.setattr(common, "BLOCK_ENTRIES", 50)  # blocks of 2 anchors
+    assert len(common.row_blocks(23, 23)) == 12
     many = value_and_grad(loss, emb)
     torch.testing.assert_close(one, many)
 
@@ -200,8 +202,8 @@ def test_tuple_distances_by_rows_equal_by_matrix(squared, same):
     emb, _, _ = make_batch(10, 3, 2, seed=22)
     ref_emb = emb if same else make_batch(10, 3, 2, seed=23)[0]
     i, j = torch.tensor([0, 1, 2, 7]), torch.tensor([3, 4, 2, 9])
-    rows = smf._gathered_distances(emb, ref_emb, same, [(i, j)], squared)[0]  # 4 x 3 <= 100
-    big = smf._gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], squared)[0]
+    rows = gathered_distances(emb, ref_emb, same, [(i, j)], squared)[0]  # 4 x 3 <= 100
+    big = gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], squared)[0]
     torch.testing.assert_close(rows, big[:4])
     want = torch.stack([ref.dist(emb[a], ref_emb[b], squared) for a, b in zip(i, j, strict=True)])
     torch.testing.assert_close(rows, want)

@@ -1,0 +1,191 @@
+"""Internal to ``smse_metric.functional`` and the modules built on it (losses, miners):
+input checks, precision handling, block masks and reductions shared by the functional
+modules. Not public API: its names may change without notice."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+DISTANCE_METRICS = ("euclidean", "squared_euclidean", "cosine")
+
+
+#: Triplet selections shared by the fused loss and [`TripletMiner`][smse_metric.TripletMiner].
+TRIPLET_STRATEGIES = ("all", "semihard", "hard", "easy", "batch_hard")
+
+
+FUSED_TRIPLETS = ("all", "semihard", "hard", "batch_hard")
+
+
+PAIR_REDUCTIONS = ("mean", "sum", "mean_nonzero")
+
+
+TRIPLET_REDUCTIONS = ("mean_nonzero", "mean", "sum")
+
+
+CLASS_REDUCTIONS = ("mean", "sum", "none")
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu")
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Leave any autocast region: distances and sums must not run in half precision."""
+    # A fixed list rather than torch.amp.is_autocast_available: dynamo cannot trace that.
+    if device.type in AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in HALF else x
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    # float64 accumulation of many signed terms; MPS has no float64.
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def checking_values(t: Tensor) -> bool:
+    """Value checks (ranges) only where they cost no device sync and no graph break."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_float_matrix(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def check_int_vector(name: str, t: object, length: int, other: str, device) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} has {t.shape[0]} elements but {other} has {length} rows")
+    return t.to(device, non_blocking=True)
+
+
+def prepare_metric_inputs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    scales: Tensor | None,
+    ref_scales: Tensor | None,
+    cross_scale: bool,
+):
+    """Validate and normalise the common (embeddings, labels, ref, scales) arguments."""
+    check_float_matrix("embeddings", embeddings)
+    dev = embeddings.device
+    labels = check_int_vector("labels", labels, embeddings.shape[0], "embeddings", dev)
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels must be given together")
+    if ref_emb is not None:
+        check_float_matrix("ref_emb", ref_emb)
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has dimension {ref_emb.shape[1]} but embeddings has {embeddings.shape[1]}"
+            )
+        ref_labels = check_int_vector("ref_labels", ref_labels, ref_emb.shape[0], "ref_emb", dev)
+        ref_emb = ref_emb.to(dev)
+    if cross_scale and scales is None:
+        raise ValueError("cross_scale=True needs scales (the magnification of each embedding)")
+    if scales is not None:
+        scales = check_int_vector("scales", scales, embeddings.shape[0], "embeddings", dev)
+        if ref_emb is not None:
+            if cross_scale and ref_scales is None:
+                raise ValueError("cross_scale=True with ref_emb needs ref_scales")
+            if ref_scales is not None:
+                ref_scales = check_int_vector(
+                    "ref_scales", ref_scales, ref_emb.shape[0], "ref_emb", dev
+                )
+    return labels, ref_emb, ref_labels, scales, ref_scales
+
+
+def block_masks(labels, ref_labels, scales, ref_scales, same, start, stop):
+    """(pos, neg) for anchors ``start:stop`` against every reference.
+
+    ``scales`` (None: no cross-scale rule) restricts positives to other scales;
+    ``same`` excludes each anchor from its own positives.
+    """
+    pos = labels[start:stop, None] == ref_labels[None]
+    neg = ~pos
+    if same:
+        # anchor i of the block is reference start + i; a view fill, no index_put sync
+        pos.diagonal(offset=start).fill_(False)
+    if scales is not None:
+        pos &= scales[start:stop, None] != ref_scales[None]
+    return pos, neg
+
+
+BLOCK_ENTRIES = 1 << 24
+
+
+def row_blocks(n_rows: int, n_cols: int, entries: int | None = None) -> list[tuple[int, int]]:
+    """Anchor blocks of at most ``entries`` (default BLOCK_ENTRIES) matrix entries."""
+    step = max(1, (entries or BLOCK_ENTRIES) // max(n_cols, 1))
+    return [(i, min(i + step, n_rows)) for i in range(0, max(n_rows, 1), step)]
+
+
+def with_gradient(value: Tensor, dist: Tensor, grad_dist: Tensor) -> Tensor:
+    """``value`` in the forward pass, with gradient ``grad_dist`` w.r.t. ``dist``.
+
+    The fused losses know both in closed form. A linear surrogate carries the
+    gradient (``sum(grad_dist * dist)`` minus its own value), so autograd keeps one
+    [B, R] matrix instead of every elementwise intermediate; unlike a custom
+    autograd.Function it traces correctly under every torch.compile version.
+    """
+    lin = (grad_dist * dist).sum(dtype=value.dtype)
+    return (lin + (value - lin.detach())).to(dist.dtype)
+
+
+def check_indices(indices_tuple, sizes: Sequence[int], device) -> tuple[Tensor, ...]:
+    """sizes: the number of rows each index may address (anchors or references)."""
+    n = len(indices_tuple) if isinstance(indices_tuple, tuple | list) else None
+    if n != len(sizes):
+        got = type(indices_tuple).__name__ + ("" if n is None else f" of length {n}")
+        raise ValueError(f"indices_tuple must be a tuple of {len(sizes)} index tensors, got {got}")
+    out = []
+    for i, (idx, size) in enumerate(zip(indices_tuple, sizes, strict=True)):
+        if not isinstance(idx, Tensor) or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise TypeError(f"indices_tuple[{i}] must be an integer tensor")
+        if idx.ndim != 1:
+            raise ValueError(f"indices_tuple[{i}] must be 1-D, got shape {tuple(idx.shape)}")
+        if checking_values(idx) and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise ValueError(f"indices_tuple[{i}] has indices outside [0, {size})")
+        out.append(idx.to(device=device, dtype=torch.long))
+    return tuple(out)
+
+
+def reduce_terms(total: Tensor, n_selected: Tensor, n_nonzero: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return total
+    denom = n_selected if reduction == "mean" else n_nonzero
+    return total / denom.clamp_min(1).to(total.dtype)
+
+
+def hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per anchor: has both a positive and a negative, farthest positive, closest negative."""
+    valid = pos.any(1) & neg.any(1)
+    pos_idx = torch.where(pos, d, float("-inf")).argmax(1)
+    neg_idx = torch.where(neg, d, float("inf")).argmin(1)
+    return valid, pos_idx, neg_idx

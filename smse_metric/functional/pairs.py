@@ -1,0 +1,105 @@
+"""The SMSE pair (contrastive) loss, over every pair or a mined pair tuple."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    PAIR_REDUCTIONS,
+    acc_dtype,
+    block_masks,
+    check_choice,
+    check_indices,
+    full_precision,
+    prepare_metric_inputs,
+    reduce_terms,
+    upcast,
+    with_gradient,
+)
+from .distances import gathered_distances, pairwise_distances
+
+__all__ = ["contrastive_loss"]
+
+
+def contrastive_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: float = 1.0,
+    reduction: str = "mean",
+    indices_tuple: tuple[Tensor, ...] | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    scales: Tensor | None = None,
+    ref_scales: Tensor | None = None,
+    cross_scale: bool = False,
+) -> Tensor:
+    """SMSE pair loss ``0.5 * [y d^2 + (1 - y) relu(margin - d)^2]``, d euclidean.
+
+    Args:
+        embeddings: [B, D] embeddings.
+        labels: [B] integer labels.
+        margin: negatives closer than this are penalised.
+        reduction: ``"mean"`` over all selected positive and negative pairs,
+            ``"sum"``, or ``"mean_nonzero"`` over pairs with a positive loss.
+        indices_tuple: None for every pair of the batch (O(B^2) memory), a pair
+            tuple ``(a1, p, a2, n)``, or a triplet tuple ``(a, p, n)`` read as
+            pairs ``(a, p, a, n)``, from any miner (ours or PML's).
+        ref_emb: optional [R, D] reference set that pairs point into (as in PML).
+        ref_labels: [R] labels of ``ref_emb``.
+        scales: [B] magnification ids; with ``cross_scale`` only positives at
+            different scales count.
+        ref_scales: [R] magnification ids of ``ref_emb``.
+        cross_scale: keep only positive pairs whose scales differ (needs ``scales``).
+
+    Returns:
+        A scalar. With no valid pair it is a zero connected to the graph.
+
+    Examples:
+        >>> emb = torch.randn(6, 3, requires_grad=True)
+        >>> contrastive_loss(emb, torch.tensor([0, 0, 1, 1, 2, 2])).backward()
+    """
+    check_choice("reduction", reduction, PAIR_REDUCTIONS)
+    labels, ref_emb, ref_labels, scales, ref_scales = prepare_metric_inputs(
+        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
+    )
+    same = ref_emb is None
+    with full_precision(embeddings.device):
+        emb = upcast(embeddings)
+        ref = emb if same else upcast(ref_emb)
+        ref_labels = labels if same else ref_labels
+        ref_scales = scales if ref_scales is None else ref_scales
+        if indices_tuple is None:
+            pos, neg = block_masks(
+                labels, ref_labels, scales if cross_scale else None, ref_scales, same, 0, len(emb)
+            )
+            dist = pairwise_distances(emb, None if same else ref)
+            with torch.no_grad():
+                # d/dd of 0.5 d^2 is d; of 0.5 relu(m - d)^2 it is -relu(m - d). The loss
+                # is then 0.5 * sum(grad^2) (pos and neg are disjoint).
+                d = dist.detach()
+                grad_d = torch.where(neg, -torch.relu(margin - d), d).masked_fill(~(pos | neg), 0)
+                total = 0.5 * grad_d.square().sum(dtype=acc_dtype(d))
+                n_sel = pos.sum() + neg.sum()
+                n_nz = (grad_d != 0).sum() if reduction == "mean_nonzero" else n_sel
+            return reduce_terms(with_gradient(total, dist, grad_d), n_sel, n_nz, reduction)
+
+        if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 3:
+            a, p, n = indices_tuple
+            indices_tuple = (a, p, a, n)
+        a1, p, a2, n = check_indices(
+            indices_tuple, (emb.shape[0], ref.shape[0], emb.shape[0], ref.shape[0]), emb.device
+        )
+        if a1.shape != p.shape or a2.shape != n.shape:
+            raise ValueError("indices_tuple: a1/p and a2/n must have equal lengths")
+        d_pos, d_neg = gathered_distances(emb, ref, same, [(a1, p), (a2, n)], False)
+        pos_terms = 0.5 * d_pos.square()
+        if cross_scale:
+            pos_terms = torch.where(scales[a1] != ref_scales[p], pos_terms, 0)
+            n_pos = (scales[a1] != ref_scales[p]).sum()
+        else:
+            n_pos = torch.full((), len(a1), device=emb.device)
+        neg_terms = 0.5 * torch.relu(margin - d_neg).square()
+        total = pos_terms.sum() + neg_terms.sum()
+        n_nz = (pos_terms > 0).sum() + (neg_terms > 0).sum()
+        return reduce_terms(total, n_pos + len(n), n_nz, reduction)

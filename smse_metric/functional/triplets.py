@@ -1,0 +1,260 @@
+"""The triplet margin loss, fused (never materialising triplets) or on mined triplets,
+and the selection windows shared with [`TripletMiner`][smse_metric.TripletMiner]."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    FUSED_TRIPLETS,
+    TRIPLET_REDUCTIONS,
+    TRIPLET_STRATEGIES,
+    acc_dtype,
+    block_masks,
+    check_choice,
+    check_indices,
+    full_precision,
+    hardest,
+    prepare_metric_inputs,
+    reduce_terms,
+    row_blocks,
+    upcast,
+)
+from .distances import gathered_distances, pairwise_distances
+
+__all__ = ["triplet_margin_loss", "triplet_windows"]
+
+
+def _count(sorted_rows: Tensor, values: Tensor, right: bool) -> Tensor:
+    """Per row, how many sorted entries are <= (right) or < (left) each value."""
+    return torch.searchsorted(sorted_rows, values, right=right, out_int32=True)
+
+
+def triplet_windows(
+    sorted_neg: Tensor, d_ap: Tensor, margin: float, strategy: str
+) -> tuple[Tensor, Tensor]:
+    """Which negatives each (anchor, positive) selects, as a window of sorted negatives.
+
+    For anchor ``a`` the negative distances sorted ascending are ``sorted_neg[a]``
+    (non-negatives padded with ``+inf``). The triplets (a, p, n) that a strategy
+    selects, with ``t = d(a,n) - d(a,p)`` as in pytorch-metric-learning, are
+
+    - ``"all"``: ``t <= margin``, i.e. every triplet with a non-negative loss;
+    - ``"hard"``: ``t <= min(margin, 0)``;
+    - ``"semihard"``: ``0 < t <= margin``;
+    - ``"easy"``: ``t > margin``;
+
+    and, since the negatives are sorted, they are the contiguous window
+    ``[lo, hi)`` of ``sorted_neg[a]``.
+
+    Args:
+        sorted_neg: [B, R] ascending rows, ``+inf`` where not a negative.
+        d_ap: [B, R] anchor-positive distances (only entries at positives matter).
+        margin: the triplet margin.
+        strategy: ``"all"``, ``"semihard"`` or ``"hard"``, as in PML's ``TripletMarginMiner``.
+
+    Returns:
+        ``(lo, hi)``, two [B, R] int32 tensors.
+
+    Examples:
+        >>> neg = torch.tensor([[0.1, 0.5, 0.9]])  # anchor 0's negative distances, sorted
+        >>> d_ap = torch.tensor([[0.4, 0.0, 0.0]])  # column 0 is its positive, at 0.4
+        >>> lo, hi = triplet_windows(neg, d_ap, margin=0.2, strategy="semihard")
+        >>> lo[0, 0].item(), hi[0, 0].item()  # 0.4 < d(a, n) <= 0.6: only 0.5
+        (1, 2)
+    """
+    thresh = d_ap + margin
+    if strategy == "all":
+        return torch.zeros_like(d_ap, dtype=torch.int32), _count(sorted_neg, thresh, True)
+    if strategy == "hard":
+        upper = d_ap if margin > 0 else thresh
+        return torch.zeros_like(d_ap, dtype=torch.int32), _count(sorted_neg, upper, True)
+    if strategy == "semihard":
+        lo = _count(sorted_neg, d_ap, True)
+        return lo, torch.maximum(lo, _count(sorted_neg, thresh, True))
+    if strategy == "easy":
+        n_neg = torch.isfinite(sorted_neg).sum(1, keepdim=True, dtype=torch.int32)
+        return _count(sorted_neg, thresh, True), n_neg.expand_as(d_ap)
+    raise ValueError(f"strategy must be one of {TRIPLET_STRATEGIES}, got {strategy!r}")
+
+
+def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel):
+    """Counts for one block of anchors: (coef, loss-carrying triplets, selected triplets).
+
+    Only loss-carrying triplets (``d_an < d_ap + margin``) inside the selection
+    matter for the value and gradient; ``k_pos[a, p]`` counts them per positive and
+    ``w[a, n]`` per negative. Both sides compare against the same rounded
+    thresholds, so the two counts always agree.
+    """
+    inf = float("inf")
+    sorted_neg = torch.where(neg, d, inf).sort(dim=1).values
+    thresh = d + margin
+    below = _count(sorted_neg, thresh, False)  # negatives with d_an < d_ap + margin
+    if strategy == "all" or (strategy == "hard" and margin <= 0):
+        k_pos = below
+        sel = _count(sorted_neg, thresh, True) if need_sel else None
+    elif strategy == "hard":
+        k_pos = _count(sorted_neg, d, True)  # d_an <= d_ap, always < d_ap + margin
+        sel = k_pos
+    else:  # semihard: d_ap < d_an < d_ap + margin
+        at_most = _count(sorted_neg, d, True)
+        k_pos = (below - at_most).clamp_min_(0)
+        sel = (_count(sorted_neg, thresh, True) - at_most).clamp_min_(0) if need_sel else None
+    del sorted_neg, below
+    sorted_pos = torch.where(pos, d, inf).sort(dim=1).values
+    pos_thresh = sorted_pos + margin  # rounding is monotone: still sorted
+    if strategy == "hard" and margin > 0:
+        w = pos.sum(1, keepdim=True, dtype=torch.int32) - _count(sorted_pos, d, False)
+    elif strategy == "semihard":
+        w = (_count(sorted_pos, d, False) - _count(pos_thresh, d, True)).clamp_min_(0)
+    else:
+        w = pos.sum(1, keepdim=True, dtype=torch.int32) - _count(pos_thresh, d, True)
+    k_pos = torch.where(pos, k_pos, 0)
+    coef = k_pos.to(d.dtype).sub_(torch.where(neg, w, 0).to(d.dtype))
+    n_sel = torch.where(pos, sel, 0).sum() if need_sel else None
+    return coef, k_pos.sum(), n_sel
+
+
+def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, strategy,
+                        reduction):  # fmt: skip
+    """Sum of the selected triplets' losses as a linear form in the distances.
+
+    Within the selection a triplet contributes ``d_ap + margin - d_an`` when that
+    is positive, so the total is ``sum(coef * dist) + margin * K``: ``coef[a, p]``
+    counts the loss-carrying triplets through (a, p), ``-coef[a, n]`` those through
+    (a, n), ``K`` all of them. The counts are piecewise constant in the distances,
+    so this has the exact value and the exact gradient while autograd keeps only
+    ``coef``: no [B, B, B] tensor, no saved sort indices. Anchors go in blocks of
+    at most 2^24 matrix entries to bound the sort buffers (one block up to B=4096).
+    """
+    need_sel = reduction == "mean"
+    acc = acc_dtype(dist)
+    with torch.no_grad():
+        coef = torch.empty_like(dist)
+        k_total = torch.zeros((), dtype=torch.int64, device=dist.device)
+        n_sel = torch.zeros((), dtype=torch.int64, device=dist.device) if need_sel else None
+        for start, stop in row_blocks(dist.shape[0], dist.shape[1]):
+            d = dist[start:stop].detach()
+            pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
+            c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel)
+            coef[start:stop] = c
+            k_total += k
+            if need_sel:
+                n_sel += n
+    value = ((coef * dist).sum(dtype=acc) + margin * k_total.to(acc)).to(dist.dtype)
+    return reduce_terms(value, n_sel if need_sel else k_total, k_total, reduction)
+
+
+def triplet_margin_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    margin: float = 1.0,
+    squared: bool = False,
+    triplets: str = "all",
+    reduction: str = "mean_nonzero",
+    indices_tuple: tuple[Tensor, Tensor, Tensor] | None = None,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    scales: Tensor | None = None,
+    ref_scales: Tensor | None = None,
+    cross_scale: bool = False,
+) -> Tensor:
+    """Triplet margin loss ``relu(d(a,p) - d(a,n) + margin)``, fused or on mined triplets.
+
+    Without ``indices_tuple`` the triplets are never materialised. ``triplets``:
+
+    - ``"all"``, ``"semihard"``, ``"hard"``: the selections of
+      pytorch-metric-learning's ``TripletMarginMiner`` with this margin (see
+      `triplet_windows`), computed per anchor by sorting negative
+      distances, ``searchsorted`` and counting: O(B^2 log B) time, O(B^2) memory;
+    - ``"batch_hard"``: per anchor, the farthest positive and the closest negative.
+
+    Args:
+        embeddings: [B, D] embeddings.
+        labels: [B] integer labels.
+        margin: the margin.
+        squared: use squared euclidean distances (the SMSE form), otherwise euclidean.
+        triplets: without ``indices_tuple``, the selection: ``"all"``, ``"semihard"``,
+            ``"hard"`` or ``"batch_hard"`` (above).
+        reduction: ``"mean_nonzero"`` (mean over triplets with positive loss, PML's
+            default), ``"mean"`` (over all selected triplets) or ``"sum"``.
+        indices_tuple: ``(a, p, n)`` from any miner; exactly those triplets are used.
+        ref_emb: optional [R, D] reference set (as in PML).
+        ref_labels: [R] labels of ``ref_emb``.
+        scales: [B] magnification ids of the embeddings.
+        ref_scales: [R] magnification ids of ``ref_emb``.
+        cross_scale: only positives at a different scale from the anchor count.
+
+    Returns:
+        A scalar; a graph-connected zero when no triplet applies.
+
+    Examples:
+        >>> emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
+        >>> labels = torch.arange(16) % 3
+        >>> triplet_margin_loss(emb, labels, margin=0.2, triplets="semihard").backward()
+    """
+    check_choice("reduction", reduction, TRIPLET_REDUCTIONS)
+    check_choice("triplets", triplets, FUSED_TRIPLETS)
+    labels, ref_emb, ref_labels, scales, ref_scales = prepare_metric_inputs(
+        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
+    )
+    same = ref_emb is None
+    with full_precision(embeddings.device):
+        emb = upcast(embeddings)
+        ref = emb if same else upcast(ref_emb)
+        ref_labels = labels if same else ref_labels
+        ref_scales = scales if ref_scales is None else ref_scales
+        if indices_tuple is not None:
+            if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 4:
+                raise ValueError(
+                    "indices_tuple holds pairs (a1, p, a2, n); TripletMarginLoss needs "
+                    "triplets (a, p, n), e.g. from TripletMiner"
+                )
+            a, p, n = check_indices(
+                indices_tuple, (emb.shape[0], ref.shape[0], ref.shape[0]), emb.device
+            )
+            if not a.shape == p.shape == n.shape:
+                raise ValueError("indices_tuple: a, p and n must have equal lengths")
+            d_ap, d_an = gathered_distances(emb, ref, same, [(a, p), (a, n)], squared)
+            terms = torch.relu(d_ap - d_an + margin)
+            if cross_scale:
+                keep = scales[a] != ref_scales[p]
+                terms = torch.where(keep, terms, 0)
+                n_sel = keep.sum()
+            else:
+                n_sel = torch.full((), len(a), device=emb.device)
+            return reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
+
+        metric = "squared_euclidean" if squared else "euclidean"
+        scales = scales if cross_scale else None
+        if triplets == "batch_hard":
+            return _batch_hard_loss(
+                emb, ref, labels, ref_labels, scales, ref_scales, same, margin, squared, reduction
+            )
+        dist = pairwise_distances(emb, None if same else ref, metric)
+        return _fused_triplet_loss(
+            dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
+        )
+
+
+def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, margin, squared,
+                     reduction):  # fmt: skip
+    """Per anchor with a positive and a negative: relu(farthest positive - closest
+    negative + margin). The choice needs every distance, the gradient only 2B of
+    them: choose without autograd, then differentiate just the chosen pairs."""
+    metric = "squared_euclidean" if squared else "euclidean"
+    picks = []
+    with torch.no_grad():
+        # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
+        for start, stop in row_blocks(len(emb), len(ref), 1 << 22):
+            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), metric)
+            pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
+            picks.append(hardest(d, pos, neg))
+        valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
+    anchors = torch.arange(len(emb), device=emb.device)
+    d_ap, d_an = gathered_distances(
+        emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], squared
+    )
+    terms = torch.where(valid, torch.relu(d_ap - d_an + margin), 0)
+    return reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
