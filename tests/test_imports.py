@@ -30,3 +30,30 @@ def test_a_missing_faiss_is_named_with_its_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # what an install without faiss gives
     with pytest.raises(ImportError, match=r"smse-metric\[faiss\]"):
         FaissIndex(__import__("numpy").zeros((4, 2), dtype="float32"))
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What two modules share is public, or lives in an internal module that says so
+    (``functional._common``, ``evaluation._inputs``); attribute access to private names
+    of other objects is ruff's SLF001, on in pyproject.toml."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "smse_metric"
+    internal = {p.stem for p in root.rglob("_*.py") if not p.name.startswith("__")}
+    for name in internal:  # each internal module says so in its first words
+        (path,) = root.rglob(f"{name}.py")
+        assert ast.get_docstring(ast.parse(path.read_text())).startswith("Internal"), path
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level or (node.module or "").startswith("smse_metric"):
+                offenders += [
+                    f"{path.relative_to(root)}: {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                    and a.name not in internal
+                ]  # fmt: skip
+    assert not offenders, offenders
