@@ -470,11 +470,26 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
         """Counts of the current epoch's plan (repeats, fillers, substitutions, drops)."""
         return self._epoch_plan()[1]
 
-    def state_dict(self) -> dict[str, int]:
-        """Where this rank is: resume with `load_state_dict` on the same data."""
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """Where this rank is: resume with `load_state_dict` on the same data.
+
+        Args:
+            consumed: batches of the current epoch the training loop has used. A
+                ``DataLoader`` with workers draws batches ahead of the loop (up to
+                ``num_workers * prefetch_factor``), so the sampler's own count of
+                batches it handed out runs ahead of what was trained on; pass the
+                loop's count to resume exactly where training stopped.
+        """
+        position = self._position if consumed is None else consumed
+        if (
+            isinstance(position, bool)
+            or not isinstance(position, int | np.integer)
+            or not (0 <= position <= len(self))
+        ):
+            raise ValueError(f"consumed must be an integer in [0, {len(self)}], got {position!r}")
         return {
             "epoch": self.epoch,
-            "position": self._position,
+            "position": int(position),
             "seed": self.seed,
             "world_size": self.world_size,
             "num_batches": len(self),

@@ -211,7 +211,7 @@ def test_search_returns_k_neighbours_with_metadata(run, root, capsys):
         search_run(run, bad)
 
 
-def _script(root, out, interrupt_at):
+def _script(root, out, interrupt_at, workers=0):
     """A child process that trains and sends itself SIGINT after a given step."""
     return textwrap.dedent(f"""
         import os, signal, sys
@@ -219,6 +219,7 @@ def _script(root, out, interrupt_at):
         from smse_metric.recipes.histopathology.training import TrainingInterrupted, train
         cfg = load_config("smse-triplet", {TINY!r})
         cfg.optim.epochs = 3
+        cfg.data.num_workers = {workers}
 
         def on_step(s):
             if (s["epoch"], s["step"]) == {interrupt_at!r}:
@@ -233,19 +234,21 @@ def _script(root, out, interrupt_at):
     """)
 
 
-def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 2])  # workers draw batches ahead of the loop
+def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys, workers):
     cfg = load_config("smse-triplet", TINY)
     cfg.optim.epochs = 3
     reference = train(cfg, tmp_path / "straight", root, quiet=True)
 
     out = tmp_path / "interrupted"
-    child = subprocess.run([sys.executable, "-c", _script(root, out, (1, 1))],
+    child = subprocess.run([sys.executable, "-c", _script(root, out, (1, 1), workers)],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert child.returncode == 130, child.stderr
     # the signal lands after step 1's callback: step 2 finishes, then the loop stops
     assert "interrupted at epoch 1 step 2" in child.stdout
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert (state["progress"]["epoch"], state["progress"]["position"]) == (1, 3)
+    assert (state["sampler"]["epoch"], state["sampler"]["position"]) == (1, 3)  # not prefetch
     assert len(_history(out)) == 1 and not (out / "metrics.json").exists()
 
     assert main(["train", "--out", str(out), "--resume"]) == 0

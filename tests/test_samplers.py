@@ -288,3 +288,42 @@ def test_classes_with_many_groups_still_get_distinct_groups_per_slot(seed):
         assert (blocks == blocks[:, :, :1]).all()  # one patient per (class, group) entry
         for c in range(2):
             assert len(set(blocks[c, :, 0].tolist())) == 4  # distinct patients
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        return i
+
+
+def test_resume_with_loader_workers_uses_the_consumed_count():
+    """A DataLoader with workers draws batches ahead of the loop, so the sampler's own
+    count runs ahead; ``state_dict(consumed=n)`` resumes exactly after batch n."""
+    n = 600
+    labels, groups, scales = np.arange(n) % 3, np.arange(n) % 60, (np.arange(n) // 60) % 4
+
+    def sampler():
+        return MultiScaleBatchSampler(labels, groups, scales, classes_per_batch=2,
+                                      groups_per_class=2, seed=3)  # fmt: skip
+
+    straight = [b.tolist() for b in torch.utils.data.DataLoader(
+        _Indices(), batch_sampler=sampler(), num_workers=0)]  # fmt: skip
+    s = sampler()
+    loader = torch.utils.data.DataLoader(_Indices(), batch_sampler=s, num_workers=2,
+                                         prefetch_factor=2)  # fmt: skip
+    used = []
+    for batch in loader:
+        used.append(batch.tolist())
+        if len(used) == 10:
+            break
+    assert s.state_dict()["position"] > 10  # the workers' prefetch, counted as handed out
+    state = s.state_dict(consumed=10)
+    resumed = sampler()
+    resumed.load_state_dict(state)
+    rest = [b.tolist() for b in torch.utils.data.DataLoader(
+        _Indices(), batch_sampler=resumed, num_workers=0)]  # fmt: skip
+    assert used + rest == straight
+    with pytest.raises(ValueError, match="consumed must be an integer"):
+        s.state_dict(consumed=len(s) + 1)

@@ -16,7 +16,8 @@ from smse_metric.samplers import MultiScaleBatchSampler
 from .config import Config
 from .data.breakhis import SUBTYPES
 from .data.dataset import BreakHisDataset
-from .engine import ResumableBatches, ShuffledBatchSampler
+from .engine import ShuffledBatchSampler
+from .errors import RecipeError
 from .models import EmbeddingNet
 from .splits import Splits
 
@@ -49,7 +50,7 @@ def device_of(cfg: Config) -> torch.device:
     if cfg.run.device == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     elif cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device = 'cuda' but no CUDA device is available")
+        raise RecipeError("run.device = 'cuda' but no CUDA device is available")
     else:
         kind = cfg.run.device
     if kind == "cuda":
@@ -191,14 +192,16 @@ def train_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
         32
     """
     if cfg.sampler.kind == "multiscale":
-        inner = MultiScaleBatchSampler(
-            ds.labels, ds.groups, ds.scales, cfg.sampler.classes_per_batch,
-            cfg.sampler.groups_per_class, cfg.sampler.images_per_scale, seed=cfg.run.seed,
-        )  # fmt: skip
+        try:
+            inner = MultiScaleBatchSampler(
+                ds.labels, ds.groups, ds.scales, cfg.sampler.classes_per_batch,
+                cfg.sampler.groups_per_class, cfg.sampler.images_per_scale, seed=cfg.run.seed,
+            )  # fmt: skip
+        except ValueError as e:  # the [sampler] section does not fit the training data
+            raise RecipeError(f"[sampler] on the training split: {e}") from e
     else:
         inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
-    return DataLoader(ds, batch_sampler=ResumableBatches(inner),
-                      num_workers=cfg.data.num_workers)  # fmt: skip
+    return DataLoader(ds, batch_sampler=inner, num_workers=cfg.data.num_workers)
 
 
 def make_losses(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import make_synthetic_breakhis, scan_breakhis
+from .errors import RecipeError
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -47,7 +48,7 @@ def _parse_folds(spec: str) -> list[int]:
     except ValueError:
         folds = []
     if not folds or min(folds) < 1 or len(set(folds)) != len(folds):
-        raise ValueError(f"--folds must be a range like 1-5 or a list like 1,3: {spec!r}")
+        raise RecipeError(f"--folds must be a range like 1-5 or a list like 1,3: {spec!r}")
     return folds
 
 
@@ -63,15 +64,15 @@ def _train_config(args: argparse.Namespace, folds: list[int] | None):
         if value is not None:
             overrides[section][key] = value
     if args.weights is not None and not Path(args.weights).is_file():
-        raise ValueError(f"--weights {args.weights} does not exist")
+        raise RecipeError(f"--weights {args.weights} does not exist")
     if args.synthetic:
         overrides["data"]["synthetic"] = True
     elif args.data:
         if not Path(args.data).is_dir():
-            raise ValueError(f"--data {args.data} is not a directory")
+            raise RecipeError(f"--data {args.data} is not a directory")
         overrides["data"]["path"] = str(Path(args.data).resolve())
     else:
-        raise ValueError("give --data DIR (a BreakHis directory) or --synthetic")
+        raise RecipeError("give --data DIR (a BreakHis directory) or --synthetic")
     return load_config(args.config or "smse-triplet", overrides)
 
 
@@ -105,12 +106,12 @@ def _train(args: argparse.Namespace) -> int:
     folds = _parse_folds(args.folds) if args.folds else None
     if args.resume:
         if args.config or args.data or args.synthetic:
-            raise ValueError("--resume continues the run with its own config.toml and data; "
+            raise RecipeError("--resume continues the run with its own config.toml and data; "
                              "drop --config, --data and --synthetic")  # fmt: skip
         runs = [out / f"fold{k}" for k in folds] if folds else [out]
         saved = [r / "config.toml" for r in runs if (r / "config.toml").is_file()]
         if not saved or (not folds and not (out / "checkpoints" / "last.pt").is_file()):
-            raise ValueError(f"{out} has no checkpoints/last.pt to resume from")
+            raise RecipeError(f"{out} has no checkpoints/last.pt to resume from")
         overrides = {"optim": {"epochs": args.epochs}} if args.epochs else None
         cfg = load_config(saved[0], overrides)
         return _train_folds(args, cfg, out, folds)
@@ -123,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
             try:
                 protected = [cfg.data.path] if cfg.data.path else []
                 replace = check_run_dir(out, args.overwrite, protected)
-            except ValueError as e:
+            except RecipeError as e:
                 error = e
         if _any_failed(error is not None):
             if error is not None:
@@ -233,7 +234,7 @@ def _search(args: argparse.Namespace) -> int:
         Path(args.sheet) if args.sheet else Path(args.run) / f"search-{Path(args.image).stem}.png"
     )
     if not sheet.parent.is_dir():  # before the search, not after it
-        raise ValueError(f"--sheet {sheet}: the directory {sheet.parent} does not exist")
+        raise RecipeError(f"--sheet {sheet}: the directory {sheet.parent} does not exist")
     found = search_run(args.run, args.image, args.k, device=args.device or "cpu", data=args.data)
     print(f"{'rank':>4}  {'distance':>8}  {'patient':<22} {'class':<9} {'subtype':<7} "
           f"{'mag':>4}  path")  # fmt: skip
@@ -369,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except ValueError as e:
+    except RecipeError as e:  # the user's input, named in one line; anything else is a bug
         print(f"smse-metric {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:

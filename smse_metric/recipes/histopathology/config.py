@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .data.breakhis import MAGNIFICATIONS
+from .errors import RecipeError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -168,34 +169,34 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
     if value is None:
         if type(None) in args:
             return None
-        raise ValueError(f"{key} must not be empty")
+        raise RecipeError(f"{key} must not be empty")
     if args and type(None) in args:  # Optional[X]
         hint = next(a for a in args if a is not type(None))
         origin, args = get_origin(hint), get_args(hint)
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{key} must be a list, got {value!r}")
+            raise RecipeError(f"{key} must be a list, got {value!r}")
         return [_check_value(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
+            raise RecipeError(f"{key} must be true or false, got {value!r}")
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
+            raise RecipeError(f"{key} must be an integer, got {value!r}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{key} must be a number, got {value!r}")
+            raise RecipeError(f"{key} must be a number, got {value!r}")
         value = float(value)
         if not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number, got {value!r}")
+            raise RecipeError(f"{key} must be a finite number, got {value!r}")
     elif hint is str and not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}")
+        raise RecipeError(f"{key} must be a string, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
-        raise ValueError(f"{key} must be one of {list(meta['choices'])}, got {value!r}")
+        raise RecipeError(f"{key} must be one of {list(meta['choices'])}, got {value!r}")
     if key in _AT_LEAST and value < _AT_LEAST[key]:
-        raise ValueError(f"{key} must be at least {_AT_LEAST[key]}, got {value!r}")
+        raise RecipeError(f"{key} must be at least {_AT_LEAST[key]}, got {value!r}")
     if key in _POSITIVE and value <= 0:
-        raise ValueError(f"{key} must be positive, got {value!r}")
+        raise RecipeError(f"{key} must be positive, got {value!r}")
     return value
 
 
@@ -204,7 +205,7 @@ def _build(cls, values: dict, prefix: str):
     known = {f.name: f for f in fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
-        raise ValueError(f"unknown key {prefix}{sorted(unknown)[0]} (known: {sorted(known)})")
+        raise RecipeError(f"unknown key {prefix}{sorted(unknown)[0]} (known: {sorted(known)})")
     kwargs = {
         name: _check_value(f"{prefix}{name}", values[name], hints[name], dict(known[name].metadata))
         for name in values
@@ -215,22 +216,24 @@ def _build(cls, values: dict, prefix: str):
 def _validate(cfg: Config) -> None:
     mags = cfg.data.magnifications
     if not mags or len(set(mags)) != len(mags) or not set(mags) <= set(MAGNIFICATIONS):
-        raise ValueError(f"data.magnifications must be distinct values of {MAGNIFICATIONS}: {mags}")
+        raise RecipeError(
+            f"data.magnifications must be distinct values of {MAGNIFICATIONS}: {mags}"
+        )
     if len(cfg.data.image_size) != 2 or min(cfg.data.image_size) < 16:
-        raise ValueError(f"data.image_size must be [height, width], >= 16: {cfg.data.image_size}")
+        raise RecipeError(f"data.image_size must be [height, width], >= 16: {cfg.data.image_size}")
     for key in ("val_fraction", "test_fraction"):
         if not 0 <= getattr(cfg.data, key) < 1:
-            raise ValueError(f"data.{key} must be in [0, 1)")
+            raise RecipeError(f"data.{key} must be in [0, 1)")
     for key in ("mean", "std"):
         v = getattr(cfg.data, key)
         if v is not None and len(v) != 3:
-            raise ValueError(f"data.{key} must hold 3 values (R, G, B), got {v}")
+            raise RecipeError(f"data.{key} must hold 3 values (R, G, B), got {v}")
     if (cfg.data.mean is None) != (cfg.data.std is None):
-        raise ValueError("data.mean and data.std must be given together")
+        raise RecipeError("data.mean and data.std must be given together")
     if cfg.data.std is not None and min(cfg.data.std) <= 0:
-        raise ValueError(f"data.std must be positive, got {cfg.data.std}")
+        raise RecipeError(f"data.std must be positive, got {cfg.data.std}")
     if cfg.data.path is None and not cfg.data.synthetic:
-        raise ValueError("data.path is empty: give a BreakHis directory or set data.synthetic")
+        raise RecipeError("data.path is empty: give a BreakHis directory or set data.synthetic")
 
 
 def load_config(source: str | Path | None = None, overrides: dict | None = None) -> Config:
@@ -250,29 +253,29 @@ def load_config(source: str | Path | None = None, overrides: dict | None = None)
         ... # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: unknown key loss.margn (known: [...])
+        smse_metric.recipes.histopathology.errors.RecipeError: unknown key loss.margn (known: [...])
     """
     raw: dict = {}
     if source is not None:
         path = preset_path(str(source)) if str(source) in PRESETS else Path(source)
         if not path.is_file():
-            raise ValueError(f"config {source!r} is neither a preset {list(PRESETS)} nor a file")
+            raise RecipeError(f"config {source!r} is neither a preset {list(PRESETS)} nor a file")
         with open(path, "rb") as f:
             try:
                 raw = tomllib.load(f)
             except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path} is not valid TOML: {e}") from e
+                raise RecipeError(f"{path} is not valid TOML: {e}") from e
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)
     sections = [f.name for f in fields(Config)]
     unknown = set(raw) - set(sections)
     if unknown:
-        raise ValueError(f"unknown section [{sorted(unknown)[0]}] (known: {sorted(sections)})")
+        raise RecipeError(f"unknown section [{sorted(unknown)[0]}] (known: {sorted(sections)})")
     parts = {}
     for name in sections:
         values = raw.get(name, {})
         if not isinstance(values, dict):
-            raise ValueError(f"[{name}] must be a table")
+            raise RecipeError(f"[{name}] must be a table")
         parts[name] = _build(get_type_hints(Config)[name], values, f"{name}.")
     cfg = Config(**parts)
     _validate(cfg)

@@ -19,6 +19,7 @@ from .config import load_config
 from .data import make_synthetic_breakhis
 from .data.breakhis import MAGNIFICATIONS
 from .data.synthetic import DEFAULT_PATIENTS
+from .errors import RecipeError
 from .report import format_score
 
 __all__ = [
@@ -206,7 +207,7 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
     from .training import train
 
     if seeds < 2:
-        raise ValueError(f"seeds must be at least 2 for a confidence interval, got {seeds}")
+        raise RecipeError(f"seeds must be at least 2 for a confidence interval, got {seeds}")
     t0 = time.perf_counter()
     out = Path(out_dir)
     root = out / "data"

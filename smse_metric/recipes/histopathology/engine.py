@@ -12,7 +12,6 @@ import pickle
 import signal
 import threading
 from collections.abc import Iterable, Iterator
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from smse_metric.distributed import gather_batch, get_rank, get_world_size
+
+from .errors import RecipeError
 
 __all__ = ["TrainingInterrupted", "embed", "load_checkpoint", "save_checkpoint", "train_step"]
 
@@ -80,10 +81,11 @@ class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank=None, world_size=None):
         self.n, self.batch_size, self.seed, self.epoch = int(n), int(batch_size), int(seed), 0
+        self._position = 0  # batches of this epoch handed out
         self.rank = get_rank() if rank is None else int(rank)
         self.world_size = get_world_size() if world_size is None else int(world_size)
         if len(self) == 0:
-            raise ValueError(
+            raise RecipeError(
                 f"{n} images make no full batch of {batch_size} x {self.world_size} ranks"
             )
 
@@ -91,32 +93,31 @@ class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
         return self.n // (self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        if int(epoch) != self.epoch:
+            self.epoch, self._position = int(epoch), 0
 
     def __iter__(self) -> Iterator[list[int]]:
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         b, w = self.batch_size, self.world_size
-        for i in range(len(self)):
-            start = i * b * w + self.rank * b
+        while self._position < len(self):
+            start = self._position * b * w + self.rank * b
+            self._position += 1
             yield perm[start : start + b].tolist()
+        self._position = 0
 
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """``{"epoch", "position", "num_batches"}``; ``consumed`` as in
+        `MultiScaleBatchSampler.state_dict`."""
+        position = self._position if consumed is None else int(consumed)
+        if not 0 <= position <= len(self):
+            raise ValueError(f"consumed must be in [0, {len(self)}], got {position}")
+        return {"epoch": self.epoch, "position": position, "num_batches": len(self)}
 
-class ResumableBatches(torch.utils.data.Sampler[list[int]]):
-    """Wraps a deterministic batch sampler; ``skip`` batches of the next epoch are left
-    out once (they were trained on before the interruption)."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.skip = inner, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.inner) - self.skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self.skip = self.skip, 0
-        yield from islice(iter(self.inner), skip, None)
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("num_batches") != len(self):
+            raise RecipeError(f"the checkpoint's sampler had {state.get('num_batches')} batches "
+                              f"per epoch, this data makes {len(self)}")  # fmt: skip
+        self.epoch, self._position = int(state["epoch"]), int(state["position"])
 
 
 def init_distributed(device_type: str) -> bool:
@@ -222,20 +223,20 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         >>> load_checkpoint("no/such/file.pt")
         Traceback (most recent call last):
         ...
-        ValueError: no checkpoint at no/such/file.pt
+        smse_metric.recipes.histopathology.errors.RecipeError: no checkpoint at no/such/file.pt
     """
     if not Path(path).is_file():
-        raise ValueError(f"no checkpoint at {path}")
+        raise RecipeError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused an object: never load it
-        raise ValueError(f"{path} holds objects other than tensors and plain data; "
+        raise RecipeError(f"{path} holds objects other than tensors and plain data; "
                          "it is not a checkpoint of smse-metric") from e  # fmt: skip
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is truncated or not a torch checkpoint "
+        raise RecipeError(f"{path} is truncated or not a torch checkpoint "
                          f"({type(e).__name__})") from e  # fmt: skip
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a checkpoint of smse-metric (no model weights)")
+        raise RecipeError(f"{path} is not a checkpoint of smse-metric (no model weights)")
     return state
 
 

@@ -15,6 +15,7 @@ from .build import build_model, device_of, eval_loader, make_datasets, num_class
 from .config import Config, load_config
 from .data.dataset import BreakHisDataset
 from .engine import embed, load_checkpoint
+from .errors import RecipeError
 from .models import EmbeddingNet
 from .splits import data_root, load_splits
 
@@ -169,7 +170,7 @@ def evaluate_run(
     cfg = resolve_inputs(load_config(out / "config.toml")) if cfg is None else cfg
     root = data_root(cfg, out) if root is None else Path(root)
     if not root.is_dir():
-        raise ValueError(f"the run's data {root} does not exist (moved? pass --data DIR)")
+        raise RecipeError(f"the run's data {root} does not exist (moved? pass --data DIR)")
     device = device_of(cfg) if device is None else torch.device(device)
     splits = load_splits(cfg, root)
     ds = make_datasets(cfg, splits)

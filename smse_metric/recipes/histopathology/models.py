@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import RecipeError
+
 __all__ = ["EmbeddingNet", "SmallCNN", "backbone_data_config", "load_backbone_weights"]
 
 #: backbones of this project (no timm name); everything else is created by timm
@@ -96,7 +98,7 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist")
+        raise RecipeError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -106,11 +108,11 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise RecipeError(f"{path} does not hold a state dict")
     result = module.load_state_dict(state, strict=False)
     shared = set(state) & set(module.state_dict())
     if not shared:
-        raise ValueError(f"{path} shares no parameter names with the backbone")
+        raise RecipeError(f"{path} shares no parameter names with the backbone")
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
 
 
@@ -147,15 +149,15 @@ class EmbeddingNet(nn.Module):
         import timm
 
         if embedding_dim < 1 or num_classes < 1:
-            raise ValueError(
+            raise RecipeError(
                 f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}"
             )
         if backbone in LOCAL_BACKBONES:
             if pretrained:
-                raise ValueError(f"backbone {backbone!r} has no pretrained weights")
+                raise RecipeError(f"backbone {backbone!r} has no pretrained weights")
             self.backbone = SmallCNN()
         elif not timm.is_model(backbone) and not backbone.startswith("hf-hub:"):
-            raise ValueError(f"backbone {backbone!r} is not a timm model nor one of "
+            raise RecipeError(f"backbone {backbone!r} is not a timm model nor one of "
                              f"{list(LOCAL_BACKBONES)}")  # fmt: skip
         else:
             try:
@@ -164,7 +166,7 @@ class EmbeddingNet(nn.Module):
                 if not pretrained:
                     raise
                 # one line the CLI can print: what failed and what to do instead
-                raise ValueError(
+                raise RecipeError(
                     f"could not download pretrained weights for {backbone!r} "
                     f"({type(e).__name__}); offline, pass --weights FILE (a local "
                     ".safetensors / .pt) or --no-pretrained"

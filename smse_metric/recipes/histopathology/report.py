@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import RecipeError
+
 __all__ = [
     "fold_summary",
     "fold_table",
@@ -40,7 +42,7 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
-        raise ValueError(f"x must be [N, D], got shape {x.shape}")
+        raise RecipeError(f"x must be [N, D], got shape {x.shape}")
     centred = x - x.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     axes = np.zeros((2, x.shape[1]))
@@ -118,7 +120,7 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
         (0.85, 0.0707)
     """
     if not per_fold:
-        raise ValueError("per_fold is empty: no fold finished")
+        raise RecipeError("per_fold is empty: no fold finished")
 
     def stats(values: list[float]) -> dict:
         v = np.asarray(values, dtype=float)
@@ -265,7 +267,7 @@ def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():
-        raise ValueError(f"{run} has no metrics.json: train or evaluate the run first")
+        raise RecipeError(f"{run} has no metrics.json: train or evaluate the run first")
     metrics = json.loads(metrics_path.read_text())
     test = metrics["test"]
     n_classes = len(test["knn"]["pooled"]["confusion"])

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import RecipeError
+
 __all__ = ["DEMO_MARKER", "RUN_MARKER", "check_run_dir", "claim_run_dir", "is_unfinished_run"]
 
 RUN_MARKER = ".smse-run"
@@ -73,32 +75,33 @@ def check_run_dir(
         >>> check_run_dir(home / "new", overwrite=False)
         False
         >>> _ = (home / "notes.txt").write_text("mine")
-        >>> check_run_dir(home, overwrite=True)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: refusing to replace ...: it was not created by smse-metric (no .smse-run file)
+        >>> try:
+        ...     check_run_dir(home, overwrite=True)
+        ... except RecipeError as e:
+        ...     print(str(e).split(": ", 1)[1])
+        it was not created by smse-metric (no .smse-run file)
     """
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
+        raise RecipeError(f"{out} exists and is not a directory")
     if not out.exists() or not any(out.iterdir()):
         return False
     cwd = Path.cwd().resolve()
     if _contains(out, cwd):
-        raise ValueError(f"refusing to use {out}: it is the current directory or holds it")
+        raise RecipeError(f"refusing to use {out}: it is the current directory or holds it")
     for p in protected:
         p = Path(p).resolve()
         if _contains(out, p):
-            raise ValueError(f"refusing to use {out}: it is or holds the data {p}")
+            raise RecipeError(f"refusing to use {out}: it is or holds the data {p}")
     ours = (out / marker).is_file()
     if marker == RUN_MARKER and is_unfinished_run(out):
         return True  # a run of ours that never saved a checkpoint: nothing to keep
     if not overwrite:
         what = "an earlier run" if ours else "files"
-        raise ValueError(f"{out} holds {what}; pass {flag} to replace it"
+        raise RecipeError(f"{out} holds {what}; pass {flag} to replace it"
                          + ("" if ours else " (only directories smse-metric created)"))  # fmt: skip
     if not ours:
-        raise ValueError(
+        raise RecipeError(
             f"refusing to replace {out}: it was not created by smse-metric (no {marker} file)"
         )
     return True
@@ -129,7 +132,7 @@ def claim_run_dir(out: str | Path, replace: bool, marker: str = RUN_MARKER) -> I
     out = Path(out)
     if replace:
         if not (out / marker).is_file():  # the last line of defence
-            raise ValueError(f"refusing to remove {out}: no {marker} file")
+            raise RecipeError(f"refusing to remove {out}: no {marker} file")
         shutil.rmtree(out)
     existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from smse_metric.evaluation import FaissIndex
 from .config import load_config
 from .data.breakhis import SUBTYPES
 from .data.dataset import eval_transform, normalize_image, read_image
+from .errors import RecipeError
 
 __all__ = ["Neighbour", "contact_sheet", "search_run"]
 
@@ -80,11 +81,11 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
 
     run = Path(run_dir)
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise RecipeError(f"k must be a positive integer, got {k!r}")
     for need in ("config.toml", "checkpoints/best.pt", "index/gallery.faiss",
                  "embeddings/gallery.npz"):  # fmt: skip
         if not (run / need).is_file():
-            raise ValueError(f"{run} has no {need}: train (or evaluate) the run first")
+            raise RecipeError(f"{run} has no {need}: train (or evaluate) the run first")
     cfg = resolve_inputs(load_config(run / "config.toml"))
     model = build_model(cfg)
     model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt", "cpu")["model"])
@@ -92,7 +93,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     try:
         img = read_image(image)
     except OSError as e:
-        raise ValueError(str(e)) from e
+        raise RecipeError(str(e)) from e
     x = eval_transform(tuple(cfg.data.image_size), cfg.data.interpolation)(img, None)
     x = normalize_image(x, cfg.data.mean, cfg.data.std)
     with torch.no_grad():
@@ -147,10 +148,10 @@ def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Pat
     """
     out = Path(out)
     if not out.parent.is_dir():
-        raise ValueError(f"cannot write the contact sheet {out}: {out.parent} does not exist")
+        raise RecipeError(f"cannot write the contact sheet {out}: {out.parent} does not exist")
     missing = [n.path for n in neighbours if not Path(n.path).is_file()]
     if missing:
-        raise ValueError(f"gallery image {missing[0]} is missing (did the data move? pass "
+        raise RecipeError(f"gallery image {missing[0]} is missing (did the data move? pass "
                          "--data DIR)")  # fmt: skip
     tiles = [(Path(image), "query")] + [
         (Path(n.path), f"#{n.rank} d={n.distance:.3f}\n{n.patient}\n{n.subtype} "

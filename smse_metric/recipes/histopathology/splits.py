@@ -11,6 +11,7 @@ import numpy as np
 from .config import Config
 from .data import BreakHisIndex, load_folds, patient_split, scan_breakhis
 from .data.breakhis import check_patient_disjoint
+from .errors import RecipeError
 
 __all__ = ["Splits", "data_root", "load_splits", "split_sizes"]
 
@@ -49,7 +50,7 @@ def _folds_file(cfg: Config, root: Path) -> Path | None:
     if cfg.data.folds_file:
         path = Path(cfg.data.folds_file.format(fold=cfg.data.fold))
         if not path.is_file():
-            raise ValueError(f"data.folds_file {path} does not exist")
+            raise RecipeError(f"data.folds_file {path} does not exist")
         return path
     for path in (root / "Folds.csv", root / f"dsfold{cfg.data.fold}.txt"):
         if path.is_file():
@@ -94,7 +95,7 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
     train = train & ~val
     for name, m in (("train", train), ("validation", val), ("test", test)):
         if not m.any():
-            raise ValueError(f"the {name} split is empty: too few patients for the fractions")
+            raise RecipeError(f"the {name} split is empty: too few patients for the fractions")
     check_patient_disjoint({"train": train, "val": val, "test": test}, index.group)
     return Splits(index, train, val, test)
 
@@ -121,7 +122,7 @@ def _validation_patients(cfg: Config, index: BreakHisIndex, train: np.ndarray) -
                f"to train on, but {'; '.join(short)} (lower data.min_val_patients_per_class "
                "or set data.small_validation = \"warn\")")  # fmt: skip
         if cfg.data.small_validation == "error":
-            raise ValueError(msg)
+            raise RecipeError(msg)
         warnings.warn(msg, stacklevel=3)
     return val
 

@@ -171,6 +171,10 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
         torch.set_rng_state(state["rng"].cpu())
         progress.update(state["progress"])
         history = list(state.get("history", []))
+        # the sampler resumes itself; checkpoints from before it saved its state give
+        # the same position through the loop's own count
+        where = {"epoch": progress["epoch"], "position": progress["position"]}
+        batches.load_state_dict(state.get("sampler") or {**batches.state_dict(), **where})
 
     net = model
     if world > 1:
@@ -184,6 +188,9 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "rng": torch.get_rng_state(), "progress": dict(progress), "history": list(history),
+            # what the loop used, not what the loader's workers drew ahead
+            "sampler": {**batches.state_dict(consumed=progress["position"]),
+                        "epoch": progress["epoch"]},
         }  # fmt: skip
 
     def save_last() -> None:
@@ -197,9 +204,9 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
             epoch = progress["epoch"]
             net.train()
             ds["train"].set_epoch(epoch)
-            batches.set_epoch(epoch)
-            batches.skip = progress["position"]
-            bar = _Progress(len(batches), f"epoch {epoch}", main and not quiet)
+            batches.set_epoch(epoch)  # keeps a resumed position within the same epoch
+            bar = _Progress(len(batches) - progress["position"], f"epoch {epoch}",
+                            main and not quiet)  # fmt: skip
             t0 = time.perf_counter()
             for images, labels, _, scales in loader:
                 images, labels, scales = (t.to(device, non_blocking=True)

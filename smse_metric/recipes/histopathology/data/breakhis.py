@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import RecipeError
+
 __all__ = [
     "MAGNIFICATIONS",
     "SUBTYPES",
@@ -91,7 +93,7 @@ def parse_breakhis_filename(name: str | Path) -> BreakHisRecord:
         name: a file name or path; only its last part is parsed.
 
     Raises:
-        ValueError: quoting the name, when it does not follow the grammar, names an
+        RecipeError: quoting the name, when it does not follow the grammar, names an
             unknown subtype or magnification, or a subtype of the other class.
 
     Examples:
@@ -102,18 +104,18 @@ def parse_breakhis_filename(name: str | Path) -> BreakHisRecord:
     base = Path(name).name
     m = _NAME.match(base)
     if m is None:
-        raise ValueError(
+        raise RecipeError(
             f"{base!r} is not a BreakHis file name "
             "(<PROC>_<B|M>_<TYPE>-<YEAR>-<SLIDE>-<MAG>-<SEQ>.png)"
         )
     subtype, tumor_class = m["subtype"].upper(), m["tumor_class"].upper()
     if subtype not in SUBTYPES:
-        raise ValueError(f"{base!r} has unknown subtype {subtype!r} (known: {list(SUBTYPES)})")
+        raise RecipeError(f"{base!r} has unknown subtype {subtype!r} (known: {list(SUBTYPES)})")
     if SUBTYPES[subtype][0] != tumor_class:
-        raise ValueError(f"{base!r}: subtype {subtype} is not of class {tumor_class}")
+        raise RecipeError(f"{base!r}: subtype {subtype} is not of class {tumor_class}")
     mag = int(m["mag"])
     if mag not in MAGNIFICATIONS:
-        raise ValueError(f"{base!r} has magnification {mag}, not one of {MAGNIFICATIONS}")
+        raise RecipeError(f"{base!r} has magnification {mag}, not one of {MAGNIFICATIONS}")
     return BreakHisRecord(
         procedure=m["procedure"].upper(),
         tumor_class=tumor_class,
@@ -205,7 +207,7 @@ class BreakHisIndex:
             missing = len(files) - int(m.sum())
             if missing:
                 example = next(iter(set(files) - set(names[m].tolist())))
-                raise ValueError(
+                raise RecipeError(
                     f"{missing} files of split {part!r} are not in the index, e.g. {example!r}"
                 )
             out[part] = m
@@ -217,16 +219,16 @@ def _check_folders(path: Path, rec: BreakHisRecord) -> None:
     for part in path.parts[:-1]:
         low = part.lower()
         if low in ("benign", "malignant") and low[0].upper() != rec.tumor_class:
-            raise ValueError(f"{path}: folder {part!r} contradicts class {rec.tumor_class}")
+            raise RecipeError(f"{path}: folder {part!r} contradicts class {rec.tumor_class}")
         if low in _FOLDER_TO_SUBTYPE and _FOLDER_TO_SUBTYPE[low] != rec.subtype:
-            raise ValueError(f"{path}: folder {part!r} contradicts subtype {rec.subtype}")
+            raise RecipeError(f"{path}: folder {part!r} contradicts subtype {rec.subtype}")
         m = re.fullmatch(r"(\d+)X", part, re.IGNORECASE)
         if m and int(m[1]) != rec.magnification:
-            raise ValueError(f"{path}: folder {part!r} contradicts magnification "
+            raise RecipeError(f"{path}: folder {part!r} contradicts magnification "
                              f"{rec.magnification}")  # fmt: skip
         m = re.fullmatch(r"[A-Z]+_[BM]_([A-Z]+)_\d{2}-(\w+)", part, re.IGNORECASE)
         if m and (m[1].upper() != rec.subtype or m[2].upper() != rec.slide_id):
-            raise ValueError(f"{path}: patient folder {part!r} contradicts the file name")
+            raise RecipeError(f"{path}: patient folder {part!r} contradicts the file name")
 
 
 def _check_subtype_folders(root: Path) -> None:
@@ -234,7 +236,7 @@ def _check_subtype_folders(root: Path) -> None:
         for sob in root.rglob(f"{cls}/SOB"):
             for child in sob.iterdir():
                 if child.is_dir() and child.name.lower() not in _FOLDER_TO_SUBTYPE:
-                    raise ValueError(
+                    raise RecipeError(
                         f"unknown subtype folder {child} (known: {sorted(_FOLDER_TO_SUBTYPE)})"
                     )
 
@@ -254,7 +256,7 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
         root: a directory holding a BreakHis tree (original, Kaggle or mkfold).
 
     Raises:
-        ValueError: for a missing or empty directory, an unknown subtype folder, a
+        RecipeError: for a missing or empty directory, an unknown subtype folder, a
             malformed file name, or a folder that contradicts its file's name.
 
     Examples:
@@ -268,14 +270,14 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
         ([40, 100, 200, 400], 0)
     """
     if group_by not in ("slide", "case"):
-        raise ValueError(f"group_by must be 'slide' or 'case', got {group_by!r}")
+        raise RecipeError(f"group_by must be 'slide' or 'case', got {group_by!r}")
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{root} is not a directory")
+        raise RecipeError(f"{root} is not a directory")
     _check_subtype_folders(root)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
     if not files:
-        raise ValueError(f"no PNG images under {root}: is this a BreakHis directory?")
+        raise RecipeError(f"no PNG images under {root}: is this a BreakHis directory?")
     seen: dict[str, Path] = {}
     copies = 0
     dropped: list[str] = []
@@ -347,16 +349,16 @@ def load_folds(path: str | Path, fold: int) -> dict[str, set[str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"fold file {path} does not exist")
+        raise RecipeError(f"fold file {path} does not exist")
     if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
-        raise ValueError(f"fold must be a positive integer, got {fold!r}")
+        raise RecipeError(f"fold must be a positive integer, got {fold!r}")
     split: dict[str, set[str]] = {}
     with open(path, newline="") as f:
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(f)
             need = {"fold", "mag", "grp", "filename"}
             if not need <= set(reader.fieldnames or ()):
-                raise ValueError(
+                raise RecipeError(
                     f"{path} lacks columns {sorted(need - set(reader.fieldnames or ()))}"
                 )
             rows = ((r["filename"], r["fold"], r["grp"]) for r in reader)
@@ -367,13 +369,13 @@ def load_folds(path: str | Path, fold: int) -> dict[str, set[str]]:
                     continue
                 parts = line.strip().split("|")
                 if len(parts) != 4:
-                    raise ValueError(f"{path}:{n}: expected <filename>|<mag>|<fold>|<grp>")
+                    raise RecipeError(f"{path}:{n}: expected <filename>|<mag>|<fold>|<grp>")
                 rows.append((parts[0], parts[2], parts[3]))
         for name, fold_id, grp in rows:
             if int(fold_id) == fold:
                 split.setdefault(grp.strip().lower(), set()).add(Path(name).name)
     if not split:
-        raise ValueError(f"{path} has no rows for fold {fold}")
+        raise RecipeError(f"{path} has no rows for fold {fold}")
     return split
 
 
@@ -411,9 +413,9 @@ def patient_split(
     """
     for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
         if not 0 <= v < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {v}")
+            raise RecipeError(f"{name} must be in [0, 1), got {v}")
     if test_fraction + val_fraction >= 1:
-        raise ValueError("test_fraction + val_fraction must be below 1")
+        raise RecipeError("test_fraction + val_fraction must be below 1")
     rng = np.random.default_rng(seed)
     n_groups = int(index.group.max()) + 1
     group_stratum = np.zeros(n_groups, dtype=np.int64)
@@ -448,15 +450,16 @@ def check_patient_disjoint(masks: dict[str, np.ndarray], groups: np.ndarray) -> 
         >>> groups = np.array([0, 0, 1, 2])
         >>> check_patient_disjoint({"train": np.array([1, 1, 0, 0], bool),
         ...                         "test": np.array([0, 0, 1, 1], bool)}, groups)
-        >>> check_patient_disjoint({"train": np.array([1, 0, 0, 0], bool),
-        ...                         "test": np.array([0, 1, 1, 1], bool)}, groups)
-        Traceback (most recent call last):
-        ...
-        ValueError: patient 0 is in both 'train' and 'test'
+        >>> try:
+        ...     check_patient_disjoint({"train": np.array([1, 0, 0, 0], bool),
+        ...                             "test": np.array([0, 1, 1, 1], bool)}, groups)
+        ... except ValueError as e:
+        ...     print(e)
+        patient 0 is in both 'train' and 'test'
     """
     owner: dict[int, str] = {}
     for name, m in masks.items():
         for gid in np.unique(np.asarray(groups)[m]).tolist():
             if gid in owner:
-                raise ValueError(f"patient {gid!r} is in both {owner[gid]!r} and {name!r}")
+                raise RecipeError(f"patient {gid!r} is in both {owner[gid]!r} and {name!r}")
             owner[gid] = name

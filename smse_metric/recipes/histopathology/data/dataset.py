@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import RecipeError
 from .breakhis import STAIN_VECTORS, BreakHisIndex
 
 __all__ = [
@@ -34,7 +35,7 @@ _HE = _HE / _HE.norm(dim=1, keepdim=True)
 
 def _resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     if mode not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {mode!r}")
+        raise RecipeError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {mode!r}")
     if mode == "nearest":
         return TF.interpolate(img[None], size=size, mode="nearest")[0]
     out = TF.interpolate(img[None], size=size, mode=mode, antialias=True, align_corners=False)
@@ -205,14 +206,14 @@ class BreakHisDataset(torch.utils.data.Dataset):
         interpolation: str = "bilinear",
     ) -> None:
         if task not in ("binary", "subtype"):
-            raise ValueError(f"task must be 'binary' or 'subtype', got {task!r}")
+            raise RecipeError(f"task must be 'binary' or 'subtype', got {task!r}")
         if (mean is None) != (std is None):
-            raise ValueError("mean and std must be given together")
+            raise RecipeError("mean and std must be given together")
         if std is not None and (len(std) != 3 or len(mean) != 3 or min(std) <= 0):
-            raise ValueError(f"mean and std must hold 3 values, std > 0: {mean}, {std}")
+            raise RecipeError(f"mean and std must hold 3 values, std > 0: {mean}, {std}")
         if isinstance(transform, str):
             if transform not in ("train", "eval"):
-                raise ValueError(
+                raise RecipeError(
                     f"transform must be 'train', 'eval' or a callable, got {transform!r}"
                 )
             make = train_transform if transform == "train" else eval_transform

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import RecipeError
 from .breakhis import MAGNIFICATIONS, STAIN_VECTORS, SUBTYPES
 
 __all__ = ["DEFAULT_PATIENTS", "make_synthetic_breakhis"]
@@ -202,14 +203,14 @@ def make_synthetic_breakhis(
     patients = dict(DEFAULT_PATIENTS if patients_per_subtype is None else patients_per_subtype)
     unknown = set(patients) - set(SUBTYPES)
     if unknown:
-        raise ValueError(f"patients_per_subtype has unknown subtypes {sorted(unknown)}")
+        raise RecipeError(f"patients_per_subtype has unknown subtypes {sorted(unknown)}")
     if any(not isinstance(n, int) or n < 1 for n in patients.values()):
-        raise ValueError(f"patients_per_subtype values must be positive ints, got {patients}")
+        raise RecipeError(f"patients_per_subtype values must be positive ints, got {patients}")
     if images_per_magnification < 1:
-        raise ValueError("images_per_magnification must be >= 1")
+        raise RecipeError("images_per_magnification must be >= 1")
     w, h = image_size
     if w < 16 or h < 16:
-        raise ValueError(f"image_size must be at least 16 x 16, got {image_size}")
+        raise RecipeError(f"image_size must be at least 16 x 16, got {image_size}")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str, int]] = []  # (relative path, subtype, magnification)
