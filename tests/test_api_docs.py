@@ -12,7 +12,7 @@ PUBLIC_MODULES = [
     "smse_metric.samplers", "smse_metric.evaluation",
     "smse_metric.distributed",
     *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.dataset", ".training", ".engine",
-                            ".splits", ".build", ".evaluate", ".errors",
+                            ".splits", ".build", ".evaluate", ".errors", ".folds",
                             ".search", ".demo", ".compare", ".rundir", ".report")),
 ]  # fmt: skip
 

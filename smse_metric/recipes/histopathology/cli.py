@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,48 +174,16 @@ def _barrier() -> None:
 
 
 def _train_folds(args: argparse.Namespace, cfg, out: Path, folds: list[int] | None) -> int:
-    import dataclasses
-    import shutil
-
-    from smse_metric.distributed import is_main_process
-
-    from .rundir import check_run_dir
+    from .folds import train_folds
     from .training import train
 
-    if not folds:
-        metrics = train(cfg, out, resume=args.resume)
-        if metrics is not None:  # rank 0
-            _summary(metrics, out)
+    if folds:
+        train_folds(cfg, out, folds, resume=args.resume)
         return 0
-    results = {}
-    for k in folds:
-        run = out / f"fold{k}"
-        cfg_k = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k))
-        if args.resume and (run / "metrics.json").is_file():
-            results[k] = json.loads((run / "metrics.json").read_text())
-            continue
-        resume_k = args.resume and (run / "checkpoints" / "last.pt").is_file()
-        if not resume_k and is_main_process() and check_run_dir(run, overwrite=False):
-            shutil.rmtree(run)  # ours, started but never reached a checkpoint
-        print(f"fold {k}: {run}", flush=True)
-        results[k] = train(cfg_k, run, resume=resume_k)
-    if all(m is not None for m in results.values()):  # rank 0
-        _fold_summary(results, out)
+    metrics = train(cfg, out, resume=args.resume)
+    if metrics is not None:  # rank 0
+        _summary(metrics, out)
     return 0
-
-
-def _fold_summary(results: dict[int, dict], out: Path) -> None:
-    from .report import fold_summary, fold_table
-
-    summary = fold_summary(results)
-    table = fold_table(summary)
-    (out / "folds.json").write_text(json.dumps(summary, indent=1))
-    (out / "folds.md").write_text(
-        f"# Test accuracy over folds {', '.join(map(str, results))} (mean +- std)\n\n"
-        + "\n".join(table) + "\n"
-    )  # fmt: skip
-    print("\n".join(table))
-    print(f"wrote {out / 'folds.md'}")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
