@@ -30,14 +30,12 @@ class _Miner(nn.Module):
 
     def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric):
         """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor chunk."""
-        labels, ref_emb, ref_labels, scales, ref_scales = common.prepare_metric_inputs(
-            embeddings, labels, ref_emb, ref_labels, scales, ref_scales, self.cross_scale
-        )
-        same = ref_emb is None
-        emb = common.upcast(embeddings.detach())
-        ref = emb if same else common.upcast(ref_emb.detach())
-        ref_labels = labels if same else ref_labels
-        ref_scales = scales if ref_scales is None else ref_scales
+        x = common.metric_inputs(
+            embeddings.detach(), labels, None if ref_emb is None else ref_emb.detach(),
+            ref_labels, scales, ref_scales, self.cross_scale,
+        )  # fmt: skip
+        emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
+        scales, ref_scales = x.scales, x.ref_scales
         for start in range(0, emb.shape[0], self.chunk_size):
             stop = min(start + self.chunk_size, emb.shape[0])
             with common.full_precision(emb.device):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -119,6 +120,46 @@ def prepare_metric_inputs(
                     "ref_scales", ref_scales, ref_emb.shape[0], "ref_emb", dev
                 )
     return labels, ref_emb, ref_labels, scales, ref_scales
+
+
+@dataclass
+class MetricInputs:
+    """The checked inputs of a metric loss or miner: embeddings upcast from half
+    precision, and the reference resolved (the batch itself when ``same``)."""
+
+    emb: Tensor
+    ref: Tensor
+    labels: Tensor
+    ref_labels: Tensor
+    scales: Tensor | None
+    ref_scales: Tensor | None
+    same: bool
+
+
+def metric_inputs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    scales: Tensor | None,
+    ref_scales: Tensor | None,
+    cross_scale: bool,
+) -> MetricInputs:
+    """The one input prologue of the pair and triplet losses and the miners."""
+    labels, ref_emb, ref_labels, scales, ref_scales = prepare_metric_inputs(
+        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
+    )
+    same = ref_emb is None
+    emb = upcast(embeddings)
+    return MetricInputs(
+        emb=emb,
+        ref=emb if same else upcast(ref_emb),
+        labels=labels,
+        ref_labels=labels if same else ref_labels,
+        scales=scales,
+        ref_scales=scales if ref_scales is None else ref_scales,
+        same=same,
+    )
 
 
 def block_masks(labels, ref_labels, scales, ref_scales, same, start, stop):

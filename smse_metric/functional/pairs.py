@@ -12,9 +12,8 @@ from ._common import (
     check_choice,
     check_indices,
     full_precision,
-    prepare_metric_inputs,
+    metric_inputs,
     reduce_terms,
-    upcast,
     with_gradient,
 )
 from .distances import gathered_distances, pairwise_distances
@@ -60,15 +59,10 @@ def contrastive_loss(
         >>> contrastive_loss(emb, torch.tensor([0, 0, 1, 1, 2, 2])).backward()
     """
     check_choice("reduction", reduction, PAIR_REDUCTIONS)
-    labels, ref_emb, ref_labels, scales, ref_scales = prepare_metric_inputs(
-        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
-    )
-    same = ref_emb is None
+    x = metric_inputs(embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale)
+    emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
+    scales, ref_scales = x.scales, x.ref_scales
     with full_precision(embeddings.device):
-        emb = upcast(embeddings)
-        ref = emb if same else upcast(ref_emb)
-        ref_labels = labels if same else ref_labels
-        ref_scales = scales if ref_scales is None else ref_scales
         if indices_tuple is None:
             pos, neg = block_masks(
                 labels, ref_labels, scales if cross_scale else None, ref_scales, same, 0, len(emb)

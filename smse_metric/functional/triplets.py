@@ -16,10 +16,9 @@ from ._common import (
     check_indices,
     full_precision,
     hardest,
-    prepare_metric_inputs,
+    metric_inputs,
     reduce_terms,
     row_blocks,
-    upcast,
 )
 from .distances import gathered_distances, pairwise_distances
 
@@ -196,15 +195,10 @@ def triplet_margin_loss(
     """
     check_choice("reduction", reduction, TRIPLET_REDUCTIONS)
     check_choice("triplets", triplets, FUSED_TRIPLETS)
-    labels, ref_emb, ref_labels, scales, ref_scales = prepare_metric_inputs(
-        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
-    )
-    same = ref_emb is None
+    x = metric_inputs(embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale)
+    emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
+    scales, ref_scales = x.scales, x.ref_scales
     with full_precision(embeddings.device):
-        emb = upcast(embeddings)
-        ref = emb if same else upcast(ref_emb)
-        ref_labels = labels if same else ref_labels
-        ref_scales = scales if ref_scales is None else ref_scales
         if indices_tuple is not None:
             if isinstance(indices_tuple, tuple | list) and len(indices_tuple) == 4:
                 raise ValueError(
