@@ -85,7 +85,21 @@ def check_int_vector(name: str, t: object, length: int, other: str, device) -> T
     return t.to(device, non_blocking=True)
 
 
-def prepare_metric_inputs(
+@dataclass
+class MetricInputs:
+    """The checked inputs of a metric loss or miner: embeddings upcast from half
+    precision, and the reference resolved (the batch itself when ``same``)."""
+
+    emb: Tensor
+    ref: Tensor
+    labels: Tensor
+    ref_labels: Tensor
+    scales: Tensor | None
+    ref_scales: Tensor | None
+    same: bool
+
+
+def metric_inputs(
     embeddings: Tensor,
     labels: Tensor,
     ref_emb: Tensor | None,
@@ -93,8 +107,10 @@ def prepare_metric_inputs(
     scales: Tensor | None,
     ref_scales: Tensor | None,
     cross_scale: bool,
-):
-    """Validate and normalise the common (embeddings, labels, ref, scales) arguments."""
+) -> MetricInputs:
+    """The one input prologue of the pair and triplet losses and the miners: validate the
+    (embeddings, labels, reference, scales) arguments, upcast half precision, and resolve
+    the reference (the batch itself when none is given)."""
     check_float_matrix("embeddings", embeddings)
     dev = embeddings.device
     labels = check_int_vector("labels", labels, embeddings.shape[0], "embeddings", dev)
@@ -119,36 +135,6 @@ def prepare_metric_inputs(
                 ref_scales = check_int_vector(
                     "ref_scales", ref_scales, ref_emb.shape[0], "ref_emb", dev
                 )
-    return labels, ref_emb, ref_labels, scales, ref_scales
-
-
-@dataclass
-class MetricInputs:
-    """The checked inputs of a metric loss or miner: embeddings upcast from half
-    precision, and the reference resolved (the batch itself when ``same``)."""
-
-    emb: Tensor
-    ref: Tensor
-    labels: Tensor
-    ref_labels: Tensor
-    scales: Tensor | None
-    ref_scales: Tensor | None
-    same: bool
-
-
-def metric_inputs(
-    embeddings: Tensor,
-    labels: Tensor,
-    ref_emb: Tensor | None,
-    ref_labels: Tensor | None,
-    scales: Tensor | None,
-    ref_scales: Tensor | None,
-    cross_scale: bool,
-) -> MetricInputs:
-    """The one input prologue of the pair and triplet losses and the miners."""
-    labels, ref_emb, ref_labels, scales, ref_scales = prepare_metric_inputs(
-        embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale
-    )
     same = ref_emb is None
     emb = upcast(embeddings)
     return MetricInputs(
