@@ -14,8 +14,10 @@ from .evaluation import (
     EvaluationReport,
     FaissIndex,
     KNNClassifier,
+    TorchIndex,
     evaluate_embeddings,
     evaluate_predictions,
+    make_index,
 )
 from .losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
 from .miners import PairMiner, TripletMiner
@@ -33,10 +35,12 @@ __all__ = [
     "PairMiner",
     "ReinforcedFocalLoss",
     "SamplerStats",
+    "TorchIndex",
     "TripletMarginLoss",
     "TripletMiner",
     "__version__",
     "evaluate_embeddings",
     "evaluate_predictions",
     "functional",
+    "make_index",
 ]

@@ -1,5 +1,7 @@
+import importlib.util
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -14,6 +16,25 @@ settings.register_profile(
 settings.load_profile("default")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+#: one test body for every device: CPU always, CUDA where a GPU exists
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda,
+               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]  # fmt: skip
+needs_faiss = pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="needs faiss (the [faiss] extra)"
+)
+needs_pml = pytest.mark.skipif(
+    importlib.util.find_spec("pytorch_metric_learning") is None,
+    reason="needs pytorch-metric-learning (the [pml] extra)",
+)
+#: the exact search backends of smse_metric.evaluation
+BACKENDS = [pytest.param("faiss", marks=needs_faiss), "torch"]
 
 
 def make_batch(n: int, d: int, n_classes: int, n_scales: int = 1, seed: int = 0,

@@ -3,11 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from conftest import BACKENDS, DEVICES, needs_faiss, needs_pml
 from hypothesis import given
 from hypothesis import strategies as st
-from sklearn.neighbors import KNeighborsClassifier
 
-from smse_metric import KNNClassifier, evaluate_embeddings, evaluate_predictions
+from smse_metric import (
+    FaissIndex,
+    KNNClassifier,
+    TorchIndex,
+    evaluate_embeddings,
+    evaluate_predictions,
+    make_index,
+)
 from smse_metric.evaluation import knn as ev
 
 
@@ -66,12 +73,14 @@ def brute_predict(neigh, g_labels, weights="uniform"):
     return np.array(pred)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
 @pytest.mark.parametrize("exclude", ["none", "self", "group"])
-def test_knn_equals_brute_force(metric, weights, exclude):
+def test_knn_equals_brute_force(metric, weights, exclude, backend):
     emb, y, g, _ = data()
-    knn = KNNClassifier(k=5, metric=metric, weights=weights).fit(emb, y, groups=g)
+    knn = KNNClassifier(k=5, metric=metric, weights=weights, backend=backend)
+    knn.fit(emb, y, groups=g)
     got = knn.predict(emb, query_groups=g, exclude=exclude)
     neigh = brute_neighbours(
         emb, emb, metric, 5,
@@ -85,6 +94,7 @@ def test_knn_equals_brute_force(metric, weights, exclude):
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
 def test_knn_equals_sklearn_brute(metric, weights):
+    KNeighborsClassifier = pytest.importorskip("sklearn.neighbors").KNeighborsClassifier
     emb, y, _, _ = data(seed=1)
     q = data(n=50, seed=2)[0]
     sk = KNeighborsClassifier(7, weights=weights, algorithm="brute",
@@ -117,9 +127,10 @@ def test_chunked_equals_one_shot(monkeypatch):
     assert_close_reports(evaluate_embeddings(emb, y, g, s, k=5).to_dict(), one)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("exclude", ["self", "group"])
-def test_symmetric_leave_one_out_equals_the_faiss_search(monkeypatch, metric, exclude):
+def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, metric, exclude, backend):
     rng = np.random.default_rng(3)
     n = 5000  # above SYMMETRIC_MIN_ROWS and over several 2048-row blocks
     y = rng.integers(0, 5, n)
@@ -127,10 +138,10 @@ def test_symmetric_leave_one_out_equals_the_faiss_search(monkeypatch, metric, ex
     g, s = rng.integers(0, 300, n), rng.integers(0, 4, n)
 
     def run():
-        knn = KNNClassifier(k=7, metric=metric).fit(x, y, g)
+        knn = KNNClassifier(k=7, metric=metric, backend=backend).fit(x, y, g)
         chunks = list(knn.kneighbors_chunks(x, g, exclude))
         report = evaluate_embeddings(x, y, g, s, k=7, exclude=exclude, metric=metric,
-                                     map_at_r=False)  # fmt: skip
+                                     map_at_r=False, backend=backend)  # fmt: skip
         return np.concatenate([c.ids for c in chunks]), report.to_dict()
 
     calls = []
@@ -150,6 +161,7 @@ def test_torch_inputs_on_any_device_equal_numpy():
     assert_close_reports(a, evaluate_embeddings(emb, y, g, s).to_dict())
 
 
+@needs_pml
 def test_map_at_r_and_precision_at_1_equal_pml():
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
@@ -227,6 +239,7 @@ def test_separate_gallery_excludes_the_query_patient():
     assert r2.pooled.accuracy == pytest.approx((brute_predict(neigh, y[gal]) == y[q]).mean())
 
 
+@needs_faiss
 def test_ivf_index_runs_and_agrees_mostly():
     emb, y, _, _ = data(n=400, seed=8)
     exact = KNNClassifier(k=5).fit(emb, y).predict(emb)
@@ -251,10 +264,63 @@ def test_ivf_index_runs_and_agrees_mostly():
         (lambda e, y, g: KNNClassifier(metric="dot"), ValueError, "metric"),
         (lambda e, y, g: KNNClassifier().fit(e, y).predict(e, exclude="group"), ValueError,
          "groups"),
-        (lambda e, y, g: KNNClassifier(device="cuda").fit(e, y), ValueError, "GPU"),
+        pytest.param(lambda e, y, g: KNNClassifier(device="cuda").fit(e, y), ValueError, "GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+        (lambda e, y, g: KNNClassifier(backend="annoy"), ValueError, "backend"),
+        (lambda e, y, g: make_index(e, index="ivf", backend="torch"), ValueError, "ivf"),
+        (lambda e, y, g: TorchIndex(e).search(e[:, :3], 2), ValueError, "dimension"),
     ],
 )  # fmt: skip
 def test_bad_input(call, exc, match):
     emb, y, g, _ = data(n=40, seed=9)
     with pytest.raises(exc, match=match):
         call(emb, y, g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_torch_index_orders_ties_by_index_like_brute_force(device, metric):
+    """A gallery of 300 copies of 12 points: every distance is tied ~25 times, and the
+    torch search must order the copies by gallery index on every device."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((12, 5)).astype(np.float32)
+    g = base[rng.integers(0, 12, 300)]
+    q = np.concatenate([base[:4], rng.standard_normal((6, 5)).astype(np.float32)])
+    idx = TorchIndex(torch.from_numpy(g).to(device), metric=metric)
+    assert idx.device == device
+    dist, ids = idx.search(q, k=25)
+    ref = brute_neighbours(q, g, metric, 25)
+    assert ids.tolist() == [[j for _, j in row] for row in ref]
+    np.testing.assert_allclose(dist, [[d for d, _ in row] for row in ref], atol=1e-5)
+    over, over_ids = idx.search(q[:2], k=302)  # more than the gallery holds
+    assert (over_ids[:, 300:] == -1).all() and np.isinf(over[:, 300:]).all()
+
+
+@needs_faiss
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_torch_and_faiss_backends_give_the_same_report(metric):
+    emb, y, g, s = data(n=300, seed=12)
+    faiss_r = evaluate_embeddings(emb, y, g, s, k=5, metric=metric, backend="faiss")
+    torch_r = evaluate_embeddings(emb, y, g, s, k=5, metric=metric, backend="torch")
+    assert_close_reports(torch_r.to_dict(), faiss_r.to_dict())
+    q = data(n=50, seed=13)[0]
+    a = make_index(emb, metric, backend="faiss").search(q, 9)[1]
+    b = make_index(emb, metric, backend="torch").search(q, 9)[1]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_without_faiss_the_torch_backend_answers(monkeypatch):
+    emb, y, g, s = data(n=150, seed=14)
+    before = evaluate_embeddings(emb, y, g, s, k=5, backend="torch").to_dict()
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # no faiss installed
+    assert isinstance(make_index(emb), TorchIndex)
+    assert isinstance(KNNClassifier().fit(emb, y).index_, TorchIndex)
+    assert evaluate_embeddings(emb, y, g, s, k=5).to_dict() == before
+    with pytest.raises(ImportError, match=r"smse-metric\[faiss\]"):
+        make_index(emb, index="ivf")
+
+
+@needs_faiss
+def test_auto_takes_faiss_when_installed():
+    emb = data(n=20)[0]
+    assert isinstance(make_index(emb), FaissIndex)

@@ -186,7 +186,7 @@ def test_evaluate_reproduces_the_metrics(run, capsys):
     assert "| kNN | patient |" in capsys.readouterr().out
 
 
-def test_search_returns_k_neighbours_with_metadata(run, root, capsys):
+def test_search_returns_k_neighbours_with_metadata(run, root, capsys, monkeypatch):
     from smse_metric.recipes.histopathology.search import search_run
 
     with np.load(run / "embeddings" / "test.npz") as emb:
@@ -205,6 +205,10 @@ def test_search_returns_k_neighbours_with_metadata(run, root, capsys):
     assert sheet.is_file() and found[0].path in out and found[1].path in out
     with pytest.raises(ValueError, match="k must be"):
         search_run(run, query, k=0)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # [recipe] without faiss: torch search
+    assert [(n.path, n.rank) for n in search_run(run, query, k=3)] == [
+        (n.path, n.rank) for n in found
+    ]
     bad = run / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"cannot read image .*bad\.png"):

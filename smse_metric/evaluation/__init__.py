@@ -1,18 +1,21 @@
-"""FAISS-backed evaluation: kNN classification, patient-level accuracy, retrieval
-metrics and the cross-magnification matrix.
+"""Evaluation: kNN classification, patient-level accuracy, retrieval metrics and the
+cross-magnification matrix.
 
-Neighbour search is exact (a flat FAISS index) unless ``index="ivf"`` is asked for,
-runs on a GPU when the installed faiss has GPUs and ``device`` allows, and goes in
-chunks of queries so memory stays at the gallery plus one chunk of neighbours.
+Neighbour search is exact unless ``index="ivf"`` is asked for: a flat FAISS index
+where faiss is installed (on a GPU when it has GPUs and ``device`` allows), torch
+matrix products otherwise (CPU or GPU), and the symmetric block search when the
+queries are the gallery. It goes in chunks of queries so memory stays at the gallery
+plus one chunk of neighbours.
 All metrics are computed from a [Q, k] neighbour table with bincount and boolean
 algebra; nothing loops over queries in Python.
 """
 
 from .evaluate import evaluate_embeddings, evaluate_predictions
-from .index import FaissIndex
+from .index import FaissIndex, make_index
 from .knn import KNNClassifier, Neighbours
 from .metrics import ClassificationMetrics, EvaluationReport, RetrievalMetrics
 from .symmetric import symmetric_knn
+from .torch_index import TorchIndex
 
 __all__ = [
     "ClassificationMetrics",
@@ -21,7 +24,9 @@ __all__ = [
     "KNNClassifier",
     "Neighbours",
     "RetrievalMetrics",
+    "TorchIndex",
     "evaluate_embeddings",
     "evaluate_predictions",
+    "make_index",
     "symmetric_knn",
 ]

@@ -12,6 +12,7 @@ METRICS = ("cosine", "l2")
 EXCLUDE = ("none", "self", "group")
 WEIGHTS = ("uniform", "distance")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "faiss", "torch")
 #: neighbour-table entries per chunk (indices + distances: 12 bytes each)
 CHUNK_ENTRIES = 1 << 24
 #: leave-one-out searches of at least this many rows use the symmetric search
@@ -31,6 +32,15 @@ def as_float32(name: str, x: Any) -> np.ndarray:
         bad = int((~np.isfinite(arr)).any(1).sum())
         raise ValueError(f"{name} has {bad} rows with NaN or inf")
     return arr
+
+
+def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+    """Vectors as every index stores them: L2-normalised (a copy; zero rows stay zero)
+    for ``"cosine"``, unchanged for ``"l2"``."""
+    if metric != "cosine":
+        return x
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))[:, None]
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
 def as_ids(name: str, y: Any, n: int) -> np.ndarray:

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from ._inputs import DEVICES, EXCLUDE, as_float32, as_ids, check_choice
-from .index import faiss_gpu_count
 from .knn import KNNClassifier
 from .metrics import (
     EvaluationReport,
@@ -109,6 +108,7 @@ def evaluate_embeddings(
     map_at_r: bool = True,
     cross_scale: bool = True,
     device: str = "auto",
+    backend: str = "auto",
 ) -> EvaluationReport:
     """kNN evaluation of embeddings: classification and retrieval, pooled and per scale,
     and the cross-magnification matrix.
@@ -126,6 +126,7 @@ def evaluate_embeddings(
         metric: see `KNNClassifier`.
         weights: see `KNNClassifier`.
         device: see `KNNClassifier`.
+        backend: see `KNNClassifier`.
         map_at_r: also compute MAP@R, which retrieves R neighbours per query (R = the
             usable gallery items of its class); turn off for huge galleries.
         cross_scale: compute the matrix of kNN accuracy (query scale x gallery
@@ -145,7 +146,7 @@ def evaluate_embeddings(
     check_choice("device", device, DEVICES)
     if device == "auto":  # decided on the caller's tensors, before they become numpy
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
-        device = "cuda" if on_cuda and faiss_gpu_count() else "cpu"
+        device = "cuda" if on_cuda else "cpu"
     q = as_float32("embeddings", embeddings)
     n = q.shape[0]
     qy = as_ids("labels", labels, n)
@@ -170,7 +171,7 @@ def evaluate_embeddings(
     classes, g_codes = np.unique(gy, return_inverse=True)
     _, q_codes = encode_ids("labels", qy, n, classes)
     n_classes = len(classes)
-    knn = KNNClassifier(k, metric, weights, device).fit(g_emb, gy, groups=ex_g)
+    knn = KNNClassifier(k, metric, weights, device, backend=backend).fit(g_emb, gy, groups=ex_g)
 
     # R of each query: usable gallery items of its class.
     n_rel = np.bincount(g_codes, minlength=n_classes)[q_codes].astype(np.int64)
@@ -216,7 +217,7 @@ def evaluate_embeddings(
     if cross_scale and gs is not None:
         report.cross_scale = _cross_scale_matrix(
             q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, knn_exclude,
-            KNNClassifier(k, metric, weights, device), classes,
+            KNNClassifier(k, metric, weights, device, backend=backend), classes,
         )  # fmt: skip
         cells = np.array(report.cross_scale, dtype=float)
         off = cells[~np.eye(len(cells), dtype=bool)]

@@ -1,5 +1,5 @@
 """Exact (or IVF) nearest-neighbour search over a gallery with FAISS, imported only when
-an index is built."""
+an index is built, and `make_index`, which picks FAISS or torch."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._inputs import DEVICES, METRICS, as_float32, check_choice
+from ._inputs import BACKENDS, DEVICES, METRICS, as_float32, check_choice, prepare_vectors
+from .torch_index import TorchIndex
 
-__all__ = ["FaissIndex"]
+__all__ = ["FaissIndex", "make_index"]
 
 
 def _faiss():
@@ -29,6 +30,55 @@ def faiss_gpu_count() -> int:
     """GPUs the installed faiss can use (0 for faiss-cpu)."""
     faiss = _faiss()
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _has_faiss() -> bool:
+    try:
+        _faiss()
+    except ImportError:
+        return False
+    return True
+
+
+def make_index(
+    embeddings: Any,
+    metric: str = "cosine",
+    device: str = "auto",
+    index: str = "flat",
+    backend: str = "auto",
+) -> FaissIndex | TorchIndex:
+    """The search index for a gallery: one call whatever is installed.
+
+    ``backend="auto"`` takes FAISS when it is installed and can serve the device (a
+    CUDA tensor or ``device="cuda"`` needs a faiss with GPUs) or ``index="ivf"`` is
+    asked for, torch otherwise; both are exact for ``index="flat"`` and order ties
+    by gallery index.
+
+    Args:
+        embeddings: [G, D] gallery, numpy or torch on any device.
+        metric: ``"cosine"`` or ``"l2"``.
+        device: ``"auto"`` (where the embeddings are), ``"cpu"`` or ``"cuda"``.
+        index: ``"flat"`` (exact) or ``"ivf"`` (approximate; FAISS only).
+        backend: ``"auto"``, ``"faiss"`` or ``"torch"``.
+
+    Examples:
+        >>> idx = make_index(np.eye(3, dtype="float32"), metric="l2", backend="torch")
+        >>> idx.search(np.eye(3, dtype="float32"), k=1)[1].ravel().tolist()
+        [0, 1, 2]
+    """
+    check_choice("backend", backend, BACKENDS)
+    check_choice("device", device, DEVICES)
+    check_choice("index", index, ("flat", "ivf"))
+    if backend == "auto":
+        on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
+        wants_gpu = device == "cuda" or (device == "auto" and on_cuda)
+        usable = _has_faiss() and (not wants_gpu or faiss_gpu_count() > 0)
+        backend = "faiss" if usable or index == "ivf" else "torch"
+    if backend == "faiss":
+        return FaissIndex(embeddings, metric, device, index)
+    if index != "flat":
+        raise ValueError(f"index={index!r} needs backend='faiss' (the torch backend is exact)")
+    return TorchIndex(embeddings, metric, device)
 
 
 class FaissIndex:
@@ -65,7 +115,7 @@ class FaissIndex:
         check_choice("device", device, DEVICES)
         check_choice("index", index, ("flat", "ivf"))
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
-        gallery = self.prepare(as_float32("embeddings", embeddings), metric)
+        gallery = prepare_vectors(as_float32("embeddings", embeddings), metric)
         self.metric, self.ntotal, self.dim = metric, gallery.shape[0], gallery.shape[1]
         gpus = faiss_gpu_count()
         if device == "cuda" and gpus == 0:
@@ -129,24 +179,10 @@ class FaissIndex:
         self.index = index
         return self
 
-    @staticmethod
-    def prepare(x: np.ndarray, metric: str) -> np.ndarray:
-        """Vectors as the index stores them: L2-normalised (a copy) for ``"cosine"``.
-
-        Args:
-            x: [N, D] float32 vectors.
-            metric: ``"cosine"`` or ``"l2"``.
-        """
-        faiss = _faiss()
-        if metric == "cosine":
-            x = x.copy()
-            faiss.normalize_L2(x)
-        return x
-
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """k nearest gallery items of each query: distances [Q, k] (ascending) and ids [Q, k]
         (``-1`` where the gallery has fewer than k items)."""
-        q = self.prepare(as_float32("queries", queries), self.metric)
+        q = prepare_vectors(as_float32("queries", queries), self.metric)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the gallery {self.dim}")
         raw, ids = self.index.search(q, int(k))

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._inputs import (
+    BACKENDS,
     CHUNK_ENTRIES,
     EXCLUDE,
     METRICS,
@@ -17,8 +18,9 @@ from ._inputs import (
     as_float32,
     as_ids,
     check_choice,
+    prepare_vectors,
 )
-from .index import FaissIndex
+from .index import make_index
 from .symmetric import symmetric_knn
 
 __all__ = ["KNNClassifier", "Neighbours"]
@@ -47,15 +49,17 @@ class Neighbours:
 
 
 class KNNClassifier:
-    """k-nearest-neighbour classifier over a FAISS index, with leave-one-patient-out.
+    """k-nearest-neighbour classifier over an exact index, with leave-one-patient-out.
 
     Args:
         k: neighbours that vote.
         metric: ``"cosine"`` or ``"l2"``.
         weights: ``"uniform"`` or ``"distance"`` (``1 / d``; a query at distance 0
             from some neighbours takes only those, as scikit-learn does).
-        device: see `FaissIndex`.
-        index: see `FaissIndex`.
+        device: see [`make_index`][smse_metric.evaluation.make_index].
+        index: see [`make_index`][smse_metric.evaluation.make_index].
+        backend: ``"auto"`` (FAISS where it is installed and serves the device, else
+            torch), ``"faiss"`` or ``"torch"``; see `make_index`.
 
     Ties: neighbours at equal distance are ordered by gallery index; classes with
     equal votes go to the smaller class index (scikit-learn's rule).
@@ -74,17 +78,21 @@ class KNNClassifier:
         weights: str = "uniform",
         device: str = "auto",
         index: str = "flat",
+        backend: str = "auto",
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         check_choice("metric", metric, METRICS)
         check_choice("weights", weights, WEIGHTS)
         self.k, self.metric, self.weights = int(k), metric, weights
-        self.device, self.index_type = device, index
+        check_choice("backend", backend, BACKENDS)
+        self.device, self.index_type, self.backend = device, index, backend
 
     def fit(self, embeddings: Any, labels: Any, groups: Any = None) -> KNNClassifier:
         """Index the gallery. ``groups`` (patients) enable ``exclude="group"``."""
-        self.index_ = FaissIndex(embeddings, self.metric, self.device, self.index_type)
+        self.index_ = make_index(
+            embeddings, self.metric, self.device, self.index_type, self.backend
+        )
         n = self.index_.ntotal
         self.classes_, self.labels_ = np.unique(as_ids("labels", labels, n), return_inverse=True)
         self.groups_ = None
@@ -188,14 +196,14 @@ class KNNClassifier:
 
     def _symmetric(self, q: np.ndarray, qg: np.ndarray | None, exclude: str) -> bool:
         """Whether the queries are this exact-CPU gallery itself, so that
-        [`symmetric_knn`][smse_metric.symmetric_knn.symmetric_knn] can answer at half the cost."""
+        [`symmetric_knn`][smse_metric.evaluation.symmetric_knn] can answer at half the cost."""
         if exclude == "none" or self.index_type != "flat" or self.index_.device != "cpu":
             return False
         if len(q) != self.index_.ntotal or len(q) < SYMMETRIC_MIN_ROWS:
             return False
         if exclude == "group" and not np.array_equal(qg, self.groups_):
             return False
-        return np.array_equal(FaissIndex.prepare(q, self.metric), self.index_.vectors())
+        return np.array_equal(prepare_vectors(q, self.metric), self.index_.vectors())
 
     def votes(self, nb: Neighbours) -> np.ndarray:
         """[q, C] votes of a chunk's first ``k`` neighbours for each of ``classes_``

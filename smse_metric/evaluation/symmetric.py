@@ -20,30 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._keys import EMPTY, decode_keys, distances, factors, order_keys
+
 __all__ = ["symmetric_knn"]
 
 BLOCK = 2048  #: rows per block: a [BLOCK, BLOCK] float32 block is 16 MiB
 TILE = 32  #: entries per tile of the rejection pass
 _FLOOR = torch.finfo(torch.float32).min  # thresholds never admit masked (-inf) entries
-_EMPTY = torch.iinfo(torch.int64).min  # key of an empty slot
-_LOW = (1 << 32) - 1
-
-
-def _keys(values: Tensor, ids: Tensor) -> Tensor:
-    """int64 keys whose order is (value descending, id ascending) as one number: the
-    float's order-preserving int32 image in the high half, ``2**32 - 1 - id`` below."""
-    bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    return bits * (1 << 32) + (_LOW - ids)
-
-
-def _decode(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """(values, ids) of keys; empty slots give (-inf, -1)."""
-    bits = (keys >> 32).to(torch.int32)
-    values = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
-    ids = _LOW - (keys & _LOW)
-    empty = keys == _EMPTY
-    return values.masked_fill(empty, float("-inf")), ids.masked_fill(empty, -1)
 
 
 def _merge(state: Tensor, rows: Tensor, keys: Tensor) -> None:
@@ -54,7 +37,7 @@ def _merge(state: Tensor, rows: Tensor, keys: Tensor) -> None:
     order = torch.argsort(inv, stable=True)
     pos = torch.empty_like(inv)
     pos[order] = torch.arange(len(inv)) - (torch.cumsum(counts, 0) - counts)[inv[order]]
-    dense = torch.full((len(urows), int(counts.max())), _EMPTY, dtype=torch.int64)
+    dense = torch.full((len(urows), int(counts.max())), EMPTY, dtype=torch.int64)
     dense[inv, pos] = keys
     state[urows] = torch.cat([state[urows], dense], 1).topk(state.shape[1], dim=1).values
 
@@ -77,7 +60,7 @@ def _candidates(s: Tensor, tau: Tensor, by_column: bool = False) -> tuple[Tensor
 
 def _threshold(state: Tensor, pad: int) -> Tensor:
     """Each row's k-th value (floored to finite), padded with +inf (admits nothing)."""
-    tau = _decode(state[:, -1])[0].clamp_min(_FLOOR)
+    tau = decode_keys(state[:, -1])[0].clamp_min(_FLOOR)
     return torch.cat([tau, torch.full((pad,), float("inf"))])
 
 
@@ -120,14 +103,9 @@ def symmetric_knn(
     perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
     orig = torch.from_numpy(perm.astype(np.int64))
     xp = x if groups is None else x[orig]  # without groups the order is the identity
-    if metric == "cosine":
-        xp = torch.nn.functional.normalize(xp, dim=1)
-        a = b = xp
-    else:
-        half, ones = xp.square().sum(1, keepdim=True) / 2, torch.ones(n, 1)
-        a, b = torch.cat([xp, -half, ones], 1), torch.cat([xp, ones, -half], 1)
+    a, b = factors(xp, metric)
     g = None if groups is None else torch.from_numpy(np.asarray(groups)[perm])
-    state = torch.full((n, k), _EMPTY, dtype=torch.int64)
+    state = torch.full((n, k), EMPTY, dtype=torch.int64)
     bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
     for s, e in bounds:  # each block against itself: the first k of every row
         sim = a[s:e] @ b[s:e].T
@@ -138,7 +116,7 @@ def symmetric_knn(
         tau = sim.topk(kk, dim=1).values[:, -1].clamp_min(_FLOOR)
         # everything reaching the k-th value (more than k only where it is tied)
         r, c = (sim >= tau[:, None]).nonzero(as_tuple=True)
-        _merge(state, r + s, _keys(sim[r, c], orig[c + s]))
+        _merge(state, r + s, order_keys(sim[r, c], orig[c + s]))
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
             sim = a[s:e] @ b[t:u].T
@@ -148,12 +126,10 @@ def symmetric_knn(
             if pad_r or pad_c:
                 sim = torch.nn.functional.pad(sim, (0, pad_c, 0, pad_r), value=float("-inf"))
             r, c = _candidates(sim, _threshold(state[s:e], pad_r))
-            _merge(state, r + s, _keys(sim[r, c], orig[c + t]))
+            _merge(state, r + s, order_keys(sim[r, c], orig[c + t]))
             r, c = _candidates(sim, _threshold(state[t:u], pad_c), by_column=True)
-            _merge(state, c + t, _keys(sim[r, c], orig[r + s]))
+            _merge(state, c + t, order_keys(sim[r, c], orig[r + s]))
     out = torch.empty_like(state)
     out[orig] = state  # back to the input's row order
-    out_vals, out_ids = _decode(out)
-    dist = 1.0 - out_vals if metric == "cosine" else (-2.0 * out_vals).clamp_min(0).sqrt()
-    dist[out_ids < 0] = float("inf")
-    return dist.numpy(), out_ids.numpy()
+    dist, ids = distances(out, metric)
+    return dist.numpy(), ids.numpy()

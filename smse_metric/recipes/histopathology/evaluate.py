@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smse_metric.evaluation import FaissIndex, evaluate_embeddings, evaluate_predictions
+from smse_metric.evaluation import (
+    FaissIndex,
+    evaluate_embeddings,
+    evaluate_predictions,
+    make_index,
+)
 
 from .build import build_model, device_of, eval_loader, make_datasets, num_classes, resolve_inputs
 from .config import Config, load_config
@@ -145,8 +150,9 @@ def evaluate_run(
     bad_images: list | None = None,
 ) -> dict:
     """Evaluate a run's ``checkpoints/best.pt`` on its test patients and write
-    ``metrics.json``, ``embeddings/{gallery,test}.npz``, ``index/gallery.faiss`` (the
-    kNN gallery that ``search`` queries) and ``report.md`` with its plots.
+    ``metrics.json``, ``embeddings/{gallery,test}.npz`` (``gallery.npz`` is the kNN
+    gallery that ``search`` queries), ``report.md`` with its plots and, where faiss is
+    installed, ``index/gallery.faiss`` (the same gallery as a FAISS index).
 
     Args:
         run_dir: a run directory with ``config.toml`` and ``checkpoints/best.pt``.
@@ -195,8 +201,10 @@ def evaluate_run(
     (out / "embeddings").mkdir(exist_ok=True)
     _save_embeddings(out / "embeddings" / "gallery.npz", g_emb, ds["gallery"])
     _save_embeddings(out / "embeddings" / "test.npz", q_emb, ds["test"])
-    (out / "index").mkdir(exist_ok=True)
-    FaissIndex(g_emb, metric=cfg.eval.metric, device="cpu").save(out / "index" / "gallery.faiss")
+    index = make_index(g_emb, metric=cfg.eval.metric, device="cpu")
+    if isinstance(index, FaissIndex):  # for FAISS users; search itself reads gallery.npz
+        (out / "index").mkdir(exist_ok=True)
+        index.save(out / "index" / "gallery.faiss")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out)
     return metrics

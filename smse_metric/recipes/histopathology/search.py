@@ -1,8 +1,8 @@
 """Similar cases for an image: embed it with a run's model, search the run's gallery.
 
-The gallery is the run's kNN gallery (its training images, ``index/gallery.faiss``
-with metadata in ``embeddings/gallery.npz``), so the neighbours shown are the ones
-that vote in the run's kNN classification.
+The gallery is the run's kNN gallery (its training images, with their embeddings and
+metadata in ``embeddings/gallery.npz``), searched exactly (FAISS or torch), so the
+neighbours shown are the ones that vote in the run's kNN classification.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from smse_metric.evaluation import FaissIndex
+from smse_metric.evaluation import make_index
 
 from .config import load_config
 from .data.breakhis import SUBTYPES
@@ -82,8 +82,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     run = Path(run_dir)
     if not isinstance(k, int) or k < 1:
         raise RecipeError(f"k must be a positive integer, got {k!r}")
-    for need in ("config.toml", "checkpoints/best.pt", "index/gallery.faiss",
-                 "embeddings/gallery.npz"):  # fmt: skip
+    for need in ("config.toml", "checkpoints/best.pt", "embeddings/gallery.npz"):
         if not (run / need).is_file():
             raise RecipeError(f"{run} has no {need}: train (or evaluate) the run first")
     cfg = resolve_inputs(load_config(run / "config.toml"))
@@ -98,11 +97,11 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     x = normalize_image(x, cfg.data.mean, cfg.data.std)
     with torch.no_grad():
         emb, _ = model(x[None].to(device))
-    index = FaissIndex.load(run / "index" / "gallery.faiss")
-    dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
     with np.load(run / "embeddings" / "gallery.npz", allow_pickle=False) as meta:
-        meta = {key: meta[key] for key in ("paths", "groups", "labels", "subtypes",
-                                           "magnifications")}  # fmt: skip
+        meta = {key: meta[key] for key in ("embeddings", "paths", "groups", "labels",
+                                           "subtypes", "magnifications")}  # fmt: skip
+    index = make_index(meta["embeddings"], metric=cfg.eval.metric, device="cpu")
+    dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
     if data is not None:  # the dataset moved: same tree under a new root
         old = data_root(cfg, run).resolve()
         meta["paths"] = np.array([str(Path(data) / Path(p).relative_to(old))

@@ -1,0 +1,50 @@
+"""Internal: the exact neighbour order shared by the symmetric search and the torch index.
+
+Both compute similarities (larger is nearer) as one product ``a @ b.T``: for
+``"cosine"`` of L2-normalised rows, for ``"l2"`` of augmented rows
+``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2] = -d(i, j)^2 / 2``. A (similarity, id)
+pair becomes one int64 key whose descending order is (similarity descending, id
+ascending), so a plain ``topk`` of keys gives the k nearest with ties broken by index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EMPTY = torch.iinfo(torch.int64).min  #: key of an empty slot
+LOW = (1 << 32) - 1
+
+
+def factors(x: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """(a, b) with ``a[i] . b[j]`` the similarity of rows i and j of ``x`` [N, D]."""
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+        return x, x
+    half, ones = x.square().sum(1, keepdim=True) / 2, x.new_ones(x.shape[0], 1)
+    return torch.cat([x, -half, ones], 1), torch.cat([x, ones, -half], 1)
+
+
+def order_keys(values: Tensor, ids: Tensor) -> Tensor:
+    """int64 keys: the float32 similarity's order-preserving int32 image in the high
+    half, ``2**32 - 1 - id`` below."""
+    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return bits * (1 << 32) + (LOW - ids)
+
+
+def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(similarities, ids) of keys; empty slots give (-inf, -1)."""
+    bits = (keys >> 32).to(torch.int32)
+    values = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+    ids = LOW - (keys & LOW)
+    empty = keys == EMPTY
+    return values.masked_fill(empty, float("-inf")), ids.masked_fill(empty, -1)
+
+
+def distances(keys: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """(distances, ids) of keys: ``1 - cos`` or the euclidean distance; empty slots
+    give (inf, -1)."""
+    values, ids = decode_keys(keys)
+    dist = 1.0 - values if metric == "cosine" else (-2.0 * values).clamp_min(0).sqrt()
+    return dist.masked_fill(ids < 0, float("inf")), ids
