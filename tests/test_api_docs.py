@@ -11,8 +11,8 @@ PUBLIC_MODULES = [
     "smse_metric", "smse_metric.functional", "smse_metric.losses", "smse_metric.miners",
     "smse_metric.samplers", "smse_metric.evaluation",
     "smse_metric.distributed",
-    *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.dataset", ".training", ".engine",
-                            ".splits", ".build", ".evaluate", ".errors", ".folds",
+    *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.dataset", ".training", ".trainer",
+                            ".engine", ".splits", ".build", ".evaluate", ".errors", ".folds",
                             ".search", ".demo", ".compare", ".rundir", ".report")),
 ]  # fmt: skip
 

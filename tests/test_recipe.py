@@ -18,6 +18,7 @@ from smse_metric.recipes.histopathology import config_to_toml, load_config
 from smse_metric.recipes.histopathology.build import resolve_inputs
 from smse_metric.recipes.histopathology.cli import main
 from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+from smse_metric.recipes.histopathology.engine import TrainState
 from smse_metric.recipes.histopathology.splits import load_splits
 from smse_metric.recipes.histopathology.training import train
 
@@ -99,9 +100,10 @@ def _check_run(run, cfg):
     assert [h["epoch"] for h in history] == list(range(cfg.optim.epochs))
     assert all(np.isfinite(h["loss"]) and 0 <= h["val_score"] <= 1 for h in history)
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "progress", "history"} <= set(last)
+    assert {"model", "optimizer", "sampler", "train_state"} <= set(last)
+    assert TrainState.from_checkpoint(last).history == history
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    assert set(best) == {"model", "progress"}  # weights only: the optimiser lives in last.pt
+    assert set(best) == {"model", "train_state"}  # weights only: the optimiser is in last.pt
     assert (run / ".smse-run").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_epoch"] == max(range(len(history)), key=lambda e: history[e]["val_score"])
@@ -251,7 +253,7 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys,
     # the signal lands after step 1's callback: step 2 finishes, then the loop stops
     assert "interrupted at epoch 1 step 2" in child.stdout
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert (state["progress"]["epoch"], state["progress"]["position"]) == (1, 3)
+    assert (state["train_state"]["epoch"], state["train_state"]["position"]) == (1, 3)
     assert (state["sampler"]["epoch"], state["sampler"]["position"]) == (1, 3)  # not prefetch
     assert len(_history(out)) == 1 and not (out / "metrics.json").exists()
 
@@ -267,23 +269,23 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys,
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):
-    from smse_metric.recipes.histopathology import build, training
+    from smse_metric.recipes.histopathology import build, trainer
 
     cfg = load_config("smse-triplet", TINY)
     train_set = build.make_datasets(cfg, load_splits(cfg, root))["train"]
     poison_at = len(build.train_loader(cfg, train_set)) + 2  # epoch 1, step 1
-    real, calls = training.train_step, []
+    real, calls = trainer.train_step, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == poison_at else loss
 
-    monkeypatch.setattr(training, "train_step", poisoned)
+    monkeypatch.setattr(trainer, "train_step", poisoned)
     with pytest.raises(FloatingPointError, match="epoch 1 step 1"):
         train(cfg, tmp_path / "run", root, quiet=True)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["progress"]["epoch"] == 1 and state["progress"]["position"] == 0
+    assert state["train_state"]["epoch"] == 1 and state["train_state"]["position"] == 0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -447,18 +449,18 @@ def test_moved_data_needs_data_and_a_bad_sheet_fails_before_searching(root, tmp_
 def test_history_has_no_duplicate_epoch_after_a_kill_anywhere(root, tmp_path, monkeypatch):
     """A kill after last.pt is written but before history.jsonl (the worst moment), then
     --resume: each epoch appears once."""
-    from smse_metric.recipes.histopathology import training
+    from smse_metric.recipes.histopathology import trainer
 
     cfg = load_config("smse-triplet", {**TINY, "optim": {"epochs": 3}})
     out = tmp_path / "run"
-    real = training._write_history
+    real = trainer._write_history
 
     def killed_after_epoch_1(path, history):
         if len(history) == 2:
             raise SystemExit("killed")  # last.pt of epoch 1 is on disk, the history is not
         real(path, history)
 
-    monkeypatch.setattr(training, "_write_history", killed_after_epoch_1)
+    monkeypatch.setattr(trainer, "_write_history", killed_after_epoch_1)
     with pytest.raises(SystemExit):
         train(cfg, out, root, quiet=True)
     assert [h["epoch"] for h in _history(out)] == [0]

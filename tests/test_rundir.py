@@ -124,12 +124,12 @@ def test_a_marked_run_is_replaced_and_a_fresh_one_is_marked(tmp_path, config, da
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, config, data,
                                                                      monkeypatch):  # fmt: skip
-    from smse_metric.recipes.histopathology import training
+    from smse_metric.recipes.histopathology import trainer
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the first step")
 
-    monkeypatch.setattr(training, "train_step", broken)
+    monkeypatch.setattr(trainer, "train_step", broken)
     out = tmp_path / "run"
     args = ["train", "--config", str(config), "--data", str(data), "--out", str(out)]
     with pytest.raises(RuntimeError, match="a bug in the first step"):
@@ -172,12 +172,12 @@ def test_claim_removes_only_what_it_created(tmp_path):
 
 def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path, config, data,
                                                                 monkeypatch, capsys):  # fmt: skip
-    from smse_metric.recipes.histopathology import training
+    from smse_metric.recipes.histopathology import trainer
 
     def buggy(*args, **kwargs):
         raise ValueError("operands could not be broadcast together")  # not the user's fault
 
-    monkeypatch.setattr(training, "train_step", buggy)
+    monkeypatch.setattr(trainer, "train_step", buggy)
     args = ["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "r")]
     with pytest.raises(ValueError, match="could not be broadcast"):
         main(args)  # raised, not turned into exit 2

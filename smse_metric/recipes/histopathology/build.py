@@ -22,7 +22,9 @@ from .models import EmbeddingNet
 from .splits import Splits
 
 __all__ = [
+    "Built",
     "amp_setup",
+    "build",
     "build_model",
     "device_of",
     "eval_loader",
@@ -294,3 +296,70 @@ def make_optimizer(
     elif cfg.optim.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.optim.epochs)
     return optimizer, scheduler
+
+
+@dataclasses.dataclass
+class Built:
+    """The objects of one training run, built once from its validated config by `build`.
+
+    Attributes:
+        device: where the run trains.
+        datasets: ``train``, ``gallery`` (the training images, evaluation transform),
+            ``val`` and ``test`` datasets.
+        model: the network, on ``device`` (channels-last on CUDA).
+        metric_loss: the metric loss, or None (the baseline).
+        cls_loss: the classification loss, on ``device``.
+        optimizer: the optimiser over ``model``'s parameters.
+        scheduler: the learning-rate schedule, or None.
+        amp_dtype: the autocast dtype, or None.
+        scaler: a ``GradScaler`` for float16 autocast, or None.
+        loader: the training loader (its ``batch_sampler`` resumes mid-epoch).
+
+    Examples:
+        >>> [f.name for f in dataclasses.fields(Built)][:4]
+        ['device', 'datasets', 'model', 'metric_loss']
+    """
+
+    device: torch.device
+    datasets: dict[str, BreakHisDataset]
+    model: EmbeddingNet
+    metric_loss: torch.nn.Module | None
+    cls_loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    loader: DataLoader
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether images go to the network channels-last (on CUDA)."""
+        return self.device.type == "cuda"
+
+
+def build(cfg: Config, splits: Splits, device: torch.device) -> Built:
+    """Every object a training run needs, from its validated config, once.
+
+    Args:
+        cfg: the run's validated `Config` (inputs resolved by `resolve_inputs`).
+        splits: its patient splits.
+        device: where to train (`device_of`).
+
+    Examples:
+        Built by `train` before the first step (tests/test_recipe.py runs it; skipped here
+        because it needs a dataset on disk):
+
+        >>> built = build(cfg, load_splits(cfg, root), device_of(cfg))  # doctest: +SKIP
+        >>> type(built.optimizer).__name__  # doctest: +SKIP
+        'Adam'
+    """
+    datasets = make_datasets(cfg, splits)
+    model = build_model(cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    counts = np.bincount(datasets["train"].labels, minlength=num_classes(cfg))
+    metric_loss, cls_loss = make_losses(cfg, counts)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    amp_dtype, scaler = amp_setup(cfg, device)
+    return Built(device, datasets, model, metric_loss, cls_loss.to(device), optimizer,
+                 scheduler, amp_dtype, scaler, train_loader(cfg, datasets["train"]))  # fmt: skip

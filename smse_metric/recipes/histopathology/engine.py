@@ -1,18 +1,21 @@
 """The training machinery of the recipe: one step on the global batch, batch
 samplers that resume mid-epoch, checkpoints, Ctrl-C, DDP set-up and embedding.
 
-Kept apart from ``breakhis.py`` (what to train on and what to report) so that the
-distributed test can drive `train_step` with any ``(embeddings, logits)`` model.
+Kept apart from the trainer (what to train and when to stop) so that the distributed
+test can drive `train_step` with any ``(embeddings, logits)`` model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
 import signal
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +26,78 @@ from smse_metric.distributed import gather_batch, get_rank, get_world_size
 
 from .errors import RecipeError
 
-__all__ = ["TrainingInterrupted", "embed", "load_checkpoint", "save_checkpoint", "train_step"]
+__all__ = [
+    "TrainState",
+    "TrainingInterrupted",
+    "embed",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train_step",
+]
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a training run stands. ``last.pt`` holds it under ``"train_state"`` beside
+    the weights, optimiser, schedule, scaler, RNG and sampler states; ``best.pt`` beside
+    the selected weights.
+
+    Attributes:
+        epoch: the epoch under way (epochs finished so far).
+        position: batches of that epoch done.
+        loss_sum: summed loss of those batches.
+        steps: those batches, counted for the mean loss.
+        seen: images of those batches, over all ranks.
+        seconds: training time of the epoch so far.
+        best: best validation score so far (``-inf`` before the first).
+        best_epoch: the epoch that scored it (-1 before the first).
+        stale: epochs since it improved (early stopping).
+        done: whether early stopping ended the run.
+        history: one record per finished epoch (``history.jsonl`` is written from it).
+
+    Examples:
+        >>> state = TrainState(epoch=2, best=0.8, best_epoch=1)
+        >>> TrainState.from_checkpoint({"train_state": state.to_dict()}) == state
+        True
+    """
+
+    epoch: int = 0
+    position: int = 0
+    loss_sum: float = 0.0
+    steps: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    best: float = -math.inf
+    best_epoch: int = -1
+    stale: int = 0
+    done: bool = False
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain numbers and lists, as ``torch.load(weights_only=True)`` reads them."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> TrainState:
+        """The state a checkpoint holds.
+
+        Args:
+            checkpoint: a dict read by `load_checkpoint`.
+        """
+        raw = checkpoint.get("train_state")
+        if not isinstance(raw, dict):
+            raise RecipeError("the checkpoint has no training state (not a run's last.pt "
+                              "or best.pt)")  # fmt: skip
+        try:
+            return cls(**raw)
+        except TypeError as e:  # a field this version does not know
+            raise RecipeError(f"the checkpoint's training state does not fit: {e}") from e
+
+    def start_epoch(self) -> None:
+        """Move to the next epoch: its counters start from zero."""
+        self.epoch += 1
+        self.position = self.steps = self.seen = 0
+        self.loss_sum = self.seconds = 0.0
 
 
 class TrainingInterrupted(Exception):
@@ -203,9 +277,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
         >>> import tempfile
         >>> from pathlib import Path
         >>> path = Path(tempfile.mkdtemp()) / "last.pt"
-        >>> save_checkpoint(path, {"model": nn.Linear(2, 2).state_dict(), "progress": {"epoch": 1}})
-        >>> load_checkpoint(path)["progress"]  # torch.load(weights_only=True)
-        {'epoch': 1}
+        >>> save_checkpoint(path, {"model": nn.Linear(2, 2).state_dict(), "step": 1})
+        >>> load_checkpoint(path)["step"]  # torch.load(weights_only=True)
+        1
     """
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)

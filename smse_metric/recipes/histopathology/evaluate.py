@@ -19,7 +19,7 @@ from smse_metric.evaluation import (
 from .build import build_model, device_of, eval_loader, make_datasets, num_classes, resolve_inputs
 from .config import Config, load_config
 from .data.dataset import BreakHisDataset
-from .engine import embed, load_checkpoint
+from .engine import TrainState, embed, load_checkpoint
 from .errors import RecipeError
 from .models import EmbeddingNet
 from .splits import data_root, load_splits
@@ -188,11 +188,11 @@ def evaluate_run(
     g_emb, _ = embed(model, eval_loader(cfg, ds["gallery"]), device, channels_last)
     q_emb, q_pred = embed(model, eval_loader(cfg, ds["test"]), device, channels_last)
     test = split_reports(cfg, ds["gallery"], g_emb, ds["test"], q_emb, q_pred)
-    progress = state["progress"]
+    train_state = TrainState.from_checkpoint(state)
     metrics = {
-        "best_epoch": int(progress["best_epoch"]),
+        "best_epoch": train_state.best_epoch,
         "selected_on": f"validation {cfg.eval.select} patient accuracy",
-        "best_val_score": float(progress["best"]),
+        "best_val_score": train_state.best,
         "test": test,
         "splits": {k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
         "data": splits.index.report,
