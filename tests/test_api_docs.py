@@ -13,7 +13,7 @@ PUBLIC_MODULES = [
     "smse_metric.distributed",
     *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.dataset", ".training", ".trainer",
                             ".engine", ".splits", ".build", ".evaluate", ".errors", ".folds",
-                            ".search", ".demo", ".compare", ".rundir", ".report")),
+                            ".search", ".demo", ".compare", ".rundir", ".report", ".results")),
 ]  # fmt: skip
 
 

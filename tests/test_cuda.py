@@ -117,10 +117,10 @@ def test_recipe_trains_on_cuda_with_amp_and_channels_last(tmp_path):
         "run": {"device": "cuda", "amp": True},
     })  # fmt: skip
     metrics = train(cfg, tmp_path / "run", root, quiet=True)
-    assert 0 <= metrics["test"]["knn"]["pooled"]["patient_accuracy"] <= 1
+    assert 0 <= metrics.test.knn.pooled.patient_accuracy <= 1
     history = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
     assert history["loss"] == history["loss"]  # finite under autocast (NaN != NaN)
     # a GPU run is re-evaluated on the CPU from its weights-only checkpoint
     again = evaluate_run(tmp_path / "run", device="cpu")
-    assert again["splits"] == metrics["splits"]
-    assert again["test"]["knn"]["pooled"]["n"] == metrics["test"]["knn"]["pooled"]["n"]
+    assert again.splits == metrics.splits
+    assert again.test.knn.pooled.n == metrics.test.knn.pooled.n

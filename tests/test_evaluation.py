@@ -182,7 +182,7 @@ def test_retrieval_metrics_by_hand():
     # 1-D points; classes a a b b; leave-one-out
     emb = np.array([[0.0], [1.0], [1.5], [10.0]], dtype=np.float32)
     y = np.array([0, 0, 1, 1])
-    r = evaluate_embeddings(emb, y, k=1, exclude="self", metric="l2", cross_scale=False)
+    r = evaluate_embeddings(emb, y, k=1, exclude="self", metric="l2", cross_magnification=False)
     # nearest: 0->1 (hit), 1->2 (miss), 2->1 (miss), 3->2 (hit)
     assert r.retrieval.precision_at_1 == 0.5
     # R = 1 for everyone: AP = hit at rank 1
@@ -206,7 +206,7 @@ def test_patient_level_differs_from_image_level():
     assert r.pooled.confusion == [[4, 0], [1, 0]]
 
 
-def test_per_scale_and_cross_scale_matrix_equal_brute_force():
+def test_per_scale_and_cross_magnification_matrix_equal_brute_force():
     emb, y, g, s = data(n=90, seed=6)
     r = evaluate_embeddings(emb, y, g, s, k=3, metric="l2")
     for name, m in r.per_scale.items():
@@ -219,9 +219,9 @@ def test_per_scale_and_cross_scale_matrix_equal_brute_force():
             q, gal = s == qa, s == gb
             neigh = brute_neighbours(emb[q], emb[gal], "l2", 3, g[q], g[gal])
             pred = brute_predict(neigh, y[gal])
-            assert r.cross_scale[a][b] == pytest.approx((pred == y[q]).mean())
-    off = [r.cross_scale[a][b] for a in range(3) for b in range(3) if a != b]
-    assert r.cross_scale_mean == pytest.approx(np.mean(off))
+            assert r.cross_magnification[a][b] == pytest.approx((pred == y[q]).mean())
+    off = [r.cross_magnification[a][b] for a in range(3) for b in range(3) if a != b]
+    assert r.cross_magnification_mean == pytest.approx(np.mean(off))
     assert r.to_json()  # serialisable
 
 

@@ -19,6 +19,7 @@ from smse_metric.recipes.histopathology.build import resolve_inputs
 from smse_metric.recipes.histopathology.cli import main
 from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
 from smse_metric.recipes.histopathology.engine import TrainState
+from smse_metric.recipes.histopathology.results import RunMetrics
 from smse_metric.recipes.histopathology.splits import load_splits
 from smse_metric.recipes.histopathology.training import train
 
@@ -32,8 +33,8 @@ TINY = {
 OUTPUTS = (
     "config.toml", "history.jsonl", "metrics.json", "report.md", "checkpoints/last.pt",
     "checkpoints/best.pt", "embeddings/gallery.npz", "embeddings/test.npz",
-    "index/gallery.faiss", "plots/curves.png", "plots/confusion.png", "plots/cross_scale.png",
-    "plots/projection.png",
+    "index/gallery.faiss", "plots/curves.png", "plots/confusion.png",
+    "plots/cross_magnification.png", "plots/projection.png",
 )  # fmt: skip
 
 
@@ -108,7 +109,7 @@ def _check_run(run, cfg):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["best_epoch"] == max(range(len(history)), key=lambda e: history[e]["val_score"])
     knn, head = metrics["test"]["knn"], metrics["test"]["head"]
-    assert 0 <= knn["pooled"]["patient_accuracy"] <= 1 and len(knn["cross_scale"]) == 4
+    assert 0 <= knn["pooled"]["patient_accuracy"] <= 1 and len(knn["cross_magnification"]) == 4
     assert set(knn["per_scale"]) == {"40", "100", "200", "400"}
     assert 0 <= head["pooled"]["accuracy"] <= 1
     assert metrics["splits"]["test"] == knn["pooled"]["n"] and metrics["bad_images"] == []
@@ -132,7 +133,8 @@ def test_baseline_trains_and_selects_on_its_head(root, tmp_path):
     cfg = load_config("baseline-ce", {**TINY, "optim": {"epochs": 1}})
     metrics = train(cfg, tmp_path / "run", root, quiet=True)
     _check_run(tmp_path / "run", cfg)
-    assert metrics["selected_on"] == "validation head patient accuracy"
+    assert metrics.selected_on == "validation head patient accuracy"
+    assert metrics == RunMetrics.load(tmp_path / "run" / "metrics.json")  # what the file says
     assert _history(tmp_path / "run")[0]["val_score"] == pytest.approx(
         _history(tmp_path / "run")[0]["val_head_patient_accuracy"]
     )
@@ -146,7 +148,7 @@ def test_unreadable_images_are_left_out_and_listed(tmp_path):
     victim = Path(splits.index.paths[int(np.flatnonzero(splits.train)[0])])
     victim.write_bytes(b"not a png")
     metrics = train(cfg, tmp_path / "run", root, quiet=True)
-    assert [p for p, _ in metrics["bad_images"]] == [str(victim)]
+    assert [p for p, _ in metrics.bad_images] == [str(victim)]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "unreadable images left out: 1" in report and victim.name in report
 
@@ -163,7 +165,7 @@ def test_one_magnification_trains_reports_and_summarises_folds(root, tmp_path, c
     assert "off-diagonal mean: -." in (tmp_path / "single" / "report.md").read_text()
     out = tmp_path / "folds"
     assert main([*args, "--out", str(out), "--folds", "1-2"]) == 0
-    assert json.loads((out / "folds.json").read_text())["cross_scale_mean"] is None
+    assert json.loads((out / "folds.json").read_text())["cross_magnification_mean"] is None
     assert "cross-magnification" not in (out / "folds.md").read_text()
 
 
@@ -175,8 +177,8 @@ def test_subtype_task_trains_with_eight_classes(root, tmp_path):
                                        "optim": {"epochs": 1}})  # fmt: skip
     with pytest.warns(UserWarning, match="at least 2 patients of each class"):
         metrics = train(cfg, tmp_path / "run", root, quiet=True)
-    head = metrics["test"]["head"]["pooled"]
-    assert len(head["confusion"]) == 8 and sum(map(sum, head["confusion"])) == head["n"]
+    head = metrics.test.head.pooled
+    assert len(head.confusion) == 8 and sum(map(sum, head.confusion)) == head.n
     report = (tmp_path / "run" / "report.md").read_text()
     assert "plots/confusion.png" in report
 
@@ -259,9 +261,8 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys,
 
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert "| kNN | patient |" in capsys.readouterr().out
-    resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["test"] == json.loads(json.dumps(reference["test"]))
-    assert resumed["best_epoch"] == reference["best_epoch"]
+    resumed = RunMetrics.load(out / "metrics.json")
+    assert resumed.test == reference.test and resumed.best_epoch == reference.best_epoch
     timing = {"images_per_s", "seconds"}
     strip = [{k: v for k, v in h.items() if k not in timing} for h in _history(out)]
     assert strip == [{k: v for k, v in h.items() if k not in timing}

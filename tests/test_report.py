@@ -35,3 +35,6 @@ def test_errors_name_the_problem(tmp_path):
         write_report(tmp_path)
     with pytest.raises(ValueError, match="per_fold is empty"):
         fold_summary({})
+    (tmp_path / "metrics.json").write_text('{"best_epoch": 1}')  # an older or foreign file
+    with pytest.raises(ValueError, match=r"not a metrics\.json of this version.*evaluate"):
+        write_report(tmp_path)

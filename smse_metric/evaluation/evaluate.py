@@ -106,7 +106,7 @@ def evaluate_embeddings(
     metric: str = "cosine",
     weights: str = "uniform",
     map_at_r: bool = True,
-    cross_scale: bool = True,
+    cross_magnification: bool = True,
     device: str = "auto",
     backend: str = "auto",
 ) -> EvaluationReport:
@@ -129,7 +129,7 @@ def evaluate_embeddings(
         backend: see `KNNClassifier`.
         map_at_r: also compute MAP@R, which retrieves R neighbours per query (R = the
             usable gallery items of its class); turn off for huge galleries.
-        cross_scale: compute the matrix of kNN accuracy (query scale x gallery
+        cross_magnification: compute the matrix of kNN accuracy (query scale x gallery
             restricted to one scale); needs ``scales``.
 
     Examples:
@@ -214,20 +214,20 @@ def evaluate_embeddings(
         report.retrieval_per_scale[str(name)] = retrieval_metrics(
             p1[m], hit_k[m], ap[m], n_rel[m], map_at_r
         )
-    if cross_scale and gs is not None:
-        report.cross_scale = _cross_scale_matrix(
+    if cross_magnification and gs is not None:
+        report.cross_magnification = _cross_magnification_matrix(
             q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, knn_exclude,
             KNNClassifier(k, metric, weights, device, backend=backend), classes,
         )  # fmt: skip
-        cells = np.array(report.cross_scale, dtype=float)
+        cells = np.array(report.cross_magnification, dtype=float)
         off = cells[~np.eye(len(cells), dtype=bool)]
         off = off[np.isfinite(off)]
-        report.cross_scale_mean = float(off.mean()) if off.size else None
+        report.cross_magnification_mean = float(off.mean()) if off.size else None
     return report
 
 
-def _cross_scale_matrix(q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, exclude, knn,
-                        classes):  # fmt: skip
+def _cross_magnification_matrix(q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs,
+                                exclude, knn, classes):  # fmt: skip
     """Cell (a, b): kNN accuracy of scale-a queries against the gallery's scale-b items.
     A cell whose gallery has fewer than k usable items for some query is NaN."""
     matrix = np.full((len(s_table), len(s_table)), np.nan)

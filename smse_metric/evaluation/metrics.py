@@ -82,8 +82,8 @@ class EvaluationReport:
         per_scale: classification metrics of each magnification's queries.
         retrieval: precision@1, recall@k and MAP@R over every query (kNN only).
         retrieval_per_scale: the same per magnification.
-        cross_scale: query magnification x gallery magnification kNN accuracy.
-        cross_scale_mean: mean of the off-diagonal cells (None with one magnification).
+        cross_magnification: query magnification x gallery magnification kNN accuracy.
+        cross_magnification_mean: mean of the off-diagonal cells (None with one magnification).
 
     Examples:
         >>> from smse_metric.evaluation import evaluate_embeddings, evaluate_predictions
@@ -92,10 +92,12 @@ class EvaluationReport:
         >>> emb = rng.standard_normal((80, 4)) + 3 * labels[:, None]
         >>> report = evaluate_embeddings(emb, labels, groups=np.arange(80) // 4,
         ...                              scales=np.tile([40, 400], 40), k=3)
-        >>> report.pooled.accuracy > 0.9, sorted(report.per_scale), len(report.cross_scale)
+        >>> report.pooled.accuracy > 0.9, sorted(report.per_scale), len(report.cross_magnification)
         (True, ['40', '400'], 2)
         >>> import json; sorted(json.loads(report.to_json()))[:3]
-        ['classes', 'cross_scale', 'cross_scale_mean']
+        ['classes', 'cross_magnification', 'cross_magnification_mean']
+        >>> EvaluationReport.from_dict(json.loads(report.to_json())) == report
+        True
     """
 
     classes: list
@@ -108,14 +110,36 @@ class EvaluationReport:
     retrieval: RetrievalMetrics | None = None
     retrieval_per_scale: dict[str, RetrievalMetrics] = field(default_factory=dict)
     #: rows: query scale, columns: gallery restricted to that scale; kNN accuracy
-    cross_scale: list[list[float]] | None = None
-    cross_scale_mean: float | None = None  #: mean of the off-diagonal cells
+    cross_magnification: list[list[float]] | None = None
+    cross_magnification_mean: float | None = None  #: mean of the off-diagonal cells
 
     def to_dict(self) -> dict:
+        """Plain lists, numbers and strings (scales as string keys)."""
         return jsonable(asdict(self))
 
     def to_json(self, **kwargs) -> str:
+        """`to_dict` as JSON text; ``kwargs`` go to ``json.dumps``."""
         return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvaluationReport:
+        """The report that `to_dict` wrote (e.g. read back from a JSON file).
+
+        Args:
+            d: a dict from `to_dict`.
+        """
+        retrieval = d.get("retrieval")
+        return cls(
+            **{k: d[k] for k in ("classes", "scales", "k", "metric", "exclude")},
+            pooled=ClassificationMetrics(**d["pooled"]),
+            per_scale={s: ClassificationMetrics(**m) for s, m in d.get("per_scale", {}).items()},
+            retrieval=None if retrieval is None else RetrievalMetrics(**retrieval),
+            retrieval_per_scale={
+                s: RetrievalMetrics(**m) for s, m in d.get("retrieval_per_scale", {}).items()
+            },
+            cross_magnification=d.get("cross_magnification"),
+            cross_magnification_mean=d.get("cross_magnification_mean"),
+        )
 
 
 def jsonable(x):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .data import make_synthetic_breakhis, scan_breakhis
 from .errors import RecipeError
+from .results import RunMetrics
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -25,15 +26,14 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(metrics: dict, out: Path) -> None:
+def _summary(metrics: RunMetrics, out: Path) -> None:
     from .report import format_score, results_table
 
-    print(f"best epoch {metrics['best_epoch']} ({metrics['selected_on']} "
-          f"{metrics['best_val_score']:.3f})")  # fmt: skip
-    print("\n".join(results_table(metrics["test"])))
-    print(
-        f"cross-magnification kNN mean: {format_score(metrics['test']['knn']['cross_scale_mean'])}"
-    )
+    print(f"best epoch {metrics.best_epoch} ({metrics.selected_on} "
+          f"{metrics.best_val_score:.3f})")  # fmt: skip
+    print("\n".join(results_table(metrics.test)))
+    mean = format_score(metrics.test.knn.cross_magnification_mean)
+    print(f"cross-magnification kNN mean: {mean}")
     print(f"wrote {out} (report: {out / 'report.md'})")
 
 

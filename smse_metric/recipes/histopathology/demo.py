@@ -14,13 +14,16 @@ import json
 import time
 from pathlib import Path
 
+from smse_metric.evaluation import EvaluationReport, evaluate_predictions
+
 from .compare import paired_comparison
 from .config import load_config
 from .data import make_synthetic_breakhis
 from .data.breakhis import MAGNIFICATIONS
 from .data.synthetic import DEFAULT_PATIENTS
 from .errors import RecipeError
-from .report import format_score
+from .report import LABELS, LEVELS, format_score
+from .results import PREDICTORS, RunMetrics, SplitMetrics
 
 __all__ = [
     "DEMO_METHODS",
@@ -48,20 +51,30 @@ DEMO_OVERRIDES = {
 HEADLINE = (
     ("pooled patient accuracy", "selected", "patient_accuracy"),
     ("pooled image accuracy", "selected", "accuracy"),
-    ("cross-magnification mean (kNN)", "knn", "cross_scale_mean"),
+    ("cross-magnification mean (kNN)", "knn", "cross_magnification_mean"),
 )
 COLUMNS = ("40x", "100x", "200x", "400x", "pooled", "cross-mag mean")
 
 
-def _row(method: str, predictor: str, level: str, report: dict) -> list[str]:
+def _row(method: str, name: str, level: str, report: EvaluationReport) -> list[str]:
     key = "accuracy" if level == "image" else "patient_accuracy"
-    cells = [report["per_scale"][str(s)][key] for s in MAGNIFICATIONS]
-    cells.append(report["pooled"][key])
-    cells.append(report["cross_scale_mean"] if predictor == "kNN" else None)
-    return [method, predictor, level] + ["-" if c is None else f"{c:.3f}" for c in cells]
+    cells = [getattr(report.per_scale[str(s)], key) for s in MAGNIFICATIONS]
+    cells.append(getattr(report.pooled, key))
+    cells.append(report.cross_magnification_mean if name == "knn" else None)
+    return [method, LABELS[name], level] + ["-" if c is None else f"{c:.3f}" for c in cells]
 
 
-def demo_table(results: dict[str, dict]) -> str:
+def _example(patient_accuracy: float) -> RunMetrics:
+    """A RunMetrics whose every accuracy is ``patient_accuracy`` (for the examples)."""
+    r = evaluate_predictions([0, 1, 0, 1], [0, 1, 0, 1], groups=[1, 2, 3, 4],
+                             scales=list(MAGNIFICATIONS))  # fmt: skip
+    for m in (r.pooled, *r.per_scale.values()):
+        m.accuracy = m.patient_accuracy = patient_accuracy
+    r.cross_magnification_mean = patient_accuracy
+    return RunMetrics(0, "validation knn patient accuracy", 1.0, SplitMetrics(r, r), {}, {}, [])
+
+
+def demo_table(results: dict[str, RunMetrics]) -> str:
     """A Markdown table: method x predictor (kNN, head) x level (image, patient), the
     accuracy per magnification, pooled, and the cross-magnification mean (kNN).
 
@@ -69,22 +82,19 @@ def demo_table(results: dict[str, dict]) -> str:
         results: ``{method: metrics}`` of one replicate, as `train` returns them.
 
     Examples:
-        >>> rep = {"per_scale": {str(s): {"accuracy": 0.5, "patient_accuracy": 0.5}
-        ...                     for s in (40, 100, 200, 400)},
-        ...        "pooled": {"accuracy": 0.5, "patient_accuracy": 0.5}, "cross_scale_mean": 0.5}
-        >>> table = demo_table({"m": {"test": {"knn": rep, "head": rep}}})
+        >>> table = demo_table({"m": _example(0.5)})
         >>> table.splitlines()[0].split("|")[1].strip(), len(table.splitlines())
         ('method', 6)
     """
     rows = [["method", "predictor", "level", *COLUMNS]]
     for method, metrics in results.items():
-        for predictor, name in (("kNN", "knn"), ("head", "head")):
-            for level in ("image", "patient"):
-                rows.append(_row(method, predictor, level, metrics["test"][name]))
+        for name in PREDICTORS:
+            for level, _ in LEVELS:
+                rows.append(_row(method, name, level, metrics.test.predictor(name)))
     return _markdown(rows)
 
 
-def demo_verdict(results: dict[str, dict]) -> str:
+def demo_verdict(results: dict[str, RunMetrics]) -> str:
     """One line per headline number: each method judged by the predictor its epoch was
     selected on (kNN for smse-triplet, the head for baseline-ce), and the kNN
     cross-magnification mean.
@@ -93,33 +103,28 @@ def demo_verdict(results: dict[str, dict]) -> str:
         results: ``{method: metrics}`` of one replicate, as `train` returns them.
 
     Examples:
-        >>> rep = {"pooled": {"patient_accuracy": 0.75}, "cross_scale_mean": 0.5}
-        >>> print(demo_verdict({"m": {"selected_on": "validation knn patient accuracy",
-        ...                           "test": {"knn": rep, "head": rep}}}))
-        m: pooled patient accuracy 0.750 (kNN, as selected on validation), cross-mag... 0.500
+        >>> print(demo_verdict({"m": _example(0.75)}))
+        m: pooled patient accuracy 0.750 (kNN, as selected on validation), cross-mag... 0.750
     """
     lines = []
     for method, m in results.items():
-        select = "knn" if "knn" in m["selected_on"] else "head"
-        patient = m["test"][select]["pooled"]["patient_accuracy"]
-        lines.append(
-            f"{method}: pooled patient accuracy {patient:.3f}"
-            f" ({'kNN' if select == 'knn' else 'head'}, as selected on validation), "
-            f"cross-magnification mean {format_score(m['test']['knn']['cross_scale_mean'])}"
-        )
+        select = m.selected_predictor
+        patient = m.test.predictor(select).pooled.patient_accuracy
+        cross = format_score(m.test.knn.cross_magnification_mean)
+        lines.append(f"{method}: pooled patient accuracy {patient:.3f} ({LABELS[select]}, "
+                     f"as selected on validation), cross-magnification mean {cross}")  # fmt: skip
     return "\n".join(lines)
 
 
-def _selected(metrics: dict) -> str:
-    return "knn" if "knn" in metrics["selected_on"] else "head"
+def _headline(metrics: RunMetrics, predictor: str, key: str) -> float | None:
+    name = metrics.selected_predictor if predictor == "selected" else predictor
+    report = metrics.test.predictor(name)
+    if key == "cross_magnification_mean":
+        return report.cross_magnification_mean
+    return getattr(report.pooled, key)
 
 
-def _headline(metrics: dict, predictor: str, key: str) -> float | None:
-    report = metrics["test"][_selected(metrics) if predictor == "selected" else predictor]
-    return report["cross_scale_mean"] if key == "cross_scale_mean" else report["pooled"][key]
-
-
-def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
+def demo_comparison(results: list[dict[str, RunMetrics]]) -> dict[str, dict]:
     """Per headline metric: the paired comparison of the first method against the second
     over the replicates (``results[k]`` = {method: metrics} of replicate ``k``).
 
@@ -127,11 +132,7 @@ def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
         results: one ``{method: metrics}`` per replicate; methods in the same order.
 
     Examples:
-        >>> def m(p):
-        ...     rep = {"pooled": {"patient_accuracy": p, "accuracy": p}, "cross_scale_mean": p}
-        ...     return {"selected_on": "validation knn patient accuracy",
-        ...             "test": {"knn": rep, "head": rep}}
-        >>> runs = [{"a": m(0.8 + e), "b": m(0.7)} for e in (0.0, 0.01, 0.02)]
+        >>> runs = [{"a": _example(0.8 + e), "b": _example(0.7)} for e in (0.0, 0.01, 0.02)]
         >>> demo_comparison(runs)["pooled patient accuracy"]["verdict"]
         'better'
     """
@@ -147,7 +148,7 @@ def demo_comparison(results: list[dict[str, dict]]) -> dict[str, dict]:
     return out
 
 
-def comparison_table(comparison: dict[str, dict], results: list[dict[str, dict]]) -> str:
+def comparison_table(comparison: dict[str, dict], results: list[dict[str, RunMetrics]]) -> str:
     """Markdown: per headline metric, each method's mean, the paired difference, its 95%
     confidence interval and the verdict.
 
@@ -156,18 +157,14 @@ def comparison_table(comparison: dict[str, dict], results: list[dict[str, dict]]
         results: the replicates' ``{method: metrics}``, for the column names.
 
     Examples:
-        >>> def m(p):
-        ...     rep = {"pooled": {"patient_accuracy": p, "accuracy": p}, "cross_scale_mean": p}
-        ...     return {"selected_on": "validation knn patient accuracy",
-        ...             "test": {"knn": rep, "head": rep}}
-        >>> runs = [{"a": m(0.8), "b": m(0.7 + e)} for e in (0.0, 0.05, 0.1)]
+        >>> runs = [{"a": _example(0.8), "b": _example(0.7 + e)} for e in (0.0, 0.05, 0.1)]
         >>> row = comparison_table(demo_comparison(runs), runs).splitlines()[2]
         >>> [c.strip() for c in row.strip("|").split("|")]  # doctest: +NORMALIZE_WHITESPACE
         ['pooled patient accuracy', '0.800', '0.750', '+0.050', '[-0.074, +0.174]',
          'no significant difference']
     """
     first = results[0]
-    names = {m: f"{m} ({'kNN' if _selected(first[m]) == 'knn' else 'head'})" for m in first}
+    names = {m: f"{m} ({LABELS[first[m].selected_predictor]})" for m in first}
     rows = [["metric", *names.values(), "difference", "95% CI", "verdict"]]
     for metric, c in comparison.items():
         rows.append([metric, f"{c['mean_a']:.3f}", f"{c['mean_b']:.3f}",
@@ -238,6 +235,6 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
     )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(
         {"comparison": comparison, "seconds": seconds,
-         "runs": [{m: {"knn": r["test"]["knn"], "head": r["test"]["head"]}
-                   for m, r in results.items()} for results in runs]}, indent=1))  # fmt: skip
+         "runs": [{m: r.test.to_dict() for m, r in results.items()} for results in runs]},
+        indent=1))  # fmt: skip
     return summary

@@ -3,7 +3,6 @@ everything a finished run writes from its best checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from .data.dataset import BreakHisDataset
 from .engine import TrainState, embed, load_checkpoint
 from .errors import RecipeError
 from .models import EmbeddingNet
+from .results import RunMetrics, SplitMetrics
 from .splits import data_root, load_splits
 
 __all__ = ["evaluate_run", "evaluate_split", "split_reports", "unreadable_images"]
@@ -34,8 +34,8 @@ def evaluate_split(
     queries: BreakHisDataset,
     device: torch.device,
     channels_last: bool = False,
-) -> dict:
-    """kNN (gallery: training images) and head metrics of one split, as dicts.
+) -> SplitMetrics:
+    """kNN (gallery: training images) and head metrics of one split.
 
     Args:
         cfg: the run's validated `Config`.
@@ -58,8 +58,8 @@ def evaluate_split(
         >>> ds = make_datasets(cfg, s)
         >>> cpu = torch.device("cpu")
         >>> out = evaluate_split(cfg, build_model(cfg), ds["gallery"], ds["val"], cpu)
-        >>> sorted(out), 0 <= out["knn"]["pooled"]["patient_accuracy"] <= 1
-        (['head', 'knn'], True)
+        >>> out.knn.k, out.head.pooled.n == len(ds["val"])
+        (5, True)
     """
     g_emb, _ = embed(model, eval_loader(cfg, gallery), device, channels_last)
     q_emb, q_pred = embed(model, eval_loader(cfg, queries), device, channels_last)
@@ -73,9 +73,9 @@ def split_reports(
     queries: BreakHisDataset,
     query_emb: torch.Tensor,
     query_pred: torch.Tensor,
-) -> dict:
+) -> SplitMetrics:
     """The kNN report (queries against the gallery, as ``cfg.eval`` says) and the
-    classifier head's report of one split, as dicts.
+    classifier head's report of one split.
 
     Args:
         cfg: the run's `Config`.
@@ -97,8 +97,8 @@ def split_reports(
         >>> g, q = ds["gallery"], ds["test"]
         >>> out = split_reports(cfg, g, torch.randn(len(g), 4), q, torch.randn(len(q), 4),
         ...                     torch.zeros(len(q), dtype=torch.long))
-        >>> sorted(out), out["head"]["pooled"]["recall"]  # the head said "benign" for all
-        (['head', 'knn'], [1.0, 0.0])
+        >>> out.head.pooled.recall  # the head said "benign" for all
+        [1.0, 0.0]
     """
     g, q = gallery, queries
     g_emb, q_emb, q_pred = gallery_emb, query_emb, query_pred
@@ -108,7 +108,7 @@ def split_reports(
     )  # fmt: skip
     head = evaluate_predictions(q_pred.numpy(), q.labels, q.groups, q.scales,
                                 classes=np.arange(num_classes(cfg)))  # fmt: skip
-    return {"knn": knn.to_dict(), "head": head.to_dict()}
+    return SplitMetrics(knn, head)
 
 
 def unreadable_images(ds: dict[str, BreakHisDataset]) -> list[list[str]]:
@@ -148,7 +148,7 @@ def evaluate_run(
     cfg: Config | None = None,
     model: EmbeddingNet | None = None,
     bad_images: list | None = None,
-) -> dict:
+) -> RunMetrics:
     """Evaluate a run's ``checkpoints/best.pt`` on its test patients and write
     ``metrics.json``, ``embeddings/{gallery,test}.npz`` (``gallery.npz`` is the kNN
     gallery that ``search`` queries), ``report.md`` with its plots and, where faiss is
@@ -167,8 +167,8 @@ def evaluate_run(
         because it needs a trained run):
 
         >>> metrics = evaluate_run("runs/example")  # doctest: +SKIP
-        >>> sorted(metrics["test"])  # doctest: +SKIP
-        ['head', 'knn']
+        >>> metrics.test.knn.pooled.patient_accuracy  # doctest: +SKIP
+        0.8...
     """
     from .report import write_report
 
@@ -189,15 +189,15 @@ def evaluate_run(
     q_emb, q_pred = embed(model, eval_loader(cfg, ds["test"]), device, channels_last)
     test = split_reports(cfg, ds["gallery"], g_emb, ds["test"], q_emb, q_pred)
     train_state = TrainState.from_checkpoint(state)
-    metrics = {
-        "best_epoch": train_state.best_epoch,
-        "selected_on": f"validation {cfg.eval.select} patient accuracy",
-        "best_val_score": train_state.best,
-        "test": test,
-        "splits": {k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
-        "data": splits.index.report,
-        "bad_images": unreadable_images(ds) if bad_images is None else bad_images,
-    }
+    metrics = RunMetrics(
+        best_epoch=train_state.best_epoch,
+        selected_on=f"validation {cfg.eval.select} patient accuracy",
+        best_val_score=train_state.best,
+        test=test,
+        splits={k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
+        data=splits.index.report,
+        bad_images=unreadable_images(ds) if bad_images is None else bad_images,
+    )
     (out / "embeddings").mkdir(exist_ok=True)
     _save_embeddings(out / "embeddings" / "gallery.npz", g_emb, ds["gallery"])
     _save_embeddings(out / "embeddings" / "test.npz", q_emb, ds["test"])
@@ -205,6 +205,6 @@ def evaluate_run(
     if isinstance(index, FaissIndex):  # for FAISS users; search itself reads gallery.npz
         (out / "index").mkdir(exist_ok=True)
         index.save(out / "index" / "gallery.faiss")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics.save(out / "metrics.json")
     write_report(out)
     return metrics

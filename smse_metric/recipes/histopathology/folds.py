@@ -13,6 +13,7 @@ from smse_metric.distributed import is_main_process
 
 from .config import Config
 from .report import fold_summary, fold_table
+from .results import RunMetrics
 from .rundir import check_run_dir
 from .training import train
 
@@ -53,7 +54,7 @@ def train_folds(
         run = out / f"fold{k}"
         cfg_k = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k))
         if resume and (run / "metrics.json").is_file():
-            results[k] = json.loads((run / "metrics.json").read_text())
+            results[k] = RunMetrics.load(run / "metrics.json")
             continue
         resume_k = resume and (run / "checkpoints" / "last.pt").is_file()
         if not resume_k and is_main_process() and check_run_dir(run, overwrite=False):

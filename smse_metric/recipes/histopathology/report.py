@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from smse_metric.evaluation import EvaluationReport
+
 from .errors import RecipeError
+from .results import PREDICTORS, RunMetrics, SplitMetrics
 
 __all__ = [
     "fold_summary",
@@ -75,49 +78,55 @@ def format_score(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
 
-def results_table(test: dict) -> list[str]:
+#: (level, ClassificationMetrics field) of the accuracy tables
+LEVELS = (("image", "accuracy"), ("patient", "patient_accuracy"))
+LABELS = {"knn": "kNN", "head": "head"}
+
+
+def results_table(test: SplitMetrics) -> list[str]:
     """Markdown rows: kNN and head, image / patient accuracy per magnification + pooled.
 
     Args:
-        test: the ``test`` part of ``metrics.json`` (``knn`` and ``head`` reports).
+        test: the test split's reports.
 
     Examples:
-        >>> r = {"scales": [40], "per_scale": {"40": {"accuracy": 0.9, "patient_accuracy": 0.8}},
-        ...      "pooled": {"accuracy": 0.9, "patient_accuracy": 0.8}}
-        >>> results_table({"knn": r, "head": r})[2]
-        '| kNN | image | 0.900 | 0.900 |'
+        >>> from smse_metric.evaluation import evaluate_predictions
+        >>> r = evaluate_predictions([0, 1, 1, 1], [0, 1, 0, 1], groups=[1, 1, 2, 2],
+        ...                          scales=[40, 40, 40, 40])
+        >>> results_table(SplitMetrics(r, r))[2]
+        '| kNN | image | 0.750 | 0.750 |'
     """
-    scales = [str(s) for s in test["knn"]["scales"]]
+    scales = [str(s) for s in test.knn.scales]
     head = ["| method | level | " + " | ".join(f"{s}x" for s in scales) + " | pooled |"]
     head.append("|" + "---|" * (len(scales) + 3))
-    for name in ("knn", "head"):
-        rep = test[name]
-        for level, key in (("image", "accuracy"), ("patient", "patient_accuracy")):
-            cells = [format_score(rep["per_scale"][s][key]) for s in scales]
-            label = "kNN" if name == "knn" else "head"
-            head.append(f"| {label} | {level} | " + " | ".join(cells) + f" | "
-                        f"{format_score(rep['pooled'][key])} |")  # fmt: skip
+    for name in PREDICTORS:
+        rep = test.predictor(name)
+        for level, key in LEVELS:
+            cells = [format_score(getattr(rep.per_scale[s], key)) for s in scales]
+            head.append(f"| {LABELS[name]} | {level} | " + " | ".join(cells) + f" | "
+                        f"{format_score(getattr(rep.pooled, key))} |")  # fmt: skip
     return head
 
 
-def fold_summary(per_fold: dict[int, dict]) -> dict:
-    """Mean and standard deviation (ddof = 1) over folds of each test accuracy:
-    ``{"folds": [...], "knn" | "head": {"image" | "patient": {"40" ... "pooled":
-    {"mean", "std", "values"}}}, "cross_scale_mean": {...}}``.
+def fold_summary(per_fold: dict[int, RunMetrics]) -> dict:
+    """Mean and standard deviation (ddof = 1) over folds of each test accuracy, as
+    ``folds.json`` holds it: ``{"folds": [...], "knn" | "head": {"image" | "patient":
+    {"40" ... "pooled": {"mean", "std", "values"}}}, "cross_magnification_mean": {...}}``.
 
     Args:
-        per_fold: ``{fold: metrics}`` of each fold's ``metrics.json``.
+        per_fold: ``{fold: metrics}`` of each fold.
 
     Examples:
-        >>> def fold(acc):
-        ...     cell = {"accuracy": acc, "patient_accuracy": acc}
-        ...     r = {"scales": [40], "per_scale": {"40": cell}, "pooled": cell,
-        ...          "cross_scale_mean": acc}
-        ...     return {"test": {"knn": r, "head": r}}
-        >>> s = fold_summary({1: fold(0.8), 2: fold(0.9)})
+        >>> from smse_metric.evaluation import evaluate_predictions
+        >>> def fold(pred):
+        ...     r = evaluate_predictions(pred, [0, 1, 0, 1], groups=[1, 2, 3, 4],
+        ...                              scales=[40, 40, 40, 40])
+        ...     return RunMetrics(0, "validation knn patient accuracy", 1.0,
+        ...                       SplitMetrics(r, r), {}, {}, [])
+        >>> s = fold_summary({1: fold([0, 1, 0, 1]), 2: fold([0, 1, 1, 1])})
         >>> pooled = s["knn"]["patient"]["pooled"]
         >>> round(pooled["mean"], 3), round(pooled["std"], 4)
-        (0.85, 0.0707)
+        (0.875, 0.1768)
     """
     if not per_fold:
         raise RecipeError("per_fold is empty: no fold finished")
@@ -127,17 +136,17 @@ def fold_summary(per_fold: dict[int, dict]) -> dict:
         std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
         return {"mean": float(v.mean()), "std": std, "values": v.tolist()}
 
-    metrics = list(per_fold.values())
-    scales = [str(s) for s in metrics[0]["test"]["knn"]["scales"]]
+    reports = {name: [m.test.predictor(name) for m in per_fold.values()] for name in PREDICTORS}
+    scales = [str(s) for s in reports["knn"][0].scales]
     out: dict = {"folds": list(per_fold)}
-    for name in ("knn", "head"):
+    for name, reps in reports.items():
         out[name] = {}
-        for level, key in (("image", "accuracy"), ("patient", "patient_accuracy")):
-            cols = {s: [m["test"][name]["per_scale"][s][key] for m in metrics] for s in scales}
-            cols["pooled"] = [m["test"][name]["pooled"][key] for m in metrics]
+        for level, key in LEVELS:
+            cols = {s: [getattr(r.per_scale[s], key) for r in reps] for s in scales}
+            cols["pooled"] = [getattr(r.pooled, key) for r in reps]
             out[name][level] = {s: stats(v) for s, v in cols.items()}
-    cross = [m["test"]["knn"]["cross_scale_mean"] for m in metrics]
-    out["cross_scale_mean"] = None if None in cross else stats(cross)  # one magnification
+    cross = [r.cross_magnification_mean for r in reports["knn"]]
+    out["cross_magnification_mean"] = None if None in cross else stats(cross)  # one magnification
     return out
 
 
@@ -151,7 +160,7 @@ def fold_table(summary: dict) -> list[str]:
         >>> cell = {"mean": 0.85, "std": 0.0707, "values": [0.8, 0.9]}
         >>> level = {"40": cell, "pooled": cell}
         >>> both = {"image": level, "patient": level}
-        >>> s = {"knn": both, "head": both, "cross_scale_mean": cell}
+        >>> s = {"knn": both, "head": both, "cross_magnification_mean": cell}
         >>> fold_table(s)[2]
         '| kNN | image | 85.00 +- 7.07 | 85.00 +- 7.07 |'
     """
@@ -159,12 +168,12 @@ def fold_table(summary: dict) -> list[str]:
     rows = ["| predictor | level | " + " | ".join(f"{c}x" if c != "pooled" else c
                                                  for c in cols) + " |"]  # fmt: skip
     rows.append("|" + "---|" * (len(cols) + 2))
-    for name, label in (("knn", "kNN"), ("head", "head")):
-        for level in ("image", "patient"):
+    for name in PREDICTORS:
+        for level, _ in LEVELS:
             cells = [summary[name][level][c] for c in cols]
             text = [f"{100 * c['mean']:.2f} +- {100 * c['std']:.2f}" for c in cells]
-            rows.append(f"| {label} | {level} | " + " | ".join(text) + " |")
-    x = summary["cross_scale_mean"]
+            rows.append(f"| {LABELS[name]} | {level} | " + " | ".join(text) + " |")
+    x = summary["cross_magnification_mean"]
     if x is not None:
         rows += ["", f"kNN cross-magnification mean: {100 * x['mean']:.2f} +- {100 * x['std']:.2f}"]
     return rows
@@ -187,20 +196,21 @@ def _curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _confusions(test: dict, class_names: list[str], path: Path) -> None:
+def _confusions(test: SplitMetrics, class_names: list[str], path: Path) -> None:
     plt = _pyplot()
-    scales = [str(s) for s in test["knn"]["scales"]]
+    scales = [str(s) for s in test.knn.scales]
     cols = ["pooled", *scales]
     fig, axes = plt.subplots(2, len(cols), figsize=(2.4 * len(cols), 4.9), squeeze=False)
-    for r, name in enumerate(("knn", "head")):
+    for r, name in enumerate(PREDICTORS):
+        report = test.predictor(name)
         for c, col in enumerate(cols):
-            rep = test[name]["pooled"] if col == "pooled" else test[name]["per_scale"][col]
-            m = np.asarray(rep["confusion"], dtype=float)
+            rep = report.pooled if col == "pooled" else report.per_scale[col]
+            m = np.asarray(rep.confusion, dtype=float)
             ax = axes[r, c]
             ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), vmin=0, vmax=1, cmap="Blues")
             for (i, j), v in np.ndenumerate(m):
                 ax.text(j, i, int(v), ha="center", va="center", fontsize=8)
-            ax.set_title(f"{'kNN' if name == 'knn' else 'head'} {col}"
+            ax.set_title(f"{LABELS[name]} {col}"
                          f"{'' if col == 'pooled' else 'x'}", fontsize=9)  # fmt: skip
             ticks = range(len(class_names))
             ax.set_xticks(ticks, class_names, fontsize=7, rotation=45)
@@ -211,10 +221,10 @@ def _confusions(test: dict, class_names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _cross_scale(knn: dict, path: Path) -> None:
+def _plot_cross_magnification(knn: EvaluationReport, path: Path) -> None:
     plt = _pyplot()
-    m = np.asarray(knn["cross_scale"], dtype=float)
-    names = [f"{s}x" for s in knn["scales"]]
+    m = np.asarray(knn.cross_magnification, dtype=float)
+    names = [f"{s}x" for s in knn.scales]
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
     for (i, j), v in np.ndenumerate(m):
@@ -222,7 +232,7 @@ def _cross_scale(knn: dict, path: Path) -> None:
                 color="white" if v < 0.6 else "black")  # fmt: skip
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
-    mean = format_score(knn["cross_scale_mean"])
+    mean = format_score(knn.cross_magnification_mean)
     ax.set(xlabel="gallery magnification", ylabel="query magnification",
            title=f"kNN accuracy (off-diagonal mean {mean})")  # fmt: skip
     ax.title.set_fontsize(9)
@@ -265,12 +275,9 @@ def write_report(run_dir: str | Path) -> Path:
         PosixPath('runs/example/report.md')
     """
     run = Path(run_dir)
-    metrics_path = run / "metrics.json"
-    if not metrics_path.is_file():
-        raise RecipeError(f"{run} has no metrics.json: train or evaluate the run first")
-    metrics = json.loads(metrics_path.read_text())
-    test = metrics["test"]
-    n_classes = len(test["knn"]["pooled"]["confusion"])
+    metrics = RunMetrics.load(run / "metrics.json")
+    test, knn = metrics.test, metrics.test.knn
+    n_classes = len(knn.pooled.confusion)
     class_names = ["benign", "malignant"] if n_classes == 2 else \
         ["A", "F", "PT", "TA", "DC", "LC", "MC", "PC"][:n_classes]  # fmt: skip
     plots = run / "plots"
@@ -280,27 +287,27 @@ def write_report(run_dir: str | Path) -> Path:
         if history_path.is_file() else []  # fmt: skip
     lines = [f"# Run report: {run.name}", ""]
     lines += [
-        f"Best epoch {metrics['best_epoch']} ({metrics['selected_on']} "
-        f"{format_score(metrics['best_val_score'])}); images train / validation / test: "
-        f"{metrics['splits']['train']} / {metrics['splits']['val']} / "
-        f"{metrics['splits']['test']}. kNN: k = {test['knn']['k']}, {test['knn']['metric']}, "
-        f"exclude = {test['knn']['exclude']}, gallery = the training images.",
+        f"Best epoch {metrics.best_epoch} ({metrics.selected_on} "
+        f"{format_score(metrics.best_val_score)}); images train / validation / test: "
+        f"{metrics.splits['train']} / {metrics.splits['val']} / {metrics.splits['test']}. "
+        f"kNN: k = {knn.k}, {knn.metric}, exclude = {knn.exclude}, "
+        "gallery = the training images.",
         "",
         "## Test accuracy",
         "",
         *results_table(test),
         "",
         f"Cross-magnification kNN accuracy, off-diagonal mean: "
-        f"{format_score(test['knn']['cross_scale_mean'])}.",
+        f"{format_score(knn.cross_magnification_mean)}.",
         "",
-        "![cross-magnification](plots/cross_scale.png)",
+        "![cross-magnification](plots/cross_magnification.png)",
         "",
         "## Confusion matrices (rows: true class)",
         "",
         "![confusion](plots/confusion.png)",
         "",
     ]
-    _cross_scale(test["knn"], plots / "cross_scale.png")
+    _plot_cross_magnification(knn, plots / "cross_magnification.png")
     _confusions(test, class_names, plots / "confusion.png")
     if history:
         _curves(history, plots / "curves.png")
@@ -312,12 +319,10 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Test embeddings", "",
                   "Colour: class; marker: magnification.", "",
                   "![projection](plots/projection.png)", ""]  # fmt: skip
-    data = metrics.get("data", {})
-    bad = metrics.get("bad_images", [])
     lines += ["## Data", ""]
-    lines += [f"- {k}: {v}" for k, v in data.items() if not isinstance(v, dict)]
-    lines.append(f"- unreadable images left out: {len(bad)}")
-    lines += [f"  - `{p}`: {why}" for p, why in bad]
+    lines += [f"- {k}: {v}" for k, v in metrics.data.items() if not isinstance(v, dict)]
+    lines.append(f"- unreadable images left out: {len(metrics.bad_images)}")
+    lines += [f"  - `{p}`: {why}" for p, why in metrics.bad_images]
     lines.append("")
     out = run / "report.md"
     out.write_text("\n".join(lines))

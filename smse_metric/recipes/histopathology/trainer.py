@@ -28,6 +28,7 @@ from .engine import (
     train_step,
 )
 from .evaluate import evaluate_split
+from .results import SplitMetrics
 
 __all__ = ["Trainer"]
 
@@ -233,15 +234,14 @@ class _Bar:
             self.bar.close()
 
 
-def _epoch_record(st: TrainState, val: dict, select: str) -> dict:
+def _epoch_record(st: TrainState, val: SplitMetrics, select: str) -> dict:
+    knn, head = val.knn.pooled, val.head.pooled
     return {
         "epoch": st.epoch, "loss": st.loss_sum / max(st.steps, 1),
         "images_per_s": st.seen / max(st.seconds, 1e-9), "seconds": st.seconds,
-        "val_score": val[select]["pooled"]["patient_accuracy"],
-        "val_patient_accuracy": val["knn"]["pooled"]["patient_accuracy"],
-        "val_accuracy": val["knn"]["pooled"]["accuracy"],
-        "val_head_patient_accuracy": val["head"]["pooled"]["patient_accuracy"],
-        "val_head_accuracy": val["head"]["pooled"]["accuracy"],
+        "val_score": val.predictor(select).pooled.patient_accuracy,
+        "val_patient_accuracy": knn.patient_accuracy, "val_accuracy": knn.accuracy,
+        "val_head_patient_accuracy": head.patient_accuracy, "val_head_accuracy": head.accuracy,
     }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from .build import build, device_of, resolve_inputs
 from .config import Config, config_to_toml
 from .engine import TrainingInterrupted, init_distributed
 from .evaluate import evaluate_run, unreadable_images
+from .results import RunMetrics
 from .rundir import RUN_MARKER
 from .splits import data_root, load_splits, split_sizes
 from .trainer import Trainer
@@ -36,7 +37,7 @@ def train(
     resume: bool = False,
     on_step: Callable[[dict], None] | None = None,
     quiet: bool = False,
-) -> dict | None:
+) -> RunMetrics | None:
     """Train on ``root`` (a BreakHis-layout directory), write ``out_dir``, return metrics.
 
     Writes ``config.toml``, ``history.jsonl`` (one line per epoch),
@@ -66,7 +67,7 @@ def train(
         >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True}, "optim": {"epochs": 2}})
         >>> metrics = train(cfg, "runs/example")  # doctest: +SKIP
-        >>> metrics["test"]["knn"]["pooled"]["patient_accuracy"]  # doctest: +SKIP
+        >>> metrics.test.knn.pooled.patient_accuracy  # doctest: +SKIP
         0.8...
     """
     out = Path(out_dir)
