@@ -30,6 +30,24 @@ def _count(sorted_rows: Tensor, values: Tensor, right: bool) -> Tensor:
     return torch.searchsorted(sorted_rows, values, right=right, out_int32=True)
 
 
+def _bounds(
+    d_ap: Tensor, margin: float, strategy: str
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """The selection rule, once: (a, p, n) is selected iff ``lower < d(a,n) <= upper``
+    (None: unbounded), with both bounds non-decreasing in ``d_ap``; also returns
+    ``thresh = d_ap + margin``, which an upper bound may be (the same tensor)."""
+    thresh = d_ap + margin
+    if strategy == "all":
+        return None, thresh, thresh
+    if strategy == "hard":
+        return None, (d_ap if margin > 0 else thresh), thresh
+    if strategy == "semihard":
+        return d_ap, thresh, thresh
+    if strategy == "easy":
+        return thresh, None, thresh
+    raise ValueError(f"strategy must be one of {TRIPLET_STRATEGIES}, got {strategy!r}")
+
+
 def triplet_windows(
     sorted_neg: Tensor, d_ap: Tensor, margin: float, strategy: str
 ) -> tuple[Tensor, Tensor]:
@@ -45,13 +63,14 @@ def triplet_windows(
     - ``"easy"``: ``t > margin``;
 
     and, since the negatives are sorted, they are the contiguous window
-    ``[lo, hi)`` of ``sorted_neg[a]``.
+    ``[lo, hi)`` of ``sorted_neg[a]``. The fused loss selects by the same rule.
 
     Args:
         sorted_neg: [B, R] ascending rows, ``+inf`` where not a negative.
         d_ap: [B, R] anchor-positive distances (only entries at positives matter).
         margin: the triplet margin.
-        strategy: ``"all"``, ``"semihard"`` or ``"hard"``, as in PML's ``TripletMarginMiner``.
+        strategy: ``"all"``, ``"semihard"``, ``"hard"`` or ``"easy"``, as in PML's
+            ``TripletMarginMiner``.
 
     Returns:
         ``(lo, hi)``, two [B, R] int32 tensors.
@@ -63,55 +82,52 @@ def triplet_windows(
         >>> lo[0, 0].item(), hi[0, 0].item()  # 0.4 < d(a, n) <= 0.6: only 0.5
         (1, 2)
     """
-    thresh = d_ap + margin
-    if strategy == "all":
-        return torch.zeros_like(d_ap, dtype=torch.int32), _count(sorted_neg, thresh, True)
-    if strategy == "hard":
-        upper = d_ap if margin > 0 else thresh
-        return torch.zeros_like(d_ap, dtype=torch.int32), _count(sorted_neg, upper, True)
-    if strategy == "semihard":
-        lo = _count(sorted_neg, d_ap, True)
-        return lo, torch.maximum(lo, _count(sorted_neg, thresh, True))
-    if strategy == "easy":
-        n_neg = torch.isfinite(sorted_neg).sum(1, keepdim=True, dtype=torch.int32)
-        return _count(sorted_neg, thresh, True), n_neg.expand_as(d_ap)
-    raise ValueError(f"strategy must be one of {TRIPLET_STRATEGIES}, got {strategy!r}")
+    lower, upper, _ = _bounds(d_ap, margin, strategy)
+    if lower is None:
+        lo = torch.zeros_like(d_ap, dtype=torch.int32)
+    else:
+        lo = _count(sorted_neg, lower, True)
+    if upper is None:
+        hi = torch.isfinite(sorted_neg).sum(1, keepdim=True, dtype=torch.int32).expand_as(d_ap)
+    else:
+        hi = _count(sorted_neg, upper, True)
+    return lo, torch.maximum(lo, hi)
 
 
 def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel):
     """Counts for one block of anchors: (coef, loss-carrying triplets, selected triplets).
 
-    Only loss-carrying triplets (``d_an < d_ap + margin``) inside the selection
-    matter for the value and gradient; ``k_pos[a, p]`` counts them per positive and
-    ``w[a, n]`` per negative. Both sides compare against the same rounded
-    thresholds, so the two counts always agree.
+    Only loss-carrying triplets (``d_an < d_ap + margin``) inside the selection of
+    `_bounds` matter for the value and gradient; ``k_pos[a, p]`` counts them per
+    positive (a prefix of the sorted negatives minus another), ``w[a, n]`` per
+    negative (a suffix of the sorted positives minus another: the bounds grow with
+    ``d_ap``). Both sides compare the same rounded bounds, so the counts agree.
     """
     inf = float("inf")
     sorted_neg = torch.where(neg, d, inf).sort(dim=1).values
-    thresh = d + margin
-    below = _count(sorted_neg, thresh, False)  # negatives with d_an < d_ap + margin
-    if strategy == "all" or (strategy == "hard" and margin <= 0):
-        k_pos = below
-        sel = _count(sorted_neg, thresh, True) if need_sel else None
-    elif strategy == "hard":
-        k_pos = _count(sorted_neg, d, True)  # d_an <= d_ap, always < d_ap + margin
-        sel = k_pos
-    else:  # semihard: d_ap < d_an < d_ap + margin
-        at_most = _count(sorted_neg, d, True)
-        k_pos = (below - at_most).clamp_min_(0)
-        sel = (_count(sorted_neg, thresh, True) - at_most).clamp_min_(0) if need_sel else None
-    del sorted_neg, below
+    lower, upper, thresh = _bounds(d, margin, strategy)
+    carrying = _count(sorted_neg, thresh, False)  # negatives with d_an < d_ap + margin
+    # below an upper bound that is the threshold itself, every carrying one is selected
+    k_hi = carrying
+    if upper is not None and upper is not thresh:
+        k_hi = torch.minimum(_count(sorted_neg, upper, True), carrying)
+    k_lo = None if lower is None else torch.minimum(_count(sorted_neg, lower, True), carrying)
+    k_pos = k_hi if k_lo is None else (k_hi - k_lo).clamp_min_(0)
+    n_sel = None
+    if need_sel:
+        lo, hi = triplet_windows(sorted_neg, d, margin, strategy)
+        n_sel = torch.where(pos, hi - lo, 0).sum()
+    del sorted_neg, carrying, k_hi, k_lo
     sorted_pos = torch.where(pos, d, inf).sort(dim=1).values
-    pos_thresh = sorted_pos + margin  # rounding is monotone: still sorted
-    if strategy == "hard" and margin > 0:
-        w = pos.sum(1, keepdim=True, dtype=torch.int32) - _count(sorted_pos, d, False)
-    elif strategy == "semihard":
-        w = (_count(sorted_pos, d, False) - _count(pos_thresh, d, True)).clamp_min_(0)
-    else:
-        w = pos.sum(1, keepdim=True, dtype=torch.int32) - _count(pos_thresh, d, True)
+    p_lower, p_upper, p_thresh = _bounds(sorted_pos, margin, strategy)  # still sorted
+    n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
+    w = n_pos - _count(p_thresh, d, True)  # positives with d_ap + margin > d_an
+    if p_upper is not None and p_upper is not p_thresh:
+        w = torch.minimum(w, n_pos - _count(p_upper, d, False))  # and upper >= d_an
+    if p_lower is not None:  # minus those whose lower bound already reaches d_an
+        w = w - torch.minimum(n_pos - _count(p_lower, d, False), w)
     k_pos = torch.where(pos, k_pos, 0)
     coef = k_pos.to(d.dtype).sub_(torch.where(neg, w, 0).to(d.dtype))
-    n_sel = torch.where(pos, sel, 0).sum() if need_sel else None
     return coef, k_pos.sum(), n_sel
 
 
