@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._sampler_plan import Layout
 from .distributed import get_rank, get_world_size
 
 __all__ = ["MultiScaleBatchSampler", "SamplerStats"]
@@ -202,7 +203,7 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
             cls.astype(np.int64) * len(grp_names) + grp_inv, return_index=True, return_inverse=True
         )
         self._group_names = grp[first]
-        self._group_class = cls[first]
+        group_class = cls[first]
         n_classes, n_scales, n_groups = len(self.class_names), len(self.scale_names), len(first)
         if self.classes_per_batch > n_classes:
             raise ValueError(
@@ -214,28 +215,11 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
             self.classes_per_batch * self.groups_per_class * n_scales * self.images_per_scale
         )
 
-        # Cells (group, scale): images sorted by cell; offsets and sizes.
-        cell = grp_id * n_scales + scl
-        self._cell_order = np.argsort(cell, kind="stable")
-        self._cell_of_sorted = cell[self._cell_order]
-        counts = np.bincount(cell, minlength=n_groups * n_scales)
-        self._cell_count = counts.reshape(n_groups, n_scales)
-        self._cell_start = (np.cumsum(counts) - counts).reshape(n_groups, n_scales)
-        self._visits = np.ceil(self._cell_count / self.images_per_scale).astype(np.int64).max(1)
-        self._class_groups = np.argsort(self._group_class, kind="stable")
-        per_class = np.bincount(self._group_class, minlength=n_classes)
-        self._class_group_start = np.cumsum(per_class) - per_class
-        self._class_group_count = per_class
-        # Pools for missing cells: images of a class at a scale.
-        cls_scale = cls * n_scales + scl
-        self._pool_order = np.argsort(cls_scale, kind="stable")
-        pool_counts = np.bincount(cls_scale, minlength=n_classes * n_scales)
-        self._pool_count = pool_counts.reshape(n_classes, n_scales)
-        self._pool_start = (np.cumsum(pool_counts) - pool_counts).reshape(n_classes, n_scales)
+        self._layout = Layout(cls, scl, grp_id, group_class, n_classes, n_scales,
+                              self.groups_per_class, self.images_per_scale,
+                              self.classes_per_batch, self.batch_size)  # fmt: skip
         self.n_images = len(lab)
         self._check_structure()
-        # Every class gets as many slots as the class needing most (see module doc).
-        self._rounds = max(self._own_slot_count(c) for c in range(n_classes))
 
         self.epoch = 0
         self._position = 0  # batches of this rank already yielded in the current epoch
@@ -244,7 +228,8 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
     # ------------------------------------------------------------------ structure
 
     def _check_structure(self) -> None:
-        missing_scale = self._pool_count == 0
+        lay = self._layout
+        missing_scale = lay.pool_count == 0
         if missing_scale.any():
             c, s = np.argwhere(missing_scale)[0]
             raise ValueError(
@@ -253,198 +238,43 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
             )
         if self.small_group_policy != "error":
             return
-        few = np.flatnonzero(self._class_group_count < self.groups_per_class)
+        few = np.flatnonzero(lay.class_group_count < self.groups_per_class)
         if len(few):
             c = few[0]
             raise ValueError(
-                f"class {_n(self.class_names[c])} has {self._class_group_count[c]} groups but "
+                f"class {_n(self.class_names[c])} has {lay.class_group_count[c]} groups but "
                 f"groups_per_class={self.groups_per_class} (small_group_policy='error')"
             )
-        empty = np.argwhere(self._cell_count == 0)
+        empty = np.argwhere(lay.cell_count == 0)
         if len(empty):
             g, s = empty[0]
             raise ValueError(
                 f"group {_n(self._group_names[g])} of class "
-                f"{_n(self.class_names[self._group_class[g]])} has no image at scale "
+                f"{_n(self.class_names[lay.group_class[g]])} has no image at scale "
                 f"{_n(self.scale_names[s])} (small_group_policy='error')"
             )
-        short = np.argwhere((self._cell_count < self.images_per_scale) & (self._cell_count > 0))
+        short = np.argwhere((lay.cell_count < self.images_per_scale) & (lay.cell_count > 0))
         if len(short):
             g, s = short[0]
             raise ValueError(
-                f"group {_n(self._group_names[g])} has {self._cell_count[g, s]} images at scale "
+                f"group {_n(self._group_names[g])} has {lay.cell_count[g, s]} images at scale "
                 f"{_n(self.scale_names[s])} but images_per_scale={self.images_per_scale} "
                 "(small_group_policy='error')"
             )
 
-    # ------------------------------------------------------------------ epoch plan
-
-    def _members(self, c: int) -> np.ndarray:
-        start = self._class_group_start[c]
-        return self._class_groups[start : start + self._class_group_count[c]]
-
-    def _own_slot_count(self, c: int) -> int:
-        """Slots of class c's rounds: sum over rounds r of ceil(#groups with > r visits / G)."""
-        visits = self._visits[self._members(c)]
-        active = np.bincount(visits, minlength=visits.max() + 1)[::-1].cumsum()[::-1][1:]
-        return int((-(-active // self.groups_per_class)).sum())
-
-    def _class_slots(self, rng: np.random.Generator, c: int, n: int):
-        """``n`` slots [n, G] of (group, visit) for class c: its rounds first (every visit
-        of every group), then random slots. Visit -1 means "any visit" (a filler)."""
-        G = self.groups_per_class
-        members = self._members(c)
-        visits = self._visits[members]
-        # Entries (group, visit), by round (= visit index), random order within a round.
-        entry_group = np.repeat(members, visits)
-        entry_visit = np.arange(entry_group.size) - np.repeat(np.cumsum(visits) - visits, visits)
-        order = np.lexsort((rng.random(entry_group.size), entry_visit))
-        entry_group, entry_visit = entry_group[order], entry_visit[order]
-        round_size = np.bincount(entry_visit)
-        slots_per_round = -(-round_size // G)
-        first_slot = np.cumsum(slots_per_round) - slots_per_round
-        pos = np.arange(entry_group.size) - np.repeat(
-            np.cumsum(round_size) - round_size, round_size
-        )
-        own = int(slots_per_round.sum())
-        slot_group = np.full((max(n, own), G), -1, dtype=np.int64)
-        slot_visit = np.full((max(n, own), G), -1, dtype=np.int64)
-        flat = (first_slot[entry_visit] + pos // G) * G + pos % G
-        slot_group.reshape(-1)[flat] = entry_group
-        slot_visit.reshape(-1)[flat] = entry_visit
-        slot_group, slot_visit = slot_group[:n], slot_visit[:n]
-        return slot_group, slot_visit, self._fill(rng, members, slot_group)
-
-    def _fill(self, rng: np.random.Generator, members: np.ndarray, slot_group: np.ndarray) -> int:
-        """Fill -1 entries with groups not yet in their slot (with replacement when the
-        class has fewer groups than a slot needs). Returns how many were filled."""
-        holes = slot_group < 0
-        n_holes = int(holes.sum())
-        if n_holes == 0:
-            return 0
-        G, M = self.groups_per_class, len(members)
-        if M < G:
-            slot_group[holes] = members[rng.integers(0, M, size=n_holes)]
-            return n_holes
-        rows = np.flatnonzero(holes.any(1))
-        current, open_ = slot_group[rows], holes[rows]
-        if M <= 4 * G:
-            # Few groups: random priorities with the slot's groups pushed last; the first
-            # ``need`` candidates are distinct and new to the slot.
-            present = (current[:, :, None] == members[None, None, :]).any(1)
-            order = np.argsort(rng.random((len(rows), M)) + 2.0 * present, axis=1)[:, :G]
-            take = np.arange(G)[None, :] < open_.sum(1)[:, None]
-            current[open_] = members[order][take]
-        else:
-            # Many groups: draw with replacement and redraw the rows that repeat a group
-            # (rare, so a few vectorised rounds; O(rows * G) instead of O(rows * M)).
-            draw = members[rng.integers(0, M, size=(len(rows), G))]
-            while True:
-                trial = np.where(open_, draw, current)
-                ordered = np.sort(trial, axis=1)
-                repeat = (ordered[:, 1:] == ordered[:, :-1]).any(1)
-                if not repeat.any():
-                    break
-                redo = open_ & repeat[:, None]
-                draw[redo] = members[rng.integers(0, M, size=int(redo.sum()))]
-            current = trial
-        slot_group[rows] = current
-        return n_holes
-
-    def _batch_classes(self, rng: np.random.Generator, rounds: int) -> tuple[np.ndarray, int]:
-        """[rounds * ceil(M / C), C] classes: each round every class once, shuffled; the
-        round's last batch completed with other classes."""
-        M, C = self.n_classes, self.classes_per_batch
-        per_round = -(-M // C)
-        table = np.full((rounds, per_round * C), -1, dtype=np.int64)
-        table[:, :M] = np.argsort(rng.random((rounds, M)), axis=1)
-        n_fill = per_round * C - M
-        if n_fill:
-            last = table[:, -C:]
-            present = (last[:, :, None] == np.arange(M)[None, None, :]).any(1)
-            cand = np.argsort(rng.random((rounds, M)) + 2.0 * present, axis=1)[:, :n_fill]
-            table[:, M:] = cand
-        return table.reshape(-1, C), rounds * n_fill
-
-    def _plan_epoch(self, epoch: int) -> tuple[np.ndarray, SamplerStats]:
-        rng = np.random.default_rng([self.seed, epoch])
-        G, S, K = self.groups_per_class, self.n_scales, self.images_per_scale
-        batch_classes, filler_slots = self._batch_classes(rng, self._rounds)
-
-        # The k-th appearance of class c (row-major) takes the class's k-th slot.
-        flat_cls = batch_classes.reshape(-1)
-        order = np.argsort(flat_cls, kind="stable")
-        uses = np.bincount(flat_cls, minlength=self.n_classes)
-        rank_in_class = np.empty_like(order)
-        rank_in_class[order] = np.arange(order.size) - np.repeat(np.cumsum(uses) - uses, uses)
-        slot_group = np.empty((flat_cls.size, G), dtype=np.int64)
-        slot_visit = np.empty((flat_cls.size, G), dtype=np.int64)
-        filler_visits = 0
-        for c in range(self.n_classes):
-            g, v, filled = self._class_slots(rng, c, int(uses[c]))
-            at = order[np.cumsum(uses)[c] - uses[c] : np.cumsum(uses)[c]]
-            slot_group[at], slot_visit[at] = g[rank_in_class[at]], v[rank_in_class[at]]
-            filler_visits += filled
-
-        # Visit j of group g at scale s takes images j*K .. j*K+K-1 of the cell's
-        # permutation, cycling where the cell is short. A filler takes a random visit.
-        grp, vis = slot_group.reshape(-1), slot_visit.reshape(-1)
-        vis = np.where(vis < 0, (rng.random(vis.size) * self._visits[grp]).astype(np.int64), vis)
-        # A random order within each cell: cell ids are integers, so cell + U[0, 1) sorts
-        # by cell first and randomly inside it.
-        perm = self._cell_order[np.argsort(self._cell_of_sorted + rng.random(self.n_images))]
-        g_rep = np.repeat(grp, S * K)
-        s_rep = np.tile(np.repeat(np.arange(S), K), grp.size)
-        step = np.repeat(vis, S * K) * K + np.tile(np.arange(K), grp.size * S)
-        count = self._cell_count[g_rep, s_rep]
-        # (empty cells point anywhere in range; they are replaced just below)
-        at = np.minimum(
-            self._cell_start[g_rep, s_rep] + step % np.maximum(count, 1), self.n_images - 1
-        )
-        idx = perm[at]
-        missing = count == 0
-        if missing.any():  # no image of this group at this scale: same class and scale
-            c_m, s_m = self._group_class[g_rep[missing]], s_rep[missing]
-            pick = (rng.random(c_m.size) * self._pool_count[c_m, s_m]).astype(np.int64)
-            idx[missing] = self._pool_order[self._pool_start[c_m, s_m] + pick]
-        batches = idx.reshape(-1, self.batch_size)[rng.permutation(len(batch_classes))]
-
-        W, dropped, padded = self.world_size, 0, 0
-        rem = len(batches) % W
-        if rem and self.drop_last:
-            dropped, batches = rem, batches[: len(batches) - rem]
-        elif rem:
-            padded = W - rem
-            batches = np.concatenate([batches, batches[np.arange(padded) % len(batches)]])
-        unique = int(np.count_nonzero(np.bincount(batches.reshape(-1), minlength=self.n_images)))
-        stats = SamplerStats(
-            batches=len(batches),
-            batches_per_rank=len(batches) // W,
-            images_drawn=int(batches.size),
-            unique_images=unique,
-            repeated_draws=int(batches.size) - unique,
-            cycled_cells=int(
-                ((self._cell_count > 0) & (self._cell_count < self._visits[:, None] * K)).sum()
-            ),
-            filler_group_visits=filler_visits,
-            substituted_cells=int((self._cell_count == 0).sum()),
-            filler_class_slots=filler_slots,
-            dropped_batches=dropped,
-            padded_batches=padded,
-        )
-        return batches, stats
-
     def _epoch_plan(self) -> tuple[np.ndarray, SamplerStats]:
         if self._plan is None or self._plan[0] != self.epoch:
-            batches, stats = self._plan_epoch(self.epoch)
-            self._plan = (self.epoch, batches, stats)
+            batches, counts = self._layout.plan(
+                self.seed, self.epoch, self.world_size, self.drop_last
+            )
+            self._plan = (self.epoch, batches, SamplerStats(**counts))
         return self._plan[1], self._plan[2]
 
     # ------------------------------------------------------------------ Sampler API
 
     def __len__(self) -> int:
         """Batches this rank yields in a full epoch (the same for every rank and epoch)."""
-        n = self._rounds * -(-self.n_classes // self.classes_per_batch)
+        n = self._layout.rounds * -(-self.n_classes // self.classes_per_batch)
         if self.drop_last:
             return n // self.world_size
         return -(-n // self.world_size)

@@ -59,8 +59,12 @@ def test_fused_triplet_equals_naive_loop(strategy, reduction, squared):
     )
 
 
-@given(seed=st.integers(0, 2**16), strategy=st.sampled_from(["all", "semihard", "hard"]),
-       reduction=st.sampled_from(REDUCTIONS), margin=st.sampled_from([-1.0, 1.0, 2.0]))
+@given(
+    seed=st.integers(0, 2**16),
+    strategy=st.sampled_from(["all", "semihard", "hard"]),
+    reduction=st.sampled_from(REDUCTIONS),
+    margin=st.sampled_from([-1.0, 1.0, 2.0]),
+)
 def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction, margin):
     """Points on an integer grid, squared distances: d_an == d_ap and d_an == d_ap +
     margin happen exactly, and the selection's strict and non-strict ends decide
@@ -73,7 +77,8 @@ def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction
     assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-12)
     a, p, n = TripletMiner(strategy, margin, squared=True)(emb, labels)
     assert sorted(zip(a.tolist(), p.tolist(), n.tolist(), strict=True)) == sorted(
-        ref.triplets(emb, labels, margin, strategy, squared=True))
+        ref.triplets(emb, labels, margin, strategy, squared=True)
+    )
 
 
 @pytest.mark.parametrize("strategy", ["all", "semihard", "hard"])
