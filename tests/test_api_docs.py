@@ -11,9 +11,10 @@ PUBLIC_MODULES = [
     "smse_metric", "smse_metric.functional", "smse_metric.losses", "smse_metric.miners",
     "smse_metric.samplers", "smse_metric.evaluation",
     "smse_metric.distributed",
-    *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.dataset", ".training", ".trainer",
-                            ".engine", ".splits", ".build", ".evaluate", ".errors", ".folds",
-                            ".search", ".demo", ".compare", ".rundir", ".report", ".results")),
+    *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.breakhis", ".data.dataset",
+                            ".training", ".trainer", ".engine", ".splits", ".build",
+                            ".evaluate", ".errors", ".folds", ".search", ".demo", ".compare",
+                            ".rundir", ".report", ".results")),
 ]  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from smse_metric.losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, 
 from smse_metric.samplers import MultiScaleBatchSampler
 
 from .config import Config
-from .data.breakhis import SUBTYPES
+from .data.breakhis import class_names
 from .data.dataset import BreakHisDataset
 from .engine import ShuffledBatchSampler
 from .errors import RecipeError
@@ -249,7 +249,7 @@ def num_classes(cfg: Config) -> int:
         >>> num_classes(load_config(overrides={"data": {"synthetic": True, "task": "subtype"}}))
         8
     """
-    return 2 if cfg.data.task == "binary" else len(SUBTYPES)
+    return len(class_names(cfg.data.task))
 
 
 def build_model(cfg: Config) -> EmbeddingNet:

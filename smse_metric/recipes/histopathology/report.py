@@ -16,6 +16,7 @@ import numpy as np
 
 from smse_metric.evaluation import EvaluationReport
 
+from .data.breakhis import class_names
 from .errors import RecipeError
 from .results import PREDICTORS, RunMetrics, SplitMetrics
 
@@ -196,7 +197,7 @@ def _curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _confusions(test: SplitMetrics, class_names: list[str], path: Path) -> None:
+def _confusions(test: SplitMetrics, names: list[str], path: Path) -> None:
     plt = _pyplot()
     scales = [str(s) for s in test.knn.scales]
     cols = ["pooled", *scales]
@@ -212,9 +213,9 @@ def _confusions(test: SplitMetrics, class_names: list[str], path: Path) -> None:
                 ax.text(j, i, int(v), ha="center", va="center", fontsize=8)
             ax.set_title(f"{LABELS[name]} {col}"
                          f"{'' if col == 'pooled' else 'x'}", fontsize=9)  # fmt: skip
-            ticks = range(len(class_names))
-            ax.set_xticks(ticks, class_names, fontsize=7, rotation=45)
-            ax.set_yticks(ticks, class_names if c == 0 else [], fontsize=7)
+            ticks = range(len(names))
+            ax.set_xticks(ticks, names, fontsize=7, rotation=45)
+            ax.set_yticks(ticks, names if c == 0 else [], fontsize=7)
             ax.set_xlabel("predicted", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -242,7 +243,7 @@ def _plot_cross_magnification(knn: EvaluationReport, path: Path) -> None:
     plt.close(fig)
 
 
-def _projection(emb: dict, class_names: list[str], path: Path) -> None:
+def _projection(emb: dict, names: list[str], path: Path) -> None:
     plt = _pyplot()
     xy = pca_2d(emb["embeddings"])
     labels, mags = emb["labels"], emb["magnifications"]
@@ -253,7 +254,7 @@ def _projection(emb: dict, class_names: list[str], path: Path) -> None:
             sel = (mags == mag) & (labels == c)
             ax.scatter(xy[sel, 0], xy[sel, 1], s=14, marker=MARKERS[m_i % len(MARKERS)],
                        color=colours(int(c) % 10), alpha=0.75,
-                       label=f"{class_names[int(c)]} {mag}x")  # fmt: skip
+                       label=f"{names[int(c)]} {mag}x")  # fmt: skip
     ax.set(xlabel="PC 1", ylabel="PC 2", title="test embeddings (PCA)")
     ax.legend(fontsize=7, ncol=2, markerscale=1.2)
     fig.tight_layout()
@@ -278,8 +279,7 @@ def write_report(run_dir: str | Path) -> Path:
     metrics = RunMetrics.load(run / "metrics.json")
     test, knn = metrics.test, metrics.test.knn
     n_classes = len(knn.pooled.confusion)
-    class_names = ["benign", "malignant"] if n_classes == 2 else \
-        ["A", "F", "PT", "TA", "DC", "LC", "MC", "PC"][:n_classes]  # fmt: skip
+    names = list(class_names("binary" if n_classes == 2 else "subtype"))
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     history_path = run / "history.jsonl"
@@ -308,14 +308,14 @@ def write_report(run_dir: str | Path) -> Path:
         "",
     ]
     _plot_cross_magnification(knn, plots / "cross_magnification.png")
-    _confusions(test, class_names, plots / "confusion.png")
+    _confusions(test, names, plots / "confusion.png")
     if history:
         _curves(history, plots / "curves.png")
         lines += ["## Training", "", "![curves](plots/curves.png)", ""]
     emb_path = run / "embeddings" / "test.npz"
     if emb_path.is_file():
         with np.load(emb_path, allow_pickle=False) as emb:
-            _projection(dict(emb), class_names, plots / "projection.png")
+            _projection(dict(emb), names, plots / "projection.png")
         lines += ["## Test embeddings", "",
                   "Colour: class; marker: magnification.", "",
                   "![projection](plots/projection.png)", ""]  # fmt: skip

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from smse_metric.evaluation import make_index
 
 from .config import load_config
-from .data.breakhis import SUBTYPES
+from .data.breakhis import SUBTYPES, TUMOR_CLASSES
 from .data.dataset import eval_transform, normalize_image, read_image
 from .errors import RecipeError
 
@@ -113,7 +113,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
             float(d),
             str(meta["paths"][i]),
             str(meta["groups"][i]),
-            ("benign", "malignant")[SUBTYPES[codes[int(meta["subtypes"][i])]][0] == "M"],
+            TUMOR_CLASSES[SUBTYPES[codes[int(meta["subtypes"][i])]][0] == "M"],
             codes[int(meta["subtypes"][i])],
             int(meta["magnifications"][i]),
         )

@@ -10,7 +10,7 @@ import numpy as np
 
 from .config import Config
 from .data import BreakHisIndex, load_folds, patient_split, scan_breakhis
-from .data.breakhis import check_patient_disjoint
+from .data.folds import check_patient_disjoint
 from .errors import RecipeError
 
 __all__ = ["Splits", "data_root", "load_splits", "split_sizes"]

@@ -1,14 +1,7 @@
 """Data: BreakHis parsing and scanning, fold files, splits, and a synthetic BreakHis."""
 
-from .breakhis import (
-    BreakHisIndex,
-    BreakHisRecord,
-    check_patient_disjoint,
-    load_folds,
-    parse_breakhis_filename,
-    patient_split,
-    scan_breakhis,
-)
+from .breakhis import BreakHisIndex, BreakHisRecord, parse_breakhis_filename, scan_breakhis
+from .folds import check_patient_disjoint, load_folds, patient_split
 from .synthetic import make_synthetic_breakhis
 
 __all__ = [

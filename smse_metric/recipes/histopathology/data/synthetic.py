@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import RecipeError
-from .breakhis import MAGNIFICATIONS, STAIN_VECTORS, SUBTYPES
+from .breakhis import MAGNIFICATIONS, STAIN_VECTORS, SUBTYPES, TUMOR_CLASSES
 
 __all__ = ["DEFAULT_PATIENTS", "make_synthetic_breakhis"]
 
@@ -223,7 +223,7 @@ def make_synthetic_breakhis(
             slide = f"{case}{['', 'AB', 'CD'][p % 3]}"
             stain = _patient_stain(rng)
             patient_dir = (
-                TREE / ("benign" if tumor_class == "B" else "malignant") / "SOB" / folder
+                TREE / TUMOR_CLASSES[tumor_class == "M"] / "SOB" / folder
                 / f"SOB_{tumor_class}_{subtype}_14-{slide}"
             )  # fmt: skip
             for mag in MAGNIFICATIONS:
