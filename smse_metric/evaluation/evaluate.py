@@ -167,53 +167,25 @@ def evaluate_embeddings(
         ex_q, ex_g = _joint_codes(qg, n, gg, len(g_emb))
     knn_exclude = "none" if exclude == "none" else "group"
     q_group_codes = np.arange(n) if qg is None else np.unique(qg, return_inverse=True)[1]
-
     classes, g_codes = np.unique(gy, return_inverse=True)
     _, q_codes = encode_ids("labels", qy, n, classes)
-    n_classes = len(classes)
     knn = KNNClassifier(k, metric, weights, device, backend=backend).fit(g_emb, gy, groups=ex_g)
+    n_rel = _relevant(knn, g_codes, q_codes, ex_q, knn_exclude, len(classes))
+    pred, p1, hit_k, ap = _scores(knn, q, ex_q, knn_exclude, q_codes, n_rel, map_at_r)
 
-    # R of each query: usable gallery items of its class.
-    n_rel = np.bincount(g_codes, minlength=n_classes)[q_codes].astype(np.int64)
-    if knn_exclude == "group":
-        own = knn.query_group_codes(ex_q, n)
-        same = np.bincount(knn.groups_ * n_classes + g_codes,
-                           minlength=len(knn.group_sizes_) * n_classes)  # fmt: skip
-        n_rel -= np.where(own >= 0, same[np.maximum(own, 0) * n_classes + q_codes], 0)
-    extra = np.maximum(n_rel - k, 0) if map_at_r else None
+    def scores(m=slice(None)):
+        return (classification_metrics(pred[m], q_codes[m], q_group_codes[m], len(classes)),
+                retrieval_metrics(p1[m], hit_k[m], ap[m], n_rel[m], map_at_r))  # fmt: skip
 
-    pred = np.empty(n, dtype=np.int64)
-    p1 = np.empty(n, dtype=bool)
-    hit_k = np.empty(n, dtype=bool)
-    ap = np.zeros(n)
-    for nb in knn.kneighbors_chunks(q, ex_q, knn_exclude, k, extra):
-        r = nb.rows
-        pred[r] = knn.votes(nb).argmax(1)
-        rel = (knn.labels_[np.maximum(nb.ids, 0)] == q_codes[r, None]) & (nb.ids >= 0)
-        p1[r], hit_k[r] = rel[:, 0], rel[:, :k].any(1)
-        if map_at_r:
-            rank = np.arange(1, rel.shape[1] + 1)[None, :]
-            rel &= rank <= n_rel[r, None]
-            precision_at_hits = np.where(rel, np.cumsum(rel, axis=1) / rank, 0.0)
-            ap[r] = precision_at_hits.sum(1) / np.maximum(n_rel[r], 1)
-
-    report = EvaluationReport(
-        classes=classes.tolist(), scales=[], k=k, metric=metric, exclude=exclude,
-        pooled=classification_metrics(pred, q_codes, q_group_codes, n_classes),
-        retrieval=retrieval_metrics(p1, hit_k, ap, n_rel, map_at_r),
-    )  # fmt: skip
+    pooled, retrieval = scores()
+    report = EvaluationReport(classes=classes.tolist(), scales=[], k=k, metric=metric,
+                              exclude=exclude, pooled=pooled, retrieval=retrieval)  # fmt: skip
     if qs is None:
         return report
     s_table, s_codes = np.unique(qs, return_inverse=True)
     report.scales = s_table.tolist()
     for i, name in enumerate(report.scales):
-        m = s_codes == i
-        report.per_scale[str(name)] = classification_metrics(
-            pred[m], q_codes[m], q_group_codes[m], n_classes
-        )
-        report.retrieval_per_scale[str(name)] = retrieval_metrics(
-            p1[m], hit_k[m], ap[m], n_rel[m], map_at_r
-        )
+        report.per_scale[str(name)], report.retrieval_per_scale[str(name)] = scores(s_codes == i)
     if cross_magnification and gs is not None:
         report.cross_magnification = _cross_magnification_matrix(
             q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, knn_exclude,
@@ -224,6 +196,38 @@ def evaluate_embeddings(
         off = off[np.isfinite(off)]
         report.cross_magnification_mean = float(off.mean()) if off.size else None
     return report
+
+
+def _relevant(knn, g_codes, q_codes, ex_q, exclude, n_classes) -> np.ndarray:
+    """R of each query: the usable gallery items of its class."""
+    n_rel = np.bincount(g_codes, minlength=n_classes)[q_codes].astype(np.int64)
+    if exclude == "group":
+        own = knn.query_group_codes(ex_q, len(q_codes))
+        same = np.bincount(knn.groups_ * n_classes + g_codes,
+                           minlength=len(knn.group_sizes_) * n_classes)  # fmt: skip
+        n_rel -= np.where(own >= 0, same[np.maximum(own, 0) * n_classes + q_codes], 0)
+    return n_rel
+
+
+def _scores(knn, q, ex_q, exclude, q_codes, n_rel, map_at_r):
+    """Per query: kNN prediction (class code), hit at 1, hit within k, AP at R."""
+    n, k = len(q), knn.k
+    pred = np.empty(n, dtype=np.int64)
+    p1 = np.empty(n, dtype=bool)
+    hit_k = np.empty(n, dtype=bool)
+    ap = np.zeros(n)
+    extra = np.maximum(n_rel - k, 0) if map_at_r else None
+    for nb in knn.kneighbors_chunks(q, ex_q, exclude, k, extra):
+        r = nb.rows
+        pred[r] = knn.votes(nb).argmax(1)
+        rel = (knn.labels_[np.maximum(nb.ids, 0)] == q_codes[r, None]) & (nb.ids >= 0)
+        p1[r], hit_k[r] = rel[:, 0], rel[:, :k].any(1)
+        if map_at_r:
+            rank = np.arange(1, rel.shape[1] + 1)[None, :]
+            rel &= rank <= n_rel[r, None]
+            precision_at_hits = np.where(rel, np.cumsum(rel, axis=1) / rank, 0.0)
+            ap[r] = precision_at_hits.sum(1) / np.maximum(n_rel[r], 1)
+    return pred, p1, hit_k, ap
 
 
 def _cross_magnification_matrix(q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs,

@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-scale similarity embeddings for histopathology (SMSE).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_synth, _add_train, _add_evaluate, _add_search, _add_demo):
+        add(sub)
+    return parser
+
+
+def _add_synth(sub) -> None:
     synth = sub.add_parser(
         "synth", help="write the synthetic BreakHis-layout dataset",
         description="Write a procedural H&E-like dataset in the exact BreakHis layout, "
@@ -251,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--height", type=int, default=84)
     synth.set_defaults(func=_synth)
 
+
+def _add_train(sub) -> None:
     tr = sub.add_parser(
         "train", help="train a recipe preset or config file",
         description="Train, select the epoch on validation patients, evaluate on test patients.",
@@ -289,16 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--overwrite", action="store_true", help="replace an existing run")
     tr.set_defaults(func=_train)
 
+
+def _add_evaluate(sub) -> None:
     ev = sub.add_parser(
         "evaluate", help="re-evaluate a run's best checkpoint on its test patients",
-        description="Recompute metrics.json, embeddings, the FAISS index and report.md of a "
-        "run from checkpoints/best.pt.",
+        description="Recompute metrics.json, embeddings, report.md (and, with faiss, the "
+        "FAISS index) of a run from checkpoints/best.pt.",
     )  # fmt: skip
     ev.add_argument("--run", required=True, help="run directory")
     ev.add_argument("--device", choices=("cpu", "cuda"))
     ev.add_argument("--data", help="the run's dataset, if it moved since training")
     ev.set_defaults(func=_evaluate)
 
+
+def _add_search(sub) -> None:
     se = sub.add_parser(
         "search", help="the training images most similar to an image",
         description="Embed IMAGE with the run's best checkpoint and list its nearest "
@@ -313,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--data", help="the run's dataset, if it moved since training")
     se.set_defaults(func=_search)
 
+
+def _add_demo(sub) -> None:
     de = sub.add_parser(
         "demo", help="SMSE vs a plain classifier on the synthetic dataset (minutes, CPU)",
         description="Generate the synthetic dataset, train smse-triplet and baseline-ce on "
@@ -328,7 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--device", choices=("auto", "cpu", "cuda"))
     de.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
     de.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
