@@ -29,11 +29,10 @@ test: install lint docs
 # The library alone (torch + numpy, no extras) in its own venv, with the tests that need
 # nothing else: what `pip install smse-metric` users get.
 CORE_VENV ?= .venv-core
-CORE_TESTS := tests/test_functional.py tests/test_losses.py tests/test_miners.py \
-	tests/test_samplers.py tests/test_evaluation.py tests/test_evaluation_symmetric.py \
-	tests/test_distributed.py tests/test_imports.py smse_metric/functional \
-	smse_metric/losses.py smse_metric/miners.py smse_metric/samplers.py \
-	smse_metric/distributed.py smse_metric/evaluation/symmetric.py \
+CORE_TESTS := tests/functional tests/evaluation tests/test_losses.py tests/test_miners.py \
+	tests/test_samplers.py tests/test_distributed.py tests/test_imports.py \
+	smse_metric/functional smse_metric/losses.py smse_metric/miners.py \
+	smse_metric/samplers.py smse_metric/distributed.py smse_metric/evaluation/symmetric.py \
 	smse_metric/evaluation/torch_index.py smse_metric/evaluation/knn.py \
 	smse_metric/evaluation/evaluate.py smse_metric/evaluation/metrics.py
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -132,3 +133,58 @@ def rfl(logits, target, alpha, gamma, beta=None):
         b = 1.0 if beta is None else float(beta[int(target[i])])
         out.append(b * alpha * (1 - p) ** gamma)
     return torch.tensor(out, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def brute_neighbours(q, g, metric, k, q_groups=None, g_groups=None, self_ex=False):
+    """Loop reference: distances in float64, ties by gallery index, exclusions applied."""
+    q, g = q.astype(np.float64), g.astype(np.float64)
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    out = []
+    for i in range(len(q)):
+        cand = []
+        for j in range(len(g)):
+            if (self_ex and i == j) or (q_groups is not None and q_groups[i] == g_groups[j]):
+                continue
+            d = 1 - q[i] @ g[j] if metric == "cosine" else np.linalg.norm(q[i] - g[j])
+            cand.append((d, j))
+        cand.sort()
+        out.append(cand[:k])
+    return out
+
+
+def brute_predict(neigh, g_labels, weights="uniform"):
+    pred = []
+    for row in neigh:
+        votes = {}
+        exact = [j for d, j in row if d <= 0]
+        for d, j in row:
+            w = 1.0 if weights == "uniform" else ((1.0 if j in exact else 0.0) if exact else 1 / d)
+            votes[g_labels[j]] = votes.get(g_labels[j], 0.0) + w
+        best = max(votes.values())
+        pred.append(min(c for c, v in votes.items() if v == best))
+    return np.array(pred)
+
+
+def brute_self_neighbours(x, k, metric, groups=None):
+    """k nearest other rows of every row (float64, ties by index), leave-one-group-out."""
+    x = np.asarray(x, dtype=np.float64)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(x)
+    dist, ids = np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
+    for i in range(n):
+        rows = []
+        for j in range(n):
+            if j == i or (groups is not None and groups[j] == groups[i]):
+                continue
+            d = 1 - x[i] @ x[j] if metric == "cosine" else np.sqrt(((x[i] - x[j]) ** 2).sum())
+            rows.append((d, j))
+        rows.sort()
+        dist[i] = [d for d, _ in rows[:k]]
+        ids[i] = [j for _, j in rows[:k]]
+    return dist, ids

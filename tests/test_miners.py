@@ -1,9 +1,9 @@
-"""Miners against brute-force loops and against pytorch-metric-learning, as sets."""
+"""Miners against brute force and PML, on every device."""
 
 import pytest
 import reference as ref
 import torch
-from conftest import make_batch
+from helpers import DEVICES, make_batch, needs_pml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,9 +13,6 @@ try:  # the [pml] extra; a core-only install runs everything else
     from pytorch_metric_learning import miners as pml_miners
 except ImportError:
     pml_miners = None
-needs_pml = pytest.mark.skipif(
-    pml_miners is None, reason="needs pytorch-metric-learning (the [pml] extra)"
-)
 
 
 def as_set(*idx):
@@ -121,6 +118,20 @@ def test_pair_miner_hard_equals_pml_pair_margin_miner():
     ours = PairMiner("hard", pos_margin=0.3, neg_margin=0.9)(emb, labels)
     theirs = pml_miners.PairMarginMiner(pos_margin=0.3, neg_margin=0.9)(emb, labels)
     assert as_set(*ours[:2]) == as_set(*theirs[:2]) and as_set(*ours[2:]) == as_set(*theirs[2:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", ["all", "semihard", "hard", "easy", "batch_hard"])
+def test_miners_on_every_device_equal_brute_force(strategy, device):
+    emb, labels, scales = make_batch(40, 8, 4, n_scales=3, seed=4)
+    miner = TripletMiner(strategy, margin=0.2, cross_scale=True, chunk_size=16)
+    out = miner(emb.to(device), labels.to(device), scales.to(device))
+    assert all(t.device.type == device for t in out)
+    want = ref.triplets(emb, labels, 0.2, strategy, scales=scales, cross_scale=True)
+    assert set(zip(*[t.tolist() for t in out], strict=True)) == want
+    pm = PairMiner("hard", 0.3, 0.9)
+    got = pm(emb.to(device), labels.to(device))
+    assert [t.tolist() for t in got] == [t.tolist() for t in pm(emb, labels)]
 
 
 def test_miners_run_without_grad_and_keep_device():

@@ -346,8 +346,8 @@ def build(cfg: Config, splits: Splits, device: torch.device) -> Built:
         device: where to train (`device_of`).
 
     Examples:
-        Built by `train` before the first step (tests/test_recipe.py runs it; skipped here
-        because it needs a dataset on disk):
+        Built by `train` before the first step (tests/recipes/histopathology/test_training.py runs
+        it; skipped here because it needs a dataset on disk):
 
         >>> built = build(cfg, load_splits(cfg, root), device_of(cfg))  # doctest: +SKIP
         >>> type(built.optimizer).__name__  # doctest: +SKIP

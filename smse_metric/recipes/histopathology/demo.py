@@ -196,7 +196,7 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
 
     Examples:
         About four minutes on two CPU cores (skipped here; `make demo` and
-        tests/test_recipe.py run it):
+        tests/recipes/histopathology/test_demo.py run it):
 
         >>> summary = run_demo("runs/demo")  # doctest: +SKIP
         >>> summary["comparison"]["pooled patient accuracy"]["verdict"]  # doctest: +SKIP

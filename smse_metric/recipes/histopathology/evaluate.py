@@ -163,8 +163,8 @@ def evaluate_run(
         bad_images: unreadable images already found, to list in the report.
 
     Examples:
-        Recompute a finished run's outputs (tests/test_recipe.py runs this; skipped here
-        because it needs a trained run):
+        Recompute a finished run's outputs (tests/recipes/histopathology/test_evaluate.py runs this;
+        skipped here because it needs a trained run):
 
         >>> metrics = evaluate_run("runs/example")  # doctest: +SKIP
         >>> metrics.test.knn.pooled.patient_accuracy  # doctest: +SKIP

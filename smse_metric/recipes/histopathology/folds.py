@@ -42,7 +42,7 @@ def train_folds(
 
     Examples:
         Five folds of the SMSE preset (skipped here: it trains five networks;
-        tests/test_recipe.py runs two folds):
+        tests/recipes/histopathology/test_folds.py runs two folds):
 
         >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"path": "/data/BreaKHis"}})

@@ -269,8 +269,8 @@ def write_report(run_dir: str | Path) -> Path:
         run_dir: a run directory with ``metrics.json``.
 
     Examples:
-        Write ``report.md`` and ``plots/`` of a finished run (skipped here: it needs a
-        run; the recipe calls it and tests/test_recipe.py checks every file):
+        Write ``report.md`` and ``plots/`` of a finished run (skipped here: it needs a run; the
+        recipe calls it and tests/recipes/histopathology/test_training.py checks every file):
 
         >>> write_report("runs/example")  # doctest: +SKIP
         PosixPath('runs/example/report.md')

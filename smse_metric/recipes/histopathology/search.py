@@ -70,7 +70,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
 
     Examples:
         The five training images nearest to an image, under a finished run (skipped here:
-        it needs a trained run; tests/test_recipe.py runs it):
+        it needs a trained run; tests/recipes/histopathology/test_search.py runs it):
 
         >>> for n in search_run("runs/example", "query.png", k=5):  # doctest: +SKIP
         ...     print(n.rank, round(n.distance, 3), n.patient, n.subtype, n.magnification)

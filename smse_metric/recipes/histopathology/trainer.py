@@ -44,8 +44,8 @@ class Trainer:
         quiet: print nothing.
 
     Examples:
-        What `train` does (tests/test_recipe.py runs it; skipped here: it trains a
-        network):
+        What `train` does (tests/recipes/histopathology/test_training.py runs it; skipped here: it
+        trains a network):
 
         >>> trainer = Trainer(cfg, build(cfg, splits, device), Path("runs/a"))  # doctest: +SKIP
         >>> trainer.resume()  # doctest: +SKIP

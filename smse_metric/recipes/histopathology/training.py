@@ -61,8 +61,8 @@ def train(
             the last good epoch.
 
     Examples:
-        Two epochs on the synthetic dataset (tests/test_recipe.py runs this path; skipped
-        here because it trains a network):
+        Two epochs on the synthetic dataset (tests/recipes/histopathology/test_training.py runs this
+        path; skipped here because it trains a network):
 
         >>> from smse_metric.recipes.histopathology import load_config
         >>> cfg = load_config("smse-triplet", {"data": {"synthetic": True}, "optim": {"epochs": 2}})

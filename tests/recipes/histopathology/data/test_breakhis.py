@@ -1,29 +1,18 @@
-"""BreakHis names, trees, folds and splits."""
+"""BreakHis names and trees."""
 
 import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from PIL import Image
+from recipe_helpers import tiny_png
 
 from smse_metric.recipes.histopathology.data import (
     check_patient_disjoint,
     load_folds,
-    make_synthetic_breakhis,
     parse_breakhis_filename,
-    patient_split,
     scan_breakhis,
 )
 from smse_metric.recipes.histopathology.data.breakhis import SUBTYPES
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    make_synthetic_breakhis(root, images_per_magnification=2, image_size=(32, 24), seed=3)
-    return root
 
 
 @pytest.mark.parametrize(
@@ -77,23 +66,6 @@ def test_synthetic_tree_round_trips_through_scan_and_folds(synth):
         assert 0.15 < masks["test"].mean() < 0.5
 
 
-def test_dsfold_file_parses(tmp_path, synth):
-    idx = scan_breakhis(synth)
-    names = idx.names
-    rows = [f"{n}|{r.magnification}|1|{'test' if i % 3 == 0 else 'train'}"
-            for i, (n, r) in enumerate(zip(names, idx.records, strict=True))]  # fmt: skip
-    rows += [f"{n}|{r.magnification}|2|train" for n, r in zip(names, idx.records, strict=True)]
-    (tmp_path / "dsfold1.txt").write_text("\n".join(rows) + "\n")
-    split = load_folds(tmp_path / "dsfold1.txt", 1)
-    assert len(split["test"]) == len(range(0, len(names), 3))
-    assert len(split["train"]) + len(split["test"]) == len(names)
-    with pytest.raises(ValueError, match="no rows for fold 3"):
-        load_folds(tmp_path / "dsfold1.txt", 3)
-    (tmp_path / "bad.txt").write_text("a|b\n")
-    with pytest.raises(ValueError, match=r"bad\.txt:1"):
-        load_folds(tmp_path / "bad.txt", 1)
-
-
 def test_mkfold_tree_keeps_each_image_once(tmp_path, synth):
     idx = scan_breakhis(synth)
     for fold, part in ((1, "train"), (1, "test"), (2, "train")):
@@ -105,17 +77,12 @@ def test_mkfold_tree_keeps_each_image_once(tmp_path, synth):
     assert len(mk) == 10 and mk.report["copies_skipped"] == 20
 
 
-def _tiny_png(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4), (200, 100, 150)).save(path)
-
-
 def test_duplicate_patient_13412_dc_copy_is_dropped_and_reported(tmp_path):
     base = tmp_path / "BreaKHis_v1/histology_slides/breast/malignant/SOB"
     for sub, folder in (("DC", "ductal_carcinoma"), ("LC", "lobular_carcinoma")):
         for i in (1, 2):
             name = f"SOB_M_{sub}-14-13412-100-00{i}.png"
-            _tiny_png(base / folder / f"SOB_M_{sub}_14-13412" / "100X" / name)
+            tiny_png(base / folder / f"SOB_M_{sub}_14-13412" / "100X" / name)
     kept = scan_breakhis(tmp_path)
     assert {r.subtype for r in kept.records} == {"LC"} and len(kept) == 2
     assert kept.report["duplicate_patient_dropped"] == 2
@@ -129,43 +96,16 @@ def test_scan_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="no PNG images"):
         scan_breakhis(tmp_path)
     bad = tmp_path / "t1/benign/SOB/mystery_tumor/SOB_B_A_14-1/40X/SOB_B_A-14-1-40-001.png"
-    _tiny_png(bad)
+    tiny_png(bad)
     with pytest.raises(ValueError, match="unknown subtype folder"):
         scan_breakhis(tmp_path / "t1")
     wrong_mag = tmp_path / "t2/benign/SOB/adenosis/SOB_B_A_14-1/40X/SOB_B_A-14-1-100-001.png"
-    _tiny_png(wrong_mag)
+    tiny_png(wrong_mag)
     with pytest.raises(ValueError, match="contradicts magnification"):
         scan_breakhis(tmp_path / "t2")
     wrong_sub = tmp_path / "t3/benign/SOB/fibroadenoma/SOB_B_A_14-1/40X/SOB_B_A-14-1-40-001.png"
-    _tiny_png(wrong_sub)
+    tiny_png(wrong_sub)
     with pytest.raises(ValueError, match="contradicts subtype"):
         scan_breakhis(tmp_path / "t3")
     with pytest.raises(ValueError, match="group_by"):
         scan_breakhis(tmp_path, group_by="patient")
-
-
-@given(test=st.floats(0.1, 0.5), val=st.floats(0.0, 0.3), seed=st.integers(0, 1000))
-def test_patient_split_is_disjoint_stratified_and_deterministic(synth_index, test, val, seed):
-    masks = patient_split(synth_index, test, val, seed=seed)
-    assert (masks["train"].astype(int) + masks["val"] + masks["test"] == 1).all()
-    check_patient_disjoint(masks, synth_index.group)
-    for sub in range(8):  # every subtype keeps training patients
-        assert (masks["train"] & (synth_index.subtype == sub)).any()
-    again = patient_split(synth_index, test, val, seed=seed)
-    assert all((masks[k] == again[k]).all() for k in masks)
-
-
-@pytest.fixture(scope="module")
-def synth_index(synth):
-    return scan_breakhis(synth)
-
-
-def test_patient_split_errors_and_overlap_check(synth_index):
-    with pytest.raises(ValueError, match="test_fraction"):
-        patient_split(synth_index, 1.2)
-    with pytest.raises(ValueError, match="below 1"):
-        patient_split(synth_index, 0.6, 0.5)
-    m = np.zeros(len(synth_index), bool)
-    m[:5] = True
-    with pytest.raises(ValueError, match="is in both"):
-        check_patient_disjoint({"train": m, "test": m.copy()}, synth_index.group)

@@ -5,6 +5,7 @@ shuffled-label predictor cannot reach. One test body, parametrised by device."""
 import numpy as np
 import pytest
 import torch
+from helpers import DEVICES
 
 from smse_metric import KNNClassifier
 from smse_metric.recipes.histopathology import load_config
@@ -14,15 +15,10 @@ from smse_metric.recipes.histopathology.engine import embed, load_checkpoint
 from smse_metric.recipes.histopathology.splits import load_splits
 from smse_metric.recipes.histopathology.training import train
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    ),
-]
 #: chance is 0.5 (balanced over two classes); a constant predictor scores exactly 0.5
 THRESHOLD = 0.75
+
+
 EASY = {
     "data": {"image_size": [32, 32], "num_workers": 0},
     "model": {"backbone": "smse-cnn", "embedding_dim": 16},

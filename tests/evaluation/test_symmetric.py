@@ -1,30 +1,47 @@
-"""symmetric_knn against a brute-force loop: exact ids and distances, ties by index."""
+"""symmetric_knn against a brute-force loop and against the index search: exact ids and
+distances, ties by index."""
 
 import numpy as np
 import pytest
+from helpers import BACKENDS
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import brute_self_neighbours
 
+from smse_metric import (
+    KNNClassifier,
+    evaluate_embeddings,
+)
+from smse_metric.evaluation import knn as ev
 from smse_metric.evaluation import symmetric_knn
 
 
-def brute(x, k, metric, groups=None):
-    x = np.asarray(x, dtype=np.float64)
-    if metric == "cosine":
-        x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    n = len(x)
-    dist, ids = np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
-    for i in range(n):
-        rows = []
-        for j in range(n):
-            if j == i or (groups is not None and groups[j] == groups[i]):
-                continue
-            d = 1 - x[i] @ x[j] if metric == "cosine" else np.sqrt(((x[i] - x[j]) ** 2).sum())
-            rows.append((d, j))
-        rows.sort()
-        dist[i] = [d for d, _ in rows[:k]]
-        ids[i] = [j for _, j in rows[:k]]
-    return dist, ids
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("exclude", ["self", "group"])
+def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, metric, exclude, backend):
+    rng = np.random.default_rng(3)
+    n = 5000  # above SYMMETRIC_MIN_ROWS and over several 2048-row blocks
+    y = rng.integers(0, 5, n)
+    x = (rng.standard_normal((n, 16)) + y[:, None] * 0.3).astype(np.float32)
+    g, s = rng.integers(0, 300, n), rng.integers(0, 4, n)
+
+    def run():
+        knn = KNNClassifier(k=7, metric=metric, backend=backend).fit(x, y, g)
+        chunks = list(knn.kneighbors_chunks(x, g, exclude))
+        report = evaluate_embeddings(x, y, g, s, k=7, exclude=exclude, metric=metric,
+                                     map_at_r=False, backend=backend)  # fmt: skip
+        return np.concatenate([c.ids for c in chunks]), report.to_dict()
+
+    calls = []
+    real = ev.symmetric_knn
+    monkeypatch.setattr(ev, "symmetric_knn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast_ids, fast = run()
+    assert calls  # the symmetric search answered
+    monkeypatch.setattr(ev, "SYMMETRIC_MIN_ROWS", 10**9)
+    slow_ids, slow = run()
+    np.testing.assert_array_equal(fast_ids, slow_ids)
+    assert fast == slow
 
 
 @given(st.integers(2, 150), st.integers(1, 6), st.integers(1, 4), st.sampled_from([32, 64]),
@@ -38,7 +55,7 @@ def test_l2_on_integer_points_is_exact_ties_included(n, k, d, block, grouped, se
     if k < 1:
         return
     dist, ids = symmetric_knn(x, k, "l2", groups, block=block)
-    ref_d, ref_i = brute(x, k, "l2", groups)
+    ref_d, ref_i = brute_self_neighbours(x, k, "l2", groups)
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-6, atol=1e-6)
 
@@ -48,7 +65,7 @@ def test_cosine_matches_brute_force(n, k, block, seed):
     x = np.random.default_rng(seed).standard_normal((n, 5)).astype(np.float32)
     k = min(k, n - 1)
     dist, ids = symmetric_knn(x, k, "cosine", block=block)
-    ref_d, ref_i = brute(x, k, "cosine")
+    ref_d, ref_i = brute_self_neighbours(x, k, "cosine")
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, atol=1e-5)
 
@@ -58,7 +75,7 @@ def test_many_blocks_and_a_ragged_last_block():
     x = rng.standard_normal((1000, 16)).astype(np.float32)
     groups = rng.integers(0, 90, 1000)
     dist, ids = symmetric_knn(x, 7, "l2", groups, block=64)
-    ref_d, ref_i = brute(x, 7, "l2", groups)
+    ref_d, ref_i = brute_self_neighbours(x, 7, "l2", groups)
     np.testing.assert_array_equal(ids, ref_i)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-4)
     assert not (groups[ids] == groups[:, None]).any()

@@ -25,6 +25,22 @@ def digest(root):
     return h.hexdigest()
 
 
+def features(path):
+    """Simple colour and texture statistics of one image."""
+    x = np.asarray(Image.open(path), dtype=np.float64) / 255
+    gray = x.mean(2)
+    dark = gray < 0.45
+    gy, gx = np.abs(np.diff(gray, axis=0)).mean(), np.abs(np.diff(gray, axis=1)).mean()
+    return np.concatenate([x.mean((0, 1)), x.std((0, 1)), [dark.mean(), gy, gx]])
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    make_synthetic_breakhis(root, images_per_magnification=4, seed=0)
+    return root
+
+
 def test_generator_is_deterministic_for_a_seed(tmp_path):
     kw = dict(images_per_magnification=1, image_size=(24, 16),
               patients_per_subtype={"A": 1, "DC": 2})  # fmt: skip
@@ -58,22 +74,6 @@ def test_bad_arguments(tmp_path):
         make_synthetic_breakhis(tmp_path, patients_per_subtype={"XX": 1})
     with pytest.raises(ValueError, match="images_per_magnification"):
         make_synthetic_breakhis(tmp_path, images_per_magnification=0)
-
-
-def features(path):
-    """Simple colour and texture statistics of one image."""
-    x = np.asarray(Image.open(path), dtype=np.float64) / 255
-    gray = x.mean(2)
-    dark = gray < 0.45
-    gy, gx = np.abs(np.diff(gray, axis=0)).mean(), np.abs(np.diff(gray, axis=1)).mean()
-    return np.concatenate([x.mean((0, 1)), x.std((0, 1)), [dark.mean(), gy, gx]])
-
-
-@pytest.fixture(scope="module")
-def demo_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe")
-    make_synthetic_breakhis(root, images_per_magnification=4, seed=0)
-    return root
 
 
 def test_a_linear_probe_beats_chance_but_is_far_from_perfect(demo_set):

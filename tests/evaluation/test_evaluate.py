@@ -1,0 +1,84 @@
+"""evaluate_embeddings / evaluate_predictions: reports against brute force, devices,
+galleries, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close_reports, knn_data
+from reference import brute_neighbours, brute_predict
+
+from smse_metric import (
+    KNNClassifier,
+    TorchIndex,
+    evaluate_embeddings,
+    make_index,
+)
+
+
+def test_torch_inputs_on_any_device_equal_numpy():
+    emb, y, g, s = knn_data(n=80, seed=4)
+    a = evaluate_embeddings(torch.from_numpy(emb).double(), torch.from_numpy(y), g, s).to_dict()
+    assert_close_reports(a, evaluate_embeddings(emb, y, g, s).to_dict())
+
+
+def test_per_scale_and_cross_magnification_matrix_equal_brute_force():
+    emb, y, g, s = knn_data(n=90, seed=6)
+    r = evaluate_embeddings(emb, y, g, s, k=3, metric="l2")
+    for name, m in r.per_scale.items():
+        sel = s == int(name)
+        knn = KNNClassifier(k=3, metric="l2").fit(emb, y, groups=g)
+        pred = knn.predict(emb[sel], g[sel], exclude="group")
+        assert m.accuracy == pytest.approx((pred == y[sel]).mean())
+    for a, qa in enumerate(r.scales):
+        for b, gb in enumerate(r.scales):
+            q, gal = s == qa, s == gb
+            neigh = brute_neighbours(emb[q], emb[gal], "l2", 3, g[q], g[gal])
+            pred = brute_predict(neigh, y[gal])
+            assert r.cross_magnification[a][b] == pytest.approx((pred == y[q]).mean())
+    off = [r.cross_magnification[a][b] for a in range(3) for b in range(3) if a != b]
+    assert r.cross_magnification_mean == pytest.approx(np.mean(off))
+    assert r.to_json()  # serialisable
+
+
+def test_separate_gallery_excludes_the_query_patient():
+    emb, y, g, s = knn_data(n=100, seed=7)
+    q, gal = slice(0, 30), slice(30, None)
+    r = evaluate_embeddings(emb[q], y[q], g[q], s[q], k=3, metric="l2",
+                            gallery=(emb[gal], y[gal], g[gal], s[gal]))  # fmt: skip
+    neigh = brute_neighbours(emb[q], emb[gal], "l2", 3, g[q], g[gal])
+    assert r.pooled.accuracy == pytest.approx((brute_predict(neigh, y[gal]) == y[q]).mean())
+    # without gallery groups nothing is excluded
+    r2 = evaluate_embeddings(emb[q], y[q], None, None, k=3, metric="l2",
+                             gallery={"embeddings": emb[gal], "labels": y[gal]})  # fmt: skip
+    neigh = brute_neighbours(emb[q], emb[gal], "l2", 3)
+    assert r2.pooled.accuracy == pytest.approx((brute_predict(neigh, y[gal]) == y[q]).mean())
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda e, y, g: evaluate_embeddings(e, y[:-1], g), ValueError, "labels has"),
+        (lambda e, y, g: evaluate_embeddings(e, y, g[:-1]), ValueError, "groups has"),
+        (lambda e, y, g: evaluate_embeddings(e, y, g, k=500), ValueError, "k=500 is larger"),
+        (lambda e, y, g: evaluate_embeddings(np.where(e > 2, np.nan, e), y, g), ValueError, "NaN"),
+        (lambda e, y, g: evaluate_embeddings(e, y, g, gallery=(e[:0], y[:0], None, None)),
+         ValueError, "gallery embeddings is empty"),
+        (lambda e, y, g: evaluate_embeddings(e, y, g, exclude="patient"), ValueError, "exclude"),
+        (lambda e, y, g: evaluate_embeddings(e, y.astype(float), g), TypeError, "labels"),
+        (lambda e, y, g: evaluate_embeddings(e, y, g, gallery=(e, y, g, None), exclude="self"),
+         ValueError, "self"),
+        (lambda e, y, g: KNNClassifier(k=0), ValueError, "k must be"),
+        (lambda e, y, g: KNNClassifier(metric="dot"), ValueError, "metric"),
+        (lambda e, y, g: KNNClassifier().fit(e, y).predict(e, exclude="group"), ValueError,
+         "groups"),
+        pytest.param(lambda e, y, g: KNNClassifier(device="cuda").fit(e, y), ValueError, "GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+        (lambda e, y, g: KNNClassifier(backend="annoy"), ValueError, "backend"),
+        (lambda e, y, g: make_index(e, index="ivf", backend="torch"), ValueError, "ivf"),
+        (lambda e, y, g: TorchIndex(e).search(e[:, :3], 2), ValueError, "dimension"),
+    ],
+)  # fmt: skip
+def test_bad_input(call, exc, match):
+    emb, y, g, _ = knn_data(n=40, seed=9)
+    with pytest.raises(exc, match=match):
+        call(emb, y, g)

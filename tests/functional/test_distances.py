@@ -1,0 +1,98 @@
+"""pairwise_distances, tuple distances and masks against loops, in float64 and under autocast."""
+
+import pytest
+import reference as ref
+import torch
+from helpers import make_batch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smse_metric import functional as smf
+from smse_metric.functional.distances import gathered_distances
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_pairwise_distances_equal_loops(metric, with_ref):
+    x, _, _ = make_batch(7, 3, 2, normalize=False, seed=1)
+    y = make_batch(5, 3, 2, normalize=False, seed=2)[0] if with_ref else None
+    d = smf.pairwise_distances(x, y, metric)
+    other = x if y is None else y
+    for i in range(len(x)):
+        for j in range(len(other)):
+            if metric == "cosine":
+                want = 1 - torch.dot(x[i], other[j]) / (x[i].norm() * other[j].norm())
+            else:
+                want = ref.dist(x[i], other[j], squared=metric == "squared_euclidean")
+            assert abs(float(d[i, j]) - float(want)) < 1e-9
+
+
+def test_self_distance_diagonal_is_exactly_zero_in_float32():
+    x = torch.randn(64, 32) * 10
+    d = smf.pairwise_distances(x)
+    assert torch.equal(torch.diagonal(d), torch.zeros(64))
+    assert torch.equal(torch.diagonal(smf.pairwise_distances(x, metric="squared_euclidean")),
+                       torch.zeros(64))  # fmt: skip
+
+
+def test_euclidean_gradient_with_ref_equals_autograd_of_loops():
+    x, _, _ = make_batch(5, 3, 2, normalize=False, seed=3)
+    y, _, _ = make_batch(4, 3, 2, normalize=False, seed=4)
+    x.requires_grad_()
+    y.requires_grad_()
+    w = torch.randn(5, 4, dtype=torch.float64)
+    (smf.pairwise_distances(x, y) * w).sum().backward()
+    gx, gy = x.grad.clone(), y.grad.clone()
+    x.grad = y.grad = None
+    sum(w[i, j] * ref.dist(x[i], y[j]) for i in range(5) for j in range(4)).backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gy, y.grad)
+    assert torch.autograd.gradcheck(lambda a, b: smf.pairwise_distances(a, b), (x, y))
+
+
+def test_distances_under_autocast_are_float32():
+    x = torch.randn(8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = smf.pairwise_distances(x.bfloat16())
+    assert d.dtype == torch.float32
+
+
+@given(
+    labels=st.lists(st.integers(0, 3), min_size=1, max_size=10),
+    scales=st.data(),
+    with_ref=st.booleans(),
+)
+def test_masks_equal_loops(labels, scales, with_ref):
+    y = torch.tensor(labels)
+    s = torch.tensor(scales.draw(st.lists(st.integers(0, 2), min_size=len(y), max_size=len(y))))
+    ry, rs = (y.flip(0), s.flip(0)) if with_ref else (None, None)
+    pos, neg = smf.label_masks(y, ry)
+    cross = smf.cross_scale_mask(s, rs)
+    oy, os_ = (y, s) if ry is None else (ry, rs)
+    for i in range(len(y)):
+        for j in range(len(oy)):
+            same = bool(y[i] == oy[j])
+            assert bool(pos[i, j]) == (same and (with_ref or i != j))
+            assert bool(neg[i, j]) == (not same)
+            assert bool(cross[i, j]) == bool(s[i] != os_[j])
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("same", [False, True])
+def test_tuple_distances_by_rows_equal_by_matrix(squared, same):
+    emb, _, _ = make_batch(10, 3, 2, seed=22)
+    ref_emb = emb if same else make_batch(10, 3, 2, seed=23)[0]
+    i, j = torch.tensor([0, 1, 2, 7]), torch.tensor([3, 4, 2, 9])
+    rows = gathered_distances(emb, ref_emb, same, [(i, j)], squared)[0]  # 4 x 3 <= 100
+    big = gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], squared)[0]
+    torch.testing.assert_close(rows, big[:4])
+    want = torch.stack([ref.dist(emb[a], ref_emb[b], squared) for a, b in zip(i, j, strict=True)])
+    torch.testing.assert_close(rows, want)
+
+
+def test_duplicate_embeddings_have_zero_gradient_between_them():
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    d = smf.pairwise_distances(x)
+    assert d.abs().max() == 0
+    d.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))

@@ -1,0 +1,167 @@
+"""The fused triplet loss against a naive loop over all triplets (values and
+gradients), the mined path, and PML."""
+
+import pytest
+import reference as ref
+import torch
+from helpers import (
+    FUSED,
+    REDUCTIONS,
+    assert_same,
+    make_batch,
+    needs_pml,
+    unit,
+    value_and_grad,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smse_metric import TripletMarginLoss, TripletMiner
+from smse_metric import functional as smf
+from smse_metric.functional import _common as common
+
+try:  # the [pml] extra; a core-only install runs everything else
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+except ImportError:
+    pml_losses = pml_miners = None
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("squared", [False, True])
+def test_fused_triplet_equals_naive_loop(strategy, reduction, squared):
+    emb, labels, _ = make_batch(18, 5, 3, seed=1)
+    margin = 0.3 if not squared else 0.5
+    assert_same(
+        lambda e: smf.triplet_margin_loss(e, labels, margin, squared, strategy, reduction),
+        lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, squared),
+        emb,
+    )
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    strategy=st.sampled_from(["all", "semihard", "hard"]),
+    reduction=st.sampled_from(REDUCTIONS),
+    margin=st.sampled_from([-1.0, 1.0, 2.0]),
+)
+def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction, margin):
+    """Points on an integer grid, squared distances: d_an == d_ap and d_an == d_ap +
+    margin happen exactly, and the selection's strict and non-strict ends decide
+    (values only: the gradient of relu at a tie is a choice)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randint(-2, 3, (14, 2), generator=g).double()
+    labels = torch.randint(0, 3, (14,), generator=g)
+    got = smf.triplet_margin_loss(emb, labels, margin, True, strategy, reduction)
+    want = ref.triplet_loss(emb, labels, margin, strategy, reduction, squared=True)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-12)
+    a, p, n = TripletMiner(strategy, margin, squared=True)(emb, labels)
+    assert sorted(zip(a.tolist(), p.tolist(), n.tolist(), strict=True)) == sorted(
+        ref.triplets(emb, labels, margin, strategy, squared=True)
+    )
+
+
+@pytest.mark.parametrize("strategy", ["all", "semihard", "hard"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, monkeypatch):
+    emb, labels, scales = make_batch(23, 5, 3, n_scales=2, seed=21)
+    kw = dict(scales=scales, cross_scale=True)
+
+    def loss(e):
+        return smf.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
+
+    one = value_and_grad(loss, emb)
+    monkeypatch.setattr(common, "BLOCK_ENTRIES", 50)  # blocks of 2 anchors
+    assert len(common.row_blocks(23, 23)) == 12
+    many = value_and_grad(loss, emb)
+    torch.testing.assert_close(one, many)
+
+
+@pytest.mark.parametrize("strategy", FUSED)
+def test_fused_triplet_cross_scale_and_ref_emb(strategy):
+    emb, labels, scales = make_batch(12, 4, 3, n_scales=3, seed=2)
+    r_emb, r_labels, r_scales = make_batch(10, 4, 3, n_scales=3, seed=3)
+    kw = dict(ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales,
+              cross_scale=True)  # fmt: skip
+    assert_same(
+        lambda e: smf.triplet_margin_loss(e, labels, 0.4, False, strategy, "mean", **kw),
+        lambda e: ref.triplet_loss(e, labels, 0.4, strategy, "mean", **kw),
+        emb,
+    )
+
+
+@given(
+    n=st.integers(1, 14),
+    n_classes=st.integers(1, 4),
+    n_scales=st.integers(1, 3),
+    margin=st.sampled_from([0.0, 0.1, 0.5, 2.0, -0.2]),
+    strategy=st.sampled_from(FUSED),
+    reduction=st.sampled_from(REDUCTIONS),
+    cross=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_triplet_property_matches_naive(
+    n, n_classes, n_scales, margin, strategy, reduction, cross, seed
+):
+    emb, labels, scales = make_batch(n, 3, n_classes, n_scales, seed=seed)
+    kw = dict(scales=scales, cross_scale=cross)
+    assert_same(
+        lambda e: smf.triplet_margin_loss(e, labels, margin, False, strategy, reduction, **kw),
+        lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, **kw),
+        emb,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["all", "semihard", "hard", "batch_hard"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_equals_mined(strategy, reduction):
+    emb, labels, scales = make_batch(40, 8, 4, n_scales=2, seed=4)
+    kw = dict(scales=scales)
+    loss = TripletMarginLoss(0.3, triplets=strategy, reduction=reduction, cross_scale=True)
+    miner = TripletMiner(strategy, margin=0.3, cross_scale=True, chunk_size=7)
+    assert_same(
+        lambda e: loss(e, labels, **kw),
+        lambda e: loss(e, labels, miner(e, labels, **kw), **kw),
+        emb,
+    )
+
+
+@needs_pml
+@pytest.mark.parametrize("strategy", ["all", "semihard", "hard"])
+@pytest.mark.parametrize("margin", [0.1, 0.3])
+def test_triplet_parity_with_pml(strategy, margin):
+    emb, labels, _ = make_batch(48, 8, 3, seed=5)
+    pml = pml_losses.TripletMarginLoss(margin=margin)
+    pml_miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=strategy)
+    ours = TripletMarginLoss(margin, triplets=strategy)
+    ours_miner = TripletMiner(strategy, margin=margin)
+
+    def pml_fn(e):
+        return pml(e, labels, pml_miner(e, labels))
+
+    # PML normalises inside its distance, so ours sees normalised embeddings too.
+    assert_same(lambda e: ours(unit(e), labels), pml_fn, emb)
+    assert_same(lambda e: ours(unit(e), labels, ours_miner(e, labels)), pml_fn, emb)
+
+
+@needs_pml
+def test_batch_hard_parity_with_pml():
+    emb, labels, _ = make_batch(48, 8, 3, seed=6)
+    pml = pml_losses.TripletMarginLoss(margin=0.2)
+    miner = pml_miners.BatchHardMiner()
+    ours = TripletMarginLoss(0.2, triplets="batch_hard")
+    assert_same(lambda e: ours(unit(e), labels), lambda e: pml(e, labels, miner(e, labels)), emb)
+
+
+def test_mined_triplets_with_cross_scale_drop_same_scale_positives():
+    emb, labels, scales = make_batch(16, 4, 2, n_scales=2, seed=8)
+    trip = TripletMiner("all", margin=10.0)(emb, labels)
+    kept = [i for i, (a, p) in enumerate(zip(*trip[:2], strict=True)) if scales[a] != scales[p]]
+    sub = tuple(t[kept] for t in trip)
+    loss = TripletMarginLoss(10.0, reduction="mean", cross_scale=True)
+    assert_same(
+        lambda e: loss(e, labels, trip, scales=scales),
+        lambda e: ref.triplet_loss_on(e, e, sub, 10.0, False, "mean"),
+        emb,
+    )

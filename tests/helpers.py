@@ -1,0 +1,97 @@
+"""Shared test helpers: devices, optional-package markers, batches, comparisons."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from smse_metric import ContrastiveLoss, TripletMarginLoss
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: the marks of a CUDA case: skipped with the reason where no GPU exists
+CUDA_MARKS = [pytest.mark.cuda, needs_cuda]
+#: one test body for every device: CPU always, CUDA where a GPU exists
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
+needs_faiss = pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="needs faiss (the [faiss] extra)"
+)
+needs_pml = pytest.mark.skipif(
+    importlib.util.find_spec("pytorch_metric_learning") is None,
+    reason="needs pytorch-metric-learning (the [pml] extra)",
+)
+#: the exact search backends of smse_metric.evaluation
+BACKENDS = [pytest.param("faiss", marks=needs_faiss), "torch"]
+
+
+#: fused triplet selections and the reductions of the metric losses
+FUSED = ["all", "semihard", "hard", "batch_hard"]
+REDUCTIONS = ["mean_nonzero", "mean", "sum"]
+
+
+def make_batch(n: int, d: int, n_classes: int, n_scales: int = 1, seed: int = 0,
+               dtype=torch.float64, normalize: bool = True):  # fmt: skip
+    """Random tie-free embeddings with labels and scales."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, d, generator=g, dtype=dtype)
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=1)
+    labels = torch.randint(0, n_classes, (n,), generator=g)
+    scales = torch.randint(0, n_scales, (n,), generator=g)
+    return emb, labels, scales
+
+
+def metric_losses():
+    """One of each metric loss configuration the property tests sweep."""
+    return [
+        TripletMarginLoss(0.3, triplets="all"),
+        TripletMarginLoss(0.3, triplets="semihard", reduction="mean"),
+        TripletMarginLoss(0.3, triplets="hard", reduction="sum"),
+        TripletMarginLoss(0.3, squared=True, triplets="batch_hard"),
+        TripletMarginLoss(0.3, cross_scale=True),
+        ContrastiveLoss(0.8),
+        ContrastiveLoss(0.8, cross_scale=True, reduction="mean_nonzero"),
+    ]
+
+
+def unit(e):
+    return torch.nn.functional.normalize(e, dim=1)
+
+
+def value_and_grad(fn, emb):
+    emb = emb.detach().clone().requires_grad_()
+    out = fn(emb)
+    (g,) = torch.autograd.grad(out, emb, allow_unused=True)
+    return out.detach(), torch.zeros_like(emb) if g is None else g
+
+
+def assert_same(fn_a, fn_b, emb, atol=1e-9):
+    """Equal values and gradients of two functions of the embeddings."""
+    va, ga = value_and_grad(fn_a, emb)
+    vb, gb = value_and_grad(fn_b, emb)
+    torch.testing.assert_close(va, vb.to(va.dtype), atol=atol, rtol=1e-7)
+    torch.testing.assert_close(ga, gb, atol=atol, rtol=1e-7)
+
+
+def knn_data(n=120, d=6, classes=3, groups=20, scales=3, seed=0):
+    """Embeddings, labels, patients and magnifications with some class structure."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    emb = (rng.normal(size=(n, d)) + 1.5 * np.eye(classes, d)[y]).astype(np.float32)
+    return emb, y, rng.integers(0, groups, n), rng.integers(0, scales, n) * 100 + 40
+
+
+def assert_close_reports(a, b):
+    """Equal structure and integers; floats equal to 1e-9 (FAISS may sum in another order)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_close_reports(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_close_reports(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-9)
+    else:
+        assert a == b

@@ -1,0 +1,31 @@
+"""The smse-metric command line."""
+
+import pytest
+from recipe_helpers import TINY
+
+from smse_metric.recipes.histopathology import config_to_toml, load_config
+from smse_metric.recipes.histopathology.cli import main
+
+
+def test_cli_train_refuses_an_existing_run_and_checks_flags(root, tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(config_to_toml(load_config("smse-pair", TINY)))
+    args = ["train", "--config", str(cfg), "--data", str(root), "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    assert "| kNN | patient |" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--config", "x"]) == 2
+    assert "drop --config" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoints/last.pt" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "x")]) == 2
+    assert "--synthetic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["synth", "train", "evaluate", "search", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and f"usage: smse-metric {command}" in capsys.readouterr().out
