@@ -168,23 +168,3 @@ def test_claim_removes_only_what_it_created(tmp_path):
     ):
         pass
     assert _intact(victims)
-
-
-def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path, config, data,
-                                                                monkeypatch, capsys):  # fmt: skip
-    from smse_metric.recipes.histopathology import trainer
-
-    def buggy(*args, **kwargs):
-        raise ValueError("operands could not be broadcast together")  # not the user's fault
-
-    monkeypatch.setattr(trainer, "train_step", buggy)
-    args = ["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "r")]
-    with pytest.raises(ValueError, match="could not be broadcast"):
-        main(args)  # raised, not turned into exit 2
-    monkeypatch.undo()
-    too_many = tmp_path / "too-many.toml"
-    too_many.write_text(config.read_text().replace("classes_per_batch = 2",
-                                                   "classes_per_batch = 3"))  # fmt: skip
-    assert main([*args[:2], str(too_many), *args[3:]]) == 2  # 2 classes in the data
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "[sampler]" in err
