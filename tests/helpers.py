@@ -95,3 +95,14 @@ def assert_close_reports(a, b):
         assert a == pytest.approx(b, abs=1e-9)
     else:
         assert a == b
+
+
+def clusters(seed: int, n: int = 12, d: int = 8, spread: float = 1e-4, classes: int = 2):
+    """Float32 points in tight clusters around three random unit vectors, and labels:
+    within-cluster distances are about ``spread``, far below the norms, so the float32
+    expansion |x|^2 + |y|^2 - 2x.y cannot order them (near ties everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.normalize(torch.randn(3, d, generator=g, dtype=torch.float64), 1)
+    pts = base[torch.randint(0, 3, (n,), generator=g)]
+    pts = pts + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return pts.float(), torch.randint(0, classes, (n,), generator=g)

@@ -3,7 +3,7 @@
 import pytest
 import reference as ref
 import torch
-from helpers import DEVICES, make_batch, needs_pml
+from helpers import DEVICES, clusters, make_batch, needs_pml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -154,3 +154,26 @@ def test_miners_run_without_grad_and_keep_device():
 def test_miner_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_near_margin_decisions_follow_the_exact_distances():
+    """PML's miner test points: 2-D, 1-3 degrees apart. The exact d_an - d_ap is
+    +4.99e-6, so (0, 1, 2) is not hard: PML and float64 mine nothing, and so must float32
+    (the float32 expansion |x|^2 + |y|^2 - 2x.y errs by 2e-5 here)."""
+    a = torch.tensor([2.0, 1.0, 3.0]) * torch.pi / 180
+    emb = torch.nn.functional.normalize(torch.stack([2 * a.cos(), 0.5 * a.sin()], 1), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    for x in (emb, emb.double()):
+        assert all(t.numel() == 0 for t in TripletMiner("hard", margin=0.05)(x, labels))
+
+
+@given(seed=st.integers(0, 2**16), squared=st.booleans(),
+       strategy=st.sampled_from(["all", "semihard", "hard", "easy", "batch_hard"]))  # fmt: skip
+def test_float32_mines_what_float64_mines_on_near_ties(seed, squared, strategy):
+    """Tight clusters (points 1e-4 apart around three directions): hard / semihard
+    boundaries are decided by differences of 1e-4-scale distances, below the float32
+    expansion's error; the float32 triplets equal those of the same points in float64."""
+    emb, labels = clusters(seed)
+    miner = TripletMiner(strategy, margin=1e-4, squared=squared)
+    got = set(zip(*[t.tolist() for t in miner(emb, labels)], strict=True))
+    assert got == set(zip(*[t.tolist() for t in miner(emb.double(), labels)], strict=True))

@@ -7,34 +7,60 @@ from torch import Tensor
 
 from ._common import (
     DISTANCE_METRICS,
+    acc_dtype,
     block_masks,
     check_choice,
     check_float_matrix,
     full_precision,
+    row_blocks,
     upcast,
 )
 
 __all__ = ["cross_scale_mask", "gathered_distances", "label_masks", "pairwise_distances"]
 
 
-class _EuclideanDistance(torch.autograd.Function):
-    """||x_i - y_j|| with a gradient that is zero (not NaN) where the distance is zero.
+def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
+    """||x_i - y_j||^2 (or, ``root``, the distance), computed with float64 products
+    (float32 on MPS) and returned in ``x``'s dtype: accurate where the float32 expansion
+    ``|x|^2 + |y|^2 - 2 x.y`` is not.
+
+    The expansion cancels: its float32 error is about ``eps * (|x|^2 + |y|^2)``, which for
+    close points is as large as the distance itself (2e-5 on unit vectors 1 degree apart;
+    4.9e-4 for a duplicate). Products of float32 numbers are exact in float64, so the
+    float64 expansion errs by at most ``(D + 2) * eps64 * (|x|^2 + |y|^2)``, below float32
+    rounding of the result; entries within ``4 D eps64 (|x|^2 + max |y|^2)`` (duplicates,
+    and points a few float32 ulps apart) are exactly 0. Rows go in blocks of 2^22 entries so the float64
+    temporaries stay small whatever the batch.
+    """
+    acc = acc_dtype(x)
+    ya = (x if y is None else y).to(acc)
+    ny = (ya * ya).sum(1)
+    bound = 4 * x.shape[1] * torch.finfo(acc).eps
+    blocks = []
+    for start, stop in row_blocks(len(x), len(ya), 1 << 22):
+        xa = x[start:stop].to(acc)
+        nx = (xa * xa).sum(1, keepdim=True)
+        # in place on this block's own temporaries: a third of the memory traffic
+        sq = torch.addmm(nx, xa, ya.T, alpha=-2.0).add_(ny)
+        sq.masked_fill_(sq <= bound * (nx + ny.max()), 0)  # a row's bound, for all its pairs
+        blocks.append((sq.sqrt_() if root else sq).to(x.dtype))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+class _Distance(torch.autograd.Function):
+    """Euclidean or squared euclidean distances, accurate in value (see `_accurate`),
+    with a closed-form gradient that is zero (not NaN) where a
+    euclidean distance is zero.
 
     ``y=None`` means ``x`` against itself (one input, so ``torch.compile`` can trace
     it). Only the inputs and the output are saved: one [N, M] matrix of activations.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor | None) -> Tensor:
-        # Out of place on purpose: torch.compile (2.11) drops the gradient of an
-        # autograd.Function whose forward mutates its intermediates.
-        other = x if y is None else y
-        sq = torch.addmm((other * other).sum(1).unsqueeze(0), x, other.T, alpha=-2.0)
-        dist = (sq + (x * x).sum(1, keepdim=True)).clamp_min(0).sqrt()
+    def forward(ctx, x: Tensor, y: Tensor | None, squared: bool) -> Tensor:
+        dist = _accurate(x, y, root=not squared)
+        ctx.squared = squared
         if y is None:
-            # The expanded form leaves ~sqrt(eps) on the diagonal; the truth is 0.
-            eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
-            dist = dist.masked_fill(eye, 0)
             ctx.save_for_backward(x, dist)
         else:
             ctx.save_for_backward(x, y, dist)
@@ -43,12 +69,14 @@ class _EuclideanDistance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         *inputs, dist = ctx.saved_tensors
-        w = (grad / dist).masked_fill(dist == 0, 0)
+        # d sq / dx = 2 (x - y); d ||x - y|| / dx = (x - y) / d
+        w = 2.0 * grad if ctx.squared else (grad / dist).masked_fill(dist == 0, 0)
         if len(inputs) == 1:
             (x,) = inputs
-            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None
+            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None, None
         x, y = inputs
-        return x * w.sum(1, keepdim=True) - w @ y, y * w.sum(0).unsqueeze(1) - w.T @ x
+        gx = x * w.sum(1, keepdim=True) - w @ y
+        return gx, y * w.sum(0).unsqueeze(1) - w.T @ x, None
 
 
 def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:
@@ -60,7 +88,9 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``).
 
     Returns:
-        [N, M] tensor in float32 for half inputs, otherwise in the input dtype.
+        [N, M] tensor in float32 for half inputs, otherwise in the input dtype, equal to
+        the directly computed distance up to rounding to that dtype (the products are
+        accumulated in float64): duplicates are exactly 0 and near-ties keep their order.
         Gradients are finite everywhere, including at zero distance (duplicate
         embeddings are normal in a batch); there the euclidean gradient is 0.
 
@@ -80,17 +110,14 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
             raise ValueError(f"y has dimension {y.shape[1]} but x has {x.shape[1]}")
     with full_precision(x.device):
         x, y = upcast(x), upcast(y.to(x.device))
-        if metric == "euclidean":
-            return _EuclideanDistance.apply(x, None if same else y)
-        if metric == "squared_euclidean":
-            sq = ((x * x).sum(1, keepdim=True) + (y * y).sum(1) - 2.0 * (x @ y.T)).clamp_min(0)
-            if same:
-                # exact zeros on the diagonal, out of place for autograd
-                sq = sq.masked_fill(torch.eye(len(x), dtype=torch.bool, device=x.device), 0)
-            return sq
-        xn = torch.nn.functional.normalize(x, dim=1)
-        yn = torch.nn.functional.normalize(y, dim=1)
-        return 1.0 - xn @ yn.T
+        if metric != "cosine":
+            return _Distance.apply(x, None if same else y, metric == "squared_euclidean")
+        # 1 - cos = |x/|x| - y/|y||^2 / 2, which cancels for close points like the
+        # euclidean expansion: normalised and multiplied in float64
+        acc = acc_dtype(x)
+        xn = torch.nn.functional.normalize(x.to(acc), dim=1)
+        yn = None if same else torch.nn.functional.normalize(y.to(acc), dim=1)
+        return _accurate(xn, yn, root=False).to(x.dtype) / 2
 
 
 def _safe_sqrt(sq: Tensor) -> Tensor:

@@ -252,13 +252,13 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
                      reduction):  # fmt: skip
     """Per anchor with a positive and a negative: relu(farthest positive - closest
     negative + margin). The choice needs every distance, the gradient only 2B of
-    them: choose without autograd, then differentiate just the chosen pairs."""
-    metric = "squared_euclidean" if squared else "euclidean"
+    them: choose without autograd, then differentiate just the chosen pairs. The choice
+    compares squared distances: the same order as the distances, without the roots."""
     picks = []
     with torch.no_grad():
         # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
         for start, stop in row_blocks(len(emb), len(ref), 1 << 22):
-            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), metric)
+            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), "squared_euclidean")
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
             picks.append(hardest(d, pos, neg))
         valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))

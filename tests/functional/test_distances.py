@@ -3,7 +3,7 @@
 import pytest
 import reference as ref
 import torch
-from helpers import make_batch
+from helpers import clusters, make_batch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -96,3 +96,36 @@ def test_duplicate_embeddings_have_zero_gradient_between_them():
     assert d.abs().max() == 0
     d.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def _direct(x, y, metric):
+    """The distance by direct difference, in float64, as the reference."""
+    x, y = x.double(), y.double()
+    if metric == "cosine":
+        x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+    sq = (x[:, None, :] - y[None, :, :]).square().sum(-1)
+    return {"euclidean": sq.sqrt(), "squared_euclidean": sq, "cosine": sq / 2}[metric]
+
+
+@given(seed=st.integers(0, 2**16), d=st.sampled_from([2, 16, 128]), with_ref=st.booleans())
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+def test_float32_distances_of_close_points_equal_the_direct_difference(metric, seed, d, with_ref):
+    """Within float32 rounding of the exact value (a few ulps), where the float32
+    expansion |x|^2 + |y|^2 - 2x.y is off by ~1e-7 absolute, i.e. by 100 % and more.
+    Values below the float64 accumulation's own bound (~1e-15 absolute on squares) may
+    differ by that bound."""
+    x, _ = clusters(seed, n=10, d=d)
+    y = clusters(seed + 1, n=10, d=d)[0] if with_ref else None
+    got = smf.pairwise_distances(x, y, metric).double()
+    want = _direct(x, x if y is None else y, metric)
+    atol = 1e-8 if metric == "euclidean" else 1e-15  # sqrt of the squares' bound
+    torch.testing.assert_close(got, want, rtol=4 * 2**-24, atol=atol)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+def test_duplicates_are_exactly_zero_in_float32(metric):
+    x = torch.nn.functional.normalize(torch.randn(64, 128), dim=1)
+    x[10], x[40] = x[3], x[3]
+    for d in (smf.pairwise_distances(x, None, metric), smf.pairwise_distances(x[:20], x, metric)):
+        assert d[3, 10] == 0 and d[3, 40] == 0 and d[10, 3] == 0 and d.diagonal()[:20].eq(0).all()
+        assert (d[3][[i for i in range(64) if i not in (3, 10, 40)]] > 0).all()
