@@ -29,8 +29,8 @@ def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
     4.9e-4 for a duplicate). Products of float32 numbers are exact in float64, so the
     float64 expansion errs by at most ``(D + 2) * eps64 * (|x|^2 + |y|^2)``, below float32
     rounding of the result; entries within ``4 D eps64 (|x|^2 + max |y|^2)`` (duplicates,
-    and points a few float32 ulps apart) are exactly 0. Rows go in blocks of 2^22 entries so the float64
-    temporaries stay small whatever the batch.
+    and points a few float32 ulps apart) are exactly 0. Rows go in blocks of 2^22
+    entries so the float64 temporaries stay small whatever the batch.
     """
     acc = acc_dtype(x)
     ya = (x if y is None else y).to(acc)
