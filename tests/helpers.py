@@ -8,6 +8,12 @@ import torch
 
 from smse_metric import ContrastiveLoss, TripletMarginLoss
 
+try:  # the [pml] extra; a core-only install runs everything else
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+except ImportError:
+    pml_losses = pml_miners = None
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 #: the marks of a CUDA case: skipped with the reason where no GPU exists
 CUDA_MARKS = [pytest.mark.cuda, needs_cuda]

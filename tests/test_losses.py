@@ -13,6 +13,8 @@ from helpers import (
     metric_losses,
     needs_cuda,
     needs_pml,
+    pml_losses,
+    pml_miners,
     unit,
 )
 from hypothesis import given
@@ -27,13 +29,6 @@ from smse_metric import (
     TripletMiner,
 )
 from smse_metric import functional as smf
-
-try:  # the [pml] extra; a core-only install runs everything else
-    from pytorch_metric_learning import losses as pml_losses
-    from pytorch_metric_learning import miners as pml_miners
-except ImportError:
-    pml_losses = pml_miners = None
-
 
 LOSSES = metric_losses()
 

@@ -3,16 +3,11 @@
 import pytest
 import reference as ref
 import torch
-from helpers import DEVICES, clusters, make_batch, needs_pml
+from helpers import DEVICES, clusters, make_batch, needs_pml, pml_miners
 from hypothesis import given
 from hypothesis import strategies as st
 
 from smse_metric import PairMiner, TripletMiner
-
-try:  # the [pml] extra; a core-only install runs everything else
-    from pytorch_metric_learning import miners as pml_miners
-except ImportError:
-    pml_miners = None
 
 
 def as_set(*idx):

@@ -11,6 +11,8 @@ from helpers import (
     clusters,
     make_batch,
     needs_pml,
+    pml_losses,
+    pml_miners,
     unit,
     value_and_grad,
 )
@@ -20,12 +22,6 @@ from hypothesis import strategies as st
 from smse_metric import TripletMarginLoss, TripletMiner
 from smse_metric import functional as smf
 from smse_metric.functional import _common as common
-
-try:  # the [pml] extra; a core-only install runs everything else
-    from pytorch_metric_learning import losses as pml_losses
-    from pytorch_metric_learning import miners as pml_miners
-except ImportError:
-    pml_losses = pml_miners = None
 
 
 @pytest.mark.parametrize("strategy", FUSED)
