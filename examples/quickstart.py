@@ -63,7 +63,7 @@ def main() -> None:
     with torch.no_grad():
         after = embed(x[test])
     miner = TripletMiner("semihard", margin=0.2, cross_scale=True)
-    miner(after, yt, st)
+    miner(after, yt, scales=st)
     print(f"held-out after:  {knn_scores(after, yt, st)}, "
           f"semihard cross-scale triplets left: {miner.num_triplets}")  # fmt: skip
 

@@ -145,6 +145,11 @@ class ContrastiveLoss(_MetricLoss):
             ``"sum"``, ``"mean_nonzero"``.
         cross_scale: keep only positives whose scale differs from the anchor's.
 
+    Call:
+        ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+        scales=None, ref_scales=None)``: PML's positional signature, magnification ids
+        keyword-only.
+
     Shape:
         embeddings [B, D], labels [B] (scales [B]) -> scalar.
 
@@ -166,6 +171,7 @@ class ContrastiveLoss(_MetricLoss):
         indices_tuple: tuple[Tensor, ...] | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> Tensor:
@@ -189,6 +195,11 @@ class TripletMarginLoss(_MetricLoss):
             ``"batch_hard"``; computed without materialising triplets.
         reduction: ``"mean_nonzero"`` (PML's default), ``"mean"``, ``"sum"``.
         cross_scale: keep only positives whose scale differs from the anchor's.
+
+    Call:
+        ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+        scales=None, ref_scales=None)``: PML's positional signature, magnification ids
+        keyword-only.
 
     Shape:
         embeddings [B, D], labels [B] (scales [B]) -> scalar.
@@ -218,6 +229,7 @@ class TripletMarginLoss(_MetricLoss):
         indices_tuple: tuple[Tensor, Tensor, Tensor] | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> Tensor:

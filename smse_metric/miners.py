@@ -76,6 +76,12 @@ class TripletMiner(_Miner):
             (largest ``d(a,p) - d(a,n)``); ``num_candidates`` records how many there were.
         chunk_size: anchors per chunk.
 
+    Call:
+        ``miner(embeddings, labels, ref_emb=None, ref_labels=None, *, scales=None,
+        ref_scales=None)``: PML's positional signature (anchors from ``embeddings``,
+        positives and negatives from ``ref_emb`` when given), magnification ids [B] / [R]
+        keyword-only.
+
     Shape:
         embeddings [B, D], labels [B] -> three int64 tensors [T].
 
@@ -106,9 +112,10 @@ class TripletMiner(_Miner):
         self,
         embeddings: Tensor,
         labels: Tensor,
-        scales: Tensor | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         metric = "squared_euclidean" if self.squared else "euclidean"
@@ -185,6 +192,12 @@ class PairMiner(_Miner):
         cross_scale: keep only positives whose scale differs from the anchor's.
         chunk_size: anchors mined at a time: working memory is O(chunk_size x B).
 
+    Call:
+        ``miner(embeddings, labels, ref_emb=None, ref_labels=None, *, scales=None,
+        ref_scales=None)``: PML's positional signature (anchors from ``embeddings``,
+        positives and negatives from ``ref_emb`` when given), magnification ids [B] / [R]
+        keyword-only.
+
     Shape:
         embeddings [B, D], labels [B] -> four int64 tensors ([P], [P], [Q], [Q]).
 
@@ -211,9 +224,10 @@ class PairMiner(_Miner):
         self,
         embeddings: Tensor,
         labels: Tensor,
-        scales: Tensor | None = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dev = embeddings.device

@@ -28,7 +28,7 @@ def test_triplet_miner_equals_brute_force(n, n_classes, strategy, margin, square
                                           seed):  # fmt: skip
     emb, labels, scales = make_batch(n, 3, n_classes, n_scales=2, seed=seed)
     miner = TripletMiner(strategy, margin, squared, cross_scale=cross, chunk_size=chunk)
-    got = miner(emb, labels, scales)
+    got = miner(emb, labels, scales=scales)
     assert all(t.dtype == torch.long for t in got)
     want = ref.triplets(emb, labels, margin, strategy, squared, scales=scales, cross_scale=cross)
     assert as_set(*got) == want
@@ -40,7 +40,7 @@ def test_triplet_miner_with_reference_set():
     r_emb, r_labels, r_scales = make_batch(11, 4, 3, n_scales=3, seed=2)
     for strategy in ["all", "semihard", "hard", "easy", "batch_hard"]:
         got = TripletMiner(strategy, 0.3, cross_scale=True, chunk_size=4)(
-            emb, labels, scales, r_emb, r_labels, ref_scales=r_scales
+            emb, labels, r_emb, r_labels, scales=scales, ref_scales=r_scales
         )
         want = ref.triplets(emb, labels, 0.3, strategy, False, r_emb, r_labels, scales, r_scales,
                             True)  # fmt: skip
@@ -101,7 +101,7 @@ def test_chunking_does_not_change_the_result(seed, chunk):
 def test_pair_miner_equals_brute_force(n, n_classes, strategy, cross, chunk, seed):
     emb, labels, scales = make_batch(n, 3, n_classes, n_scales=2, seed=seed)
     miner = PairMiner(strategy, 0.5, 1.1, cross_scale=cross, chunk_size=chunk)
-    a1, p, a2, n_ = miner(emb, labels, scales)
+    a1, p, a2, n_ = miner(emb, labels, scales=scales)
     P, N = ref.pairs(emb, labels, strategy, 0.5, 1.1, scales=scales, cross_scale=cross)
     assert as_set(a1, p) == P and as_set(a2, n_) == N
     assert miner.num_pos_pairs == len(P) and miner.num_neg_pairs == len(N)
@@ -120,7 +120,7 @@ def test_pair_miner_hard_equals_pml_pair_margin_miner():
 def test_miners_on_every_device_equal_brute_force(strategy, device):
     emb, labels, scales = make_batch(40, 8, 4, n_scales=3, seed=4)
     miner = TripletMiner(strategy, margin=0.2, cross_scale=True, chunk_size=16)
-    out = miner(emb.to(device), labels.to(device), scales.to(device))
+    out = miner(emb.to(device), labels.to(device), scales=scales.to(device))
     assert all(t.device.type == device for t in out)
     want = ref.triplets(emb, labels, 0.2, strategy, scales=scales, cross_scale=True)
     assert set(zip(*[t.tolist() for t in out], strict=True)) == want
@@ -172,3 +172,21 @@ def test_float32_mines_what_float64_mines_on_near_ties(seed, squared, strategy):
     miner = TripletMiner(strategy, margin=1e-4, squared=squared)
     got = set(zip(*[t.tolist() for t in miner(emb, labels)], strict=True))
     assert got == set(zip(*[t.tolist() for t in miner(emb.double(), labels)], strict=True))
+
+
+def test_pml_positional_signature_and_keyword_only_scales():
+    """PML calls ``miner(emb, labels, ref_emb, ref_labels)``; magnification ids are
+    keyword-only, so a PML caller's third positional argument is always a reference."""
+    emb, labels, scales = make_batch(12, 4, 3, n_scales=2, seed=31)
+    r_emb, r_labels, _ = make_batch(9, 4, 3, seed=32)
+    positional = TripletMiner("all", 0.3)(emb, labels, r_emb, r_labels)
+    keywords = TripletMiner("all", 0.3)(emb, labels, ref_emb=r_emb, ref_labels=r_labels)
+    assert (
+        as_set(*positional)
+        == as_set(*keywords)
+        == ref.triplets(emb, labels, 0.3, "all", ref_emb=r_emb, ref_labels=r_labels)
+    )
+    with pytest.raises(TypeError):
+        TripletMiner()(emb, labels, None, None, scales)  # scales only by name
+    with pytest.raises(ValueError, match="ref_emb"):
+        TripletMiner()(emb, labels, scales)  # 1-D: not a reference set

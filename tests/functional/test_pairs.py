@@ -32,7 +32,9 @@ def test_contrastive_with_ref_and_pairs_equals_naive():
         lambda e: ref.contrastive(e, labels, 1.2, "mean", **kw),
         emb,
     )
-    pairs = PairMiner("all", cross_scale=True)(emb, labels, scales, r_emb, r_labels, r_scales)
+    pairs = PairMiner("all", cross_scale=True)(
+        emb, labels, r_emb, r_labels, scales=scales, ref_scales=r_scales
+    )
     assert_same(
         lambda e: smf.contrastive_loss(e, labels, 1.2, "mean", pairs, **kw),
         lambda e: ref.contrastive(e, labels, 1.2, "mean", **kw),
