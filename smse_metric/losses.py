@@ -195,6 +195,9 @@ class TripletMarginLoss(_MetricLoss):
             ``"batch_hard"``; computed without materialising triplets.
         reduction: ``"mean_nonzero"`` (PML's default), ``"mean"``, ``"sum"``.
         cross_scale: keep only positives whose scale differs from the anchor's.
+        distance: ``"l2"`` (default), ``"squared_l2"`` (``squared=True`` is its
+            shorthand) or ``"cosine"``: the cosine similarity with PML's margin
+            convention, ``relu(s(a,n) - s(a,p) + margin)``.
 
     Call:
         ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *,
@@ -217,10 +220,12 @@ class TripletMarginLoss(_MetricLoss):
         triplets: str = "all",
         reduction: str = "mean_nonzero",
         cross_scale: bool = False,
+        distance: str | None = None,
     ) -> None:
         super().__init__(margin, reduction, smf.TRIPLET_REDUCTIONS, cross_scale)
         common.check_choice("triplets", triplets, smf.FUSED_TRIPLETS)
-        self.squared, self.triplets = bool(squared), triplets
+        common.resolve_distance(distance, squared)  # names a bad or conflicting choice now
+        self.squared, self.triplets, self.distance = bool(squared), triplets, distance
 
     def forward(
         self,
@@ -236,10 +241,12 @@ class TripletMarginLoss(_MetricLoss):
         return smf.triplet_margin_loss(
             embeddings, labels, self.margin, self.squared, self.triplets, self.reduction,
             indices_tuple, ref_emb, ref_labels, scales, ref_scales, self.cross_scale,
+            self.distance,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"margin={self.margin}, squared={self.squared}, triplets={self.triplets!r}, "
-            f"reduction={self.reduction!r}, cross_scale={self.cross_scale}"
+            f"reduction={self.reduction!r}, cross_scale={self.cross_scale}, "
+            f"distance={self.distance!r}"
         )

@@ -70,7 +70,7 @@ class TripletMiner(_Miner):
     Args:
         strategy: one of the above.
         margin: the triplet margin (use the loss's margin).
-        squared: mine on squared euclidean distances (match ``TripletMarginLoss``).
+        squared: shorthand for ``distance="squared_l2"`` (match ``TripletMarginLoss``).
         cross_scale: positives must have a different scale from the anchor.
         max_triplets: keep at most this many, the most violating
             (largest ``d(a,p) - d(a,n)``); ``num_candidates`` records how many there were.
@@ -99,8 +99,11 @@ class TripletMiner(_Miner):
         cross_scale: bool = False,
         max_triplets: int | None = None,
         chunk_size: int = 1024,
+        distance: str | None = None,
     ) -> None:
         super().__init__(strategy, smf.TRIPLET_STRATEGIES, cross_scale, chunk_size)
+        self.metric = common.resolve_distance(distance, squared)
+        self.distance = distance
         if max_triplets is not None and (not isinstance(max_triplets, int) or max_triplets < 1):
             raise ValueError(f"max_triplets must be None or a positive int, got {max_triplets!r}")
         self.margin, self.squared, self.max_triplets = float(margin), bool(squared), max_triplets
@@ -118,7 +121,7 @@ class TripletMiner(_Miner):
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        metric = "squared_euclidean" if self.squared else "euclidean"
+        metric = self.metric
         dev = embeddings.device
         kept: list[tuple[Tensor, ...]] = []
         n_candidates = 0
@@ -167,7 +170,8 @@ class TripletMiner(_Miner):
     def extra_repr(self) -> str:
         return (
             f"strategy={self.strategy!r}, margin={self.margin}, squared={self.squared}, "
-            f"cross_scale={self.cross_scale}, max_triplets={self.max_triplets}"
+            f"cross_scale={self.cross_scale}, max_triplets={self.max_triplets}, "
+            f"distance={self.distance!r}"
         )
 
 
@@ -178,7 +182,7 @@ def _cat(parts):
 
 
 class PairMiner(_Miner):
-    """Mine pairs ``(a1, p, a2, n)`` on euclidean distances.
+    """Mine pairs ``(a1, p, a2, n)`` on euclidean distances (or as ``distance`` says).
 
     ``"all"``: every positive and negative pair. ``"hard"``: positives farther
     than ``pos_margin`` and negatives closer than ``neg_margin`` (PML's
@@ -187,10 +191,14 @@ class PairMiner(_Miner):
 
     Args:
         strategy: ``"all"``, ``"hard"`` or ``"batch_hard"`` (above).
-        pos_margin: with ``"hard"``, positives farther than this are kept.
-        neg_margin: with ``"hard"``, negatives closer than this are kept.
+        pos_margin: with ``"hard"``, positives farther than this are kept (with
+            ``"cosine"``: less similar).
+        neg_margin: with ``"hard"``, negatives closer than this are kept (with
+            ``"cosine"``: more similar).
         cross_scale: keep only positives whose scale differs from the anchor's.
         chunk_size: anchors mined at a time: working memory is O(chunk_size x B).
+        distance: ``"l2"`` (default), ``"squared_l2"`` or ``"cosine"`` (a similarity,
+            margins as in PML's ``PairMarginMiner`` with ``CosineSimilarity``).
 
     Call:
         ``miner(embeddings, labels, ref_emb=None, ref_labels=None, *, scales=None,
@@ -213,8 +221,10 @@ class PairMiner(_Miner):
         neg_margin: float = 1.0,
         cross_scale: bool = False,
         chunk_size: int = 1024,
+        distance: str | None = None,
     ) -> None:
         super().__init__(strategy, PAIR_STRATEGIES, cross_scale, chunk_size)
+        self.metric, self.distance = common.resolve_distance(distance, False), distance
         self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
         self.num_pos_pairs = 0
         self.num_neg_pairs = 0
@@ -233,13 +243,16 @@ class PairMiner(_Miner):
         dev = embeddings.device
         parts: list[tuple[Tensor, ...]] = []
         for start, dist, pos, neg in self._chunks(
-            embeddings, labels, scales, ref_emb, ref_labels, ref_scales, "euclidean"
+            embeddings, labels, scales, ref_emb, ref_labels, ref_scales, self.metric
         ):
             if self.strategy == "batch_hard":
                 a, p, n = _batch_hard(dist, pos, neg)
                 parts.append((a + start, p, a + start, n))
                 continue
-            if self.strategy == "hard":
+            if self.strategy == "hard" and self.metric == "cosine":  # s = 1 - d
+                pos &= 1 - dist < self.pos_margin
+                neg &= 1 - dist > self.neg_margin
+            elif self.strategy == "hard":
                 pos &= dist > self.pos_margin
                 neg &= dist < self.neg_margin
             a1, p = pos.nonzero(as_tuple=True)
@@ -252,5 +265,6 @@ class PairMiner(_Miner):
     def extra_repr(self) -> str:
         return (
             f"strategy={self.strategy!r}, pos_margin={self.pos_margin}, "
-            f"neg_margin={self.neg_margin}, cross_scale={self.cross_scale}"
+            f"neg_margin={self.neg_margin}, cross_scale={self.cross_scale}, "
+            f"distance={self.distance!r}"
         )

@@ -115,6 +115,28 @@ def test_pair_miner_hard_equals_pml_pair_margin_miner():
     assert as_set(*ours[:2]) == as_set(*theirs[:2]) and as_set(*ours[2:]) == as_set(*theirs[2:])
 
 
+@needs_pml
+@pytest.mark.parametrize("distance", ["l2", "squared_l2", "cosine"])
+def test_pair_and_triplet_miners_equal_pml_with_each_distance(distance):
+    from pytorch_metric_learning import distances
+
+    pml_distance = {"l2": distances.LpDistance, "cosine": distances.CosineSimilarity,
+                    "squared_l2": lambda: distances.LpDistance(power=2)}[distance]  # fmt: skip
+    emb, labels, _ = make_batch(40, 6, 3, seed=7)
+    pos_margin, neg_margin = (0.8, 0.3) if distance == "cosine" else (0.3, 0.9)
+    ours = PairMiner("hard", pos_margin, neg_margin, distance=distance)(emb, labels)
+    theirs = pml_miners.PairMarginMiner(pos_margin, neg_margin, distance=pml_distance())(
+        emb, labels
+    )
+    assert as_set(*ours[:2]) == as_set(*theirs[:2]) and as_set(*ours[2:]) == as_set(*theirs[2:])
+    assert len(ours[0]) and len(ours[2])  # both kinds present: the comparison means something
+    for strategy in ("all", "semihard", "hard", "easy"):
+        mine = TripletMiner(strategy, margin=0.2, distance=distance)(emb, labels)
+        pml = pml_miners.TripletMarginMiner(0.2, type_of_triplets=strategy,
+                                            distance=pml_distance())(emb, labels)  # fmt: skip
+        assert as_set(*mine) == as_set(*pml), strategy
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", ["all", "semihard", "hard", "easy", "batch_hard"])
 def test_miners_on_every_device_equal_brute_force(strategy, device):

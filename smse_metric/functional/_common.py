@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 DISTANCE_METRICS = ("euclidean", "squared_euclidean", "cosine")
+#: ``distance=`` names (PML's LpDistance, LpDistance(power=2), CosineSimilarity) -> metric
+DISTANCES = {"l2": "euclidean", "squared_l2": "squared_euclidean", "cosine": "cosine"}
 
 
 #: Triplet selections shared by the fused loss and [`TripletMiner`][smse_metric.TripletMiner].
@@ -216,3 +218,16 @@ def hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor
     pos_idx = torch.where(pos, d, float("-inf")).argmax(1)
     neg_idx = torch.where(neg, d, float("inf")).argmin(1)
     return valid, pos_idx, neg_idx
+
+
+def resolve_distance(distance: str | None, squared: bool) -> str:
+    """The `pairwise_distances` metric of a ``distance=`` / ``squared=`` pair: ``squared``
+    is the shorthand for ``distance="squared_l2"``, the default is ``"l2"``."""
+    if distance is None:
+        return "squared_euclidean" if squared else "euclidean"
+    check_choice("distance", distance, tuple(DISTANCES))
+    if squared and distance != "squared_l2":
+        raise ValueError(
+            f"squared=True is the shorthand for distance='squared_l2', got distance={distance!r}"
+        )
+    return DISTANCES[distance]

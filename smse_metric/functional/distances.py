@@ -127,7 +127,7 @@ def _safe_sqrt(sq: Tensor) -> Tensor:
 
 
 def gathered_distances(
-    emb: Tensor, ref: Tensor, same: bool, index_pairs: list[tuple[Tensor, Tensor]], squared: bool
+    emb: Tensor, ref: Tensor, same: bool, index_pairs: list[tuple[Tensor, Tensor]], metric: str
 ) -> list[Tensor]:
     """d(emb[i], ref[j]) for each (i, j) index pair, by whichever needs less memory:
     gathering rows (D floats per pair) or one distance matrix (what PML always does).
@@ -137,22 +137,28 @@ def gathered_distances(
         ref: [R, D] reference (``emb`` itself when ``same``).
         same: whether ``ref`` is ``emb``.
         index_pairs: ``(i, j)`` index tensors into ``emb`` and ``ref``.
-        squared: squared euclidean distances, else euclidean.
+        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``).
 
     Examples:
         >>> x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-        >>> gathered_distances(x, x, True, [(torch.tensor([0]), torch.tensor([1]))], False)
+        >>> gathered_distances(x, x, True, [(torch.tensor([0]), torch.tensor([1]))], "euclidean")
         [tensor([5.])]
     """
+    check_choice("metric", metric, DISTANCE_METRICS)
     n_pairs = sum(i.numel() for i, _ in index_pairs)
     if n_pairs * emb.shape[1] <= emb.shape[0] * ref.shape[0]:
+        if metric == "cosine":  # 1 - cos = |x/|x| - y/|y||^2 / 2
+            emb, ref = (
+                torch.nn.functional.normalize(emb, dim=1),
+                torch.nn.functional.normalize(ref, dim=1),
+            )
         out = []
         for i, j in index_pairs:
             diff = emb[i] - ref[j]
             sq = (diff * diff).sum(1)
-            out.append(sq if squared else _safe_sqrt(sq))
+            out.append({"euclidean": _safe_sqrt, "squared_euclidean": lambda v: v,
+                        "cosine": lambda v: v / 2}[metric](sq))  # fmt: skip
         return out
-    metric = "squared_euclidean" if squared else "euclidean"
     mat = pairwise_distances(emb, None if same else ref, metric)
     return [mat[i, j] for i, j in index_pairs]
 

@@ -86,7 +86,7 @@ def contrastive_loss(
         )
         if a1.shape != p.shape or a2.shape != n.shape:
             raise ValueError("indices_tuple: a1/p and a2/n must have equal lengths")
-        d_pos, d_neg = gathered_distances(emb, ref, same, [(a1, p), (a2, n)], False)
+        d_pos, d_neg = gathered_distances(emb, ref, same, [(a1, p), (a2, n)], "euclidean")
         pos_terms = 0.5 * d_pos.square()
         if cross_scale:
             pos_terms = torch.where(scales[a1] != ref_scales[p], pos_terms, 0)

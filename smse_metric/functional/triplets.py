@@ -18,6 +18,7 @@ from ._common import (
     hardest,
     metric_inputs,
     reduce_terms,
+    resolve_distance,
     row_blocks,
 )
 from .distances import gathered_distances, pairwise_distances
@@ -174,6 +175,7 @@ def triplet_margin_loss(
     scales: Tensor | None = None,
     ref_scales: Tensor | None = None,
     cross_scale: bool = False,
+    distance: str | None = None,
 ) -> Tensor:
     """Triplet margin loss ``relu(d(a,p) - d(a,n) + margin)``, fused or on mined triplets.
 
@@ -189,7 +191,7 @@ def triplet_margin_loss(
         embeddings: [B, D] embeddings.
         labels: [B] integer labels.
         margin: the margin.
-        squared: use squared euclidean distances (the SMSE form), otherwise euclidean.
+        squared: shorthand for ``distance="squared_l2"`` (the SMSE form).
         triplets: without ``indices_tuple``, the selection: ``"all"``, ``"semihard"``,
             ``"hard"`` or ``"batch_hard"`` (above).
         reduction: ``"mean_nonzero"`` (mean over triplets with positive loss, PML's
@@ -200,6 +202,9 @@ def triplet_margin_loss(
         scales: [B] magnification ids of the embeddings.
         ref_scales: [R] magnification ids of ``ref_emb``.
         cross_scale: only positives at a different scale from the anchor count.
+        distance: ``"l2"`` (default), ``"squared_l2"`` or ``"cosine"``: the cosine
+            similarity with PML's margin convention, ``relu(s(a,n) - s(a,p) + margin)``
+            (computed as ``1 - s``, which gives the same differences and selections).
 
     Returns:
         A scalar; a graph-connected zero when no triplet applies.
@@ -211,6 +216,7 @@ def triplet_margin_loss(
     """
     check_choice("reduction", reduction, TRIPLET_REDUCTIONS)
     check_choice("triplets", triplets, FUSED_TRIPLETS)
+    metric = resolve_distance(distance, squared)
     x = metric_inputs(embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale)
     emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
     scales, ref_scales = x.scales, x.ref_scales
@@ -226,7 +232,7 @@ def triplet_margin_loss(
             )
             if not a.shape == p.shape == n.shape:
                 raise ValueError("indices_tuple: a, p and n must have equal lengths")
-            d_ap, d_an = gathered_distances(emb, ref, same, [(a, p), (a, n)], squared)
+            d_ap, d_an = gathered_distances(emb, ref, same, [(a, p), (a, n)], metric)
             terms = torch.relu(d_ap - d_an + margin)
             if cross_scale:
                 keep = scales[a] != ref_scales[p]
@@ -236,11 +242,10 @@ def triplet_margin_loss(
                 n_sel = torch.full((), len(a), device=emb.device)
             return reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
 
-        metric = "squared_euclidean" if squared else "euclidean"
         scales = scales if cross_scale else None
         if triplets == "batch_hard":
             return _batch_hard_loss(
-                emb, ref, labels, ref_labels, scales, ref_scales, same, margin, squared, reduction
+                emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction
             )
         dist = pairwise_distances(emb, None if same else ref, metric)
         return _fused_triplet_loss(
@@ -248,23 +253,24 @@ def triplet_margin_loss(
         )
 
 
-def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, margin, squared,
+def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric,
                      reduction):  # fmt: skip
     """Per anchor with a positive and a negative: relu(farthest positive - closest
     negative + margin). The choice needs every distance, the gradient only 2B of
     them: choose without autograd, then differentiate just the chosen pairs. The choice
     compares squared distances: the same order as the distances, without the roots."""
+    choose_by = "cosine" if metric == "cosine" else "squared_euclidean"
     picks = []
     with torch.no_grad():
         # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
         for start, stop in row_blocks(len(emb), len(ref), 1 << 22):
-            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), "squared_euclidean")
+            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), choose_by)
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
             picks.append(hardest(d, pos, neg))
         valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
     anchors = torch.arange(len(emb), device=emb.device)
     d_ap, d_an = gathered_distances(
-        emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], squared
+        emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], metric
     )
     terms = torch.where(valid, torch.relu(d_ap - d_an + margin), 0)
     return reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)

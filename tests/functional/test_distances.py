@@ -83,8 +83,9 @@ def test_tuple_distances_by_rows_equal_by_matrix(squared, same):
     emb, _, _ = make_batch(10, 3, 2, seed=22)
     ref_emb = emb if same else make_batch(10, 3, 2, seed=23)[0]
     i, j = torch.tensor([0, 1, 2, 7]), torch.tensor([3, 4, 2, 9])
-    rows = gathered_distances(emb, ref_emb, same, [(i, j)], squared)[0]  # 4 x 3 <= 100
-    big = gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], squared)[0]
+    metric = "squared_euclidean" if squared else "euclidean"
+    rows = gathered_distances(emb, ref_emb, same, [(i, j)], metric)[0]  # 4 x 3 <= 100
+    big = gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], metric)[0]
     torch.testing.assert_close(rows, big[:4])
     want = torch.stack([ref.dist(emb[a], ref_emb[b], squared) for a, b in zip(i, j, strict=True)])
     torch.testing.assert_close(rows, want)

@@ -142,6 +142,50 @@ def test_triplet_parity_with_pml(strategy, margin):
     assert_same(lambda e: ours(unit(e), labels, ours_miner(e, labels)), pml_fn, emb)
 
 
+def _pml_distance(name):
+    from pytorch_metric_learning import distances
+
+    return {"l2": distances.LpDistance(), "squared_l2": distances.LpDistance(power=2),
+            "cosine": distances.CosineSimilarity()}[name]  # fmt: skip
+
+
+@needs_pml
+@pytest.mark.parametrize("distance", ["l2", "squared_l2", "cosine"])
+@pytest.mark.parametrize("strategy", ["all", "semihard", "hard", "batch_hard"])
+def test_every_distance_matches_pml(strategy, distance):
+    """Fused and mined, values and gradients, against PML's miner + loss with the same
+    distance object (cosine: a similarity, with PML's margin convention)."""
+    emb, labels, _ = make_batch(40, 8, 3, seed=9, normalize=False)
+    margin = 0.15
+    pml = pml_losses.TripletMarginLoss(margin=margin, distance=_pml_distance(distance))
+    if strategy == "batch_hard":
+        pml_miner = pml_miners.BatchHardMiner(distance=_pml_distance(distance))
+    else:
+        pml_miner = pml_miners.TripletMarginMiner(
+            margin=margin, type_of_triplets=strategy, distance=_pml_distance(distance)
+        )
+    ours = TripletMarginLoss(margin, triplets=strategy, distance=distance)
+    ours_miner = TripletMiner(strategy, margin=margin, distance=distance)
+
+    def pml_fn(e):
+        return pml(e, labels, pml_miner(e, labels))
+
+    # PML's LpDistance normalises by default, so ours gets normalised input for l2; the
+    # cosine similarity is scale-free in both, so it gets the raw embeddings
+    prep = (lambda e: e) if distance == "cosine" else unit
+    assert_same(lambda e: ours(prep(e), labels), pml_fn, emb)
+    assert_same(lambda e: ours(prep(e), labels, ours_miner(prep(e), labels)), pml_fn, emb)
+
+
+def test_distance_choices_are_checked():
+    with pytest.raises(ValueError, match="distance must be one of"):
+        TripletMarginLoss(distance="dot")
+    with pytest.raises(ValueError, match="squared=True is the shorthand"):
+        TripletMarginLoss(squared=True, distance="cosine")
+    with pytest.raises(ValueError, match="distance must be one of"):
+        TripletMiner(distance="manhattan")
+
+
 @needs_pml
 def test_batch_hard_parity_with_pml():
     emb, labels, _ = make_batch(48, 8, 3, seed=6)
