@@ -75,6 +75,8 @@ class TripletMiner(_Miner):
         max_triplets: keep at most this many, the most violating
             (largest ``d(a,p) - d(a,n)``); ``num_candidates`` records how many there were.
         chunk_size: anchors per chunk.
+        distance: ``"l2"`` (default), ``"squared_l2"`` or ``"cosine"`` (a similarity,
+            with PML's margin convention); as in `TripletMarginLoss`.
 
     Call:
         ``miner(embeddings, labels, ref_emb=None, ref_labels=None, *, scales=None,

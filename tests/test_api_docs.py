@@ -10,7 +10,7 @@ APP = "smse_metric.recipes.histopathology"
 PUBLIC_MODULES = [
     "smse_metric", "smse_metric.functional", "smse_metric.losses", "smse_metric.miners",
     "smse_metric.samplers", "smse_metric.evaluation",
-    "smse_metric.distributed",
+    "smse_metric.distributed", "smse_metric.pml",
     *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.breakhis", ".data.dataset",
                             ".training", ".trainer", ".engine", ".splits", ".build",
                             ".evaluate", ".errors", ".folds", ".search", ".demo", ".compare",
