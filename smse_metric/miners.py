@@ -3,7 +3,8 @@
 ``miner(embeddings, labels)`` returns index tuples that PML losses and ours
 accept: ``(a1, p, a2, n)`` for pairs, ``(a, p, n)`` for triplets. Strategy names
 mean what they mean in PML. Mining runs under ``no_grad`` in chunks of anchors,
-so working memory is O(chunk x R) plus the output. Producing variable-length
+so working memory is O(chunk x R) plus the output; distances are compared in float64,
+so float32 and float64 inputs mine the same tuples. Producing variable-length
 index tuples needs one host sync per chunk; mining is not a fused hot path.
 """
 
@@ -38,8 +39,11 @@ class _Miner(nn.Module):
         scales, ref_scales = x.scales, x.ref_scales
         for start in range(0, emb.shape[0], self.chunk_size):
             stop = min(start + self.chunk_size, emb.shape[0])
+            # decisions on float64 distances (float32 on MPS): a float32 distance near 1
+            # cannot resolve a margin comparison closer than its ulp, float64 can
+            acc = common.acc_dtype(emb)
             with common.full_precision(emb.device):
-                dist = smf.pairwise_distances(emb[start:stop], ref, metric=metric)
+                dist = smf.pairwise_distances(emb[start:stop].to(acc), ref.to(acc), metric)
             pos, neg = common.block_masks(
                 labels, ref_labels, scales if self.cross_scale else None, ref_scales, same,
                 start, stop,
