@@ -264,13 +264,9 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
     with torch.no_grad():
         # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
         for start, stop in row_blocks(len(emb), len(ref), 1 << 22):
-            e = emb[start:stop].detach()
+            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), choose_by)
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
-            eager_cpu = e.is_cpu and not torch.compiler.is_compiling()  # the row list is data
-            if choose_by == "squared_euclidean" and e.dtype == torch.float32 and eager_cpu:
-                picks.append(_hardest_float32_first(e, ref.detach(), pos, neg))
-            else:
-                picks.append(hardest(pairwise_distances(e, ref.detach(), choose_by), pos, neg))
+            picks.append(hardest(d, pos, neg))
         valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
     anchors = torch.arange(len(emb), device=emb.device)
     d_ap, d_an = gathered_distances(
@@ -278,28 +274,3 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
     )
     terms = torch.where(valid, torch.relu(d_ap - d_an + margin), 0)
     return reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
-
-
-def _hardest_float32_first(e: Tensor, ref: Tensor, pos: Tensor, neg: Tensor):
-    """`hardest` on the CPU at float32 cost: choose on the float32 expansion, then redo
-    in float64 (`pairwise_distances`) only the rows where a second candidate lies within
-    the expansion's error of the best, where float32 could pick another one. Other rows
-    have the same choice as the float64 distances. (On other devices, and under
-    torch.compile, the float64 distances are used throughout: the row list is data.)"""
-    nx, ny = (e * e).sum(1, keepdim=True), (ref * ref).sum(1)
-    sq = torch.addmm(nx, e, ref.T, alpha=-2.0).add_(ny)
-    # twice the float32 error bound of |x|^2 + |y|^2 - 2x.y, per row
-    err = (4 * (e.shape[1] + 2) * torch.finfo(torch.float32).eps) * (nx + ny.max())
-    far = torch.where(pos, sq, float("-inf"))
-    near = torch.where(neg, sq, float("inf"))
-    valid = pos.any(1) & neg.any(1)
-    best_far, pos_idx = far.max(1)
-    best_near, neg_idx = near.min(1)
-    unsure = ((far >= best_far.unsqueeze(1) - err).sum(1) > 1) | (
-        (near <= best_near.unsqueeze(1) + err).sum(1) > 1
-    )
-    rows = unsure.nonzero().squeeze(1)
-    if len(rows):
-        d = pairwise_distances(e[rows], ref, "squared_euclidean")
-        _, pos_idx[rows], neg_idx[rows] = hardest(d, pos[rows], neg[rows])
-    return valid, pos_idx, neg_idx
