@@ -37,13 +37,14 @@ class _Miner(nn.Module):
         )  # fmt: skip
         emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
         scales, ref_scales = x.scales, x.ref_scales
+        # decisions on float64 distances (float32 on MPS): a float32 distance near 1
+        # cannot resolve a margin comparison closer than its ulp, float64 can
+        acc = common.acc_dtype(emb)
+        emb, ref = emb.to(acc), ref.to(acc)
         for start in range(0, emb.shape[0], self.chunk_size):
             stop = min(start + self.chunk_size, emb.shape[0])
-            # decisions on float64 distances (float32 on MPS): a float32 distance near 1
-            # cannot resolve a margin comparison closer than its ulp, float64 can
-            acc = common.acc_dtype(emb)
             with common.full_precision(emb.device):
-                dist = smf.pairwise_distances(emb[start:stop].to(acc), ref.to(acc), metric)
+                dist = smf.pairwise_distances(emb[start:stop], ref, metric)
             pos, neg = common.block_masks(
                 labels, ref_labels, scales if self.cross_scale else None, ref_scales, same,
                 start, stop,

@@ -39,7 +39,7 @@ except ImportError as e:  # the module is the [pml] extra's
     ) from e
 
 from .functional import triplet_margin_loss
-from .functional._common import DISTANCES, resolve_distance
+from .functional._common import DISTANCES
 from .functional.distances import gathered_distances
 from .miners import PairMiner, TripletMiner
 
@@ -160,7 +160,8 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
             raise ValueError("swap and smooth_loss have no fused form; use PML's class")
         super().__init__(**kwargs)
         self.margin, self.triplets_per_anchor = margin, triplets_per_anchor
-        self.metric = resolve_distance(distance_name(self.distance), False)
+        self.distance_name = distance_name(self.distance)
+        self.metric = DISTANCES[self.distance_name]
 
     def get_default_reducer(self):
         return reducers.AvgNonZeroReducer()
@@ -191,11 +192,10 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
                 "indices_tuple (e.g. from a miner) or use AvgNonZeroReducer, MeanReducer, "
                 "SumReducer"
             )
-        distance = next(k for k, v in DISTANCES.items() if v == self.metric)
         mode = "sum" if reduction == "mean" else reduction
         value = triplet_margin_loss(
             emb, labels, self.margin, triplets="all", reduction=mode, ref_emb=ref,
-            ref_labels=ref_labels, distance=distance,
+            ref_labels=ref_labels, distance=self.distance_name,
         )  # fmt: skip
         if reduction != "mean":
             return value

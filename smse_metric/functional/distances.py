@@ -35,7 +35,7 @@ def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
     acc = acc_dtype(x)
     ya = (x if y is None else y).to(acc)
     ny = (ya * ya).sum(1)
-    bound = 4 * x.shape[1] * torch.finfo(acc).eps
+    ny_max, bound = ny.max(), 4 * x.shape[1] * torch.finfo(acc).eps
     blocks = row_blocks(len(x), len(ya), 1 << 22)
     # several blocks are written into one result (a concatenation would hold it twice)
     out = None if len(blocks) == 1 else x.new_empty(len(x), len(ya))
@@ -44,7 +44,7 @@ def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
         nx = (xa * xa).sum(1, keepdim=True)
         # in place on this block's own temporaries: a third of the memory traffic
         sq = torch.addmm(nx, xa, ya.T, alpha=-2.0).add_(ny)
-        sq.masked_fill_(sq <= bound * (nx + ny.max()), 0)  # a row's bound, for all its pairs
+        sq.masked_fill_(sq <= bound * (nx + ny_max), 0)  # a row's bound, for all its pairs
         sq = sq.sqrt_() if root else sq
         if out is None:
             return sq.to(x.dtype)

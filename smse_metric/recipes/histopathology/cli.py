@@ -304,10 +304,15 @@ def _add_evaluate(sub) -> None:
         description="Recompute metrics.json, embeddings, report.md (and, with faiss, the "
         "FAISS index) of a run from checkpoints/best.pt.",
     )  # fmt: skip
-    ev.add_argument("--run", required=True, help="run directory")
-    ev.add_argument("--device", choices=("cpu", "cuda"))
-    ev.add_argument("--data", help="the run's dataset, if it moved since training")
+    _add_run_arguments(ev)
     ev.set_defaults(func=_evaluate)
+
+
+def _add_run_arguments(parser) -> None:
+    """--run, --device, --data: the flags of the commands that read a finished run."""
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--data", help="the run's dataset, if it moved since training")
 
 
 def _add_search(sub) -> None:
@@ -317,12 +322,10 @@ def _add_search(sub) -> None:
         "gallery images (path, patient, class, magnification, distance); writes a PNG "
         "contact sheet.",
     )  # fmt: skip
-    se.add_argument("--run", required=True, help="run directory")
+    _add_run_arguments(se)
     se.add_argument("image", help="an image file")
     se.add_argument("-k", type=int, default=5, help="neighbours to return (default 5)")
     se.add_argument("--sheet", help="contact sheet path (default RUN/search-<image>.png)")
-    se.add_argument("--device", choices=("cpu", "cuda"))
-    se.add_argument("--data", help="the run's dataset, if it moved since training")
     se.set_defaults(func=_search)
 
 

@@ -99,7 +99,8 @@ class RunMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as ``metrics.json`` holds it."""
-        return {**dataclasses.asdict(self), "test": self.test.to_dict()}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "test": self.test.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunMetrics:
