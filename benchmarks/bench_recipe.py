@@ -94,7 +94,7 @@ def eval_seconds(repeats: int = 3) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         evaluate_embeddings(q, qy, qg, qs, k=5, exclude="group", gallery=(g, gy, gg, gs),
-                            map_at_r=False)  # fmt: skip
+                            ranking=False)  # fmt: skip
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -29,7 +29,7 @@ def toy_data(n: int = 1200, dim: int = 32, classes: int = 3, scales: int = 4, se
 
 def knn_scores(emb: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> str:
     """Leave-one-out 5-NN accuracy, pooled and across scales (gallery at another scale)."""
-    r = evaluate_embeddings(emb, labels, scales=scale, k=5, exclude="self", map_at_r=False)
+    r = evaluate_embeddings(emb, labels, scales=scale, k=5, exclude="self", ranking=False)
     return f"5-NN {r.pooled.accuracy:.3f}, cross-scale 5-NN {r.cross_magnification_mean:.3f}"
 
 

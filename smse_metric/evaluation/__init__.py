@@ -1,5 +1,5 @@
-"""Evaluation: kNN classification, patient-level accuracy, retrieval metrics and the
-cross-magnification matrix.
+"""Evaluation: kNN classification, patient-level accuracy, retrieval and clustering
+metrics (PML's definitions) and the cross-magnification matrix.
 
 Neighbour search is exact unless ``index="ivf"`` is asked for: a flat FAISS index
 where faiss is installed (on a GPU when it has GPUs and ``device`` allows), torch
@@ -10,6 +10,7 @@ All metrics are computed from a [Q, k] neighbour table with bincount and boolean
 algebra; nothing loops over queries in Python.
 """
 
+from .clustering import ClusteringMetrics, kmeans, mutual_information
 from .evaluate import evaluate_embeddings, evaluate_predictions
 from .index import FaissIndex, make_index
 from .knn import KNNClassifier, Neighbours
@@ -19,6 +20,7 @@ from .torch_index import TorchIndex
 
 __all__ = [
     "ClassificationMetrics",
+    "ClusteringMetrics",
     "EvaluationReport",
     "FaissIndex",
     "KNNClassifier",
@@ -27,6 +29,8 @@ __all__ = [
     "TorchIndex",
     "evaluate_embeddings",
     "evaluate_predictions",
+    "kmeans",
     "make_index",
+    "mutual_information",
     "symmetric_knn",
 ]

@@ -60,3 +60,22 @@ def as_ids(name: str, y: Any, n: int) -> np.ndarray:
 def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def import_faiss():
+    """faiss, imported where an index is built: ``import smse_metric`` must not need it."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            "this needs FAISS: pip install 'smse-metric[faiss]' (CPU) or 'smse-metric[gpu]' (CUDA)"
+        ) from e
+    return faiss
+
+
+def has_faiss() -> bool:
+    try:
+        import_faiss()
+    except ImportError:
+        return False
+    return True

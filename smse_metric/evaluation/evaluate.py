@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._inputs import DEVICES, EXCLUDE, as_float32, as_ids, check_choice
+from ._inputs import DEVICES, EXCLUDE, as_float32, as_ids, check_choice, has_faiss
+from .clustering import ClusteringMetrics, kmeans, mutual_information
 from .knn import KNNClassifier
 from .metrics import (
+    RANKING,
     EvaluationReport,
     classification_metrics,
     encode_ids,
@@ -105,7 +107,10 @@ def evaluate_embeddings(
     gallery: tuple | dict | None = None,
     metric: str = "cosine",
     weights: str = "uniform",
-    map_at_r: bool = True,
+    ranking: bool = True,
+    retrieval_k: int | str | None = "max_bin_count",
+    average: str = "query",
+    clustering: bool = True,
     cross_magnification: bool = True,
     device: str = "auto",
     backend: str = "auto",
@@ -127,8 +132,15 @@ def evaluate_embeddings(
         weights: see `KNNClassifier`.
         device: see `KNNClassifier`.
         backend: see `KNNClassifier`.
-        map_at_r: also compute MAP@R, which retrieves R neighbours per query (R = the
-            usable gallery items of its class); turn off for huge galleries.
+        ranking: compute r-precision, MAP@R, MAP and MRR, which retrieve K neighbours
+            per query; turn off for huge galleries.
+        retrieval_k: K, the depth of the ranking metrics: ``"max_bin_count"`` (the
+            largest R, PML's choice for MAP@R), an int, or None (the whole usable
+            gallery: PML's ``k=None``).
+        average: ``"query"`` (mean over scored queries) or ``"class"`` (mean of the
+            per-class means: PML's ``avg_of_avgs``); per-class values are always kept.
+        clustering: k-means on the queries, one cluster per class, scored by NMI and
+            AMI (faiss k-means where faiss is installed, as PML; torch otherwise).
         cross_magnification: compute the matrix of kNN accuracy (query scale x gallery
             restricted to one scale); needs ``scales``.
 
@@ -144,6 +156,8 @@ def evaluate_embeddings(
     """
     check_choice("exclude", exclude, EXCLUDE)
     check_choice("device", device, DEVICES)
+    check_choice("average", average, ("query", "class"))
+    _check_retrieval_k(retrieval_k)
     if device == "auto":  # decided on the caller's tensors, before they become numpy
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
         device = "cuda" if on_cuda else "cpu"
@@ -167,19 +181,32 @@ def evaluate_embeddings(
         ex_q, ex_g = _joint_codes(qg, n, gg, len(g_emb))
     knn_exclude = "none" if exclude == "none" else "group"
     q_group_codes = np.arange(n) if qg is None else np.unique(qg, return_inverse=True)[1]
-    classes, g_codes = np.unique(gy, return_inverse=True)
+    # query labels the gallery lacks are classes too: never predicted, always wrong
+    if gy.dtype.kind != qy.dtype.kind and {gy.dtype.kind, qy.dtype.kind} != {"i", "u"}:
+        raise TypeError(f"labels are {qy.dtype} but the gallery labels {gy.dtype}: give both "
+                        "as integers or both as strings")  # fmt: skip
+    classes = np.unique(np.concatenate([gy, qy]))
+    _, g_codes = encode_ids("gallery labels", gy, len(gy), classes)
     _, q_codes = encode_ids("labels", qy, n, classes)
     knn = KNNClassifier(k, metric, weights, device, backend=backend).fit(g_emb, gy, groups=ex_g)
     n_rel = _relevant(knn, g_codes, q_codes, ex_q, knn_exclude, len(classes))
-    pred, p1, hit_k, ap = _scores(knn, q, ex_q, knn_exclude, q_codes, n_rel, map_at_r)
+    unseen = np.bincount(g_codes, minlength=len(classes))[q_codes] == 0
+    depth = _depth(retrieval_k, n_rel, len(g_emb)) if ranking else None
+    pred, per_query = _scores(knn, q, ex_q, knn_exclude, q_codes, classes, n_rel, depth)
 
     def scores(m=slice(None)):
-        return (classification_metrics(pred[m], q_codes[m], q_group_codes[m], len(classes)),
-                retrieval_metrics(p1[m], hit_k[m], ap[m], n_rel[m], map_at_r))  # fmt: skip
+        part = {key: v if v is None else v[m] for key, v in per_query.items()}
+        return (
+            classification_metrics(pred[m], q_codes[m], q_group_codes[m], len(classes)),
+            retrieval_metrics(part, n_rel[m], unseen[m], q_codes[m], len(classes), average),
+        )
 
     pooled, retrieval = scores()
     report = EvaluationReport(classes=classes.tolist(), scales=[], k=k, metric=metric,
-                              exclude=exclude, pooled=pooled, retrieval=retrieval)  # fmt: skip
+                              exclude=exclude, pooled=pooled, retrieval=retrieval,
+                              retrieval_k=retrieval_k, average=average)  # fmt: skip
+    if clustering:
+        report.clustering = _clustering(q, qy)
     if qs is None:
         return report
     s_table, s_codes = np.unique(qs, return_inverse=True)
@@ -209,25 +236,70 @@ def _relevant(knn, g_codes, q_codes, ex_q, exclude, n_classes) -> np.ndarray:
     return n_rel
 
 
-def _scores(knn, q, ex_q, exclude, q_codes, n_rel, map_at_r):
-    """Per query: kNN prediction (class code), hit at 1, hit within k, AP at R."""
+def _check_retrieval_k(retrieval_k) -> None:
+    if retrieval_k is None or retrieval_k == "max_bin_count":
+        return
+    if isinstance(retrieval_k, bool) or not isinstance(retrieval_k, int | np.integer):
+        raise TypeError(
+            f"retrieval_k must be a positive int, 'max_bin_count' or None, got {retrieval_k!r}"
+        )
+    if retrieval_k < 1:
+        raise ValueError(f"retrieval_k must be a positive int, got {retrieval_k}")
+
+
+def _depth(retrieval_k, n_rel: np.ndarray, n_gallery: int) -> int:
+    """K: neighbours ranked per query (the search stops at each query's usable gallery)."""
+    if retrieval_k is None:
+        return n_gallery
+    if retrieval_k == "max_bin_count":
+        return max(int(n_rel.max(initial=0)), 1)
+    return int(retrieval_k)
+
+
+def _scores(knn, q, ex_q, exclude, q_codes, classes, n_rel, depth):
+    """Per query: kNN prediction (class code) and the retrieval scores, each [Q]."""
     n, k = len(q), knn.k
+    # the classifier codes the gallery's labels; the report, gallery's and queries' alike
+    codes = np.searchsorted(classes, knn.classes_)
     pred = np.empty(n, dtype=np.int64)
-    p1 = np.empty(n, dtype=bool)
-    hit_k = np.empty(n, dtype=bool)
-    ap = np.zeros(n)
-    extra = np.maximum(n_rel - k, 0) if map_at_r else None
+    scores = {name: np.zeros(n) for name in ("precision_at_1", "recall_at_k", *RANKING)}
+    extra = None if depth is None else np.full(n, max(depth - k, 0))
     for nb in knn.kneighbors_chunks(q, ex_q, exclude, k, extra):
         r = nb.rows
-        pred[r] = knn.votes(nb).argmax(1)
-        rel = (knn.labels_[np.maximum(nb.ids, 0)] == q_codes[r, None]) & (nb.ids >= 0)
-        p1[r], hit_k[r] = rel[:, 0], rel[:, :k].any(1)
-        if map_at_r:
-            rank = np.arange(1, rel.shape[1] + 1)[None, :]
-            rel &= rank <= n_rel[r, None]
-            precision_at_hits = np.where(rel, np.cumsum(rel, axis=1) / rank, 0.0)
-            ap[r] = precision_at_hits.sum(1) / np.maximum(n_rel[r], 1)
-    return pred, p1, hit_k, ap
+        pred[r] = codes[knn.votes(nb).argmax(1)]
+        rel = (codes[knn.labels_[np.maximum(nb.ids, 0)]] == q_codes[r, None]) & (nb.ids >= 0)
+        scores["precision_at_1"][r], scores["recall_at_k"][r] = rel[:, 0], rel[:, :k].any(1)
+        if depth is not None:
+            for name, v in _ranking(rel[:, :depth], n_rel[r]).items():
+                scores[name][r] = v
+    if depth is None:
+        scores.update(dict.fromkeys(RANKING))
+    return pred, scores
+
+
+def _ranking(rel: np.ndarray, n_rel: np.ndarray) -> dict[str, np.ndarray]:
+    """PML's ranking metrics of [q, K] same-label flags (ranked neighbours) and R [q]."""
+    rank = np.arange(1, rel.shape[1] + 1)[None, :]
+    first_r = rank <= n_rel[:, None]  # the first min(R, K) ranks
+    r = np.maximum(n_rel, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hits_at_r = rel & first_r
+        precision = np.cumsum(rel, axis=1) / rank  # before rank R the two cumsums agree
+        first = np.argmax(rel, axis=1)
+        return {
+            "r_precision": hits_at_r.sum(1) / np.maximum(first_r.sum(1), 1),
+            "map_at_r": np.where(hits_at_r, precision, 0.0).sum(1) / r,
+            "mean_average_precision": np.where(rel, precision, 0.0).sum(1) / r,
+            "mean_reciprocal_rank": np.where(rel.any(1), 1.0 / (first + 1), 0.0),
+        }
+
+
+def _clustering(q: np.ndarray, qy: np.ndarray) -> ClusteringMetrics:
+    """Whatever searched, k-means is faiss's where installed: PML's clusters."""
+    n_clusters = len(np.unique(qy))
+    use = "faiss" if has_faiss() else "torch"
+    nmi, ami = mutual_information(qy, kmeans(q, n_clusters, use))
+    return ClusteringMetrics(nmi=nmi, ami=ami, n_clusters=n_clusters, backend=use)
 
 
 def _cross_magnification_matrix(q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs,

@@ -9,35 +9,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._inputs import BACKENDS, DEVICES, METRICS, as_float32, check_choice, prepare_vectors
+from ._inputs import (
+    BACKENDS,
+    DEVICES,
+    METRICS,
+    as_float32,
+    check_choice,
+    has_faiss,
+    import_faiss,
+    prepare_vectors,
+)
 from .torch_index import TorchIndex
 
 __all__ = ["FaissIndex", "make_index"]
 
 
-def _faiss():
-    """faiss, imported where an index is built: ``import smse_metric`` must not need it."""
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError(
-            "this needs FAISS: pip install 'smse-metric[faiss]' (CPU) or 'smse-metric[gpu]' (CUDA)"
-        ) from e
-    return faiss
-
-
 def faiss_gpu_count() -> int:
     """GPUs the installed faiss can use (0 for faiss-cpu)."""
-    faiss = _faiss()
+    faiss = import_faiss()
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-def _has_faiss() -> bool:
-    try:
-        _faiss()
-    except ImportError:
-        return False
-    return True
 
 
 def make_index(
@@ -72,7 +62,7 @@ def make_index(
     if backend == "auto":
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
         wants_gpu = device == "cuda" or (device == "auto" and on_cuda)
-        usable = _has_faiss() and (not wants_gpu or faiss_gpu_count() > 0)
+        usable = has_faiss() and (not wants_gpu or faiss_gpu_count() > 0)
         backend = "faiss" if usable or index == "ivf" else "torch"
     if backend == "faiss":
         return FaissIndex(embeddings, metric, device, index)
@@ -110,7 +100,7 @@ class FaissIndex:
         nlist: int | None = None,
         nprobe: int = 16,
     ) -> None:
-        faiss = _faiss()
+        faiss = import_faiss()
         check_choice("metric", metric, METRICS)
         check_choice("device", device, DEVICES)
         check_choice("index", index, ("flat", "ivf"))
@@ -143,7 +133,7 @@ class FaissIndex:
     def vectors(self) -> np.ndarray:
         """[G, D] float32 view of the stored gallery (L2-normalised for ``"cosine"``);
         flat CPU indexes only."""
-        faiss = _faiss()
+        faiss = import_faiss()
         if not isinstance(self.index, faiss.IndexFlat):
             raise ValueError("vectors() needs a flat CPU index")
         return (
@@ -154,7 +144,7 @@ class FaissIndex:
 
     def save(self, path: str | Path) -> None:
         """Write the index with ``faiss.write_index`` (a GPU index is copied to the CPU)."""
-        faiss = _faiss()
+        faiss = import_faiss()
         index = faiss.index_gpu_to_cpu(self.index) if self.device == "cuda" else self.index
         faiss.write_index(index, str(path))
 
@@ -162,7 +152,7 @@ class FaissIndex:
     def load(cls, path: str | Path, device: str = "cpu") -> FaissIndex:
         """Read an index written by `save`; its metric follows the index type
         (inner product: ``"cosine"``, L2: ``"l2"``)."""
-        faiss = _faiss()
+        faiss = import_faiss()
         check_choice("device", device, DEVICES)
         if not Path(path).is_file():
             raise ValueError(f"no FAISS index at {path}")

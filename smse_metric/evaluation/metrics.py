@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ._inputs import as_ids
+from .clustering import ClusteringMetrics
 
 __all__ = ["ClassificationMetrics", "EvaluationReport", "RetrievalMetrics"]
 
@@ -44,28 +45,63 @@ class ClassificationMetrics:
     confusion: list[list[int]]  #: rows true class, columns predicted class
 
 
+#: the ranking metrics, PML's ``AccuracyCalculator`` names but MAP@R's
+RANKING = ("r_precision", "map_at_r", "mean_average_precision", "mean_reciprocal_rank")
+
+
 @dataclass
 class RetrievalMetrics:
-    """Retrieval scores of one set of queries against their gallery.
+    """Retrieval scores of one set of queries against their gallery, with the
+    definitions of PML's ``AccuracyCalculator``.
+
+    A query is scored when the gallery holds a usable item of its label (after
+    ``exclude``); the others are left out of every metric alike and counted in
+    ``queries_without_relevant`` (label in the gallery, none usable) and
+    ``queries_unseen_label`` (label absent from the gallery). A metric is NaN when
+    no query is scored. R is a query's usable same-label items; the ranking metrics
+    look at its first ``retrieval_k`` neighbours (K).
 
     Attributes:
-        precision_at_1: share of queries whose nearest neighbour has their label.
-        recall_at_k: share of queries with a same-label item among the k neighbours.
-        map_at_r: mean average precision at R (None when not computed).
-        queries_without_relevant: queries with no same-label item in the gallery.
+        precision_at_1: the nearest neighbour has the query's label.
+        recall_at_k: some of the k nearest neighbours has the query's label.
+        r_precision: same-label share of the first min(R, K) neighbours.
+        map_at_r: sum over the first min(R, K) ranks i holding a same-label item of
+            precision@i, divided by R (MAP@R, Musgrave et al. 2020).
+        mean_average_precision: the same over the first K ranks (PML's MAP: with
+            K = every gallery item, the textbook average precision).
+        mean_reciprocal_rank: 1 / rank of the first same-label item within K (0 if none).
+        queries_scored: queries every metric averages over.
+        queries_without_relevant: left out: the label has no usable gallery item.
+        queries_unseen_label: left out: the label is not in the gallery.
+        per_class: each metric's mean over the scored queries of each class, in the
+            report's class order (NaN for a class without scored queries).
+
+    The ranking metrics are None when not computed (``ranking=False``).
 
     Examples:
         >>> from smse_metric.evaluation import evaluate_embeddings, evaluate_predictions
         >>> emb = np.array([[0.0, 1], [0, 1.1], [1, 0], [1.1, 0]], dtype="float32")
         >>> r = evaluate_embeddings(emb, [0, 0, 1, 1], k=1, exclude="self").retrieval
-        >>> r.precision_at_1, r.map_at_r
-        (1.0, 1.0)
+        >>> r.precision_at_1, r.map_at_r, r.mean_reciprocal_rank
+        (1.0, 1.0, 1.0)
     """
 
     precision_at_1: float
-    recall_at_k: float  #: queries with a same-class item among their k neighbours
-    map_at_r: float | None  #: mean average precision at R (None when not computed)
-    queries_without_relevant: int  #: left out of MAP@R: no same-class item usable
+    recall_at_k: float
+    r_precision: float | None
+    map_at_r: float | None
+    mean_average_precision: float | None
+    mean_reciprocal_rank: float | None
+    queries_scored: int
+    queries_without_relevant: int
+    queries_unseen_label: int
+    per_class: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_pml(self) -> dict[str, float]:
+        """The values under the keys of PML's ``AccuracyCalculator.get_accuracy``."""
+        names = {"map_at_r": "mean_average_precision_at_r"}
+        keys = ("precision_at_1", *RANKING)
+        return {names.get(k, k): getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -80,8 +116,12 @@ class EvaluationReport:
         exclude: ``"none"``, ``"self"`` or ``"group"`` (None for predictions).
         pooled: classification metrics over every query.
         per_scale: classification metrics of each magnification's queries.
-        retrieval: precision@1, recall@k and MAP@R over every query (kNN only).
+        retrieval: precision@1, recall@k and the ranking metrics (kNN only).
         retrieval_per_scale: the same per magnification.
+        retrieval_k: depth of the ranking metrics as asked (an int, ``"max_bin_count"``
+            or None for the whole gallery).
+        average: ``"query"`` or ``"class"``: how the retrieval metrics average.
+        clustering: NMI and AMI of k-means on the queries (None when not computed).
         cross_magnification: query magnification x gallery magnification kNN accuracy.
         cross_magnification_mean: mean of the off-diagonal cells (None with one magnification).
 
@@ -94,8 +134,8 @@ class EvaluationReport:
         ...                              scales=np.tile([40, 400], 40), k=3)
         >>> report.pooled.accuracy > 0.9, sorted(report.per_scale), len(report.cross_magnification)
         (True, ['40', '400'], 2)
-        >>> import json; sorted(json.loads(report.to_json()))[:3]
-        ['classes', 'cross_magnification', 'cross_magnification_mean']
+        >>> import json; [key for key in sorted(json.loads(report.to_json())) if key[0] == "c"]
+        ['classes', 'clustering', 'cross_magnification', 'cross_magnification_mean']
         >>> EvaluationReport.from_dict(json.loads(report.to_json())) == report
         True
     """
@@ -112,6 +152,9 @@ class EvaluationReport:
     #: rows: query scale, columns: gallery restricted to that scale; kNN accuracy
     cross_magnification: list[list[float]] | None = None
     cross_magnification_mean: float | None = None  #: mean of the off-diagonal cells
+    retrieval_k: int | str | None = None
+    average: str = "query"
+    clustering: ClusteringMetrics | None = None
 
     def to_dict(self) -> dict:
         """Plain lists, numbers and strings (scales as string keys)."""
@@ -128,7 +171,7 @@ class EvaluationReport:
         Args:
             d: a dict from `to_dict`.
         """
-        retrieval = d.get("retrieval")
+        retrieval, clustering = d.get("retrieval"), d.get("clustering")
         return cls(
             **{k: d[k] for k in ("classes", "scales", "k", "metric", "exclude")},
             pooled=ClassificationMetrics(**d["pooled"]),
@@ -139,6 +182,9 @@ class EvaluationReport:
             },
             cross_magnification=d.get("cross_magnification"),
             cross_magnification_mean=d.get("cross_magnification_mean"),
+            retrieval_k=d.get("retrieval_k"),
+            average=d.get("average", "query"),
+            clustering=None if clustering is None else ClusteringMetrics(**clustering),
         )
 
 
@@ -190,11 +236,37 @@ def encode_ids(name, values, n, table=None):
     return table, codes
 
 
-def retrieval_metrics(p1, hit_k, ap, n_rel, with_map: bool) -> RetrievalMetrics:
-    has = n_rel > 0
+def retrieval_metrics(
+    per_query: dict[str, np.ndarray | None],
+    n_rel: np.ndarray,
+    unseen: np.ndarray,
+    codes: np.ndarray,
+    n_classes: int,
+    average: str,
+) -> RetrievalMetrics:
+    """Average per-query scores over the scored queries (``n_rel > 0``), per class and
+    over queries (``average="query"``) or over classes (``"class"``, PML's avg_of_avgs)."""
+    scored = n_rel > 0
+    counts = np.bincount(codes[scored], minlength=n_classes)
+    means, per_class = {}, {}
+    for name, v in per_query.items():
+        if v is None:
+            means[name] = None
+            continue
+        sums = np.bincount(codes[scored], weights=v[scored], minlength=n_classes)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cls = np.where(counts > 0, sums / counts, np.nan)
+        per_class[name] = cls.tolist()
+        if not scored.any():
+            means[name] = float("nan")
+        elif average == "class":
+            means[name] = float(cls[counts > 0].mean())
+        else:
+            means[name] = float(v[scored].mean())
     return RetrievalMetrics(
-        precision_at_1=float(p1.mean()),
-        recall_at_k=float(hit_k.mean()),
-        map_at_r=(float(ap[has].mean()) if has.any() else 0.0) if with_map else None,
-        queries_without_relevant=int((~has).sum()),
+        **means,
+        queries_scored=int(scored.sum()),
+        queries_without_relevant=int((~scored & ~unseen).sum()),
+        queries_unseen_label=int(unseen.sum()),
+        per_class=per_class,
     )

@@ -30,7 +30,7 @@ def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, metric, ex
         knn = KNNClassifier(k=7, metric=metric, backend=backend).fit(x, y, g)
         chunks = list(knn.kneighbors_chunks(x, g, exclude))
         report = evaluate_embeddings(x, y, g, s, k=7, exclude=exclude, metric=metric,
-                                     map_at_r=False, backend=backend)  # fmt: skip
+                                     ranking=False, backend=backend)  # fmt: skip
         return np.concatenate([c.ids for c in chunks]), report.to_dict()
 
     calls = []

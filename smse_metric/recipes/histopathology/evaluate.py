@@ -104,7 +104,7 @@ def split_reports(
     g_emb, q_emb, q_pred = gallery_emb, query_emb, query_pred
     knn = evaluate_embeddings(
         q_emb, q.labels, q.groups, q.scales, k=cfg.eval.k, exclude=cfg.eval.exclude,
-        gallery=(g_emb, g.labels, g.groups, g.scales), metric=cfg.eval.metric, map_at_r=False,
+        gallery=(g_emb, g.labels, g.groups, g.scales), metric=cfg.eval.metric, ranking=False,
     )  # fmt: skip
     head = evaluate_predictions(q_pred.numpy(), q.labels, q.groups, q.scales,
                                 classes=np.arange(num_classes(cfg)))  # fmt: skip
