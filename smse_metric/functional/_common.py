@@ -213,11 +213,13 @@ def reduce_terms(total: Tensor, n_selected: Tensor, n_nonzero: Tensor, reduction
 
 
 def hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per anchor: has both a positive and a negative, farthest positive, closest negative."""
-    valid = pos.any(1) & neg.any(1)
-    pos_idx = torch.where(pos, d, float("-inf")).argmax(1)
-    neg_idx = torch.where(neg, d, float("inf")).argmin(1)
-    return valid, pos_idx, neg_idx
+    """Per anchor: has both a positive and a negative, farthest positive, closest negative.
+    ``d`` is overwritten."""
+    pos_idx = torch.where(pos, d, float("-inf")).argmax(1, keepdim=True)
+    neg_idx = d.masked_fill_(~neg, float("inf")).argmin(1, keepdim=True)
+    # an anchor without positives (negatives) gets a pick outside the mask
+    valid = (pos.gather(1, pos_idx) & neg.gather(1, neg_idx)).squeeze(1)
+    return valid, pos_idx.squeeze(1), neg_idx.squeeze(1)
 
 
 def resolve_distance(distance: str | None, squared: bool) -> str:

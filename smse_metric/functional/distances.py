@@ -43,11 +43,12 @@ def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
         xa = x[start:stop].to(acc)
         nx = (xa * xa).sum(1, keepdim=True)
         # in place on this block's own temporaries: a third of the memory traffic
-        sq = torch.addmm(nx, xa, ya.T, alpha=-2.0).add_(ny)
-        sq.masked_fill_(sq <= bound * (nx + ny_max), 0)  # a row's bound, for all its pairs
+        # rounded to x's dtype first: the snap and the root then touch half the bytes
+        sq = torch.addmm(nx, xa, ya.T, alpha=-2.0).add_(ny).to(x.dtype)
+        sq.masked_fill_(sq <= (bound * (nx + ny_max)).to(x.dtype), 0)  # per row, all pairs
         sq = sq.sqrt_() if root else sq
         if out is None:
-            return sq.to(x.dtype)
+            return sq
         out[start:stop] = sq
     return out
 
@@ -62,9 +63,11 @@ class _Distance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor | None, squared: bool) -> Tensor:
+    def forward(
+        ctx, x: Tensor, y: Tensor | None, squared: bool, symmetric_grad: bool = False
+    ) -> Tensor:
         dist = _accurate(x, y, root=not squared)
-        ctx.squared = squared
+        ctx.squared, ctx.symmetric_grad = squared, symmetric_grad
         if y is None:
             ctx.save_for_backward(x, dist)
         else:
@@ -78,10 +81,22 @@ class _Distance(torch.autograd.Function):
         w = 2.0 * grad if ctx.squared else (grad / dist).masked_fill(dist == 0, 0)
         if len(inputs) == 1:
             (x,) = inputs
-            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None, None
+            if ctx.symmetric_grad:  # w = w.T: the two products are one
+                return 2 * (x * w.sum(1, keepdim=True) - w @ x), None, None, None
+            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None, None, None
         x, y = inputs
         gx = x * w.sum(1, keepdim=True) - w @ y
-        return gx, y * w.sum(0).unsqueeze(1) - w.T @ x, None
+        return gx, y * w.sum(0).unsqueeze(1) - w.T @ x, None, None
+
+
+def self_distances(x: Tensor, symmetric_grad: bool = False) -> Tensor:
+    """Euclidean distances of ``x``'s rows among themselves, as `pairwise_distances`.
+    ``symmetric_grad`` promises that the gradient arriving at the [N, N] result is
+    symmetric (a loss over unordered pairs), which saves one of the backward's two
+    [N, N] x [N, D] products."""
+    check_float_matrix("x", x)
+    with full_precision(x.device):
+        return _Distance.apply(upcast(x), None, False, symmetric_grad)
 
 
 def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:

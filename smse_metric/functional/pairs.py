@@ -16,7 +16,7 @@ from ._common import (
     reduce_terms,
     with_gradient,
 )
-from .distances import gathered_distances, pairwise_distances
+from .distances import gathered_distances, pairwise_distances, self_distances
 
 __all__ = ["contrastive_loss"]
 
@@ -67,7 +67,8 @@ def contrastive_loss(
             pos, neg = block_masks(
                 labels, ref_labels, scales if cross_scale else None, ref_scales, same, 0, len(emb)
             )
-            dist = pairwise_distances(emb, None if same else ref)
+            # pos and neg are symmetric within one batch, and so is the gradient
+            dist = self_distances(emb, True) if same else pairwise_distances(emb, ref)
             with torch.no_grad():
                 # d/dd of 0.5 d^2 is d; of 0.5 relu(m - d)^2 it is -relu(m - d). The loss
                 # is then 0.5 * sum(grad^2) (pos and neg are disjoint).
