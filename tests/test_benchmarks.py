@@ -19,3 +19,14 @@ def test_quick_benchmarks_run_and_write_tables(tmp_path):
         assert "Machine:" in text and "Command: `python -m benchmarks." in text, name
         assert "timed out" not in text and "exit " not in text, name  # no case failed
     assert not list((ROOT / "benchmarks" / "results").glob("*-quick.md"))  # nothing leaked
+
+
+def test_revision_benchmark_compares_with_a_git_revision(tmp_path):
+    out = tmp_path / "ab.md"
+    cmd = [sys.executable, "-m", "benchmarks.bench_revision", "--base", "HEAD", "--sizes", "16",
+           "--rounds", "1", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| all-triplets", "| batch-hard", "| contrastive"]
+    assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)

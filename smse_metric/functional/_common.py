@@ -222,6 +222,47 @@ def hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor
     return valid, pos_idx.squeeze(1), neg_idx.squeeze(1)
 
 
+def hardest_float32(x: Tensor, ref: Tensor, pos: Tensor, neg: Tensor):
+    """`hardest` on squared euclidean distances of float32 rows at float32 cost, with
+    the float64 choice: the float32 expansion picks, and where a row's runner-up lies
+    within twice the expansion's error bound of its pick, every candidate within it is
+    measured in float64 by direct difference (ties to the smaller index). Eager CPU
+    only: the list of such rows is data (a host sync elsewhere)."""
+    nx, ny = (x * x).sum(1, keepdim=True), (ref * ref).sum(1)
+    sq = torch.addmm(nx, x, ref.T, alpha=-2.0).add_(ny)
+    err = (4 * (x.shape[1] + 2) * torch.finfo(torch.float32).eps) * (nx + ny.max())
+    top = min(2, sq.shape[1])
+    far = torch.where(pos, sq, float("-inf"))
+    far_v, pos_idx = far.topk(top, dim=1)
+    near = sq.masked_fill_(~neg, float("inf"))
+    near_v, neg_idx = near.topk(top, dim=1, largest=False)
+    pos_idx, neg_idx = pos_idx[:, 0].contiguous(), neg_idx[:, 0].contiguous()
+    valid = pos.gather(1, pos_idx[:, None]).squeeze(1) & neg.gather(1, neg_idx[:, None]).squeeze(1)
+    if top == 2:
+        for picks, m, v, sign in ((pos_idx, far, far_v, 1.0), (neg_idx, near, near_v, -1.0)):
+            # a finite runner-up within 2 err of the pick: float32 cannot tell them apart
+            close = torch.isfinite(v[:, 1]) & (sign * (v[:, 0] - v[:, 1]) <= err[:, 0])
+            rows = close.nonzero().squeeze(1)
+            if len(rows):
+                cand = sign * (m[rows] - v[rows, :1]) >= -err[rows]
+                r, c = _best_by_difference(cand, x[rows], ref, largest=sign > 0)
+                picks[rows[r]] = c
+    return valid, pos_idx, neg_idx
+
+
+def _best_by_difference(cand: Tensor, x: Tensor, ref: Tensor, largest: bool):
+    """Per row of ``cand`` [r, M]: the candidate column with the largest (smallest)
+    float64 squared distance, ties to the smaller column."""
+    r, c = cand.nonzero().unbind(1)  # row-major: columns ascend within a row
+    v = (x[r].double() - ref[c].double()).pow(2).sum(1)
+    order = torch.sort(-v if largest else v, stable=True).indices
+    order = order[torch.sort(r[order], stable=True).indices]
+    r, c = r[order], c[order]
+    first = torch.ones_like(r, dtype=torch.bool)
+    first[1:] = r[1:] != r[:-1]
+    return r[first], c[first]
+
+
 def resolve_distance(distance: str | None, squared: bool) -> str:
     """The `pairwise_distances` metric of a ``distance=`` / ``squared=`` pair: ``squared``
     is the shorthand for ``distance="squared_l2"``, the default is ``"l2"``."""

@@ -16,6 +16,7 @@ from ._common import (
     check_indices,
     full_precision,
     hardest,
+    hardest_float32,
     metric_inputs,
     reduce_terms,
     resolve_distance,
@@ -263,10 +264,17 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
     picks = []
     with torch.no_grad():
         # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
+        eager_cpu = emb.is_cpu and not torch.compiler.is_compiling()
+        float32_first = (
+            eager_cpu and choose_by == "squared_euclidean" and emb.dtype == torch.float32
+        )
         for start, stop in row_blocks(len(emb), len(ref), 1 << 22):
-            d = pairwise_distances(emb[start:stop].detach(), ref.detach(), choose_by)
+            e = emb[start:stop].detach()
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
-            picks.append(hardest(d, pos, neg))
+            if float32_first:  # the float64 product would double the cost
+                picks.append(hardest_float32(e, ref.detach(), pos, neg))
+            else:
+                picks.append(hardest(pairwise_distances(e, ref.detach(), choose_by), pos, neg))
         valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
     anchors = torch.arange(len(emb), device=emb.device)
     d_ap, d_an = gathered_distances(

@@ -222,3 +222,23 @@ def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
     if strategy == "batch_hard":  # the same chosen pairs: the same gradient
         torch.testing.assert_close(g32.double(), g64, rtol=2e-2, atol=1e-3)  # f32 directions
+
+
+@given(seed=st.integers(0, 2**16), spread=st.sampled_from([0.0, 1e-7, 1e-4, 1.0]),
+       n_labels=st.integers(1, 6))  # fmt: skip
+def test_float32_batch_hard_choice_equals_the_float64_choice(seed, spread, n_labels):
+    """The float32-first pick (CPU) against the pick on float64 direct differences
+    (ties to the smaller index), on copies of a few points moved by `spread` (0: exact
+    duplicates, all ties), with anchors that have one positive, none, or no negative."""
+    g = torch.Generator().manual_seed(seed)
+    base = unit(torch.randn(4, 16, generator=g))
+    emb = base[torch.randint(0, 4, (40,), generator=g)] + spread * torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, n_labels, (40,), generator=g)
+    labels[0] = 99  # a label of its own: no positive
+    pos, neg = common.block_masks(labels, labels, None, None, True, 0, 40)
+    exact = (emb.double()[:, None] - emb.double()[None]).pow(2).sum(-1)
+    want = common.hardest(exact, pos, neg)
+    got = common.hardest_float32(emb, emb, pos, neg)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1][want[0]], want[1][want[0]])
+    assert torch.equal(got[2][want[0]], want[2][want[0]])
