@@ -5,10 +5,13 @@ similarity matrix is symmetric: block ``(I, J)`` of ``X @ X.T`` serves the queri
 block ``I`` (its rows) and those of block ``J`` (its columns). Computing each pair of
 blocks once halves the matrix products a flat index would do. Selection keeps, per
 query, its current k best and their threshold (the k-th value); a block's entries can
-only enter where a tile of 32 entries has its maximum above the threshold, so almost
-all of the block is rejected by one tile-maximum pass, and the few candidates are
-merged exactly. Ties are broken by index, so the result is the k smallest by
-``(distance, index)``: the same rule as [`KNNClassifier`][smse_metric.evaluation.KNNClassifier].
+only enter where a tile of 32 entries could beat it (its maximum with its smallest id,
+as a (similarity, id) key), so almost all of the block is rejected by one tile-maximum
+pass, ties included, and the few candidates are merged exactly. Where a block holds
+more candidates than k per query (ties against earlier rows, early blocks), each query
+takes the k best keys of the block directly. Ties are broken by index, so the result
+is the k smallest by ``(distance, index)``: the same rule as
+[`KNNClassifier`][smse_metric.evaluation.KNNClassifier].
 
 L2 uses one product of augmented rows, ``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2]
 = -d(i, j)^2 / 2``, which is symmetric in ``i, j`` like the cosine similarity.
@@ -20,13 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._keys import EMPTY, decode_keys, distances, factors, order_keys
+from ._keys import EMPTY, LOW, distances, factors, order_keys
 
 __all__ = ["symmetric_knn"]
 
 BLOCK = 2048  #: rows per block: a [BLOCK, BLOCK] float32 block is 16 MiB
 TILE = 32  #: entries per tile of the rejection pass
-_FLOOR = torch.finfo(torch.float32).min  # thresholds never admit masked (-inf) entries
+_NO_KEY = torch.iinfo(torch.int64).max  #: the bar of padding: admits nothing
+#: the lowest key of a finite similarity: masked (-inf) entries stay below every bar
+_FLOOR_KEY = int(order_keys(torch.tensor([torch.finfo(torch.float32).min]), torch.tensor([LOW])))
 
 
 def _merge(state: Tensor, rows: Tensor, keys: Tensor) -> None:
@@ -42,26 +47,47 @@ def _merge(state: Tensor, rows: Tensor, keys: Tensor) -> None:
     state[urows] = torch.cat([state[urows], dense], 1).topk(state.shape[1], dim=1).values
 
 
-def _candidates(s: Tensor, tau: Tensor, by_column: bool = False) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of the entries of ``s`` [R, C] (both multiples of TILE) that reach
-    their row's threshold ``tau[r]`` (or, ``by_column``, their column's ``tau[c]``),
-    found through the tiles of TILE entries whose maximum reaches it."""
+def _candidates(
+    s: Tensor, ids: Tensor, bar: Tensor, k: int, by_column: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(queries, keys): candidate keys of the entries of ``s`` [R, C] (both multiples
+    of TILE) that beat their query's bar, for the row queries (``bar[r]``, ``ids`` of
+    the columns) or, ``by_column``, the column queries (``bar[c]``, ``ids`` of the rows).
+    A tile of TILE entries is rejected whole when even its best similarity with its
+    smallest id cannot beat the bar; where more than k tiles per query remain, each
+    query takes the k best keys of the block instead."""
     r, c = s.shape
-    if not by_column:
-        tiles = s.view(r, c // TILE, TILE)
-        tr, tc = (tiles.amax(2) >= tau[:, None]).nonzero(as_tuple=True)
-        j, off = (tiles[tr, tc] >= tau[tr, None]).nonzero(as_tuple=True)
-        return tr[j], tc[j] * TILE + off
-    tiles = s.view(r // TILE, TILE, c)
-    tr, tc = (tiles.amax(1) >= tau[None, :]).nonzero(as_tuple=True)
-    j, off = (tiles[tr, :, tc] >= tau[tc, None]).nonzero(as_tuple=True)
-    return tr[j] * TILE + off, tc[j]
+    axis = 0 if by_column else 1
+    if by_column:
+        tiles, tile_ids = s.view(r // TILE, TILE, c), ids.view(r // TILE, TILE)
+        admit = order_keys(tiles.amax(1), tile_ids.amin(1)[:, None]) > bar[None, :]
+    else:
+        tiles, tile_ids = s.view(r, c // TILE, TILE), ids.view(c // TILE, TILE)
+        admit = order_keys(tiles.amax(2), tile_ids.amin(1)[None, :]) > bar[:, None]
+    n_queries = c if by_column else r
+    if admit.sum() > k * n_queries:
+        other = ids[:, None] if by_column else ids[None, :]
+        keys = order_keys(s, other).masked_fill_(s == float("-inf"), EMPTY)
+        top = keys.topk(min(k, s.shape[axis]), dim=axis).values
+        top = top.T if by_column else top
+        real = bar < _NO_KEY  # not padding
+        queries = torch.arange(n_queries)[real]
+        return queries.repeat_interleave(top.shape[1]), top[real].ravel()
+    tr, tc = admit.nonzero(as_tuple=True)
+    if by_column:
+        keys = order_keys(tiles[tr, :, tc], tile_ids[tr])
+        j, off = (keys > bar[tc, None]).nonzero(as_tuple=True)
+        return tc[j], keys[j, off]
+    keys = order_keys(tiles[tr, tc], tile_ids[tc])
+    j, off = (keys > bar[tr, None]).nonzero(as_tuple=True)
+    return tr[j], keys[j, off]
 
 
-def _threshold(state: Tensor, pad: int) -> Tensor:
-    """Each row's k-th value (floored to finite), padded with +inf (admits nothing)."""
-    tau = decode_keys(state[:, -1])[0].clamp_min(_FLOOR)
-    return torch.cat([tau, torch.full((pad,), float("inf"))])
+def _bar(state: Tensor, pad: int) -> Tensor:
+    """Each row's k-th key, at least the lowest key of a finite similarity (masked
+    entries never enter), padded with the largest key (admits nothing)."""
+    bar = state[:, -1].clamp_min(_FLOOR_KEY)
+    return torch.cat([bar, torch.full((pad,), _NO_KEY)])
 
 
 def symmetric_knn(
@@ -112,11 +138,10 @@ def symmetric_knn(
         sim.fill_diagonal_(float("-inf"))
         if g is not None:
             sim.masked_fill_(g[s:e, None] == g[None, s:e], float("-inf"))
-        kk = min(k, e - s)
-        tau = sim.topk(kk, dim=1).values[:, -1].clamp_min(_FLOOR)
-        # everything reaching the k-th value (more than k only where it is tied)
-        r, c = (sim >= tau[:, None]).nonzero(as_tuple=True)
-        _merge(state, r + s, order_keys(sim[r, c], orig[c + s]))
+        # keys order ties by id, so the k best keys are exact even where all tie
+        keys = order_keys(sim, orig[None, s:e]).masked_fill_(sim == float("-inf"), EMPTY)
+        best = keys.topk(min(k, e - s), dim=1).values
+        _merge(state, torch.arange(s, e).repeat_interleave(best.shape[1]), best.ravel())
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
             sim = a[s:e] @ b[t:u].T
@@ -125,10 +150,12 @@ def symmetric_knn(
             pad_r, pad_c = -(e - s) % TILE, -(u - t) % TILE
             if pad_r or pad_c:
                 sim = torch.nn.functional.pad(sim, (0, pad_c, 0, pad_r), value=float("-inf"))
-            r, c = _candidates(sim, _threshold(state[s:e], pad_r))
-            _merge(state, r + s, order_keys(sim[r, c], orig[c + t]))
-            r, c = _candidates(sim, _threshold(state[t:u], pad_c), by_column=True)
-            _merge(state, c + t, order_keys(sim[r, c], orig[r + s]))
+            col_ids = torch.nn.functional.pad(orig[t:u], (0, pad_c), value=LOW)
+            row_ids = torch.nn.functional.pad(orig[s:e], (0, pad_r), value=LOW)
+            rows, keys = _candidates(sim, col_ids, _bar(state[s:e], pad_r), k)
+            _merge(state, rows + s, keys)
+            cols, keys = _candidates(sim, row_ids, _bar(state[t:u], pad_c), k, by_column=True)
+            _merge(state, cols + t, keys)
     out = torch.empty_like(state)
     out[orig] = state  # back to the input's row order
     dist, ids = distances(out, metric)

@@ -89,3 +89,24 @@ def test_bad_input():
         symmetric_knn(x, 4)
     with pytest.raises(ValueError, match="block"):
         symmetric_knn(x, 1, block=50)
+
+
+@pytest.mark.parametrize("case", ["all equal", "10 distinct rows", "2-D zeros"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_collapsed_embeddings_are_exact_ties_by_index(case, grouped):
+    """Collapsed embeddings, normal early in training: every similarity ties, so only
+    the index decides; groups permute the rows internally (ids then arrive out of
+    order), and several blocks make the early blocks beat later queries' picks; with
+    block = 128 and k = 2 a query sees more candidate tiles than k, the direct top-k
+    path. Small integers keep float32 exact, so the distances must equal too."""
+    rng = np.random.default_rng(2)
+    distinct = rng.integers(-3, 4, (10, 8))
+    x = {"all equal": np.ones((700, 8)), "10 distinct rows": np.repeat(distinct, 70, 0),
+         "2-D zeros": np.zeros((700, 2))}[case].astype(np.float32)  # fmt: skip
+    groups = rng.integers(0, 60, 700) if grouped else None
+    for metric in ("l2",) if case == "2-D zeros" else ("l2", "cosine"):  # cosine of 0: none
+        for k, block in ((5, 64), (2, 128)):
+            dist, ids = symmetric_knn(x, k, metric, groups, block=block)
+            ref_d, ref_i = brute_self_neighbours(x, k, metric, groups)
+            np.testing.assert_array_equal(ids, ref_i)
+            np.testing.assert_allclose(dist, ref_d, atol=1e-6)
