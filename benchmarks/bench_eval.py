@@ -68,6 +68,82 @@ def pml(x, y, g, n_queries):
 
 METHODS = {"ours": ours, "sklearn": sklearn, "pml": pml}
 
+#: collapsed or duplicated embeddings (normal early in training): (rows, k)
+TIES = {
+    "all rows equal, 128-d": (lambda n: np.ones((n, D), np.float32), K),
+    # small integers: float32 products are exact, so every backend sees the exact ties
+    # (random floats would tie up to each backend's own rounding)
+    "10 distinct rows repeated, 128-d": (
+        lambda n: np.repeat(np.random.default_rng(0).integers(-3, 4, (10, D)), n // 10, 0), K),
+    "2-D zeros": (lambda n: np.zeros((n, 2), np.float32), 1),
+}  # fmt: skip
+
+
+def tie_case(name: str, method: str, n: int) -> dict:
+    """Leave-one-out neighbours of tied embeddings: our symmetric search, our FAISS
+    path (the index search the symmetric one replaces) or PML; a digest of the ids."""
+    import hashlib
+
+    import torch
+
+    from smse_metric.evaluation import KNNClassifier, symmetric_knn
+    from smse_metric.evaluation import knn as knn_module
+
+    make, k = TIES[name]
+    x = make(n).astype(np.float32)
+    t0 = time.perf_counter()
+    if method == "symmetric":
+        ids = symmetric_knn(x, k, "l2")[1]
+    elif method == "faiss":
+        knn_module.SYMMETRIC_MIN_ROWS = 10**9  # force the index search
+        clf = KNNClassifier(k, "l2", backend="faiss").fit(x, np.zeros(n, dtype=int))
+        ids = np.concatenate([c.ids for c in clf.kneighbors_chunks(x, exclude="self")])
+    else:
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(include=("precision_at_1",), k=k, device=torch.device("cpu"))
+        calc.get_accuracy(torch.from_numpy(x), torch.zeros(n))
+        ids = np.zeros(0, dtype=np.int64)
+    seconds = time.perf_counter() - t0
+    return {"s": seconds, "ids": hashlib.sha1(ids.astype(np.int64).tobytes()).hexdigest()[:12]}
+
+
+def ties_table(n: int) -> list[str]:
+    rows = []
+    for index, name in enumerate(TIES):
+        res = {}
+        for method in ("symmetric", "faiss", "pml"):
+            cfg = [f"tie-{method}", str(n), str(index)]
+            runs = [run_case("benchmarks.bench_eval", cfg, timeout=TIMEOUT_S)
+                    for _ in range(REPEATS)]  # fmt: skip
+            bad = [r for r in runs if "error" in r]
+            res[method] = bad[0] if bad else {
+                "s": statistics.median(r["s"] for r in runs), "ids": runs[0]["ids"]}  # fmt: skip
+        sym, fa, pm = res["symmetric"], res["faiss"], res["pml"]
+
+        def sec(r):
+            return f"{r['s']:.2f}" if "s" in r else r["error"]
+
+        ratio = f"{sym['s'] / fa['s']:.2f}x" if "s" in sym and "s" in fa else "—"
+        same = "yes" if sym.get("ids") == fa.get("ids") and "ids" in sym else "no"
+        rows.append([name, f"{n:.0e}", str(TIES[name][1]), sec(sym), sec(fa), sec(pm), ratio,
+                     same])  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    header = ["embeddings", "N", "k", "ours symmetric s", "ours FAISS path s", "PML s",
+              "symmetric / FAISS time", "same ids"]  # fmt: skip
+    return [
+        "## Tied embeddings",
+        "",
+        "Leave-one-out on collapsed or duplicated embeddings, where every similarity ties "
+        "and only the index decides: our symmetric search (`symmetric_knn`), the FAISS "
+        "index search it replaces (`KNNClassifier(backend='faiss')`), and PML's "
+        "`AccuracyCalculator` (precision@1) for scale. `same ids`: both of ours return "
+        f"identical neighbour ids (ties by index). Median of {REPEATS} fresh processes.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
 
 def case(method: str, n: int, n_queries: int) -> dict:
     import torch
@@ -91,6 +167,10 @@ def main(argv: list[str] | None = None) -> str:
     )
     p.add_argument("--case", nargs=3, metavar=("METHOD", "N", "QUERIES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.case and args.case[0].startswith("tie-"):  # tie-METHOD N CASE-INDEX
+        m, n, index = args.case
+        print(json.dumps(tie_case(list(TIES)[int(index)], m[4:], int(n))))
+        return ""
     if args.case:
         m, n, nq = args.case
         print(json.dumps(case(m, int(n), int(nq))))
@@ -170,6 +250,7 @@ def main(argv: list[str] | None = None) -> str:
         markdown_table(header, rows),
         "",
         *(["Notes:", "", *[f"- {x}" for x in notes], ""] if notes else []),
+        *ties_table(2000 if args.quick else 10**4),
     ])  # fmt: skip
     return write_report(text, f"eval{'-quick' if args.quick else ''}", args.out)
 

@@ -103,3 +103,110 @@ def test_what_has_no_fused_form_is_refused_naming_it():
     emb, labels, _ = make_batch(12, 4, 2, seed=6)
     with pytest.raises(ValueError, match="ThresholdReducer has no fused form"):
         ours.TripletMarginLoss(0.2, reducer=reducers.ThresholdReducer(low=0.1))(emb, labels)
+
+
+# PML 2.9.0's own test cases (tests/miners/test_triplet_margin_miner.py,
+# test_pair_margin_miner.py, tests/losses/test_triplet_margin_loss.py), ported: the same
+# inputs and brute-force expectations, for our adapters. PML builds its expectation
+# from distances in the test's dtype; ours are exact (float64 distances of the
+# normalised inputs), since float16 is computed in float32 here (docs/howto/pml.md).
+PML_DTYPES = [torch.float16, torch.float32, torch.float64]
+
+
+def _pml_angle_embeddings(dtype, seed):
+    """PML's miner-test input: 16 points at 0..15 degrees on the ellipse (2 cos, 0.5 sin)."""
+    angles = torch.arange(16, dtype=torch.float64).deg2rad()
+    emb = torch.stack([2 * angles.cos(), 0.5 * angles.sin()], 1).to(dtype)
+    return emb, torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(seed))
+
+
+def _exact_matrix(emb, distance):
+    """The distances of the rows as the miners see them, exactly: for L2, normalised in
+    their dtype as PML's LpDistance does (the adapter passes those rows on); cosine
+    normalises in float64 (our cosine); then float64 direct differences / products."""
+    if distance.is_inverted:
+        x = torch.nn.functional.normalize(emb.double())
+        return x @ x.T
+    x = torch.nn.functional.normalize(emb).double()
+    return (x[:, None] - x[None]).square().sum(-1).sqrt()
+
+
+@pytest.mark.parametrize("dtype", PML_DTYPES)
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("seed", range(3))
+def test_pml_triplet_margin_miner_case(dtype, distance, seed):
+    dist = DISTANCES[distance]()
+    emb, labels = _pml_angle_embeddings(dtype, seed)
+    mat = _exact_matrix(emb, dist)
+    triplets = []
+    for i in range(16):
+        for j in range(16):
+            if j == i or labels[j] != labels[i]:
+                continue
+            for k in range(16):
+                if k in (i, j) or labels[k] == labels[j]:
+                    continue
+                diff = mat[i, j] - mat[i, k] if dist.is_inverted else mat[i, k] - mat[i, j]
+                triplets.append((i, j, k, float(diff)))
+    for margin in (0.05 * m for m in range(-1, 11)):
+        expected = {
+            "all": {t[:3] for t in triplets if t[3] <= margin},
+            "hard": {t[:3] for t in triplets if t[3] <= margin and t[3] <= 0},
+            "semihard": {t[:3] for t in triplets if 0 < t[3] <= margin},
+            "easy": {t[:3] for t in triplets if t[3] > margin},
+        }
+        for kind, want in expected.items():
+            miner = ours.TripletMarginMiner(margin, type_of_triplets=kind, distance=dist)
+            assert _as_set(*miner(emb, labels)) == want, (margin, kind)
+
+
+@pytest.mark.parametrize("dtype", PML_DTYPES)
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_pml_pair_margin_miner_case(dtype, distance):
+    dist = DISTANCES[distance]()
+    emb, labels = _pml_angle_embeddings(dtype, 0)
+    mat = _exact_matrix(emb, dist)
+    pairs = [(i, j, float(mat[i, j]), bool(labels[i] == labels[j]))
+             for i in range(16) for j in range(16) if i != j]  # fmt: skip
+    for pos_margin in (0.05 * m for m in range(-1, 4)):
+        for neg_margin in (0.05 * m for m in range(2, 7)):
+            if dist.is_inverted:
+                pos = {(i, j) for i, j, d, same in pairs if same and d < pos_margin}
+                neg = {(i, j) for i, j, d, same in pairs if not same and d > neg_margin}
+            else:
+                pos = {(i, j) for i, j, d, same in pairs if same and d > pos_margin}
+                neg = {(i, j) for i, j, d, same in pairs if not same and d < neg_margin}
+            a1, p, a2, n = ours.PairMarginMiner(pos_margin, neg_margin, distance=dist)(emb, labels)
+            assert (_as_set(a1, p), _as_set(a2, n)) == (pos, neg)
+
+
+@pytest.mark.parametrize("dtype", PML_DTYPES)
+def test_pml_empty_output_case(dtype):
+    emb = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a, p, n = ours.TripletMarginMiner(0.5, type_of_triplets="all")(emb, torch.arange(32))
+    assert len(a) == len(p) == len(n) == 0
+
+
+@pytest.mark.parametrize("dtype", PML_DTYPES)
+def test_pml_triplet_margin_loss_case(dtype):
+    emb = torch.nn.functional.normalize(
+        torch.randn(5, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ).to(dtype)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    triplets = [(0, 1, 2), (0, 1, 3), (0, 1, 4), (1, 0, 2), (1, 0, 3), (1, 0, 4),
+                (2, 3, 0), (2, 3, 1), (2, 3, 4), (3, 2, 0), (3, 2, 1), (3, 2, 4)]  # fmt: skip
+    x = emb.double()
+    l2 = [torch.relu((x[a] - x[p]).norm() - (x[a] - x[n]).norm() + 0.2) for a, p, n in triplets]
+    cos = [torch.relu(x[a] @ x[n] - x[a] @ x[p] + 0.2) for a, p, n in triplets]
+    cases = [  # (our loss, PML's expected value from its test)
+        (ours.TripletMarginLoss(0.2), sum(l2) / max(sum(t > 0 for t in l2), 1)),
+        (ours.TripletMarginLoss(0.2, reducer=reducers.MeanReducer()), sum(l2) / len(l2)),
+        (ours.TripletMarginLoss(0.2, distance=distances.CosineSimilarity()),
+         sum(cos) / max(sum(t > 0 for t in cos), 1)),
+        (ours.TripletMarginLoss(0.2, reducer=reducers.MeanReducer(),
+                                distance=distances.CosineSimilarity()), sum(cos) / len(cos)),
+    ]  # fmt: skip
+    tol = {torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    for loss_fn, want in cases:
+        got = loss_fn(emb.clone().requires_grad_(), labels)
+        assert float(got.detach()) == pytest.approx(float(want), abs=tol)

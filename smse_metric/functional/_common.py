@@ -233,20 +233,26 @@ def hardest_float32(x: Tensor, ref: Tensor, pos: Tensor, neg: Tensor):
     err = (4 * (x.shape[1] + 2) * torch.finfo(torch.float32).eps) * (nx + ny.max())
     top = min(2, sq.shape[1])
     far = torch.where(pos, sq, float("-inf"))
-    far_v, pos_idx = far.topk(top, dim=1)
+    far_v, far_i = far.topk(top, dim=1)
     near = sq.masked_fill_(~neg, float("inf"))
-    near_v, neg_idx = near.topk(top, dim=1, largest=False)
-    pos_idx, neg_idx = pos_idx[:, 0].contiguous(), neg_idx[:, 0].contiguous()
-    valid = pos.gather(1, pos_idx[:, None]).squeeze(1) & neg.gather(1, neg_idx[:, None]).squeeze(1)
-    if top == 2:
-        for picks, m, v, sign in ((pos_idx, far, far_v, 1.0), (neg_idx, near, near_v, -1.0)):
-            # a finite runner-up within 2 err of the pick: float32 cannot tell them apart
-            close = torch.isfinite(v[:, 1]) & (sign * (v[:, 0] - v[:, 1]) <= err[:, 0])
-            rows = close.nonzero().squeeze(1)
-            if len(rows):
-                cand = sign * (m[rows] - v[rows, :1]) >= -err[rows]
-                r, c = _best_by_difference(cand, x[rows], ref, largest=sign > 0)
-                picks[rows[r]] = c
+    near_v, near_i = near.topk(top, dim=1, largest=False)
+    # distances are finite: the best is infinite only where a row has no candidate
+    valid = far_v[:, 0].isfinite() & near_v[:, 0].isfinite()
+    pos_idx, neg_idx = far_i[:, 0], near_i[:, 0]
+    if top == 1:
+        return valid, pos_idx, neg_idx
+    # a runner-up within 2 err of the pick: float32 cannot tell them apart (an infinite
+    # runner-up gives an infinite or NaN gap, never close)
+    close_far, close_near = far_v.diff(dim=1) >= -err, near_v.diff(dim=1) <= err
+    if not (close_far | close_near).any():
+        return valid, pos_idx, neg_idx
+    for picks, m, v, close, sign in ((pos_idx, far, far_v, close_far, 1.0),
+                                     (neg_idx, near, near_v, close_near, -1.0)):  # fmt: skip
+        rows = close.squeeze(1).nonzero().squeeze(1)
+        if len(rows):
+            cand = sign * (m[rows] - v[rows, :1]) >= -err[rows]
+            r, c = _best_by_difference(cand, x[rows], ref, largest=sign > 0)
+            picks[rows[r]] = c
     return valid, pos_idx, neg_idx
 
 
