@@ -22,6 +22,7 @@ from ._inputs import (
 )
 from .index import make_index
 from .symmetric import symmetric_knn
+from .torch_index import TorchIndex
 
 __all__ = ["KNNClassifier", "Neighbours"]
 
@@ -159,7 +160,8 @@ class KNNClassifier:
             )
         if extra is None and self._symmetric(q, qg, exclude):
             groups = self.groups_ if exclude == "group" else None
-            dist, ids = symmetric_knn(self.index_.vectors(), k, self.metric, groups)
+            dist, ids = symmetric_knn(self.index_.vectors(), k, self.metric, groups,
+                                      device=self.index_.device)  # fmt: skip
             step = max(1, CHUNK_ENTRIES // k)
             for start in range(0, n_q, step):
                 rows = slice(start, min(n_q, start + step))
@@ -195,9 +197,13 @@ class KNNClassifier:
             start = stop
 
     def _symmetric(self, q: np.ndarray, qg: np.ndarray | None, exclude: str) -> bool:
-        """Whether the queries are this exact-CPU gallery itself, so that
-        [`symmetric_knn`][smse_metric.evaluation.symmetric_knn] can answer at half the cost."""
-        if exclude == "none" or self.index_type != "flat" or self.index_.device != "cpu":
+        """Whether the queries are this exact gallery itself, so that
+        [`symmetric_knn`][smse_metric.evaluation.symmetric_knn] can answer at half the
+        cost: on the CPU, or on a GPU with the torch backend (a FAISS GPU index searches
+        itself)."""
+        if exclude == "none" or self.index_type != "flat":
+            return False
+        if self.index_.device != "cpu" and not isinstance(self.index_, TorchIndex):
             return False
         if len(q) != self.index_.ntotal or len(q) < SYMMETRIC_MIN_ROWS:
             return False

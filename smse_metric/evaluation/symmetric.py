@@ -41,8 +41,8 @@ def _merge(state: Tensor, rows: Tensor, keys: Tensor) -> None:
     urows, inv, counts = torch.unique(rows, return_inverse=True, return_counts=True)
     order = torch.argsort(inv, stable=True)
     pos = torch.empty_like(inv)
-    pos[order] = torch.arange(len(inv)) - (torch.cumsum(counts, 0) - counts)[inv[order]]
-    dense = torch.full((len(urows), int(counts.max())), EMPTY, dtype=torch.int64)
+    pos[order] = torch.arange(len(inv), device=inv.device) - (counts.cumsum(0) - counts)[inv[order]]
+    dense = keys.new_full((len(urows), int(counts.max())), EMPTY)
     dense[inv, pos] = keys
     state[urows] = torch.cat([state[urows], dense], 1).topk(state.shape[1], dim=1).values
 
@@ -71,7 +71,7 @@ def _candidates(
         top = keys.topk(min(k, s.shape[axis]), dim=axis).values
         top = top.T if by_column else top
         real = bar < _NO_KEY  # not padding
-        queries = torch.arange(n_queries)[real]
+        queries = torch.arange(n_queries, device=s.device)[real]
         return queries.repeat_interleave(top.shape[1]), top[real].ravel()
     tr, tc = admit.nonzero(as_tuple=True)
     if by_column:
@@ -87,7 +87,7 @@ def _bar(state: Tensor, pad: int) -> Tensor:
     """Each row's k-th key, at least the lowest key of a finite similarity (masked
     entries never enter), padded with the largest key (admits nothing)."""
     bar = state[:, -1].clamp_min(_FLOOR_KEY)
-    return torch.cat([bar, torch.full((pad,), _NO_KEY)])
+    return torch.cat([bar, bar.new_full((pad,), _NO_KEY)])
 
 
 def symmetric_knn(
@@ -96,16 +96,20 @@ def symmetric_knn(
     metric: str = "cosine",
     groups: np.ndarray | None = None,
     block: int = BLOCK,
+    device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest other rows of every row of ``x``, exactly.
 
     Args:
-        x: [N, D] float32 embeddings (CPU); for ``"cosine"`` they are L2-normalised here.
+        x: [N, D] float32 embeddings, numpy or torch on any device; for ``"cosine"``
+            they are L2-normalised here.
         k: neighbours per row; every row needs at least k usable others.
         metric: ``"cosine"`` (distance ``1 - cos``) or ``"l2"`` (euclidean).
         groups: [N] group of each row; rows of a row's own group are excluded
             (leave-one-group-out). Without it only the row itself is excluded.
         block: rows per block (a multiple of 32).
+        device: where to search (default: where ``x`` is; numpy: the CPU). The
+            same arithmetic on every device, so the same neighbours, ties included.
 
     Returns:
         ``(dist, ids)``, two [N, k] arrays ordered by distance, then index.
@@ -122,16 +126,21 @@ def symmetric_knn(
         raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
     if block < TILE or block % TILE:
         raise ValueError(f"block must be a positive multiple of {TILE}, got {block}")
-    x = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    if isinstance(x, torch.Tensor):
+        dev = torch.device(device) if device is not None else x.device
+        x = x.detach().to(dev, torch.float32)
+    else:
+        dev = torch.device(device or "cpu")
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
     n = x.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
     perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
-    orig = torch.from_numpy(perm.astype(np.int64))
+    orig = torch.from_numpy(perm.astype(np.int64)).to(dev)
     xp = x if groups is None else x[orig]  # without groups the order is the identity
     a, b = factors(xp, metric)
-    g = None if groups is None else torch.from_numpy(np.asarray(groups)[perm])
-    state = torch.full((n, k), EMPTY, dtype=torch.int64)
+    g = None if groups is None else torch.from_numpy(np.asarray(groups)[perm]).to(dev)
+    state = torch.full((n, k), EMPTY, dtype=torch.int64, device=dev)
     bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
     for s, e in bounds:  # each block against itself: the first k of every row
         sim = a[s:e] @ b[s:e].T
@@ -141,7 +150,8 @@ def symmetric_knn(
         # keys order ties by id, so the k best keys are exact even where all tie
         keys = order_keys(sim, orig[None, s:e]).masked_fill_(sim == float("-inf"), EMPTY)
         best = keys.topk(min(k, e - s), dim=1).values
-        _merge(state, torch.arange(s, e).repeat_interleave(best.shape[1]), best.ravel())
+        rows = torch.arange(s, e, device=dev).repeat_interleave(best.shape[1])
+        _merge(state, rows, best.ravel())
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
             sim = a[s:e] @ b[t:u].T
@@ -159,4 +169,4 @@ def symmetric_knn(
     out = torch.empty_like(state)
     out[orig] = state  # back to the input's row order
     dist, ids = distances(out, metric)
-    return dist.numpy(), ids.numpy()
+    return dist.cpu().numpy(), ids.cpu().numpy()

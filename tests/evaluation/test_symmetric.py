@@ -3,7 +3,8 @@ distances, ties by index."""
 
 import numpy as np
 import pytest
-from helpers import BACKENDS
+import torch
+from helpers import BACKENDS, DEVICES
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import brute_self_neighbours
@@ -110,3 +111,25 @@ def test_collapsed_embeddings_are_exact_ties_by_index(case, grouped):
             ref_d, ref_i = brute_self_neighbours(x, k, metric, groups)
             np.testing.assert_array_equal(ids, ref_i)
             np.testing.assert_allclose(dist, ref_d, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_search_runs_where_the_embeddings_are_with_the_same_neighbours(device, monkeypatch):
+    """symmetric_knn on torch tensors of a device, and KNNClassifier's torch backend
+    on them, give the CPU's neighbours exactly (integer points: ties everywhere)."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, (600, 4)).astype(np.float32)
+    groups = rng.integers(0, 50, 600)
+    want = symmetric_knn(x, 6, "l2", groups, block=128)
+    got = symmetric_knn(torch.from_numpy(x).to(device), 6, "l2", groups, block=128)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    calls = []
+    real = ev.symmetric_knn
+    monkeypatch.setattr(ev, "symmetric_knn", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(ev, "SYMMETRIC_MIN_ROWS", 100)
+    xt = torch.from_numpy(x).to(device)
+    knn = KNNClassifier(k=6, metric="l2", backend="torch").fit(xt, groups % 3, groups)
+    ids = np.concatenate([c.ids for c in knn.kneighbors_chunks(xt, groups, "group")])
+    assert calls and str(calls[0]["device"]) == device  # the symmetric search, on the device
+    np.testing.assert_array_equal(ids, brute_self_neighbours(x, 6, "l2", groups)[1])
