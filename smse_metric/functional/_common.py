@@ -225,9 +225,11 @@ def hardest(d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor
 def hardest_float32(x: Tensor, ref: Tensor, pos: Tensor, neg: Tensor):
     """`hardest` on squared euclidean distances of float32 rows at float32 cost, with
     the float64 choice: the float32 expansion picks, and where a row's runner-up lies
-    within twice the expansion's error bound of its pick, every candidate within it is
-    measured in float64 by direct difference (ties to the smaller index). Eager CPU
-    only: the list of such rows is data (a host sync elsewhere)."""
+    within twice the expansion's error bound of its pick (rare: a few rows per call,
+    every row for collapsed embeddings), that row is chosen again on float64 direct
+    differences (ties to the smaller index). Returns None where more than `EXACT_ROWS`
+    rows need it: the caller then chooses on the float64 `pairwise_distances`. Eager
+    CPU only: the list of such rows is data (a host sync elsewhere)."""
     nx, ny = (x * x).sum(1, keepdim=True), (ref * ref).sum(1)
     sq = torch.addmm(nx, x, ref.T, alpha=-2.0).add_(ny)
     err = (4 * (x.shape[1] + 2) * torch.finfo(torch.float32).eps) * (nx + ny.max())
@@ -246,27 +248,32 @@ def hardest_float32(x: Tensor, ref: Tensor, pos: Tensor, neg: Tensor):
     close_far, close_near = far_v.diff(dim=1) >= -err, near_v.diff(dim=1) <= err
     if not (close_far | close_near).any():
         return valid, pos_idx, neg_idx
-    for picks, m, v, close, sign in ((pos_idx, far, far_v, close_far, 1.0),
-                                     (neg_idx, near, near_v, close_near, -1.0)):  # fmt: skip
+    for picks, mask, close, largest in ((pos_idx, pos, close_far, True),
+                                        (neg_idx, neg, close_near, False)):  # fmt: skip
         rows = close.squeeze(1).nonzero().squeeze(1)
+        if len(rows) > EXACT_ROWS:  # collapsed embeddings: the float64 product instead
+            return None
         if len(rows):
-            cand = sign * (m[rows] - v[rows, :1]) >= -err[rows]
-            r, c = _best_by_difference(cand, x[rows], ref, largest=sign > 0)
-            picks[rows[r]] = c
+            picks[rows] = _exact_pick(x[rows], ref, mask[rows], largest)
     return valid, pos_idx, neg_idx
 
 
-def _best_by_difference(cand: Tensor, x: Tensor, ref: Tensor, largest: bool):
-    """Per row of ``cand`` [r, M]: the candidate column with the largest (smallest)
-    float64 squared distance, ties to the smaller column."""
-    r, c = cand.nonzero().unbind(1)  # row-major: columns ascend within a row
-    v = (x[r].double() - ref[c].double()).pow(2).sum(1)
-    order = torch.sort(-v if largest else v, stable=True).indices
-    order = order[torch.sort(r[order], stable=True).indices]
-    r, c = r[order], c[order]
-    first = torch.ones_like(r, dtype=torch.bool)
-    first[1:] = r[1:] != r[:-1]
-    return r[first], c[first]
+#: rows per block re-chosen by direct difference; beyond, the float64 product is cheaper
+EXACT_ROWS = 64
+
+
+def _exact_pick(x: Tensor, ref: Tensor, mask: Tensor, largest: bool) -> Tensor:
+    """Per row of ``x``: the ``mask``ed column with the largest (smallest) squared
+    distance by float64 direct difference, ties to the smaller column (argmax's first),
+    in row chunks of 2^22 float64 numbers whatever the batch."""
+    ref64 = ref.double()
+    out = torch.empty(len(x), dtype=torch.int64, device=x.device)
+    step = max(1, (1 << 22) // max(ref.numel(), 1))
+    for s in range(0, len(x), step):
+        d = (x[s : s + step, None].double() - ref64).square_().sum(-1)
+        d.masked_fill_(~mask[s : s + step], float("-inf") if largest else float("inf"))
+        out[s : s + step] = d.argmax(1) if largest else d.argmin(1)
+    return out
 
 
 def resolve_distance(distance: str | None, squared: bool) -> str:

@@ -271,10 +271,11 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
         for start, stop in row_blocks(len(emb), len(ref), 1 << 22):
             e = emb[start:stop].detach()
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
-            if float32_first:  # the float64 product would double the cost
-                picks.append(hardest_float32(e, ref.detach(), pos, neg))
-            else:
-                picks.append(hardest(pairwise_distances(e, ref.detach(), choose_by), pos, neg))
+            # float32 first on the CPU: the float64 product would double the cost
+            pick = hardest_float32(e, ref.detach(), pos, neg) if float32_first else None
+            if pick is None:
+                pick = hardest(pairwise_distances(e, ref.detach(), choose_by), pos, neg)
+            picks.append(pick)
         valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
     anchors = torch.arange(len(emb), device=emb.device)
     d_ap, d_an = gathered_distances(

@@ -242,3 +242,18 @@ def test_float32_batch_hard_choice_equals_the_float64_choice(seed, spread, n_lab
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[1][want[0]], want[1][want[0]])
     assert torch.equal(got[2][want[0]], want[2][want[0]])
+
+
+def test_collapsed_batch_hard_takes_the_float64_product_and_keeps_its_choice():
+    """Every row of collapsed embeddings is a near tie: beyond EXACT_ROWS rows the
+    float32-first pick hands over to the float64 distances (None), whose choice (ties
+    at an exact 0: the first positive and the first negative) the loss then uses."""
+    emb = unit(torch.ones(200, 8)) + 1e-9 * torch.randn(200, 8, generator=torch.Generator())
+    labels = torch.arange(200) % 4
+    pos, neg = common.block_masks(labels, labels, None, None, True, 0, 200)
+    assert common.hardest_float32(emb, emb, pos, neg) is None
+    loss = TripletMarginLoss(0.2, triplets="batch_hard", reduction="sum")
+    (got, g32), (want, g64) = (value_and_grad(lambda e: loss(e, labels), x)
+                               for x in (emb, emb.double()))  # fmt: skip
+    torch.testing.assert_close(got.double(), want)
+    torch.testing.assert_close(g32.double(), g64)
