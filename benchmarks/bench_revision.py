@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import math
 import re
 import subprocess
 import sys
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--base", required=True, help="git revision to compare against")
     p.add_argument("--sizes", default="256,1024,4096", help="batch sizes")
     p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per side")
-    p.add_argument("--repeats", type=int, default=9, help="calls per median")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side")
+    p.add_argument("--repeats", type=int, default=9, help="calls per median, at least")
     p.add_argument("--out", help="table path (default: results/losses-vs-<base>.md)")
     args = p.parse_args(argv)
     import smse_metric.functional as ours
@@ -68,10 +69,14 @@ def main(argv: list[str] | None = None) -> str:
                     getattr(module, fn)(emb, labels, **kwargs).backward()
 
                 best = {"base": float("inf"), "ours": float("inf")}
+                # calls per median: at least 100 ms of them, so millisecond calls are not
+                # left to a handful of samples on a noisy machine
+                one = median_ms(lambda: step(base), emb.device, 3)
+                calls = max(args.repeats, math.ceil(100 / max(one, 1e-3)))
                 for _ in range(args.rounds):
                     for side, module in (("base", base), ("ours", ours)):
                         step(module)  # warm-up
-                        t = median_ms(lambda m=module: step(m), emb.device, args.repeats)
+                        t = median_ms(lambda m=module: step(m), emb.device, calls)
                         best[side] = min(best[side], t)
                 ratio = best["ours"] / best["base"]
                 rows.append([name, str(b), f"{best['base']:.2f}", f"{best['ours']:.2f}",
@@ -83,8 +88,9 @@ def main(argv: list[str] | None = None) -> str:
         f"Machine: {machine()}\n\n"
         f"Command: `python -m benchmarks.bench_revision --base {args.base}`\n\n"
         f"Forward + backward, D = 128, {args.classes} classes, L2-normalised float32 "
-        f"embeddings; per side the best of {args.rounds} interleaved medians of "
-        f"{args.repeats} calls, both sides in one process.\n\n"
+        f"embeddings; per side the best of {args.rounds} interleaved medians of at least "
+        f"{args.repeats} calls (and at least 100 ms of calls), both sides in one "
+        "process.\n\n"
         + markdown_table(head, rows) + "\n"
     )  # fmt: skip
     return write_report(text, f"losses-vs-{args.base}", args.out)

@@ -66,7 +66,10 @@ def kmeans(embeddings: Any, n_clusters: int, backend: str = "auto", seed: int = 
     if not 1 <= n_clusters <= len(x):
         raise ValueError(f"n_clusters must be in 1..{len(x)} (the rows), got {n_clusters}")
     if backend == "faiss" or (backend == "auto" and has_faiss()):
-        km = import_faiss().Kmeans(x.shape[1], int(n_clusters), niter=NITER, seed=seed)
+        # min_points_per_centroid only decides faiss's "too few points" warning (noise
+        # for a small split); the clusters are PML's all the same
+        km = import_faiss().Kmeans(x.shape[1], int(n_clusters), niter=NITER, seed=seed,
+                                   min_points_per_centroid=1)  # fmt: skip
         km.train(x)
         return km.index.search(x, 1)[1][:, 0].astype(np.int64)
     return _torch_kmeans(torch.from_numpy(x).double(), int(n_clusters), seed).numpy()
