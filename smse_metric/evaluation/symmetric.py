@@ -30,6 +30,7 @@ __all__ = ["symmetric_knn"]
 BLOCK = 2048  #: rows per block: a [BLOCK, BLOCK] float32 block is 16 MiB
 TILE = 32  #: entries per tile of the rejection pass
 _NO_KEY = torch.iinfo(torch.int64).max  #: the bar of padding: admits nothing
+_FLOOR = torch.finfo(torch.float32).min  # masked (-inf) entries never reach a threshold
 #: the lowest key of a finite similarity: masked (-inf) entries stay below every bar
 _FLOOR_KEY = int(order_keys(torch.tensor([torch.finfo(torch.float32).min]), torch.tensor([LOW])))
 
@@ -147,10 +148,17 @@ def symmetric_knn(
         sim.fill_diagonal_(float("-inf"))
         if g is not None:
             sim.masked_fill_(g[s:e, None] == g[None, s:e], float("-inf"))
-        # keys order ties by id, so the k best keys are exact even where all tie
+        kk = min(k, e - s)
+        tau = sim.topk(kk, dim=1).values[:, -1:].clamp_min(_FLOOR)
+        reach = sim >= tau  # the k best, and whatever ties with the k-th
+        if reach.sum() <= 2 * kk * (e - s):
+            r, c = reach.nonzero(as_tuple=True)
+            _merge(state, r + s, order_keys(sim[r, c], orig[c + s]))
+            continue
+        # many ties (collapsed embeddings): keys order them by id, so the k best keys
         keys = order_keys(sim, orig[None, s:e]).masked_fill_(sim == float("-inf"), EMPTY)
-        best = keys.topk(min(k, e - s), dim=1).values
-        rows = torch.arange(s, e, device=dev).repeat_interleave(best.shape[1])
+        best = keys.topk(kk, dim=1).values
+        rows = torch.arange(s, e, device=dev).repeat_interleave(kk)
         _merge(state, rows, best.ravel())
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
