@@ -210,3 +210,60 @@ def test_patient_level_differs_from_image_level():
     assert r.pooled.recall == pytest.approx([1.0, 0.0])
     assert r.pooled.f1 == pytest.approx([2 * 0.8 / 1.8, 0.0])
     assert r.pooled.confusion == [[4, 0], [1, 0]]
+
+
+# PML 2.9.0's own accuracy-calculator cases on embeddings (tests/utils/
+# test_calculate_accuracies.py), ported with their expected values.
+def test_pml_case_reference_equal_to_queries():
+    x, labels = np.arange(10.0)[:, None], np.arange(10)
+    r = ours(x, labels, exclude="none", gallery=(x, labels, None, None), retrieval_k=None)
+    assert set(r.retrieval.to_pml().values()) == {1.0}  # all five metrics
+
+
+def test_pml_case_reference_holding_the_queries():
+    """PML: reference = the 10 queries then 10 points between them, all of label 1;
+    ref_includes_query. Only the query of label 1 has relevant items (R = 10)."""
+    query, labels = np.arange(10.0)[:, None], np.arange(10)
+    ref = (np.arange(20) / 2.0)[:, None]
+    ref = np.concatenate([ref[::2], ref[1::2]])
+    ref_labels = np.concatenate([labels, np.ones(10, dtype=int)])
+    r = ours(query, labels, groups=np.arange(10), exclude="group", retrieval_k=None,
+             gallery=(ref, ref_labels, np.arange(20), None)).retrieval  # fmt: skip
+    assert r.queries_scored == 1 and r.queries_without_relevant == 9
+    assert r.precision_at_1 == 1.0 and r.r_precision == 0.5
+    assert r.map_at_r == pytest.approx((1 + 2 / 2 + 3 / 5 + 4 / 7 + 5 / 9) / 10)
+    # PML's expectation: the 10 relevant items at ranks 1, 2, 5, 7, ..., 19
+    map_ = (1 + 2 / 2 + 3 / 5 + 4 / 7 + 5 / 9 + 6 / 11 + 7 / 13 + 8 / 15 + 9 / 17 + 10 / 19) / 10
+    assert r.mean_average_precision == pytest.approx(map_)
+
+
+def test_pml_case_tied_distances():
+    # PML: "the skip-first-index approach might remove the wrong item"
+    r = ours(np.array([[10.0], [10.0], [20.0], [20.0]]), [1, 0, 1, 0], exclude="self")
+    assert r.retrieval.precision_at_1 == 0.0
+
+
+def test_pml_case_many_tied_distances():
+    """10^4 identical 2-D points, random labels, k = 1: the symmetric search path."""
+    labels = np.random.default_rng(0).integers(0, 2, 10_000)
+    r = ours(np.zeros((10_000, 2)), labels, exclude="self")
+    assert r.retrieval.precision_at_1 == pytest.approx(0.5, rel=0.1)
+    # ties by index: every row's nearest is row 0, row 0's is row 1
+    assert r.retrieval.precision_at_1 == pytest.approx(
+        ((labels == labels[0]).sum() - 1 + (labels[1] == labels[0])) / 10_000
+    )
+
+
+@needs_faiss
+@pytest.mark.parametrize("offset", [0.5, 1.0])
+def test_pml_case_mutual_information(offset):
+    """PML: two Gaussian blobs; NMI and AMI within 10 % of scikit-learn's KMeans-based ones."""
+    cluster = pytest.importorskip("sklearn.cluster")
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(7)
+    emb = np.concatenate([rng.normal(size=(2000, 32)), rng.normal(size=(2000, 32)) + offset])
+    labels = np.repeat([0, 1], 2000)
+    c = evaluate_embeddings(emb, labels, k=1, exclude="self", ranking=False).clustering
+    km = cluster.KMeans(n_clusters=2, n_init=10, random_state=0).fit_predict(emb)
+    assert c.ami == pytest.approx(metrics.adjusted_mutual_info_score(labels, km), rel=0.1)
+    assert c.nmi == pytest.approx(metrics.normalized_mutual_info_score(labels, km), rel=0.1)
