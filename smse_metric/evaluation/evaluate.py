@@ -262,7 +262,9 @@ def _scores(knn, q, ex_q, exclude, q_codes, classes, n_rel, depth):
     # the classifier codes the gallery's labels; the report, gallery's and queries' alike
     codes = np.searchsorted(classes, knn.classes_)
     pred = np.empty(n, dtype=np.int64)
-    scores = {name: np.zeros(n) for name in ("precision_at_1", "recall_at_k", *RANKING)}
+    scores = {name: np.zeros(n) for name in ("precision_at_1", "recall_at_k")}
+    # ranking metrics: arrays where computed, None (not computed) otherwise
+    scores |= {name: None if depth is None else np.zeros(n) for name in RANKING}
     extra = None if depth is None else np.full(n, max(depth - k, 0))
     for nb in knn.kneighbors_chunks(q, ex_q, exclude, k, extra):
         r = nb.rows
@@ -272,8 +274,6 @@ def _scores(knn, q, ex_q, exclude, q_codes, classes, n_rel, depth):
         if depth is not None:
             for name, v in _ranking(rel[:, :depth], n_rel[r]).items():
                 scores[name][r] = v
-    if depth is None:
-        scores.update(dict.fromkeys(RANKING))
     return pred, scores
 
 

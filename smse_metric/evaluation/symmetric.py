@@ -32,7 +32,7 @@ TILE = 32  #: entries per tile of the rejection pass
 _NO_KEY = torch.iinfo(torch.int64).max  #: the bar of padding: admits nothing
 _FLOOR = torch.finfo(torch.float32).min  # masked (-inf) entries never reach a threshold
 #: the lowest key of a finite similarity: masked (-inf) entries stay below every bar
-_FLOOR_KEY = int(order_keys(torch.tensor([torch.finfo(torch.float32).min]), torch.tensor([LOW])))
+_FLOOR_KEY = int(order_keys(torch.tensor([_FLOOR]), torch.tensor([LOW])))
 
 
 def _merge(state: Tensor, rows: Tensor, keys: Tensor) -> None:
