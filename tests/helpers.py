@@ -1,5 +1,6 @@
 """Shared test helpers: devices, optional-package markers, batches, comparisons."""
 
+import contextlib
 import importlib.util
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from smse_metric import ContrastiveLoss, TripletMarginLoss
+from smse_metric.functional import _small_batch as small_batch
 
 try:  # the [pml] extra; a core-only install runs everything else
     from pytorch_metric_learning import losses as pml_losses
@@ -33,6 +35,21 @@ BACKENDS = [pytest.param("faiss", marks=needs_faiss), "torch"]
 #: fused triplet selections and the reductions of the metric losses
 FUSED = ["all", "semihard", "hard", "batch_hard"]
 REDUCTIONS = ["mean_nonzero", "mean", "sum"]
+#: the two implementations of the fused losses over one batch
+FUSED_PATHS = ["small", "sorted"]
+
+
+@contextlib.contextmanager
+def fused_path(path: str):
+    """Run the fused losses on one path: "small" (the launch-light autograd Functions,
+    batches up to SMALL_BATCH) or "sorted" (the sorted, blocked path every larger batch
+    takes), so that one test checks both."""
+    saved = small_batch.SMALL_BATCH
+    small_batch.SMALL_BATCH = saved if path == "small" else 0
+    try:
+        yield
+    finally:
+        small_batch.SMALL_BATCH = saved
 
 
 def make_batch(n: int, d: int, n_classes: int, n_scales: int = 1, seed: int = 0,

@@ -84,7 +84,8 @@ def check_int_vector(name: str, t: object, length: int, other: str, device) -> T
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.shape[0] != length:
         raise ValueError(f"{name} has {t.shape[0]} elements but {other} has {length} rows")
-    return t.to(device, non_blocking=True)
+    # no op at all when it is already there: a launch counts on the small-batch paths
+    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 @dataclass

@@ -19,7 +19,38 @@ from ._common import (
 __all__ = ["cross_scale_mask", "gathered_distances", "label_masks", "pairwise_distances"]
 
 
+#: Distance matrices of at most this many entries are computed by direct differences.
+DIRECT_ENTRIES = 1 << 14
+
+
+def direct_distances(
+    x: Tensor, squared: bool, y: Tensor | None = None, rounded: bool = True
+) -> Tensor:
+    """Distances by float64 direct differences (float32 on MPS), in ``x``'s dtype unless
+    not ``rounded``: what the expansion below approximates, in one op (``cdist``) and
+    O(N M D) work, which is what small matrices should pay. Duplicates are exactly 0.
+
+    ``cdist`` returns the root: squared distances are its square, exact to far below
+    float32 rounding, but not to float64's, so float64 inputs take the expansion."""
+    acc = acc_dtype(x)
+    if squared and x.dtype == acc:
+        return _expansion(x, y, root=False)
+    xa = x if x.dtype == acc else x.to(acc)
+    ya = xa if y is None else y if y.dtype == acc else y.to(acc)
+    d = torch.cdist(xa, ya, compute_mode="donot_use_mm_for_euclid_dist")
+    d = d.square() if squared else d
+    return d.to(x.dtype) if rounded and d.dtype != x.dtype else d
+
+
 def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
+    """`direct_distances` (``root``: euclidean) for matrices of at most `DIRECT_ENTRIES`
+    entries, otherwise `_expansion`."""
+    if len(x) * len(x if y is None else y) <= DIRECT_ENTRIES:
+        return direct_distances(x, not root, y)
+    return _expansion(x, y, root)
+
+
+def _expansion(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
     """||x_i - y_j||^2 (or, ``root``, the distance), computed with float64 products
     (float32 on MPS) and returned in ``x``'s dtype: accurate where the float32 expansion
     ``|x|^2 + |y|^2 - 2 x.y`` is not.

@@ -16,6 +16,7 @@ from ._common import (
     reduce_terms,
     with_gradient,
 )
+from ._small_batch import small_contrastive_loss, uses_small_batch
 from .distances import gathered_distances, pairwise_distances, self_distances
 
 __all__ = ["contrastive_loss"]
@@ -63,6 +64,9 @@ def contrastive_loss(
     emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
     scales, ref_scales = x.scales, x.ref_scales
     with full_precision(embeddings.device):
+        if indices_tuple is None and uses_small_batch(emb, same, "euclidean"):
+            cross = scales if cross_scale else None
+            return small_contrastive_loss(emb, labels, cross, margin, reduction)
         if indices_tuple is None:
             pos, neg = block_masks(
                 labels, ref_labels, scales if cross_scale else None, ref_scales, same, 0, len(emb)

@@ -22,6 +22,7 @@ from ._common import (
     resolve_distance,
     row_blocks,
 )
+from ._small_batch import small_triplet_loss, uses_small_batch
 from .distances import gathered_distances, pairwise_distances
 
 __all__ = ["triplet_margin_loss", "triplet_windows"]
@@ -244,6 +245,9 @@ def triplet_margin_loss(
             return reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
 
         scales = scales if cross_scale else None
+        if uses_small_batch(emb, same, metric):
+            squared = metric == "squared_euclidean"
+            return small_triplet_loss(emb, labels, scales, margin, triplets, squared, reduction)
         if triplets == "batch_hard":
             return _batch_hard_loss(
                 emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction

@@ -3,7 +3,7 @@ reference set and mined pairs."""
 
 import pytest
 import reference as ref
-from helpers import assert_same, make_batch
+from helpers import FUSED_PATHS, assert_same, fused_path, make_batch
 
 from smse_metric import ContrastiveLoss, PairMiner, TripletMiner
 from smse_metric import functional as smf
@@ -11,15 +11,19 @@ from smse_metric import functional as smf
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "mean_nonzero"])
 @pytest.mark.parametrize("cross", [False, True])
-def test_contrastive_fused_equals_naive(reduction, cross):
+@pytest.mark.parametrize("path", FUSED_PATHS)
+def test_contrastive_fused_equals_naive(reduction, cross, path):
     emb, labels, scales = make_batch(16, 5, 3, n_scales=2, seed=9)
     emb = emb * 0.6  # some negatives inside the margin, some outside
+    same = (labels == labels[0]).nonzero().flatten()
+    emb[same[1]] = emb[same[0]]  # a duplicate positive: distance 0, whose gradient is 0
     kw = dict(scales=scales, cross_scale=cross)
-    assert_same(
-        lambda e: smf.contrastive_loss(e, labels, 0.7, reduction, **kw),
-        lambda e: ref.contrastive(e, labels, 0.7, reduction, **kw),
-        emb,
-    )
+    with fused_path(path):
+        assert_same(
+            lambda e: smf.contrastive_loss(e, labels, 0.7, reduction, **kw),
+            lambda e: ref.contrastive(e, labels, 0.7, reduction, **kw),
+            emb,
+        )
 
 
 def test_contrastive_with_ref_and_pairs_equals_naive():

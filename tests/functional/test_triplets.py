@@ -6,9 +6,11 @@ import reference as ref
 import torch
 from helpers import (
     FUSED,
+    FUSED_PATHS,
     REDUCTIONS,
     assert_same,
     clusters,
+    fused_path,
     make_batch,
     needs_pml,
     pml_losses,
@@ -27,14 +29,16 @@ from smse_metric.functional import _common as common
 @pytest.mark.parametrize("strategy", FUSED)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("squared", [False, True])
-def test_fused_triplet_equals_naive_loop(strategy, reduction, squared):
+@pytest.mark.parametrize("path", FUSED_PATHS)
+def test_fused_triplet_equals_naive_loop(strategy, reduction, squared, path):
     emb, labels, _ = make_batch(18, 5, 3, seed=1)
     margin = 0.3 if not squared else 0.5
-    assert_same(
-        lambda e: smf.triplet_margin_loss(e, labels, margin, squared, strategy, reduction),
-        lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, squared),
-        emb,
-    )
+    with fused_path(path):
+        assert_same(
+            lambda e: smf.triplet_margin_loss(e, labels, margin, squared, strategy, reduction),
+            lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, squared),
+            emb,
+        )
 
 
 @given(
@@ -42,15 +46,17 @@ def test_fused_triplet_equals_naive_loop(strategy, reduction, squared):
     strategy=st.sampled_from(["all", "semihard", "hard"]),
     reduction=st.sampled_from(REDUCTIONS),
     margin=st.sampled_from([-1.0, 1.0, 2.0]),
+    path=st.sampled_from(FUSED_PATHS),
 )
-def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction, margin):
+def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction, margin, path):
     """Points on an integer grid, squared distances: d_an == d_ap and d_an == d_ap +
     margin happen exactly, and the selection's strict and non-strict ends decide
     (values only: the gradient of relu at a tie is a choice)."""
     g = torch.Generator().manual_seed(seed)
     emb = torch.randint(-2, 3, (14, 2), generator=g).double()
     labels = torch.randint(0, 3, (14,), generator=g)
-    got = smf.triplet_margin_loss(emb, labels, margin, True, strategy, reduction)
+    with fused_path(path):
+        got = smf.triplet_margin_loss(emb, labels, margin, True, strategy, reduction)
     want = ref.triplet_loss(emb, labels, margin, strategy, reduction, squared=True)
     assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-12)
     a, p, n = TripletMiner(strategy, margin, squared=True)(emb, labels)
@@ -66,7 +72,8 @@ def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, mo
     kw = dict(scales=scales, cross_scale=True)
 
     def loss(e):
-        return smf.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
+        with fused_path("sorted"):
+            return smf.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
 
     one = value_and_grad(loss, emb)
     monkeypatch.setattr(common, "BLOCK_ENTRIES", 50)  # blocks of 2 anchors
@@ -97,31 +104,38 @@ def test_fused_triplet_cross_scale_and_ref_emb(strategy):
     reduction=st.sampled_from(REDUCTIONS),
     cross=st.booleans(),
     seed=st.integers(0, 2**16),
+    squared=st.booleans(),
+    path=st.sampled_from(FUSED_PATHS),
 )
 def test_fused_triplet_property_matches_naive(
-    n, n_classes, n_scales, margin, strategy, reduction, cross, seed
+    n, n_classes, n_scales, margin, strategy, reduction, cross, seed, squared, path
 ):
     emb, labels, scales = make_batch(n, 3, n_classes, n_scales, seed=seed)
     kw = dict(scales=scales, cross_scale=cross)
-    assert_same(
-        lambda e: smf.triplet_margin_loss(e, labels, margin, False, strategy, reduction, **kw),
-        lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, **kw),
-        emb,
-    )
+    with fused_path(path):
+        assert_same(
+            lambda e: smf.triplet_margin_loss(
+                e, labels, margin, squared, strategy, reduction, **kw
+            ),
+            lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, squared, **kw),
+            emb,
+        )
 
 
 @pytest.mark.parametrize("strategy", ["all", "semihard", "hard", "batch_hard"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_fused_equals_mined(strategy, reduction):
+@pytest.mark.parametrize("path", FUSED_PATHS)
+def test_fused_equals_mined(strategy, reduction, path):
     emb, labels, scales = make_batch(40, 8, 4, n_scales=2, seed=4)
     kw = dict(scales=scales)
     loss = TripletMarginLoss(0.3, triplets=strategy, reduction=reduction, cross_scale=True)
     miner = TripletMiner(strategy, margin=0.3, cross_scale=True, chunk_size=7)
-    assert_same(
-        lambda e: loss(e, labels, **kw),
-        lambda e: loss(e, labels, miner(e, labels, **kw), **kw),
-        emb,
-    )
+    with fused_path(path):
+        assert_same(
+            lambda e: loss(e, labels, **kw),
+            lambda e: loss(e, labels, miner(e, labels, **kw), **kw),
+            emb,
+        )
 
 
 @needs_pml
@@ -209,16 +223,18 @@ def test_mined_triplets_with_cross_scale_drop_same_scale_positives():
 
 
 @given(seed=st.integers(0, 2**16), squared=st.booleans(),
-       strategy=st.sampled_from(["all", "semihard", "hard", "batch_hard"]))  # fmt: skip
-def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy):
+       strategy=st.sampled_from(["all", "semihard", "hard", "batch_hard"]),
+       path=st.sampled_from(FUSED_PATHS))  # fmt: skip
+def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy, path):
     """The fused selection follows the exact distances too: float32 and float64 select
     the same triplets on tight clusters. A triplet's term is about 1e-4 here, so one
     differently selected triplet moves the sum by far more than the tolerance, which
     allows for float32 rounding of the ~40 distances near 1 that enter the sum."""
     emb, labels = clusters(seed)
     loss = TripletMarginLoss(1e-4, squared=squared, triplets=strategy, reduction="sum")
-    (got, g32), (want, g64) = (value_and_grad(lambda e: loss(e, labels), x)
-                               for x in (emb, emb.double()))  # fmt: skip
+    with fused_path(path):
+        (got, g32), (want, g64) = (value_and_grad(lambda e: loss(e, labels), x)
+                                   for x in (emb, emb.double()))  # fmt: skip
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
     if strategy == "batch_hard":  # the same chosen pairs: the same gradient
         torch.testing.assert_close(g32.double(), g64, rtol=2e-2, atol=1e-3)  # f32 directions

@@ -1,0 +1,184 @@
+"""Launch-light fused losses for the batches that training uses (internal).
+
+At a batch of 32 the composed fused losses ran 60-100 top-level aten ops for a fraction
+of a millisecond of arithmetic: on a GPU, launches dominate. Here each loss over one
+batch is a single ``torch.autograd.Function`` whose forward is a handful of whole-batch
+ops (direct-difference distances, one [B, B, B] comparison for the triplet counts) and
+whose backward is closed-form: the loss is linear in the distances near the input, with
+coefficients the forward has counted, and the gradient of ``sum(coef * dist)`` w.r.t.
+the embeddings is one matrix product. Exact (the selections and counts of the sorted
+path and the miner, which use the same direct-difference distances at these sizes),
+with no host synchronisation and static shapes, so a training step that uses them can
+be captured in a CUDA graph.
+
+Used for at most `SMALL_BATCH` embeddings against themselves, euclidean or squared
+euclidean; larger batches, reference sets and cosine take the sorted, blocked path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .distances import DIRECT_ENTRIES, direct_distances
+
+#: Largest batch of these paths: 2^21 triplet comparisons, a few MiB of temporaries, and
+#: a distance matrix of `DIRECT_ENTRIES` entries, so that the miners see the same values.
+SMALL_BATCH = 128
+if SMALL_BATCH**2 > DIRECT_ENTRIES:
+    raise ImportError("SMALL_BATCH must not exceed the direct-difference distance size")
+
+
+def uses_small_batch(emb: Tensor, same: bool, metric: str) -> bool:
+    return same and len(emb) <= SMALL_BATCH and metric != "cosine"
+
+
+def _masks(labels: Tensor, scales: Tensor | None, d: Tensor) -> tuple[Tensor, Tensor]:
+    """(``d`` at negatives and +inf elsewhere, the positive mask)."""
+    eq = labels[:, None] == labels
+    d_neg = torch.where(eq, float("inf"), d)
+    if scales is None:
+        return d_neg, eq.fill_diagonal_(False)
+    return d_neg, eq & (scales[:, None] != scales)  # the diagonal has equal scales
+
+
+def _weights(coef: Tensor, d: Tensor, squared: bool) -> Tensor:
+    """d dist / d x_i = f (x_i - x_j) * weight: f = 2 for the squared distance; the
+    euclidean one divides by d and is given gradient 0 where d = 0 (duplicates)."""
+    return coef if squared else torch.nan_to_num(coef / d, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _finish(ctx, total: Tensor, count: Tensor | int | None, x: Tensor, weights: Tensor,
+            squared: bool, symmetric: bool = False) -> Tensor:  # fmt: skip
+    """Keep what the backward needs and reduce: ``total / max(count, 1)`` (None: the
+    sum). ``weights``: the gradient of ``total`` w.r.t. the distances, passed through
+    `_weights`; ``symmetric``: it is symmetric."""
+    f = 2.0 if squared else 1.0
+    ctx.factor, ctx.symmetric = (2 * f if symmetric else f), symmetric
+    if isinstance(count, Tensor):
+        denom = count.clamp_min(1)
+        ctx.scale = None
+        ctx.save_for_backward(x, weights, denom)
+        return total / denom
+    ctx.scale = None if count is None else 1.0 / max(count, 1)
+    ctx.save_for_backward(x, weights)
+    return total if count is None else total * ctx.scale
+
+
+def _backward(ctx, grad: Tensor, n_other: int) -> tuple[Tensor | None, ...]:
+    """The gradient of ``scale * sum(w * dist)`` w.r.t. ``x``, with dist = d(x_i, x_j):
+    ``f (x * rowsum(W) - W @ x)`` for ``W = w + w^T``."""
+    x, w, *denom = ctx.saved_tensors
+    scale = grad / denom[0] if denom else grad if ctx.scale is None else grad * ctx.scale
+    if not ctx.symmetric:
+        w = w + w.T
+    f = ctx.factor
+    gx = torch.addmm(x * w.sum(1, keepdim=True), w, x, beta=f, alpha=-f).mul_(scale)
+    return gx, *(None,) * n_other
+
+
+class _Triplets(torch.autograd.Function):
+    """Every selected triplet of the batch on one [B, P, N] comparison."""
+
+    @staticmethod
+    def forward(ctx, x, labels, scales, margin, strategy, squared, reduction):
+        inf = float("inf")
+        d = direct_distances(x, squared)
+        d_neg, pos = _masks(labels, scales, d)
+        # d(a,n) < d(a,p) + margin, with the bound rounded as the sorted path and the
+        # miner round it (its sign is exact); -inf where (a, p, n) is no triplet
+        diff = torch.where(pos, d + margin, -inf)[:, :, None] - d_neg[:, None, :]
+        bound = None
+        if strategy == "semihard" or (strategy == "hard" and margin > 0):
+            # semihard: d(a,p) < d(a,n); hard: d(a,n) <= d(a,p), where d(a,n) < d(a,p) +
+            # margin already holds. Both matter only where diff is finite: no masking
+            d_an, d_ap = d_neg[:, None], d[:, :, None]
+            bound = d_an > d_ap if strategy == "semihard" else d_an <= d_ap
+        count = None
+        if reduction == "mean":  # the selected triplets, loss-carrying or not
+            count = diff >= 0
+            count = (count if bound is None else count & bound).sum(dtype=x.dtype)
+        terms = diff.relu_() if bound is None else diff.relu_().mul_(bound)
+        carrying = terms > 0
+        k_pos = carrying.sum(2, dtype=x.dtype)
+        coef = k_pos - carrying.sum(1, dtype=x.dtype)  # supports: positives, negatives
+        if reduction == "mean_nonzero":
+            count = k_pos.sum()
+        return _finish(ctx, terms.sum(), count, x, _weights(coef, d, squared), squared)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, 6)
+
+
+class _BatchHard(torch.autograd.Function):
+    """Per anchor the farthest positive and the closest negative, chosen on the float64
+    distances (ties to the smaller index), the loss on the rounded ones."""
+
+    @staticmethod
+    def forward(ctx, x, labels, scales, margin, squared, reduction):
+        d64 = direct_distances(x, squared, rounded=False)
+        d_neg, pos = _masks(labels, scales, d64)
+        # one max over [farthest positive, closest negative negated]
+        picked, picks = torch.stack([torch.where(pos, d64, -float("inf")), -d_neg], 1).max(2)
+        picked = picked if picked.dtype == x.dtype else picked.to(x.dtype)
+        # d_ap - d_an + margin; rows without a positive or a negative hold -inf: 0
+        terms = (picked.sum(1, keepdim=True) + margin).relu_()
+        carrying = terms.sign()
+        count = None
+        if reduction == "mean":  # anchors with both a positive and a negative
+            count = picked.isfinite().all(1).sum(dtype=x.dtype)
+        elif reduction == "mean_nonzero":
+            count = carrying.sum()
+        # d total / d d(a,p*) = +carrying, / d d(a,n*) = -carrying: [c, -c] / [d, -d]
+        signs = torch.cat([carrying, -carrying], 1) if squared else (
+            torch.nan_to_num(carrying / picked, nan=0.0, posinf=0.0, neginf=0.0))
+        weights = torch.zeros_like(d64, dtype=x.dtype).scatter_(1, picks, signs)
+        return _finish(ctx, terms.sum(), count, x, weights, squared)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, 5)
+
+
+class _Contrastive(torch.autograd.Function):
+    """``0.5 * sum(g^2)`` with ``g`` the gradient w.r.t. the distances: ``d`` at
+    positives, ``-relu(margin - d)`` at negatives, 0 elsewhere; symmetric."""
+
+    @staticmethod
+    def forward(ctx, x, labels, scales, margin, reduction):
+        d = direct_distances(x, False)
+        eq = labels[:, None] == labels
+        g = torch.where(eq, 0.0, (d - margin).clamp_max_(0))  # -relu(margin - d)
+        if scales is None:
+            pos = eq.fill_diagonal_(False)
+            count = len(x) * (len(x) - 1)  # every ordered pair is a positive or a negative
+        else:
+            pos = eq & (scales[:, None] != scales)
+            count = torch.where(eq, pos, True).sum(dtype=x.dtype)
+        g = torch.where(pos, d, g)
+        if reduction == "sum":
+            count = None
+        elif reduction == "mean_nonzero":
+            count = g.count_nonzero().to(x.dtype)
+        total = torch.tensordot(g, g, 2) * 0.5  # sum(g^2) / 2 as one dot product
+        return _finish(ctx, total, count, x, _weights(g, d, False), False, symmetric=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, 4)
+
+
+def small_triplet_loss(x: Tensor, labels: Tensor, scales: Tensor | None, margin: float,
+                       strategy: str, squared: bool, reduction: str) -> Tensor:  # fmt: skip
+    """The fused triplet loss of ``x`` [B, D] against itself; ``scales``: the cross-scale
+    rule's magnifications, or None; ``strategy``: ``"batch_hard"`` or a window."""
+    if strategy == "batch_hard":
+        return _BatchHard.apply(x, labels, scales, margin, squared, reduction)
+    return _Triplets.apply(x, labels, scales, margin, strategy, squared, reduction)
+
+
+def small_contrastive_loss(x: Tensor, labels: Tensor, scales: Tensor | None, margin: float,
+                           reduction: str) -> Tensor:  # fmt: skip
+    """The contrastive loss over every pair of ``x`` [B, D] (``scales`` as above)."""
+    return _Contrastive.apply(x, labels, scales, margin, reduction)
