@@ -7,10 +7,17 @@ python -m benchmarks --quick --out DIR   # smoke run (small sizes), tables -> DI
 import argparse
 from pathlib import Path
 
-from benchmarks import bench_eval, bench_losses, bench_recipe, bench_sampler
+from benchmarks import (
+    bench_data,
+    bench_eval,
+    bench_launch,
+    bench_losses,
+    bench_recipe,
+    bench_sampler,
+)
 
-BENCHES = {"losses": bench_losses, "sampler": bench_sampler, "eval": bench_eval,
-           "recipe": bench_recipe}  # fmt: skip
+BENCHES = {"losses": bench_losses, "launch": bench_launch, "sampler": bench_sampler,
+           "eval": bench_eval, "recipe": bench_recipe, "data": bench_data}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -44,12 +44,13 @@ def fused_path(path: str):
     """Run the fused losses on one path: "small" (the launch-light autograd Functions,
     batches up to SMALL_BATCH) or "sorted" (the sorted, blocked path every larger batch
     takes), so that one test checks both."""
-    saved = small_batch.SMALL_BATCH
-    small_batch.SMALL_BATCH = saved if path == "small" else 0
+    saved = small_batch.SMALL_BATCH, small_batch.SMALL_BATCH_CPU
+    if path == "sorted":
+        small_batch.SMALL_BATCH = small_batch.SMALL_BATCH_CPU = 0
     try:
         yield
     finally:
-        small_batch.SMALL_BATCH = saved
+        small_batch.SMALL_BATCH, small_batch.SMALL_BATCH_CPU = saved
 
 
 def make_batch(n: int, d: int, n_classes: int, n_scales: int = 1, seed: int = 0,

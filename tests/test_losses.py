@@ -308,8 +308,9 @@ def _launch_cases():
         for squared in (False, True):
             for cross in (False, True):
                 for reduction in ("mean_nonzero", "mean", "sum"):
-                    yield strategy, TripletMarginLoss(
-                        0.2, squared, strategy, reduction, cross_scale=cross
+                    yield (
+                        strategy,
+                        TripletMarginLoss(0.2, squared, strategy, reduction, cross_scale=cross),
                     )
     for cross in (False, True):
         for reduction in ("mean", "sum", "mean_nonzero"):

@@ -1,4 +1,4 @@
-"""Launch-light fused losses for the batches that training uses (internal).
+"""Internal: launch-light fused losses for the batches that training uses.
 
 At a batch of 32 the composed fused losses ran 60-100 top-level aten ops for a fraction
 of a millisecond of arithmetic: on a GPU, launches dominate. Here each loss over one
@@ -22,15 +22,20 @@ from torch import Tensor
 
 from .distances import DIRECT_ENTRIES, direct_distances
 
-#: Largest batch of these paths: 2^21 triplet comparisons, a few MiB of temporaries, and
-#: a distance matrix of `DIRECT_ENTRIES` entries, so that the miners see the same values.
+#: Largest batch of these paths on a GPU: 2^21 triplet comparisons, a few MiB of
+#: temporaries, and a distance matrix of `DIRECT_ENTRIES` entries, so that the miners
+#: see the same values.
 SMALL_BATCH = 128
-if SMALL_BATCH**2 > DIRECT_ENTRIES:
+#: On the CPU launches cost little and the B^3 work shows: the sorted path is as fast
+#: at 48 and 2.6x faster at 96 (benchmarks/results/launch.md)
+SMALL_BATCH_CPU = 48
+if max(SMALL_BATCH, SMALL_BATCH_CPU) ** 2 > DIRECT_ENTRIES:
     raise ImportError("SMALL_BATCH must not exceed the direct-difference distance size")
 
 
 def uses_small_batch(emb: Tensor, same: bool, metric: str) -> bool:
-    return same and len(emb) <= SMALL_BATCH and metric != "cosine"
+    limit = SMALL_BATCH_CPU if emb.device.type == "cpu" else SMALL_BATCH
+    return same and len(emb) <= limit and metric != "cosine"
 
 
 def _masks(labels: Tensor, scales: Tensor | None, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,8 +136,11 @@ class _BatchHard(torch.autograd.Function):
         elif reduction == "mean_nonzero":
             count = carrying.sum()
         # d total / d d(a,p*) = +carrying, / d d(a,n*) = -carrying: [c, -c] / [d, -d]
-        signs = torch.cat([carrying, -carrying], 1) if squared else (
-            torch.nan_to_num(carrying / picked, nan=0.0, posinf=0.0, neginf=0.0))
+        signs = (
+            torch.cat([carrying, -carrying], 1)
+            if squared
+            else (torch.nan_to_num(carrying / picked, nan=0.0, posinf=0.0, neginf=0.0))
+        )
         weights = torch.zeros_like(d64, dtype=x.dtype).scatter_(1, picks, signs)
         return _finish(ctx, terms.sum(), count, x, weights, squared)
 

@@ -134,11 +134,14 @@ def make_datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
     size = tuple(cfg.data.image_size)
 
     def make(mask, transform):
+        # device augmentation is the training transform's; evaluation images are finished
+        augment_on = cfg.data.augment_on if transform == "train" else "worker"
         return BreakHisDataset(splits.index.subset(mask), transform, size=size,
                                task=cfg.data.task, seed=cfg.run.seed,
                                skip_bad_images=cfg.data.skip_bad_images, mean=cfg.data.mean,
                                std=cfg.data.std,
-                               interpolation=cfg.data.interpolation or "bilinear")  # fmt: skip
+                               interpolation=cfg.data.interpolation or "bilinear",
+                               cache_dir=cfg.data.cache_dir, augment_on=augment_on)  # fmt: skip
 
     return {
         "train": make(splits.train, "train"),
@@ -172,13 +175,14 @@ def eval_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
     return DataLoader(ds, batch_size=64, shuffle=False, num_workers=cfg.data.num_workers)
 
 
-def train_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
+def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> DataLoader:
     """Training batches: multi-scale (classes x patients x magnifications) or
     frequency-ordered, per ``sampler.kind``, resumable mid-epoch.
 
     Args:
         cfg: the run's `Config`.
         ds: the training dataset.
+        pin_memory: batches in page-locked memory (for a GPU).
 
     Examples:
         >>> import tempfile
@@ -203,7 +207,9 @@ def train_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
             raise RecipeError(f"[sampler] on the training split: {e}") from e
     else:
         inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
-    return DataLoader(ds, batch_sampler=inner, num_workers=cfg.data.num_workers)
+    # pinned pages let the batch's copy to a GPU overlap the step (non_blocking)
+    return DataLoader(ds, batch_sampler=inner, num_workers=cfg.data.num_workers,
+                      pin_memory=pin_memory)  # fmt: skip
 
 
 def make_losses(
@@ -361,5 +367,6 @@ def build(cfg: Config, splits: Splits, device: torch.device) -> Built:
     metric_loss, cls_loss = make_losses(cfg, counts)
     optimizer, scheduler = make_optimizer(cfg, model)
     amp_dtype, scaler = amp_setup(cfg, device)
+    loader = train_loader(cfg, datasets["train"], pin_memory=device.type == "cuda")
     return Built(device, datasets, model, metric_loss, cls_loss.to(device), optimizer,
-                 scheduler, amp_dtype, scaler, train_loader(cfg, datasets["train"]))  # fmt: skip
+                 scheduler, amp_dtype, scaler, loader)  # fmt: skip

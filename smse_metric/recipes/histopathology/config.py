@@ -55,6 +55,13 @@ class DataConfig:
     interpolation: str | None = field(
         default=None, metadata={"choices": ("bilinear", "bicubic", "nearest")}
     )
+    #: decoded-image cache: every image once as uint8 at the training size plus the crop
+    #: margin, memory-mapped from a file in this directory (built on first use, rebuilt
+    #: when the files change); empty: decode every image each time
+    cache_dir: str | None = None
+    #: "worker": the loader's workers augment; "device": they send uint8 images and the
+    #: drawn augmentation, applied to whole batches on the model's device
+    augment_on: str = field(default="worker", metadata={"choices": ("worker", "device")})
 
 
 @dataclass

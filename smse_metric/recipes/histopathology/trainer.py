@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from smse_metric.distributed import get_world_size, is_main_process
@@ -127,7 +128,9 @@ class Trainer:
         b.loader.batch_sampler.set_epoch(st.epoch)  # keeps a resumed position
         bar = _Bar(len(b.loader.batch_sampler) - st.position, f"epoch {st.epoch}", self.verbose)
         t0 = time.perf_counter()
-        for images, labels, _, scales in b.loader:
+        on_device = b.datasets["train"].on_device
+        for batch in b.loader:
+            images, labels, scales = self._inputs(batch, on_device)
             loss, stop = self._step(images, labels, scales, interrupt)
             step = st.position
             if not math.isfinite(loss):
@@ -149,10 +152,18 @@ class Trainer:
         bar.close()
         st.seconds += time.perf_counter() - t0
 
+    def _inputs(self, batch, on_device: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """A loader batch on the device: (images, labels, scales); uint8 images with
+        augmentation records are augmented there."""
+        dev = self.built.device
+        if not on_device:
+            images, labels, _, scales = batch
+            return tuple(t.to(dev, non_blocking=True) for t in (images, labels, scales))
+        images, aug, labels, _, scales = (t.to(dev, non_blocking=True) for t in batch)
+        return self.built.datasets["train"].device_transform(images, aug), labels, scales
+
     def _step(self, images, labels, scales, interrupt: Interrupt) -> tuple[float, bool]:
         b = self.built
-        images, labels, scales = (t.to(b.device, non_blocking=True)
-                                  for t in (images, labels, scales))  # fmt: skip
         if b.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         lc = self.cfg.loss

@@ -32,6 +32,24 @@ def test_trains_on_every_device_with_amp_and_reevaluates_on_the_cpu(root, tmp_pa
     assert again.test.knn.pooled.n == metrics.test.knn.pooled.n
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains_from_the_decoded_cache_with_device_augmentation(root, tmp_path, device):
+    """The cache is built once for the run's splits (train and gallery share one file);
+    a second run with the same seed reuses it and repeats the first run's losses."""
+    data = {**TINY["data"], "cache_dir": str(tmp_path / "cache"), "augment_on": "device"}
+    run = {**TINY["run"], "device": device}
+    cfg = load_config("smse-triplet", {**TINY, "data": data, "optim": {"epochs": 1}, "run": run})
+    train(cfg, tmp_path / "a", root, quiet=True)
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 3 and all(f.name.startswith("decoded-") for f in files)
+    train(cfg, tmp_path / "b", root, quiet=True)
+    assert sorted((tmp_path / "cache").iterdir()) == files
+    first, second = history(tmp_path / "a"), history(tmp_path / "b")
+    assert np.isfinite(first[0]["loss"])
+    if device == "cpu":  # deterministic kernels
+        assert first[0]["loss"] == second[0]["loss"]
+
+
 def test_training_writes_every_output(run):
     check_run(run, load_config("smse-triplet", TINY))
 

@@ -6,17 +6,23 @@ Transforms are plain torch (no torchvision needed): resize, random crop, flips,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as TF
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import RecipeError
-from .breakhis import STAIN_VECTORS, BreakHisIndex
+from .augment import (
+    INTERPOLATIONS,
+    apply_augmentation,
+    augment_batch,
+    draw_augmentation,
+    resize,
+)
+from .breakhis import BreakHisIndex
+from .cache import DecodedCache, cache_size
 
 __all__ = [
     "INTERPOLATIONS",
@@ -27,19 +33,11 @@ __all__ = [
     "train_transform",
 ]
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-
-_HE = torch.tensor(STAIN_VECTORS)
-_HE = _HE / _HE.norm(dim=1, keepdim=True)
-
 
 def _resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     if mode not in INTERPOLATIONS:
         raise RecipeError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {mode!r}")
-    if mode == "nearest":
-        return TF.interpolate(img[None], size=size, mode="nearest")[0]
-    out = TF.interpolate(img[None], size=size, mode=mode, antialias=True, align_corners=False)
-    return out[0].clamp(0, 1)  # bicubic overshoots
+    return resize(img, size, mode)
 
 
 def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -54,8 +52,8 @@ def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
         >>> normalize_image(torch.full((3, 1, 1), 0.5), (0.5, 0.25, 0.0), (0.5, 0.5, 1.0)).flatten()
         tensor([0.0000, 0.5000, 0.5000])
     """
-    m = torch.as_tensor(mean, dtype=img.dtype).reshape(3, 1, 1)
-    s = torch.as_tensor(std, dtype=img.dtype).reshape(3, 1, 1)
+    m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
+    s = torch.as_tensor(std, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
     return (img - m) / s
 
 
@@ -103,11 +101,15 @@ def eval_transform(
     return apply
 
 
+#: the built-in training augmentation's crop area, colour and stain jitter
+CROP_SCALE, COLOR, STAIN = (0.6, 1.0), 0.15, 0.05
+
+
 def train_transform(
     size: tuple[int, int],
-    crop_scale: tuple[float, float] = (0.6, 1.0),
-    color: float = 0.15,
-    stain: float = 0.05,
+    crop_scale: tuple[float, float] = CROP_SCALE,
+    color: float = COLOR,
+    stain: float = STAIN,
     interpolation: str = "bilinear",
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """Random crop (area fraction in ``crop_scale``), resize, flips, 90-degree rotations
@@ -128,34 +130,14 @@ def train_transform(
         (torch.Size([3, 32, 32]), True)
     """
 
-    def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        def u(lo, hi):
-            return lo + (hi - lo) * torch.rand((), generator=g).item()
+    if interpolation not in INTERPOLATIONS:
+        raise RecipeError(
+            f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}"
+        )
 
-        _, h, w = img.shape
-        frac = u(*crop_scale)
-        ch, cw = max(1, round(h * math.sqrt(frac))), max(1, round(w * math.sqrt(frac)))
-        y0, x0 = int(u(0, h - ch + 1)), int(u(0, w - cw + 1))
-        img = _resize(img[:, y0 : y0 + ch, x0 : x0 + cw], size, interpolation)
-        if u(0, 1) < 0.5:
-            img = img.flip(2)
-        if u(0, 1) < 0.5:
-            img = img.flip(1)
-        if size[0] == size[1]:
-            img = torch.rot90(img, int(u(0, 4)), dims=(1, 2))
-        # stain jitter in optical density: od = conc @ HE, perturb conc per stain
-        od = -torch.log(img.clamp_min(1 / 255))
-        conc = od.permute(1, 2, 0) @ torch.linalg.pinv(_HE)
-        alpha = torch.tensor([u(1 - stain, 1 + stain) for _ in range(3)])
-        beta = torch.tensor([u(-stain, stain) for _ in range(3)])
-        od = ((conc * alpha + beta) @ _HE).permute(2, 0, 1)
-        img = torch.exp(-od)
-        img = img * u(1 - color, 1 + color)  # brightness
-        mean = img.mean()
-        img = (img - mean) * u(1 - color, 1 + color) + mean  # contrast
-        gray = img.mean(0, keepdim=True)
-        img = (img - gray) * u(1 - color, 1 + color) + gray  # saturation
-        return img.clamp(0, 1)
+    def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        aug = draw_augmentation(g, img.shape[1], img.shape[2], size, crop_scale, color, stain)
+        return apply_augmentation(img, aug, size, interpolation)
 
     return apply
 
@@ -178,6 +160,13 @@ class BreakHisDataset(torch.utils.data.Dataset):
         std: per-channel standard deviation, with ``mean``.
         interpolation: resize mode of the built-in transforms (one of
             ``INTERPOLATIONS``), as the backbone's data config gives it.
+        cache_dir: read images from a `DecodedCache` there (uint8 at `cache_size`,
+            built on first use) instead of decoding every file each epoch.
+        augment_on: ``"worker"`` (the loader's workers return finished float images)
+            or ``"device"`` (with ``"train"``: they return the uint8 image at
+            `cache_size` and its augmentation record, ``(image, aug, label, group,
+            scale)``, and `device_transform` augments and normalises whole batches on
+            the model's device, from the same random draws).
 
     Examples:
         >>> import tempfile
@@ -204,6 +193,8 @@ class BreakHisDataset(torch.utils.data.Dataset):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         interpolation: str = "bilinear",
+        cache_dir: str | Path | None = None,
+        augment_on: str = "worker",
     ) -> None:
         if task not in ("binary", "subtype"):
             raise RecipeError(f"task must be 'binary' or 'subtype', got {task!r}")
@@ -211,6 +202,12 @@ class BreakHisDataset(torch.utils.data.Dataset):
             raise RecipeError("mean and std must be given together")
         if std is not None and (len(std) != 3 or len(mean) != 3 or min(std) <= 0):
             raise RecipeError(f"mean and std must hold 3 values, std > 0: {mean}, {std}")
+        if augment_on not in ("worker", "device"):
+            raise RecipeError(f"augment_on must be 'worker' or 'device', got {augment_on!r}")
+        if augment_on == "device" and transform != "train":
+            raise RecipeError("augment_on='device' applies the built-in 'train' transform")
+        self.on_device = augment_on == "device"
+        self.size, self.interpolation = (int(size[0]), int(size[1])), interpolation
         if isinstance(transform, str):
             if transform not in ("train", "eval"):
                 raise RecipeError(
@@ -235,6 +232,11 @@ class BreakHisDataset(torch.utils.data.Dataset):
                     self.bad_images.append((index.paths[i], f"{type(e).__name__}: {e}"))
             rows = np.array(good, dtype=np.int64)
         self.rows = rows
+        self.stored_size = cache_size(size, CROP_SCALE)
+        self.cache = None
+        if cache_dir is not None:
+            self.cache = DecodedCache([index.paths[r] for r in rows], self.stored_size,
+                                      cache_dir, interpolation, read_image)  # fmt: skip
         labels = index.label if task == "binary" else index.subtype
         self.labels = labels[rows]
         self.groups = index.group[rows]
@@ -247,11 +249,34 @@ class BreakHisDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def load(self, i: int) -> torch.Tensor:
-        """The i-th image as float [3, H, W] in [0, 1], untransformed."""
+        """The i-th image as float [3, H, W] in [0, 1], untransformed (from the cache:
+        at `cache_size`)."""
+        if self.cache is not None:
+            return self.cache[i].float() / 255.0
         return read_image(self.index.paths[self.rows[i]])
+
+    def load_uint8(self, i: int) -> torch.Tensor:
+        """The i-th image as uint8 [3, H, W] at `cache_size`."""
+        if self.cache is not None:
+            return self.cache[i]
+        img = resize(self.load(i), self.stored_size, self.interpolation)
+        return img.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+    def device_transform(self, images: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+        """With ``augment_on="device"``: a batch's uint8 images [B, 3, H, W] and records
+        [B, AUG_FIELDS], on the model's device, augmented and normalised."""
+        img = augment_batch(images, aug, self.size, self.interpolation)
+        if self.mean is not None:
+            img = normalize_image(img, self.mean, self.std)
+        return img
 
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed + self.epoch * len(self) + int(i))
+        if self.on_device:
+            img = self.load_uint8(i)
+            aug = draw_augmentation(g, img.shape[1], img.shape[2], self.size, CROP_SCALE,
+                                    COLOR, STAIN)  # fmt: skip
+            return img, aug, int(self.labels[i]), int(self.groups[i]), int(self.scales[i])
         img = self.transform(self.load(i), g)
         if self.mean is not None:
             img = normalize_image(img, self.mean, self.std)

@@ -1,0 +1,158 @@
+"""The training data path at BreakHis's native 700 x 460 PNGs: images per second per CPU
+core from PNG, from the decoded cache, and with augmentation moved to the device.
+
+python -m benchmarks.bench_data                 # 224 px -> results/data.md
+python -m benchmarks.bench_data --quick         # 64 px, fewer images
+python -m benchmarks.bench_data --device cuda   # + the loader against the model
+
+Per core: one process, one torch thread, no loader workers, the training transform of
+the recipe (crop, resize, flips, rotations, stain and colour jitter) on synthetic
+BreakHis images written at 700 x 460. On a GPU the last table runs the recipe's loader
+with its default workers against resnet18's training step (bf16 autocast,
+channels-last) at the same size: the recipe is loader-bound where the loader is slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import machine, markdown_table, write_report
+from smse_metric.recipes.histopathology.config import DataConfig
+from smse_metric.recipes.histopathology.data import make_synthetic_breakhis, scan_breakhis
+from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset
+
+NATIVE = (700, 460)  # BreakHis, width x height
+
+
+def _rate(fn, n: int, rounds: int) -> float:
+    """Items per second of ``fn(i)`` over ``n`` items: the best of ``rounds`` passes."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def per_core(root: Path, size: int, n: int, rounds: int, cache_dir: Path) -> list[list[str]]:
+    index = scan_breakhis(root)
+    kw = dict(size=(size, size), seed=0)
+    png = BreakHisDataset(index, "train", **kw)
+    t0 = time.perf_counter()
+    cached = BreakHisDataset(index, "train", cache_dir=cache_dir, **kw)
+    build_s = time.perf_counter() - t0
+    device = BreakHisDataset(index, "train", cache_dir=cache_dir, augment_on="device", **kw)
+    n = min(n, len(png))
+    rates = {
+        "PNG: decode, then augment in float (today's default)": _rate(png.__getitem__, n, rounds),
+        "cache, augment in float on the worker": _rate(cached.__getitem__, n, rounds),
+        "cache, uint8 + record to the device (the worker's part)": _rate(
+            device.__getitem__, n, rounds
+        ),
+    }
+    b = min(32, len(device))
+    batch = torch.utils.data.default_collate([device[i] for i in range(b)])
+
+    def augment(_):
+        device.device_transform(batch[0], batch[1])
+
+    rates[f"the device's part on this CPU, batches of {b}"] = b * _rate(augment, 5, rounds)
+    base = rates["PNG: decode, then augment in float (today's default)"]
+    rows = [[name, f"{r:.0f}", f"{r / base:.1f}x"] for name, r in rates.items()]
+    per_image = build_s / len(cached) * 1e3
+    rows.append([f"building the cache ({len(cached)} images, once)", f"{1e3 / per_image:.0f}", "—"])
+    return rows
+
+
+def gpu_feed(root: Path, size: int, cache_dir: Path, steps: int) -> list[list[str]]:
+    """Loader images/s with the recipe's default workers against the model's images/s."""
+    from smse_metric.recipes.histopathology.models import EmbeddingNet
+
+    dev = torch.device("cuda")
+    workers = DataConfig().num_workers
+    index = scan_breakhis(root)
+    net = EmbeddingNet("resnet18", embedding_dim=128).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    x = torch.rand(32, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (32,), device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, logits = net(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    model_rate = 32 * steps / (time.perf_counter() - t0)
+    rows = [["resnet18 training step (bf16, channels-last)", f"{model_rate:.0f}", "—"]]
+    for name, kw in (("PNG", {}), ("cache", {"cache_dir": cache_dir}),
+                     ("cache + device augmentation", {"cache_dir": cache_dir,
+                                                      "augment_on": "device"})):  # fmt: skip
+        ds = BreakHisDataset(index, "train", size=(size, size), seed=0, **kw)
+        loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=workers,
+                                             pin_memory=True, drop_last=True)  # fmt: skip
+        seen, t0 = 0, time.perf_counter()
+        for i, batch in enumerate(loader):
+            if "augment_on" in kw:
+                ds.device_transform(batch[0].to(dev, non_blocking=True),
+                                    batch[1].to(dev, non_blocking=True))  # fmt: skip
+            seen += len(batch[0])
+            if i + 1 == steps:
+                break
+        torch.cuda.synchronize()
+        rate = seen / (time.perf_counter() - t0)
+        verdict = "loader-bound" if rate < model_rate else "not loader-bound"
+        rows.append([f"loader, {name}, {workers} workers", f"{rate:.0f}", verdict])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="64 px, 16 images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="Markdown output file")
+    args = p.parse_args(argv)
+    size, n, rounds = (64, 16, 1) if args.quick else (224, 64, 3)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_synthetic_breakhis(Path(tmp) / "data", {"A": 1, "DC": 1},
+                                       images_per_magnification=8 if not args.quick else 2,
+                                       image_size=NATIVE, seed=0)  # fmt: skip
+        rows = per_core(root, size, n, rounds, Path(tmp) / "cache")
+        feed = None
+        if args.device.startswith("cuda"):
+            torch.set_num_threads(os.cpu_count() or 1)
+            feed = gpu_feed(root, size, Path(tmp) / "cache", steps=20 if args.quick else 60)
+    cmd = "python -m benchmarks.bench_data" + (" --quick" if args.quick else "")
+    cmd += "" if args.device == "cpu" else f" --device {args.device}"
+    parts = [
+        f"# Data path at {NATIVE[0]} x {NATIVE[1]} PNGs, {size} px training images", "",
+        f"Machine: {machine()}", "", f"Command: `{cmd}`", "",
+        "Images per second on one core (one process, one torch thread, no workers), the "
+        "best of the passes over the same images; ratios against the PNG path.", "",
+        markdown_table(["path", "images/s per core", "vs PNG"], rows), "",
+    ]  # fmt: skip
+    if feed is not None:
+        parts += ["## Loader against the model on this GPU", "",
+                  markdown_table(["", "images/s", "verdict"], feed), ""]  # fmt: skip
+    name = "data" + ("-quick" if args.quick else "") + ("-cuda" if feed is not None else "")
+    return write_report("\n".join(parts), name, args.out)
+
+
+if __name__ == "__main__":
+    main()

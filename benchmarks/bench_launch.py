@@ -1,0 +1,165 @@
+"""The fused losses at training batch sizes: the launch-light path against the sorted
+path, forward + backward, in one process, interleaved.
+
+python -m benchmarks.bench_launch             # B = 32, 64, 128 -> results/launch.md
+python -m benchmarks.bench_launch --quick     # B = 32
+python -m benchmarks.bench_launch --device cuda
+
+At B = 32 a step is a fraction of a millisecond of arithmetic, so on a GPU its cost is
+the number of kernels launched: the table gives the top-level aten ops of one step
+(CPU profiler; on CUDA also the kernels the GPU ran) beside the time. The sorted path
+is what every batch above SMALL_BATCH takes, and what these batches took before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.common import machine, markdown_table, write_report
+from smse_metric import ContrastiveLoss, TripletMarginLoss
+from smse_metric.functional import _small_batch as small_batch
+
+D = 128
+#: (name, loss): the recipe's loss first (cross-scale, squared, all triplets)
+LOSSES = [
+    ("recipe: all, squared, cross-scale", TripletMarginLoss(1.0, squared=True, cross_scale=True)),
+    ("all", TripletMarginLoss(0.2)),
+    ("semihard", TripletMarginLoss(0.2, triplets="semihard")),
+    ("batch-hard", TripletMarginLoss(0.2, triplets="batch_hard")),
+    ("contrastive", ContrastiveLoss(0.5)),
+]
+
+
+def _on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        saved = small_batch.SMALL_BATCH, small_batch.SMALL_BATCH_CPU
+        # "small" at every size of the table, "sorted" at none
+        limit = 1 << 30 if path == "small" else 0
+        small_batch.SMALL_BATCH = small_batch.SMALL_BATCH_CPU = limit
+        try:
+            return fn()
+        finally:
+            small_batch.SMALL_BATCH, small_batch.SMALL_BATCH_CPU = saved
+
+    return run
+
+
+def _counts(fn: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
+    """(top-level aten ops, CUDA kernels or None) of one call."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+
+    def nested(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return True
+            p = p.cpu_parent
+        return False
+
+    ops = sum(e.name.startswith("aten::") and not nested(e) for e in events)
+    if device.type != "cuda":
+        return ops, None
+    kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    return ops, kernels
+
+
+def _time_ms(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int,
+             min_s: float = 0.1) -> dict[str, float]:  # fmt: skip
+    """Per function the best of `rounds` medians, the functions interleaved, each
+    median over at least `min_s` seconds of calls."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    reps = {}
+    for name, fn in fns.items():
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        reps[name] = max(5, int(min_s / max(time.perf_counter() - t0, 1e-6)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times = []
+            for _ in range(reps[name]):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+            best[name] = min(best[name], statistics.median(times) * 1e3)
+    return best
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="B = 32 only, one round")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="Markdown output file")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    sizes = (32,) if args.quick else (32, 64, 128)
+    rounds = 1 if args.quick else 5
+    cuda = dev.type == "cuda"
+    rows = []
+    for b in sizes:
+        g = torch.Generator().manual_seed(b)
+        emb = torch.nn.functional.normalize(torch.randn(b, D, generator=g), dim=1).to(dev)
+        emb.requires_grad_()
+        # 2 classes x 4 patients x 4 magnifications per 32, as the recipe's batches
+        labels = (torch.arange(b) // (b // 2)).to(dev)
+        scales = (torch.arange(b) % 4).to(dev)
+        for name, loss in LOSSES:
+
+            def step(loss=loss, emb=emb, labels=labels, scales=scales):
+                return torch.autograd.grad(loss(emb, labels, scales=scales), emb)
+
+            fns = {path: _on_path(path, step) for path in ("small", "sorted")}
+            counts = {path: _counts(fn, dev) for path, fn in fns.items()}
+            ms = _time_ms(fns, dev, rounds)
+            row = [name, str(b)]
+            for path in ("small", "sorted"):
+                ops, kernels = counts[path]
+                row.append(f"{ops}" + (f" / {kernels}" if cuda else ""))
+            row += [
+                f"{ms['small']:.3f}",
+                f"{ms['sorted']:.3f}",
+                f"{ms['sorted'] / ms['small']:.1f}x",
+            ]
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+    count = "top-level aten ops / CUDA kernels" if cuda else "top-level aten ops"
+    header = ["loss", "B", f"launch-light: {count}", f"sorted: {count}",
+              "launch-light ms", "sorted ms", "sorted / launch-light"]  # fmt: skip
+    cmd = "python -m benchmarks.bench_launch" + (" --quick" if args.quick else "")
+    cmd += "" if args.device == "cpu" else f" --device {args.device}"
+    text = "\n".join([
+        f"# Fused losses at training batch sizes ({args.device})", "",
+        f"Machine: {machine()}", "", f"Command: `{cmd}`", "",
+        f"Forward + backward of one step, D = {D}, half the batch per class, 4 "
+        "magnifications; times are the best of interleaved medians (each over at least "
+        "0.1 s of calls), both paths in one process. Counts are of one step, including "
+        "the gradient seed autograd creates.", "",
+        markdown_table(header, rows), "",
+    ])  # fmt: skip
+    name = "launch" + ("-quick" if args.quick else "") + ("-cuda" if cuda else "")
+    return write_report(text, name, args.out)
+
+
+if __name__ == "__main__":
+    main()

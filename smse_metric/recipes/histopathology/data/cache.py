@@ -1,0 +1,121 @@
+"""A decoded-image cache: every image of a dataset once as uint8 at the training size
+plus the crop margin, in one memory-mapped file.
+
+Decoding a 700 x 460 BreakHis PNG takes about 10 ms; reading its cached copy is a
+memory copy. The file is keyed by the image files (path, size, modification time), the
+cached size and the resampling, so a changed, added or removed file gives a new key
+and the cache is built again; nothing else is ever read from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RecipeError
+from .augment import resize
+
+__all__ = ["DecodedCache", "cache_size"]
+
+#: bump when the stored layout or the resampling changes: old files are then not used
+FORMAT = 1
+
+
+def cache_size(size: Sequence[int], crop_scale: Sequence[float]) -> tuple[int, int]:
+    """(H, W) that a crop of the smallest area fraction still covers ``size`` at: the
+    training size divided by ``sqrt(crop_scale[0])``, rounded up.
+
+    Examples:
+        >>> cache_size((224, 224), (0.6, 1.0))
+        (290, 290)
+    """
+    lo = float(crop_scale[0])
+    if not 0 < lo <= 1:
+        raise RecipeError(f"crop_scale[0] must be in (0, 1], got {lo}")
+    return tuple(math.ceil(s / math.sqrt(lo) - 1e-9) for s in size)
+
+
+def _key(paths: Sequence[str], size: tuple[int, int], interpolation: str) -> str:
+    files = []
+    for p in paths:
+        st = os.stat(p)
+        files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    text = json.dumps([FORMAT, list(size), interpolation, files])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class DecodedCache:
+    """Images of ``paths`` as uint8 [3, H, W] at ``size``, memory-mapped from
+    ``directory/decoded-<key>-<H>x<W>.u8``; built on first use (atomically: a partial
+    file is never taken for a cache), read-only afterwards.
+
+    Args:
+        paths: the image files, in the order `__getitem__` indexes them.
+        size: cached (H, W), e.g. from `cache_size`.
+        directory: where cache files live (created if missing).
+        interpolation: the resize mode used to build it.
+        read: ``(path) -> float [3, h, w] in [0, 1]``, the decoder (the dataset's).
+
+    Examples:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> from smse_metric.recipes.histopathology.data.dataset import read_image
+        >>> d = Path(tempfile.mkdtemp())
+        >>> Image.new("RGB", (8, 6), (255, 0, 0)).save(d / "a.png")
+        >>> cache = DecodedCache([str(d / "a.png")], (4, 4), d / "cache", read=read_image)
+        >>> cache[0].shape, cache[0].dtype, cache.built
+        (torch.Size([3, 4, 4]), torch.uint8, True)
+        >>> DecodedCache([str(d / "a.png")], (4, 4), d / "cache", read=read_image).built
+        False
+    """
+
+    def __init__(self, paths: Sequence[str], size: Sequence[int], directory: str | Path,
+                 interpolation: str = "bilinear", read=None) -> None:  # fmt: skip
+        if read is None:
+            raise RecipeError("DecodedCache needs read=, the image decoder")
+        self.size = (int(size[0]), int(size[1]))
+        self.shape = (len(paths), 3, *self.size)
+        directory = Path(directory)
+        key = _key(paths, self.size, interpolation)
+        self.path = directory / f"decoded-{key}-{self.size[0]}x{self.size[1]}.u8"
+        self.built = False
+        if not self.path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            self._build(paths, interpolation, read)
+            self.built = True
+        if self.path.stat().st_size != math.prod(self.shape):
+            raise RecipeError(f"{self.path} is not a cache of {self.shape} images; remove it")
+        self._images: np.memmap | None = None
+
+    def _build(self, paths: Sequence[str], interpolation: str, read) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+        try:
+            images = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape)
+            for i, p in enumerate(paths):
+                img = resize(read(p), self.size, interpolation)
+                images[i] = img.mul(255).round_().clamp_(0, 255).to(torch.uint8).numpy()
+            images.flush()
+            del images
+            os.replace(tmp, self.path)  # another process may have won: same content
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._images is None:  # opened per process: workers do not share the handle
+            self._images = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
+        return torch.from_numpy(np.array(self._images[i]))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_images"] = None
+        return state

@@ -1,0 +1,93 @@
+"""The decoded-image cache: built once, reused, rebuilt when a file changes; datasets
+that read it, and device augmentation fed from it."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smse_metric.recipes.histopathology.data.augment import resize
+from smse_metric.recipes.histopathology.data.cache import DecodedCache, cache_size
+from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset, read_image
+from smse_metric.recipes.histopathology.errors import RecipeError
+
+
+def _pngs(tmp_path, n=3):
+    paths = []
+    for i in range(n):
+        rgb = np.random.default_rng(i).integers(0, 256, (14, 18, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rgb).save(paths[-1])
+    return [str(p) for p in paths]
+
+
+def test_built_once_then_read_back_as_the_resized_images(tmp_path):
+    paths = _pngs(tmp_path)
+    cache = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    again = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    assert cache.built and not again.built and again.path == cache.path
+    for i, p in enumerate(paths):
+        want = resize(read_image(p), (8, 10)).mul(255).round().to(torch.uint8)
+        assert torch.equal(again[i], want)
+    assert [f.name for f in (tmp_path / "c").iterdir()] == [cache.path.name]  # no partial left
+
+
+def test_a_changed_file_gives_a_new_cache(tmp_path):
+    paths = _pngs(tmp_path)
+    first = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    Image.new("RGB", (18, 14), (255, 0, 0)).save(paths[1])
+    stamp = os.stat(paths[1]).st_mtime_ns + 10**9  # a rewrite within the same tick
+    os.utime(paths[1], ns=(stamp, stamp))
+    second = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    assert second.built and second.path != first.path
+    assert second[1][:, 0, 0].tolist() == [255, 0, 0]
+    assert DecodedCache(paths, (8, 12), tmp_path / "c", read=read_image).built  # other size
+
+
+def test_a_file_that_is_not_a_cache_is_refused(tmp_path):
+    paths = _pngs(tmp_path)
+    cache = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    cache.path.write_bytes(b"not images")
+    with pytest.raises(RecipeError, match="not a cache"):
+        DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+
+
+def test_a_cache_travels_to_worker_processes_without_its_mapping(tmp_path):
+    cache = DecodedCache(_pngs(tmp_path), (8, 10), tmp_path / "c", read=read_image)
+    first = cache[0]
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone._images is None and torch.equal(clone[0], first)
+
+
+def test_cache_size_covers_the_smallest_crop():
+    assert cache_size((224, 224), (0.6, 1.0)) == (290, 290)
+    assert cache_size((32, 48), (1.0, 1.0)) == (32, 48)
+    with pytest.raises(RecipeError, match="crop_scale"):
+        cache_size((32, 32), (0.0, 1.0))
+
+
+def test_datasets_read_the_cache_and_augment_on_the_device(synth_index, tmp_path):
+    """Evaluation images from the cache stay close to those decoded from PNG; with
+    augment_on="device" the loader gets uint8 images and records, and a batch augmented
+    on the device matches the workers' augmentation of the same cached images."""
+    kw = dict(size=(16, 16), seed=3, cache_dir=tmp_path / "c")
+    png = BreakHisDataset(synth_index, "eval", size=(16, 16))
+    cached = BreakHisDataset(synth_index, "eval", **kw)
+    assert cached.cache is not None and cached.cache.shape[2:] == cache_size((16, 16), (0.6, 1))
+    diff = torch.stack([(png[i][0] - cached[i][0]).abs().mean() for i in range(8)])
+    assert diff.max() < 0.03
+    worker = BreakHisDataset(synth_index, "train", **kw)
+    device = BreakHisDataset(synth_index, "train", augment_on="device", **kw)
+    for ds in (worker, device):
+        ds.set_epoch(2)
+    batch = torch.utils.data.default_collate([device[i] for i in range(8)])
+    assert batch[0].dtype == torch.uint8 and batch[1].shape == (8, 16)
+    got = device.device_transform(batch[0], batch[1])
+    want = torch.stack([worker[i][0] for i in range(8)])
+    assert got.shape == want.shape and (got - want).abs().mean() < 0.03
+    assert [int(v) for v in batch[2]] == [worker[i][1] for i in range(8)]
+    with pytest.raises(RecipeError, match="augment_on"):
+        BreakHisDataset(synth_index, "eval", augment_on="device", size=(16, 16))
