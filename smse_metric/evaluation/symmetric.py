@@ -9,7 +9,8 @@ only enter where a tile of 32 entries could beat it (its maximum with its smalle
 as a (similarity, id) key), so almost all of the block is rejected by one tile-maximum
 pass, ties included, and the few candidates are merged exactly. Where a block holds
 more candidates than k per query (ties against earlier rows, early blocks), each query
-takes the k best keys of the block directly. Ties are broken by index, so the result
+takes its k best entries of the block directly: a float top-k gives its k-th
+similarity, and of the entries equal to it the first in id order complete the k. Ties are broken by index, so the result
 is the k smallest by ``(distance, index)``: the same rule as
 [`KNNClassifier`][smse_metric.evaluation.KNNClassifier].
 
@@ -67,13 +68,7 @@ def _candidates(
         admit = order_keys(tiles.amax(2), tile_ids.amin(1)[None, :]) > bar[:, None]
     n_queries = c if by_column else r
     if admit.sum() > k * n_queries:
-        other = ids[:, None] if by_column else ids[None, :]
-        keys = order_keys(s, other).masked_fill_(s == float("-inf"), EMPTY)
-        top = keys.topk(min(k, s.shape[axis]), dim=axis).values
-        top = top.T if by_column else top
-        real = bar < _NO_KEY  # not padding
-        queries = torch.arange(n_queries, device=s.device)[real]
-        return queries.repeat_interleave(top.shape[1]), top[real].ravel()
+        return _best_keys(s, ids, k, axis)
     tr, tc = admit.nonzero(as_tuple=True)
     if by_column:
         keys = order_keys(tiles[tr, :, tc], tile_ids[tr])
@@ -82,6 +77,37 @@ def _candidates(
     keys = order_keys(tiles[tr, tc], tile_ids[tc])
     j, off = (keys > bar[tr, None]).nonzero(as_tuple=True)
     return tr[j], keys[j, off]
+
+
+def _best_keys(s: Tensor, ids: Tensor, k: int, axis: int) -> tuple[Tensor, Tensor]:
+    """(queries, keys): every query's k best finite entries of ``s`` by (similarity,
+    smallest id), queries along ``1 - axis``, ``ids`` along ``axis``. The float top-k
+    gives the k-th similarity; entries above it are in, and of the entries equal to it
+    the first ones in id order fill the rest: no key is formed for the entries not
+    taken, which are most of them when ties crowd a block."""
+    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):  # groups reorder the rows
+        order = ids.argsort()
+        s, ids = s.index_select(axis, order), ids[order]
+    kk = min(k, s.shape[axis])
+    kth = s.topk(kk, dim=axis).values.narrow(axis, kk - 1, 1).clamp_min(_FLOOR)
+    above = s > kth
+    need = kk - above.sum(axis, keepdim=True)
+    # the kk first tied positions of each query (fewer may exist: -inf, dropped below)
+    place = torch.arange(s.shape[axis], device=s.device, dtype=s.dtype)
+    place = -(place[:, None] if axis == 0 else place[None, :])
+    first = torch.where(s == kth, place, float("-inf")).topk(kk, dim=axis)
+    rank = torch.arange(kk, device=s.device)
+    rank = rank[:, None] if axis == 0 else rank[None, :]
+    wanted = (rank < need) & (first.values > float("-inf"))
+    r_above, c_above = above.nonzero(as_tuple=True)
+    r_tied, c_tied = wanted.nonzero(as_tuple=True)
+    if axis == 0:  # the queries are the columns
+        rows = torch.cat([r_above, first.indices[r_tied, c_tied]])
+        cols = torch.cat([c_above, c_tied])
+        return cols, order_keys(s[rows, cols], ids[rows])
+    rows = torch.cat([r_above, r_tied])
+    cols = torch.cat([c_above, first.indices[r_tied, c_tied]])
+    return rows, order_keys(s[rows, cols], ids[cols])
 
 
 def _bar(state: Tensor, pad: int) -> Tensor:
@@ -155,11 +181,9 @@ def symmetric_knn(
             r, c = reach.nonzero(as_tuple=True)
             _merge(state, r + s, order_keys(sim[r, c], orig[c + s]))
             continue
-        # many ties (collapsed embeddings): keys order them by id, so the k best keys
-        keys = order_keys(sim, orig[None, s:e]).masked_fill_(sim == float("-inf"), EMPTY)
-        best = keys.topk(kk, dim=1).values
-        rows = torch.arange(s, e, device=dev).repeat_interleave(kk)
-        _merge(state, rows, best.ravel())
+        # many ties (collapsed embeddings): the k best by (similarity, id) directly
+        rows, keys = _best_keys(sim, orig[s:e], kk, 1)
+        _merge(state, rows + s, keys)
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
             sim = a[s:e] @ b[t:u].T
