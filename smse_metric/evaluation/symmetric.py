@@ -1,17 +1,17 @@
 """Exact leave-one-out k-nearest neighbours of a set within itself, at half the cost.
 
-When the queries are the gallery (leave-one-out, leave-one-patient-out), the
-similarity matrix is symmetric: block ``(I, J)`` of ``X @ X.T`` serves the queries of
-block ``I`` (its rows) and those of block ``J`` (its columns). Computing each pair of
-blocks once halves the matrix products a flat index would do. Selection keeps, per
-query, its current k best and their threshold (the k-th value); a block's entries can
-only enter where a tile of 32 entries could beat it (its maximum with its smallest id,
-as a (similarity, id) key), so almost all of the block is rejected by one tile-maximum
-pass, ties included, and the few candidates are merged exactly. Where a block holds
-more candidates than k per query (ties against earlier rows, early blocks), each query
-takes its k best entries of the block directly: a float top-k gives its k-th
-similarity, and of the entries equal to it the first in id order complete the k. Ties are broken by index, so the result
-is the k smallest by ``(distance, index)``: the same rule as
+When the queries are the gallery (leave-one-out, leave-one-patient-out), the similarity
+matrix is symmetric: block ``(I, J)`` of ``X @ X.T`` serves the queries of block ``I``
+(its rows) and those of block ``J`` (its columns). Computing each pair of blocks once
+halves the matrix products a flat index would do. Selection keeps, per query, its
+current k best and their threshold (the k-th value); a block's entries can only enter
+where a tile of 32 entries could beat it (its maximum with its smallest id, as a
+(similarity, id) key), so almost all of the block is rejected by one tile-maximum pass,
+ties included, and the few candidates are merged exactly. Where a block holds more
+candidates than k per query (ties against earlier rows, early blocks), each query takes
+its k best entries of the block directly: a float top-k gives its k-th similarity, and
+of the entries equal to it the first in id order complete the k. Ties are broken by
+index, so the result is the k smallest by ``(distance, index)``: the same rule as
 [`KNNClassifier`][smse_metric.evaluation.KNNClassifier].
 
 L2 uses one product of augmented rows, ``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2]
@@ -89,8 +89,10 @@ def _best_keys(s: Tensor, ids: Tensor, k: int, axis: int) -> tuple[Tensor, Tenso
         order = ids.argsort()
         s, ids = s.index_select(axis, order), ids[order]
     kk = min(k, s.shape[axis])
-    kth = s.topk(kk, dim=axis).values.narrow(axis, kk - 1, 1).clamp_min(_FLOOR)
-    above = s > kth
+    top = s.topk(kk, dim=axis)
+    kth = top.values.narrow(axis, kk - 1, 1).clamp_min(_FLOOR)
+    # the entries above the k-th similarity are among the top k: no pass over s for them
+    above = top.values > kth
     need = kk - above.sum(axis, keepdim=True)
     # the kk first tied positions of each query (fewer may exist: -inf, dropped below)
     place = torch.arange(s.shape[axis], device=s.device, dtype=s.dtype)
@@ -98,15 +100,15 @@ def _best_keys(s: Tensor, ids: Tensor, k: int, axis: int) -> tuple[Tensor, Tenso
     first = torch.where(s == kth, place, float("-inf")).topk(kk, dim=axis)
     rank = torch.arange(kk, device=s.device)
     rank = rank[:, None] if axis == 0 else rank[None, :]
-    wanted = (rank < need) & (first.values > float("-inf"))
-    r_above, c_above = above.nonzero(as_tuple=True)
-    r_tied, c_tied = wanted.nonzero(as_tuple=True)
+    tied = (rank < need) & (first.values > float("-inf"))
+    ra, ca = above.nonzero(as_tuple=True)
+    rt, ct = tied.nonzero(as_tuple=True)
     if axis == 0:  # the queries are the columns
-        rows = torch.cat([r_above, first.indices[r_tied, c_tied]])
-        cols = torch.cat([c_above, c_tied])
+        rows = torch.cat([top.indices[ra, ca], first.indices[rt, ct]])
+        cols = torch.cat([ca, ct])
         return cols, order_keys(s[rows, cols], ids[rows])
-    rows = torch.cat([r_above, r_tied])
-    cols = torch.cat([c_above, first.indices[r_tied, c_tied]])
+    rows = torch.cat([ra, rt])
+    cols = torch.cat([top.indices[ra, ca], first.indices[rt, ct]])
     return rows, order_keys(s[rows, cols], ids[cols])
 
 

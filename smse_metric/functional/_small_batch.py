@@ -1,18 +1,19 @@
 """Internal: launch-light fused losses for the batches that training uses.
 
-At a batch of 32 the composed fused losses ran 60-100 top-level aten ops for a fraction
-of a millisecond of arithmetic: on a GPU, launches dominate. Here each loss over one
-batch is a single ``torch.autograd.Function`` whose forward is a handful of whole-batch
-ops (direct-difference distances, one [B, B, B] comparison for the triplet counts) and
-whose backward is closed-form: the loss is linear in the distances near the input, with
-coefficients the forward has counted, and the gradient of ``sum(coef * dist)`` w.r.t.
-the embeddings is one matrix product. Exact (the selections and counts of the sorted
-path and the miner, which use the same direct-difference distances at these sizes),
-with no host synchronisation and static shapes, so a training step that uses them can
-be captured in a CUDA graph.
+At a batch of 32 the composed fused losses run 46-88 top-level aten ops forward +
+backward for a fraction of a millisecond of arithmetic: on a GPU, launches dominate.
+Here each loss over one batch is a single ``torch.autograd.Function`` whose forward is a
+handful of whole-batch ops (direct-difference distances, one [B, B, B] comparison for
+the triplet counts) and whose backward is closed-form: the loss is linear in the
+distances near the input, with coefficients the forward has counted, and the gradient of
+``sum(coef * dist)`` w.r.t. the embeddings is one matrix product. Exact (the selections
+and counts of the sorted path and the miner, which use the same direct-difference
+distances at these sizes), with no host synchronisation and static shapes, so a training
+step that uses them can be captured in a CUDA graph.
 
-Used for at most `SMALL_BATCH` embeddings against themselves, euclidean or squared
-euclidean; larger batches, reference sets and cosine take the sorted, blocked path.
+Used for at most `SMALL_BATCH` embeddings against themselves (`SMALL_BATCH_CPU` for the
+triplet windows on the CPU), euclidean or squared euclidean; larger batches, reference
+sets and cosine take the sorted, blocked path.
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ from .distances import DIRECT_ENTRIES, direct_distances
 #: temporaries, and a distance matrix of `DIRECT_ENTRIES` entries, so that the miners
 #: see the same values.
 SMALL_BATCH = 128
-#: On the CPU launches cost little and the B^3 work shows: the sorted path is as fast
-#: at 48 and 2.6x faster at 96 (benchmarks/results/launch.md)
+#: On the CPU launches cost little and the B^3 work of the triplet windows shows: the
+#: sorted path is as fast at 64 and 5x faster at 128 (benchmarks/results/launch.md);
+#: batch-hard and the contrastive loss have no B^3 term and stay on this path
 SMALL_BATCH_CPU = 48
 if max(SMALL_BATCH, SMALL_BATCH_CPU) ** 2 > DIRECT_ENTRIES:
     raise ImportError("SMALL_BATCH must not exceed the direct-difference distance size")
 
 
-def uses_small_batch(emb: Tensor, same: bool, metric: str) -> bool:
-    limit = SMALL_BATCH_CPU if emb.device.type == "cpu" else SMALL_BATCH
+def uses_small_batch(emb: Tensor, same: bool, metric: str, cubic: bool = False) -> bool:
+    """Whether a loss over ``emb`` takes this path; ``cubic``: the triplet windows."""
+    cpu_cubic = cubic and emb.device.type == "cpu"
+    limit = min(SMALL_BATCH_CPU, SMALL_BATCH) if cpu_cubic else SMALL_BATCH
     return same and len(emb) <= limit and metric != "cosine"
 
 

@@ -245,7 +245,7 @@ def triplet_margin_loss(
             return reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
 
         scales = scales if cross_scale else None
-        if uses_small_batch(emb, same, metric):
+        if uses_small_batch(emb, same, metric, cubic=triplets != "batch_hard"):
             squared = metric == "squared_euclidean"
             return small_triplet_loss(emb, labels, scales, margin, triplets, squared, reduction)
         if triplets == "batch_hard":
