@@ -132,12 +132,13 @@ class _BatchHard(torch.autograd.Function):
         picked, picks = torch.stack([torch.where(pos, d64, -float("inf")), -d_neg], 1).max(2)
         picked = picked if picked.dtype == x.dtype else picked.to(x.dtype)
         # d_ap - d_an + margin; rows without a positive or a negative hold -inf: 0
-        terms = (picked.sum(1, keepdim=True) + margin).relu_()
-        carrying = terms.sign()
+        terms = picked.sum(1, keepdim=True) + margin
         count = None
         if reduction == "mean":  # anchors with both a positive and a negative
-            count = picked.isfinite().all(1).sum(dtype=x.dtype)
-        elif reduction == "mean_nonzero":
+            count = (terms > -float("inf")).sum()
+        terms = terms.relu_()
+        carrying = terms.sign()
+        if reduction == "mean_nonzero":
             count = carrying.sum()
         # d total / d d(a,p*) = +carrying, / d d(a,n*) = -carrying: [c, -c] / [d, -d]
         signs = (
@@ -172,7 +173,7 @@ class _Contrastive(torch.autograd.Function):
         if reduction == "sum":
             count = None
         elif reduction == "mean_nonzero":
-            count = g.count_nonzero().to(x.dtype)
+            count = g.count_nonzero()
         total = torch.tensordot(g, g, 2) * 0.5  # sum(g^2) / 2 as one dot product
         return _finish(ctx, total, count, x, _weights(g, d, False), False, symmetric=True)
 
