@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import machine, markdown_table, write_report
+from benchmarks.common import launch_counts, machine, markdown_table, write_report
 from smse_metric import ContrastiveLoss, TripletMarginLoss
 from smse_metric.functional import _small_batch as small_batch
 
@@ -47,32 +47,6 @@ def _on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
             small_batch.SMALL_BATCH, small_batch.SMALL_BATCH_CPU = saved
 
     return run
-
-
-def _counts(fn: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
-    """(top-level aten ops, CUDA kernels or None) of one call."""
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    events = prof.events()
-
-    def nested(e) -> bool:
-        p = e.cpu_parent
-        while p is not None:
-            if p.name.startswith("aten::"):
-                return True
-            p = p.cpu_parent
-        return False
-
-    ops = sum(e.name.startswith("aten::") and not nested(e) for e in events)
-    if device.type != "cuda":
-        return ops, None
-    kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
-    return ops, kernels
 
 
 def _time_ms(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int,
@@ -130,7 +104,9 @@ def main(argv: list[str] | None = None) -> str:
                 return torch.autograd.grad(loss(emb, labels, scales=scales), emb)
 
             fns = {path: _on_path(path, step) for path in ("small", "sorted")}
-            counts = {path: _counts(fn, dev) for path, fn in fns.items()}
+            for fn in fns.values():
+                fn()  # first calls initialise lazily
+            counts = {path: launch_counts(fn, dev) for path, fn in fns.items()}
             ms = _time_ms(fns, dev, rounds)
             row = [name, str(b)]
             for path in ("small", "sorted"):

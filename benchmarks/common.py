@@ -68,6 +68,36 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
+def launch_counts(
+    fn: Callable[[], object], device: torch.device | None = None
+) -> tuple[int, int | None]:
+    """(top-level aten ops, CUDA kernels or None) of one call of ``fn``: the aten ops
+    called from Python or autograd, not from inside another aten op. On a GPU each is
+    at least one launch (views excepted), whatever its size."""
+    cuda = device is not None and device.type == "cuda"
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+
+    def nested(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("aten::"):
+                return True
+            p = p.cpu_parent
+        return False
+
+    ops = sum(e.name.startswith("aten::") and not nested(e) for e in events)
+    if not cuda:
+        return ops, None
+    return ops, sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+
+
 def run_case(module: str, args: list[str], timeout: float) -> dict:
     """Run ``python -m module --case ARGS`` in a fresh process; parse its JSON line."""
     cmd = [sys.executable, "-m", module, "--case", *args]

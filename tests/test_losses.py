@@ -22,6 +22,7 @@ from helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks.common import launch_counts
 from smse_metric import (
     ContrastiveLoss,
     FocalLoss,
@@ -278,24 +279,6 @@ def test_bad_input_names_the_argument(call, exc, match):
         call()
 
 
-def _top_level_aten_ops(fn) -> int:
-    """aten ops called from Python or autograd, not from inside another aten op: on a GPU
-    each is at least one launch (views excepted), whatever its size."""
-    fn()  # first calls initialise lazily
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-
-    def nested(event) -> bool:
-        parent = event.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                return True
-            parent = parent.cpu_parent
-        return False
-
-    return sum(e.name.startswith("aten::") and not nested(e) for e in prof.events())
-
-
 #: forward + backward of each fused loss over a batch of 32, counted on the CPU, over
 #: every reduction, distance and cross-scale setting: the largest count measured (torch
 #: 2.14) plus 2 for other torch versions. Issue 14 aimed at 25: the float64 distances,
@@ -325,9 +308,11 @@ def test_fused_losses_run_few_ops_per_training_step(kind, loss):
     def step():
         return torch.autograd.grad(loss(emb, labels, scales=scales), emb)
 
-    assert _top_level_aten_ops(step) <= LAUNCH_BUDGET[kind]
+    step()  # first calls initialise lazily
+    assert launch_counts(step)[0] <= LAUNCH_BUDGET[kind]
     with fused_path("sorted"):  # the composed path: the count can exceed the budget
-        assert _top_level_aten_ops(step) > LAUNCH_BUDGET[kind] + 10
+        step()
+        assert launch_counts(step)[0] > LAUNCH_BUDGET[kind] + 10
 
 
 @needs_cuda
