@@ -119,22 +119,27 @@ def test_invariances(loss, seed, shift):
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=repr)
-def test_degenerate_batches(loss):
-    emb, _, scales = make_batch(6, 3, 1)
-    is_triplet = isinstance(loss, TripletMarginLoss)
-    # one class: no negatives, so no triplet; the pair loss still pulls positives
-    _check_degenerate(loss, emb, torch.zeros(6, dtype=torch.long), scales, is_triplet)
-    # all labels distinct: no positives
-    _check_degenerate(loss, emb, torch.arange(6), scales, is_triplet)
-    # B = 1
-    _check_degenerate(loss, emb[:1], torch.zeros(1, dtype=torch.long), scales[:1], True)
-    # duplicate embeddings, same and different labels
-    dup = emb[[0, 0, 1, 1, 2, 2]]
-    _check_degenerate(loss, dup, torch.tensor([0, 0, 1, 1, 0, 1]), scales, False)
-    # no cross-scale positive: every positive shares its anchor's scale
-    same_scale = torch.tensor([0, 0, 0, 1, 1, 1])
-    lab = torch.tensor([0, 0, 0, 1, 1, 1])
-    _check_degenerate(loss, emb, lab, same_scale, is_triplet and loss.cross_scale)
+@pytest.mark.parametrize("path", FUSED_PATHS)
+def test_degenerate_batches(loss, path):
+    """Degenerate batches give a finite loss and gradient on both fused paths; where no
+    pair or triplet exists, a zero connected to the graph."""
+    with fused_path(path):
+        emb, _, scales = make_batch(6, 3, 1)
+        is_triplet = isinstance(loss, TripletMarginLoss)
+        # one class: no negatives, so no triplet; the pair loss still pulls positives
+        _check_degenerate(loss, emb, torch.zeros(6, dtype=torch.long), scales, is_triplet)
+        # all labels distinct: no positives
+        _check_degenerate(loss, emb, torch.arange(6), scales, is_triplet)
+        # B = 1 and B = 0
+        _check_degenerate(loss, emb[:1], torch.zeros(1, dtype=torch.long), scales[:1], True)
+        _check_degenerate(loss, emb[:0], torch.zeros(0, dtype=torch.long), scales[:0], True)
+        # duplicate embeddings, same and different labels
+        dup = emb[[0, 0, 1, 1, 2, 2]]
+        _check_degenerate(loss, dup, torch.tensor([0, 0, 1, 1, 0, 1]), scales, False)
+        # no cross-scale positive: every positive shares its anchor's scale
+        same_scale = torch.tensor([0, 0, 0, 1, 1, 1])
+        lab = torch.tensor([0, 0, 0, 1, 1, 1])
+        _check_degenerate(loss, emb, lab, same_scale, is_triplet and loss.cross_scale)
 
 
 #: (device, autocast dtype): bfloat16 on the CPU, both half types on CUDA

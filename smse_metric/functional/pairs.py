@@ -64,6 +64,8 @@ def contrastive_loss(
     emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
     scales, ref_scales = x.scales, x.ref_scales
     with full_precision(embeddings.device):
+        if indices_tuple is None and (emb.shape[0] == 0 or ref.shape[0] == 0):
+            return (emb.sum() + ref.sum()) * 0.0  # no pair: the connected zero
         if indices_tuple is None and uses_small_batch(emb, same, "euclidean"):
             cross = scales if cross_scale else None
             return small_contrastive_loss(emb, labels, cross, margin, reduction)

@@ -245,6 +245,8 @@ def triplet_margin_loss(
             return reduce_terms(terms.sum(), n_sel, (terms > 0).sum(), reduction)
 
         scales = scales if cross_scale else None
+        if emb.shape[0] == 0 or ref.shape[0] == 0:  # no triplet: the connected zero
+            return (emb.sum() + ref.sum()) * 0.0
         if uses_small_batch(emb, same, metric, cubic=triplets != "batch_hard"):
             squared = metric == "squared_euclidean"
             return small_triplet_loss(emb, labels, scales, margin, triplets, squared, reduction)
