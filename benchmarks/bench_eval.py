@@ -5,6 +5,7 @@ Each case runs in a fresh process (peak memory is its own) under a time limit.
 
     python -m benchmarks.bench_eval            # N = 10^4, 10^5, 10^6 -> results/eval.md
     python -m benchmarks.bench_eval --quick    # N = 10^4
+    python -m benchmarks.bench_eval --device cuda   # the torch search on a GPU -> eval-cuda.md
 """
 
 from __future__ import annotations
@@ -145,6 +146,76 @@ def ties_table(n: int, repeats: int) -> list[str]:
     ]
 
 
+def _plain_topk(x, k: int, chunk: int = 4096):
+    """The plain torch reference: per chunk of queries ``x @ x.T``, the diagonal masked,
+    ``topk``; squared distances from the expansion (no tie rule, no symmetry)."""
+    import torch
+
+    sq = (x * x).sum(1)
+    out = []
+    for s in range(0, len(x), chunk):
+        d = sq[s : s + chunk, None] + sq[None] - 2 * (x[s : s + chunk] @ x.T)
+        d[torch.arange(len(d)), torch.arange(s, s + len(d))] = float("inf")
+        out.append(d.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
+def device_table(device: str, sizes: tuple[int, ...], repeats: int) -> list[str]:
+    """Leave-one-out on ``device`` with torch alone (`symmetric_knn` there) against plain
+    torch ``mm`` + ``topk`` on the same device, and whether its ids equal the CPU
+    search's (random rows, and the tied cases)."""
+    import torch
+
+    from smse_metric.evaluation import symmetric_knn
+
+    dev = torch.device(device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), out
+
+    def same_as_cpu(ids, x, k) -> str:
+        return "yes" if np.array_equal(ids, symmetric_knn(x.cpu().numpy(), k, "l2")[1]) else "no"
+
+    rows = []
+    for n in sizes:
+        x = torch.from_numpy(embeddings(n)[0]).to(dev)
+        ours_s, (_, ids) = timed(lambda x=x: symmetric_knn(x, K, "l2"))
+        plain_s, _ = timed(lambda x=x: _plain_topk(x, K))
+        same = same_as_cpu(ids, x, K) if n <= 10**5 else "—"  # 10^6: ~20 min on a CPU
+        rows.append([f"random, {D}-d", f"{n:.0e}", str(K), f"{ours_s:.2f}", f"{plain_s:.2f}",
+                     f"{ours_s / plain_s:.2f}x", same])  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    for name, (make, k) in TIES.items():
+        n = 10**4
+        x = torch.from_numpy(make(n).astype(np.float32)).to(dev)
+        ours_s, (_, ids) = timed(lambda x=x, k=k: symmetric_knn(x, k, "l2"))
+        plain_s, _ = timed(lambda x=x, k=k: _plain_topk(x, k))
+        rows.append([name, f"{n:.0e}", str(k), f"{ours_s:.2f}", f"{plain_s:.2f}",
+                     f"{ours_s / plain_s:.2f}x", same_as_cpu(ids, x, k)])  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    header = ["embeddings", "N", "k", f"ours on {device} s", "plain mm + topk s",
+              "ours / plain", "same ids as the CPU search"]  # fmt: skip
+    return [
+        f"Leave-one-out on {device} with torch alone: `symmetric_knn` (each block pair once, "
+        "exact (distance, index) order) against plain `mm` + `topk` in chunks of 4096 "
+        f"queries (no tie rule, each pair twice). Median of {repeats}.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
 def case(method: str, n: int, n_queries: int) -> dict:
     import torch
 
@@ -165,8 +236,18 @@ def main(argv: list[str] | None = None) -> str:
         action="store_true",
         help="at N = 10^6 run every query (about an hour here), not a subset",
     )
+    p.add_argument("--device", default="cpu", help="cuda: the torch search on the GPU only")
     p.add_argument("--case", nargs=3, metavar=("METHOD", "N", "QUERIES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device != "cpu":
+        sizes = (10**4,) if args.quick else (10**4, 10**5, 10**6)
+        cmd = f"python -m benchmarks.bench_eval --device {args.device}"
+        cmd += " --quick" if args.quick else ""
+        text = "\n".join([f"# Evaluation on {args.device}", "", f"Machine: {machine()}.",
+                          f"Command: `{cmd}`", "",
+                          *device_table(args.device, sizes, 1 if args.quick else 3)])  # fmt: skip
+        name = f"eval-{args.device.split(':')[0]}" + ("-quick" if args.quick else "")
+        return write_report(text, name, args.out)
     if args.case and args.case[0].startswith("tie-"):  # tie-METHOD N CASE-INDEX
         m, n, index = args.case
         print(json.dumps(tie_case(list(TIES)[int(index)], m[4:], int(n))))

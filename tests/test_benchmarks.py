@@ -30,3 +30,14 @@ def test_revision_benchmark_compares_with_a_git_revision(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| all-triplets", "| batch-hard", "| contrastive"]
     assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
+
+
+def test_the_device_evaluation_table_runs_here_on_the_cpu():
+    """`bench_eval --device cuda` builds its table with device_table; on CPU tensors it
+    must run and find the same neighbours as the numpy search (no GPU needed)."""
+    from benchmarks.bench_eval import device_table
+
+    lines = "\n".join(device_table("cpu", (600,), 1)).splitlines()
+    rows = [line for line in lines if line.startswith("| ")][1:]
+    assert len(rows) == 4  # random, and the three tied cases
+    assert all(r.rstrip(" |").endswith("yes") for r in rows)
