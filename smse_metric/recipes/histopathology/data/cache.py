@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +60,8 @@ class DecodedCache:
         paths: the image files, in the order `__getitem__` indexes them.
         size: cached (H, W), e.g. from `cache_size`.
         directory: where cache files live (created if missing).
-        interpolation: the resize mode used to build it.
         read: ``(path) -> float [3, h, w] in [0, 1]``, the decoder (the dataset's).
+        interpolation: the resize mode used to build it.
 
     Examples:
         >>> import tempfile
@@ -77,9 +77,8 @@ class DecodedCache:
     """
 
     def __init__(self, paths: Sequence[str], size: Sequence[int], directory: str | Path,
-                 interpolation: str = "bilinear", read=None) -> None:  # fmt: skip
-        if read is None:
-            raise RecipeError("DecodedCache needs read=, the image decoder")
+                 read: Callable[[str], torch.Tensor],
+                 interpolation: str = "bilinear") -> None:  # fmt: skip
         self.size = (int(size[0]), int(size[1]))
         self.shape = (len(paths), 3, *self.size)
         directory = Path(directory)
@@ -97,6 +96,10 @@ class DecodedCache:
     def _build(self, paths: Sequence[str], interpolation: str, read) -> None:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
         try:
+            if not paths:  # an empty split: an empty file (numpy cannot map it)
+                tmp.touch()
+                os.replace(tmp, self.path)
+                return
             images = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape)
             for i, p in enumerate(paths):
                 img = resize(read(p), self.size, interpolation)

@@ -236,7 +236,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
         self.cache = None
         if cache_dir is not None:
             self.cache = DecodedCache([index.paths[r] for r in rows], self.stored_size,
-                                      cache_dir, interpolation, read_image)  # fmt: skip
+                                      cache_dir, read_image, interpolation)  # fmt: skip
         labels = index.label if task == "binary" else index.subtype
         self.labels = labels[rows]
         self.groups = index.group[rows]

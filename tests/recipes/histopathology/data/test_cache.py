@@ -62,6 +62,12 @@ def test_a_cache_travels_to_worker_processes_without_its_mapping(tmp_path):
     assert clone._images is None and torch.equal(clone[0], first)
 
 
+def test_an_empty_split_gives_an_empty_cache(tmp_path):
+    cache = DecodedCache([], (8, 10), tmp_path / "c", read=read_image)
+    again = DecodedCache([], (8, 10), tmp_path / "c", read=read_image)
+    assert len(cache) == len(again) == 0 and cache.built and not again.built
+
+
 def test_cache_size_covers_the_smallest_crop():
     assert cache_size((224, 224), (0.6, 1.0)) == (290, 290)
     assert cache_size((32, 48), (1.0, 1.0)) == (32, 48)
