@@ -22,7 +22,7 @@ import torch
 from ..errors import RecipeError
 from .augment import resize
 
-__all__ = ["DecodedCache", "cache_size"]
+__all__ = ["DecodedCache", "cache_size", "stored_image"]
 
 #: bump when the stored layout or the resampling changes: old files are then not used
 FORMAT = 1
@@ -40,6 +40,12 @@ def cache_size(size: Sequence[int], crop_scale: Sequence[float]) -> tuple[int, i
     if not 0 < lo <= 1:
         raise RecipeError(f"crop_scale[0] must be in (0, 1], got {lo}")
     return tuple(math.ceil(s / math.sqrt(lo) - 1e-9) for s in size)
+
+
+def stored_image(img: torch.Tensor, size: Sequence[int], interpolation: str) -> torch.Tensor:
+    """A float [3, h, w] image in [0, 1] as the cache stores it: resized, uint8."""
+    img = resize(img, tuple(size), interpolation)
+    return img.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _key(paths: Sequence[str], size: tuple[int, int], interpolation: str) -> str:
@@ -102,8 +108,7 @@ class DecodedCache:
                 return
             images = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape)
             for i, p in enumerate(paths):
-                img = resize(read(p), self.size, interpolation)
-                images[i] = img.mul(255).round_().clamp_(0, 255).to(torch.uint8).numpy()
+                images[i] = stored_image(read(p), self.size, interpolation).numpy()
             images.flush()
             del images
             os.replace(tmp, self.path)  # another process may have won: same content

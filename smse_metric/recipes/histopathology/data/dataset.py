@@ -22,7 +22,7 @@ from .augment import (
     resize,
 )
 from .breakhis import BreakHisIndex
-from .cache import DecodedCache, cache_size
+from .cache import DecodedCache, cache_size, stored_image
 
 __all__ = [
     "INTERPOLATIONS",
@@ -34,9 +34,13 @@ __all__ = [
 ]
 
 
-def _resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def _check_interpolation(mode: str) -> None:
     if mode not in INTERPOLATIONS:
         raise RecipeError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {mode!r}")
+
+
+def _resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    _check_interpolation(mode)
     return resize(img, size, mode)
 
 
@@ -129,11 +133,7 @@ def train_transform(
         >>> out.shape, bool(out.min() >= 0) and bool(out.max() <= 1)
         (torch.Size([3, 32, 32]), True)
     """
-
-    if interpolation not in INTERPOLATIONS:
-        raise RecipeError(
-            f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}"
-        )
+    _check_interpolation(interpolation)
 
     def apply(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         aug = draw_augmentation(g, img.shape[1], img.shape[2], size, crop_scale, color, stain)
@@ -259,8 +259,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
         """The i-th image as uint8 [3, H, W] at `cache_size`."""
         if self.cache is not None:
             return self.cache[i]
-        img = resize(self.load(i), self.stored_size, self.interpolation)
-        return img.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+        return stored_image(self.load(i), self.stored_size, self.interpolation)
 
     def device_transform(self, images: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
         """With ``augment_on="device"``: a batch's uint8 images [B, 3, H, W] and records
