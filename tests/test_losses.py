@@ -174,7 +174,8 @@ def test_every_device_matches_the_cpu(loss, device, n):
     emb, labels, scales = make_batch(n, 32, 5, n_scales=4, seed=1)
 
     def run(dev):
-        e = emb.to(dev).requires_grad_()
+        # a fresh leaf per device: emb.to('cpu') would be emb itself
+        e = emb.detach().to(dev, copy=True).requires_grad_()
         out = loss(e, labels.to(dev), scales=scales.to(dev))
         out.backward()
         return out.detach().cpu(), e.grad.cpu()

@@ -28,7 +28,13 @@ from ._keys import EMPTY, LOW, distances, factors, order_keys
 
 __all__ = ["symmetric_knn"]
 
-BLOCK = 2048  #: rows per block: a [BLOCK, BLOCK] float32 block is 16 MiB
+BLOCK = 2048  #: rows per block on the CPU: a [BLOCK, BLOCK] float32 block is 16 MiB
+#: rows per block on a GPU, the largest whose working set fits (`default_block`): each
+#: block pair costs a few host syncs and ~60 launches, so fewer, larger pairs win there
+GPU_BLOCKS = (32768, 16384, 8192, 4096)
+#: float32 [block, block] matrices alive at once at worst (the block, a padded or masked
+#: copy, the crowded-block selection's two): the budget of `default_block`
+_BLOCK_COPIES = 4
 TILE = 32  #: entries per tile of the rejection pass
 _NO_KEY = torch.iinfo(torch.int64).max  #: the bar of padding: admits nothing
 _FLOOR = torch.finfo(torch.float32).min  # masked (-inf) entries never reach a threshold
@@ -112,6 +118,20 @@ def _best_keys(s: Tensor, ids: Tensor, k: int, axis: int) -> tuple[Tensor, Tenso
     return rows, order_keys(s[rows, cols], ids[cols])
 
 
+def default_block(device: torch.device, n: int) -> int:
+    """Rows per block: `BLOCK` on the CPU; on a GPU the largest of `GPU_BLOCKS` not
+    above ``n`` (rounded up to a tile) whose working set takes at most half the free
+    memory, at least `BLOCK`. The neighbours do not depend on it."""
+    if device.type != "cuda":
+        return BLOCK
+    free = torch.cuda.mem_get_info(device)[0]
+    need = -(-n // TILE) * TILE
+    for block in GPU_BLOCKS:
+        if block <= max(need, BLOCK) and _BLOCK_COPIES * 4 * block * block <= free // 2:
+            return block
+    return BLOCK
+
+
 def _bar(state: Tensor, pad: int) -> Tensor:
     """Each row's k-th key, at least the lowest key of a finite similarity (masked
     entries never enter), padded with the largest key (admits nothing)."""
@@ -124,7 +144,7 @@ def symmetric_knn(
     k: int,
     metric: str = "cosine",
     groups: np.ndarray | None = None,
-    block: int = BLOCK,
+    block: int | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest other rows of every row of ``x``, exactly.
@@ -136,7 +156,8 @@ def symmetric_knn(
         metric: ``"cosine"`` (distance ``1 - cos``) or ``"l2"`` (euclidean).
         groups: [N] group of each row; rows of a row's own group are excluded
             (leave-one-group-out). Without it only the row itself is excluded.
-        block: rows per block (a multiple of 32).
+        block: rows per block (a multiple of 32); default `default_block`: 2048 on
+            the CPU, up to 32768 on a GPU with the memory for it.
         device: where to search (default: where ``x`` is; numpy: the CPU). The
             same arithmetic on every device, so the same neighbours, ties included.
 
@@ -153,8 +174,6 @@ def symmetric_knn(
     """
     if metric not in ("cosine", "l2"):
         raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
-    if block < TILE or block % TILE:
-        raise ValueError(f"block must be a positive multiple of {TILE}, got {block}")
     if isinstance(x, torch.Tensor):
         dev = torch.device(device) if device is not None else x.device
         x = x.detach().to(dev, torch.float32)
@@ -164,6 +183,10 @@ def symmetric_knn(
     n = x.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
+    if block is None:
+        block = default_block(dev, n)
+    if block < TILE or block % TILE:
+        raise ValueError(f"block must be a positive multiple of {TILE}, got {block}")
     perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
     orig = torch.from_numpy(perm.astype(np.int64)).to(dev)
     xp = x if groups is None else x[orig]  # without groups the order is the identity

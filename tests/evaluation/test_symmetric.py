@@ -14,7 +14,7 @@ from smse_metric import (
     evaluate_embeddings,
 )
 from smse_metric.evaluation import knn as ev
-from smse_metric.evaluation import symmetric_knn
+from smse_metric.evaluation import symmetric, symmetric_knn
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,3 +133,19 @@ def test_the_search_runs_where_the_embeddings_are_with_the_same_neighbours(devic
     ids = np.concatenate([c.ids for c in knn.kneighbors_chunks(xt, groups, "group")])
     assert calls and str(calls[0]["device"]) == device  # the symmetric search, on the device
     np.testing.assert_array_equal(ids, brute_self_neighbours(x, 6, "l2", groups)[1])
+
+
+@pytest.mark.parametrize(("free_gib", "n", "want"), [
+    (70, 10**6, 32768),  # an 80 GB card: 4 x 4 GiB blocks fit in half its free memory
+    (20, 10**6, 16384),
+    (1, 10**6, 4096),
+    (0, 10**6, symmetric.BLOCK),  # nothing fits: the CPU's block
+    (70, 20_000, 16384),  # never a block beyond the rows
+    (70, 100, symmetric.BLOCK),
+])  # fmt: skip
+def test_the_gpu_block_is_the_largest_that_fits(monkeypatch, free_gib, n, want):
+    """The default block on a GPU follows its free memory and the rows (no GPU needed:
+    the memory query is replaced); on the CPU it is BLOCK."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (free_gib * 2**30, 80 * 2**30))
+    assert symmetric.default_block(torch.device("cuda"), n) == want
+    assert symmetric.default_block(torch.device("cpu"), n) == symmetric.BLOCK

@@ -116,9 +116,10 @@ def augment_batch(images: torch.Tensor, aug: torch.Tensor, size: tuple[int, int]
     y0, x0, ch, cw, flip_w, flip_h, turns = a[:, :7].unbind(1)
     # output (x, y) -> R^turns (the inverse of rot90's quarter turns), flips, then the
     # crop's scale and offset, all in grid_sample's [-1, 1] coordinates
-    quarter = turns.long() % 4
-    cos = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=a.dtype, device=a.device)[quarter]
-    sin = torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=a.dtype, device=a.device)[quarter]
+    # cos and sin of q quarter turns by arithmetic: a lookup table would be a host copy
+    q = turns.remainder(4)
+    odd = q.remainder(2)
+    cos, sin = (1 - odd) * (1 - q), odd * (2 - q)
     sx, sy = (1 - 2 * flip_w) * cw / w, (1 - 2 * flip_h) * ch / h
     theta = torch.stack([
         torch.stack([sx * cos, -sx * sin, (2 * x0 + cw) / w - 1], 1),
