@@ -107,6 +107,16 @@ def main(argv: list[str] | None = None) -> str:
             for fn in fns.values():
                 fn()  # first calls initialise lazily
             counts = {path: launch_counts(fn, dev) for path, fn in fns.items()}
+            if cuda:  # the step replayed from CUDA graphs, as the recipe runs its losses
+                sample = (emb.detach().clone().requires_grad_(), labels, scales)
+                graphed = torch.cuda.make_graphed_callables(
+                    lambda e, y, s, loss=loss: loss(e, y, scales=s), sample
+                )
+
+                def replayed(g=graphed, e=emb, y=labels, s=scales):
+                    return torch.autograd.grad(g(e, y, s), e)
+
+                fns["graphed"] = replayed
             ms = _time_ms(fns, dev, rounds)
             row = [name, str(b)]
             for path in ("small", "sorted"):
@@ -117,11 +127,15 @@ def main(argv: list[str] | None = None) -> str:
                 f"{ms['sorted']:.3f}",
                 f"{ms['sorted'] / ms['small']:.1f}x",
             ]
+            if cuda:
+                row.append(f"{ms['graphed']:.3f}")
             rows.append(row)
             print(" | ".join(row), flush=True)
     count = "top-level aten ops / CUDA kernels" if cuda else "top-level aten ops"
     header = ["loss", "B", f"launch-light: {count}", f"sorted: {count}",
               "launch-light ms", "sorted ms", "sorted / launch-light"]  # fmt: skip
+    if cuda:
+        header.append("launch-light from CUDA graphs ms")
     cmd = "python -m benchmarks.bench_launch" + (" --quick" if args.quick else "")
     cmd += "" if args.device == "cpu" else f" --device {args.device}"
     text = "\n".join([
@@ -130,7 +144,9 @@ def main(argv: list[str] | None = None) -> str:
         f"Forward + backward of one step, D = {D}, half the batch per class, 4 "
         "magnifications; times are the best of interleaved medians (each over at least "
         "0.1 s of calls), both paths in one process. Counts are of one step, including "
-        "the gradient seed autograd creates.", "",
+        "the gradient seed autograd creates." + (" The last column replays the step "
+        "(forward and backward) from CUDA graphs (`torch.cuda.make_graphed_callables`, "
+        "as `LossGraphs` in the recipe): input copies and two replays." if cuda else ""), "",
         markdown_table(header, rows), "",
     ])  # fmt: skip
     name = "launch" + ("-quick" if args.quick else "") + ("-cuda" if cuda else "")

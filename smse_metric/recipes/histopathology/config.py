@@ -116,6 +116,8 @@ class RunConfig:
     seed: int = 0
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     amp: bool = True
+    #: on one GPU, replay the step's losses from CUDA graphs (`engine.LossGraphs`)
+    cuda_graphs: bool = True
     deterministic: bool = False
 
 

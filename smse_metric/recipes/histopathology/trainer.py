@@ -22,6 +22,7 @@ from .build import Built
 from .config import Config
 from .engine import (
     Interrupt,
+    LossGraphs,
     TrainingInterrupted,
     TrainState,
     load_checkpoint,
@@ -73,6 +74,11 @@ class Trainer:
                 self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
             ids = [built.device.index] if built.device.type == "cuda" else None
             self.net = DDP(self.net, device_ids=ids)
+        lc = cfg.loss
+        self.losses: tuple = (built.cls_loss, built.metric_loss, lc.metric_weight,
+                              lc.classification_weight)  # fmt: skip
+        if cfg.run.cuda_graphs and built.device.type == "cuda" and self.world == 1:
+            self.losses = (LossGraphs(*self.losses), None, 1.0, 1.0)
 
     def checkpoint(self) -> dict:
         """What ``last.pt`` holds: weights, optimiser, schedule, scaler, RNG, the
@@ -166,9 +172,7 @@ class Trainer:
         b = self.built
         if b.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        lc = self.cfg.loss
-        loss = train_step(self.net, images, labels, scales, b.optimizer, b.cls_loss,
-                          b.metric_loss, lc.metric_weight, lc.classification_weight,
+        loss = train_step(self.net, images, labels, scales, b.optimizer, *self.losses,
                           b.amp_dtype, b.scaler)  # fmt: skip
         # one host sync per step: the loss for the log, and the stop flag agreed by
         # every rank (a Ctrl-C reaches ranks at different steps)

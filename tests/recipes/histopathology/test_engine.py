@@ -1,10 +1,13 @@
-"""Checkpoints: weights-only loading and clear errors."""
+"""Checkpoints (weights-only loading, clear errors) and the CUDA-graphed step losses."""
 
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import DEVICES
 
 from smse_metric.recipes.histopathology.cli import main
+from smse_metric.recipes.histopathology.engine import LossGraphs, step_loss, train_step
 
 
 @pytest.mark.parametrize(
@@ -32,3 +35,51 @@ def test_corrupt_or_hostile_checkpoints_give_one_clear_line(run, tmp_path, conte
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(best) in err and why in err
     assert "weights_only=False" not in err
+
+
+def _head_inputs(n: int, seed: int, device: str):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, 16, generator=g).to(device).requires_grad_()
+    logits = torch.randn(n, 2, generator=g).to(device).requires_grad_()
+    labels = (torch.arange(n) % 2).to(device)
+    scales = (torch.arange(n) // 2 % 4).to(device)
+    return emb, logits, labels, scales
+
+
+def _head_losses():
+    from smse_metric import ReinforcedFocalLoss, TripletMarginLoss
+
+    rfl = ReinforcedFocalLoss.from_class_counts([700, 1300])
+    return rfl, TripletMarginLoss(1.0, squared=True, cross_scale=True), 0.5, 2.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_graphs_replay_the_eager_losses_on_new_batches(device):
+    """Values and gradients of the replayed losses equal the eager ones on batches that
+    differ from the captured one, one capture per batch shape (CPU: eager)."""
+    graphs = LossGraphs(*_head_losses())
+    for n, seed in ((32, 0), (32, 1), (32, 2), (48, 3), (32, 4)):
+        args = _head_inputs(n, seed, device)
+        got = graphs(*args)
+        got_grads = torch.autograd.grad(got, args[:2])
+        want = step_loss(*args, *_head_losses())
+        want_grads = torch.autograd.grad(want, args[:2])
+        torch.testing.assert_close(got, want)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b)
+    assert len(graphs._graphed) == (2 if device == "cuda" else 0)
+
+
+def test_loss_graphs_refuse_what_they_cannot_capture():
+    rfl, triplet, _, _ = _head_losses()
+    with pytest.raises(ValueError, match="metric_loss has trainable parameters"):
+        LossGraphs(rfl, torch.nn.Linear(2, 2))
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), 0.1)
+
+    def model(x):
+        return x, net(x)
+
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="metric_loss must be None"):
+        train_step(model, x, y, y, opt, LossGraphs(rfl, None), triplet)
