@@ -97,7 +97,43 @@ def triplet_windows(
     return lo, torch.maximum(lo, hi)
 
 
-def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel):
+#: the integer type whose order is that of a dtype's non-negative floats' bit patterns
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _one_sort(d: Tensor, pos: Tensor, neg: Tensor, n_pos: Tensor):
+    """Both sides of a block from one sort, for non-negative distances: non-negative
+    floats order as their bit patterns, so a row's positives keyed with the sign bit set
+    sort before its negatives, and the non-members (the largest key) last. Returns
+    ``(count_neg, sorted_pos)``: ``count_neg(values, right)`` counts a row's negatives
+    ``<`` (``<=``) each value, as ``searchsorted`` on the sorted negatives would, and
+    ``sorted_pos`` holds the row's positives ascending, then ``+inf``."""
+    ity = _BITS[d.dtype]
+    info = torch.iinfo(ity)
+    bits = d.view(ity).clamp_min(0)  # -0.0 (the sign bit alone) as +0.0
+    keys = torch.where(pos, bits + info.min, torch.where(neg, bits, info.max))
+    keys = keys.sort(dim=1).values
+    del bits
+    place = torch.arange(keys.shape[1], device=d.device, dtype=torch.int32)
+    sorted_pos = torch.where(place < n_pos, keys.bitwise_and(info.max).view(d.dtype), torch.inf)
+
+    def count_neg(values: Tensor, right: bool) -> Tensor:
+        # a negative value admits no negative (-1 lies between the two segments)
+        q = torch.where(values < 0, -1, values.view(ity).clamp_min(0))
+        return torch.searchsorted(keys, q, right=right, out_int32=True) - n_pos
+
+    return count_neg, sorted_pos
+
+
+def _two_sorts(d: Tensor, pos: Tensor, neg: Tensor):
+    """`_one_sort`'s ``(count_neg, sorted_pos)`` for distances of any sign (cosine)."""
+    sorted_neg = torch.where(neg, d, torch.inf).sort(dim=1).values
+    sorted_pos = torch.where(pos, d, torch.inf).sort(dim=1).values
+    return lambda values, right: _count(sorted_neg, values, right), sorted_pos
+
+
+def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel,
+                   nonneg: bool):  # fmt: skip
     """Counts for one block of anchors: (coef, loss-carrying triplets, selected triplets).
 
     Only loss-carrying triplets (``d_an < d_ap + margin``) inside the selection of
@@ -105,25 +141,26 @@ def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy:
     positive (a prefix of the sorted negatives minus another), ``w[a, n]`` per
     negative (a suffix of the sorted positives minus another: the bounds grow with
     ``d_ap``). Both sides compare the same rounded bounds, so the counts agree.
+    ``nonneg`` distances (euclidean) sort both sides at once (`_one_sort`).
     """
-    inf = float("inf")
-    sorted_neg = torch.where(neg, d, inf).sort(dim=1).values
+    n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
+    count_neg, sorted_pos = _one_sort(d, pos, neg, n_pos) if nonneg else _two_sorts(d, pos, neg)
     lower, upper, thresh = _bounds(d, margin, strategy)
-    carrying = _count(sorted_neg, thresh, False)  # negatives with d_an < d_ap + margin
+    carrying = count_neg(thresh, False)  # negatives with d_an < d_ap + margin
     # below an upper bound that is the threshold itself, every carrying one is selected
     k_hi = carrying
     if upper is not None and upper is not thresh:
-        k_hi = torch.minimum(_count(sorted_neg, upper, True), carrying)
-    k_lo = None if lower is None else torch.minimum(_count(sorted_neg, lower, True), carrying)
+        k_hi = torch.minimum(count_neg(upper, True), carrying)
+    k_lo = None if lower is None else torch.minimum(count_neg(lower, True), carrying)
     k_pos = k_hi if k_lo is None else (k_hi - k_lo).clamp_min_(0)
     n_sel = None
-    if need_sel:
-        lo, hi = triplet_windows(sorted_neg, d, margin, strategy)
-        n_sel = torch.where(pos, hi - lo, 0).sum()
-    del sorted_neg, carrying, k_hi, k_lo
-    sorted_pos = torch.where(pos, d, inf).sort(dim=1).values
+    if need_sel:  # the windows of `triplet_windows`, counted on the same sort
+        lo = 0 if lower is None else count_neg(lower, True)
+        n_neg = neg.sum(1, keepdim=True, dtype=torch.int32)
+        hi = n_neg if upper is None else count_neg(upper, True)
+        n_sel = torch.where(pos, (hi - lo).clamp_min(0), 0).sum()
+    del count_neg, carrying, k_hi, k_lo
     p_lower, p_upper, p_thresh = _bounds(sorted_pos, margin, strategy)  # still sorted
-    n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
     w = n_pos - _count(p_thresh, d, True)  # positives with d_ap + margin > d_an
     if p_upper is not None and p_upper is not p_thresh:
         w = torch.minimum(w, n_pos - _count(p_upper, d, False))  # and upper >= d_an
@@ -135,7 +172,7 @@ def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy:
 
 
 def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, strategy,
-                        reduction):  # fmt: skip
+                        reduction, nonneg=False):  # fmt: skip
     """Sum of the selected triplets' losses as a linear form in the distances.
 
     Within the selection a triplet contributes ``d_ap + margin - d_an`` when that
@@ -155,7 +192,7 @@ def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, marg
         for start, stop in row_blocks(dist.shape[0], dist.shape[1]):
             d = dist[start:stop].detach()
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
-            c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel)
+            c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel, nonneg)
             coef[start:stop] = c
             k_total += k
             if need_sel:
@@ -255,9 +292,8 @@ def triplet_margin_loss(
                 emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction
             )
         dist = pairwise_distances(emb, None if same else ref, metric)
-        return _fused_triplet_loss(
-            dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
-        )
+        return _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin,
+                                   triplets, reduction, nonneg=metric != "cosine")  # fmt: skip
 
 
 def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric,

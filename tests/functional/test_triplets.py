@@ -273,3 +273,29 @@ def test_collapsed_batch_hard_takes_the_float64_product_and_keeps_its_choice():
                                for x in (emb, emb.double()))  # fmt: skip
     torch.testing.assert_close(got.double(), want)
     torch.testing.assert_close(g32.double(), g64)
+
+
+@given(
+    st.integers(1, 6), st.integers(1, 9), st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 2**16),
+)  # fmt: skip
+def test_one_sort_counts_as_the_two_sorts(rows, cols, dtype, seed):
+    """The euclidean path's single sort (positives keyed below negatives by the sign bit)
+    counts and orders exactly as sorting each side apart: distances with ties, +0.0 and
+    -0.0, and queries of every sign, at either side of ``searchsorted``."""
+    from smse_metric.functional import triplets
+
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(0, 4, (rows, cols), generator=g).to(dtype) / 2
+    d = torch.where(torch.rand(rows, cols, generator=g) < 0.2, -0.0, d)
+    member = torch.randint(0, 3, (rows, cols), generator=g)
+    pos, neg = member == 0, member == 1
+    n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
+    count_one, pos_one = triplets._one_sort(d, pos, neg, n_pos)
+    count_two, pos_two = triplets._two_sorts(d, pos, neg)
+    torch.testing.assert_close(pos_one, pos_two, rtol=0, atol=0)
+    # finite, as every bound is (the two sorts' +inf padding would count at +inf)
+    values = torch.tensor([-1.0, -0.0, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0], dtype=dtype)
+    values = values.expand(rows, -1).contiguous()
+    for right in (False, True):
+        assert torch.equal(count_one(values, right), count_two(values, right))
