@@ -60,7 +60,8 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
     models = {k: EmbeddingNet("resnet18", embedding_dim=DIM).to(device, memory_format=fmt)
               for k in ("ce", "smse")}  # fmt: skip
     opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, m in models.items()}
-    ce, rfl = torch.nn.CrossEntropyLoss(), ReinforcedFocalLoss.from_class_counts([700, 1300])
+    ce, rfl = (torch.nn.CrossEntropyLoss(),
+               ReinforcedFocalLoss.from_class_counts([700, 1300]).to(device))  # fmt: skip
     triplet = TripletMarginLoss(1.0, squared=True, cross_scale=True)
     amp = torch.bfloat16 if cuda else None
     gen = torch.Generator().manual_seed(0)

@@ -282,6 +282,11 @@ class LossGraphs:
         key = tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in args)
         graphed = self._graphed.get(key)
         if graphed is None:  # captured on a copy of this first batch
+            for name, loss in zip(("cls_loss", "metric_loss"), self.losses[:2], strict=True):
+                for b in () if loss is None else loss.buffers():
+                    if b.device != emb.device:  # a host copy per call cannot be captured
+                        raise ValueError(f"{name} must be on {emb.device}, its buffers are "
+                                         f"on {b.device}: move it there first")  # fmt: skip
             sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in args)
             graphed = torch.cuda.make_graphed_callables(
                 self._eager, sample, allow_unused_input=True, **_THREAD_LOCAL

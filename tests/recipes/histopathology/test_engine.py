@@ -46,10 +46,10 @@ def _head_inputs(n: int, seed: int, device: str):
     return emb, logits, labels, scales
 
 
-def _head_losses():
+def _head_losses(device: str = "cpu"):
     from smse_metric import ReinforcedFocalLoss, TripletMarginLoss
 
-    rfl = ReinforcedFocalLoss.from_class_counts([700, 1300])
+    rfl = ReinforcedFocalLoss.from_class_counts([700, 1300]).to(device)
     return rfl, TripletMarginLoss(1.0, squared=True, cross_scale=True), 0.5, 2.0
 
 
@@ -57,17 +57,20 @@ def _head_losses():
 def test_loss_graphs_replay_the_eager_losses_on_new_batches(device):
     """Values and gradients of the replayed losses equal the eager ones on batches that
     differ from the captured one, one capture per batch shape (CPU: eager)."""
-    graphs = LossGraphs(*_head_losses())
+    graphs = LossGraphs(*_head_losses(device))
     for n, seed in ((32, 0), (32, 1), (32, 2), (48, 3), (32, 4)):
         args = _head_inputs(n, seed, device)
         got = graphs(*args)
         got_grads = torch.autograd.grad(got, args[:2])
-        want = step_loss(*args, *_head_losses())
+        want = step_loss(*args, *_head_losses(device))
         want_grads = torch.autograd.grad(want, args[:2])
         torch.testing.assert_close(got, want)
         for a, b in zip(got_grads, want_grads, strict=True):
             torch.testing.assert_close(a, b)
     assert len(graphs._graphed) == (2 if device == "cuda" else 0)
+    if device == "cuda":  # a loss left on the host would copy inside the capture
+        with pytest.raises(ValueError, match="cls_loss must be on cuda"):
+            LossGraphs(*_head_losses("cpu"))(*_head_inputs(32, 0, device))
 
 
 def test_loss_graphs_refuse_what_they_cannot_capture():
