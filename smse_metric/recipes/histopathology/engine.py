@@ -246,7 +246,10 @@ class LossGraphs:
     graphs' memory stays reserved for their shapes. CPU tensors run the losses eagerly.
 
     Args:
-        cls_loss, metric_loss, metric_weight, cls_weight: as for `train_step`.
+        cls_loss: classification loss on the logits, on the batch's device.
+        metric_loss: metric loss on the embeddings, or None; no trainable parameters.
+        metric_weight: weight of the metric loss.
+        cls_weight: weight of the classification loss.
 
     Examples:
         >>> from smse_metric import ReinforcedFocalLoss
