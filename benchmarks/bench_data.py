@@ -126,6 +126,7 @@ def gpu_feed(root: Path, size: int, cache_dir: Path, steps: int) -> list[list[st
         rate = seen / (time.perf_counter() - t0)
         verdict = "loader-bound" if rate < model_rate else "not loader-bound"
         rows.append([f"loader, {name}, {workers} workers", f"{rate:.0f}", verdict])
+        print(" | ".join(rows[0] if len(rows) == 2 else []), " | ".join(rows[-1]), flush=True)
     return rows
 
 
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> str:
                                        images_per_magnification=8 if not args.quick else 2,
                                        image_size=NATIVE, seed=0)  # fmt: skip
         rows = per_core(root, size, n, rounds, Path(tmp) / "cache")
+        print(markdown_table(["path", "images/s per core", "vs PNG"], rows), flush=True)
         feed = None
         if args.device.startswith("cuda"):
             torch.set_num_threads(os.cpu_count() or 1)

@@ -27,6 +27,16 @@ AUG_FIELDS = 16
 _HE = torch.tensor(STAIN_VECTORS)
 _HE = _HE / _HE.norm(dim=1, keepdim=True)
 _HE_PINV = torch.linalg.pinv(_HE)
+#: (device, dtype) -> the two stain matrices there: a fresh host copy per batch would
+#: make every GPU batch wait for the host
+_STAINS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _stains(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (like.device, like.dtype)
+    if key not in _STAINS:
+        _STAINS[key] = (_HE.to(like), _HE_PINV.to(like))
+    return _STAINS[key]
 
 
 def resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -70,8 +80,9 @@ def _jitter(img: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
     bright, contrast, sat = (aug[..., i].to(img).reshape(*lead, 1, 1, 1) for i in (13, 14, 15))
     # optical density = concentrations @ stain vectors; jitter each stain's concentration
     od = -torch.log(img.clamp_min(1 / 255))
-    conc = od.movedim(-3, -1) @ _HE_PINV.to(img)
-    img = torch.exp(-((conc * scale + shift) @ _HE.to(img)).movedim(-1, -3))
+    he, he_pinv = _stains(img)
+    conc = od.movedim(-3, -1) @ he_pinv
+    img = torch.exp(-((conc * scale + shift) @ he).movedim(-1, -3))
     img = img * bright
     mean = img.mean((-3, -2, -1), keepdim=True)
     img = (img - mean) * contrast + mean
