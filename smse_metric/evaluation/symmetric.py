@@ -158,8 +158,10 @@ def symmetric_knn(
             (leave-one-group-out). Without it only the row itself is excluded.
         block: rows per block (a multiple of 32); default `default_block`: 2048 on
             the CPU, up to 32768 on a GPU with the memory for it.
-        device: where to search (default: where ``x`` is; numpy: the CPU). The
-            same arithmetic on every device, so the same neighbours, ties included.
+        device: where to search (default: where ``x`` is; numpy: the CPU). Equal
+            distances order by index on every device, but a GPU's float32 products
+            round differently from the CPU's: neighbours one ulp apart on one device
+            may tie on the other and swap (seen on an H100 at N = 10^5).
 
     Returns:
         ``(dist, ids)``, two [N, k] arrays ordered by distance, then index.
