@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> str:
     text = (
         f"# Fused losses: this tree against {args.base}\n\n"
         f"Machine: {machine()}\n\n"
-        f"Command: `python -m benchmarks.bench_revision --base {args.base}`\n\n"
+        f"Command: `python -m benchmarks.bench_revision {' '.join(argv or sys.argv[1:])}`\n\n"
         f"Forward + backward, D = 128, {args.classes} classes, L2-normalised float32 "
         f"embeddings; per side the best of {args.rounds} interleaved medians of at least "
         f"{args.repeats} calls (and at least 100 ms of calls), both sides in one "
