@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from smse_metric.distributed import gather_batch, get_rank, get_world_size
+from smse_metric.distributed import gather_batch, get_world_size
+from smse_metric.samplers import _dist_default, _positive_int
 
 from .errors import RecipeError
 
@@ -156,10 +157,10 @@ class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
     The incomplete last global batch is dropped (so every rank steps equally)."""
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank=None, world_size=None):
-        self.n, self.batch_size, self.seed, self.epoch = int(n), int(batch_size), int(seed), 0
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.batch_size = _positive_int("batch_size", batch_size)
         self._position = 0  # batches of this epoch handed out
-        self.rank = get_rank() if rank is None else int(rank)
-        self.world_size = get_world_size() if world_size is None else int(world_size)
+        self.rank, self.world_size = _dist_default(rank, world_size)
         if len(self) == 0:
             raise RecipeError(
                 f"{n} images make no full batch of {batch_size} x {self.world_size} ranks"
