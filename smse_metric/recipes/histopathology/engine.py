@@ -23,8 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from smse_metric.distributed import gather_batch, get_world_size
-from smse_metric.samplers import _dist_default, _positive_int
+from smse_metric.distributed import gather_batch, get_rank, get_world_size
 
 from .errors import RecipeError
 
@@ -150,6 +149,16 @@ class Interrupt:
             signal.signal(sig, handler)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _count(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Frequency-ordered batches (a uniform shuffle, so classes come as often as they
     occur), deterministic per ``(seed, epoch)`` and sharded by rank: global batch ``i``
@@ -158,9 +167,15 @@ class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank=None, world_size=None):
         self.n, self.seed, self.epoch = int(n), int(seed), 0
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = _count("batch_size", batch_size)
         self._position = 0  # batches of this epoch handed out
-        self.rank, self.world_size = _dist_default(rank, world_size)
+        self.world_size = _count(
+            "world_size", get_world_size() if world_size is None else world_size
+        )
+        self.rank = get_rank() if rank is None else rank
+        if not _is_int(self.rank) or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be an integer in [0, {self.world_size}), got {rank!r}")
+        self.rank = int(self.rank)
         if len(self) == 0:
             raise RecipeError(
                 f"{n} images make no full batch of {batch_size} x {self.world_size} ranks"
