@@ -121,3 +121,35 @@ def test_two_process_ddp_update_matches_one_process_on_the_global_batch(tmp_path
         for name, value in model.state_dict().items():
             assert not torch.equal(value, before[name])  # the step changed it
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+def _cache_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    from smse_metric.recipes.histopathology import load_config
+    from smse_metric.recipes.histopathology.build import make_datasets
+    from smse_metric.recipes.histopathology.splits import load_splits
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = {"path": root, "image_size": [16, 16], "num_workers": 0, "cache_dir": f"{out}/c"}
+        cfg = load_config(overrides={"data": data})
+        ds = make_datasets(cfg, load_splits(cfg, root))
+        built = [ds[name].cache.built for name in ("train", "gallery", "val", "test")]
+        image = ds["gallery"][0][0]
+        torch.save({"built": torch.tensor(built), "image": image}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(find_spec("PIL") is None, reason="builds the recipe's datasets: [recipe] extra")
+def test_under_ddp_rank_zero_alone_decodes_the_cache(tmp_path):
+    """Every rank gets the decoded cache, but only rank 0 decodes: the others map its
+    files after a barrier (before, each rank decoded every split itself)."""
+    from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+
+    root = make_synthetic_breakhis(tmp_path / "data", images_per_magnification=1,
+                                   image_size=(32, 24))  # fmt: skip
+    mp.spawn(_cache_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
+    assert zero["built"][0] and not one["built"].any()  # train; gallery may share its file
+    assert torch.equal(zero["image"], one["image"])

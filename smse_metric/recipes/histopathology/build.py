@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from smse_metric.distributed import get_rank, get_world_size
 from smse_metric.losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
 from smse_metric.samplers import MultiScaleBatchSampler
 
@@ -143,12 +144,20 @@ def make_datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
                                interpolation=cfg.data.interpolation or "bilinear",
                                cache_dir=cfg.data.cache_dir, augment_on=augment_on)  # fmt: skip
 
-    return {
-        "train": make(splits.train, "train"),
-        "gallery": make(splits.train, "eval"),
-        "val": make(splits.val, "eval"),
-        "test": make(splits.test, "eval"),
-    }
+    def every_split() -> dict[str, BreakHisDataset]:
+        return {
+            "train": make(splits.train, "train"),
+            "gallery": make(splits.train, "eval"),
+            "val": make(splits.val, "eval"),
+            "test": make(splits.test, "eval"),
+        }
+
+    if cfg.data.cache_dir is None or get_world_size() == 1:
+        return every_split()
+    # under DDP rank 0 decodes the cache once; the other ranks then map its files
+    first = every_split() if get_rank() == 0 else None
+    torch.distributed.barrier()
+    return first if first is not None else every_split()
 
 
 def eval_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
