@@ -100,6 +100,7 @@ def gpu_feed(root: Path, size: int, cache_dir: Path, steps: int) -> list[list[st
     torch.cuda.synchronize()
     model_rate = 32 * steps / (time.perf_counter() - t0)
     rows = [["resnet18 training step (bf16, channels-last)", f"{model_rate:.0f}", "—"]]
+    print(" | ".join(rows[0]), flush=True)
     for name, kw in (("PNG", {}), ("cache", {"cache_dir": cache_dir}),
                      ("cache + device augmentation", {"cache_dir": cache_dir,
                                                       "augment_on": "device"})):  # fmt: skip
@@ -126,7 +127,7 @@ def gpu_feed(root: Path, size: int, cache_dir: Path, steps: int) -> list[list[st
         rate = seen / (time.perf_counter() - t0)
         verdict = "loader-bound" if rate < model_rate else "not loader-bound"
         rows.append([f"loader, {name}, {workers} workers", f"{rate:.0f}", verdict])
-        print(" | ".join(rows[0] if len(rows) == 2 else []), " | ".join(rows[-1]), flush=True)
+        print(" | ".join(rows[-1]), flush=True)
     return rows
 
 
