@@ -59,8 +59,9 @@ class DataConfig:
     #: margin, memory-mapped from a file in this directory (built on first use, rebuilt
     #: when the files change); empty: decode every image each time
     cache_dir: str | None = None
-    #: "worker": the loader's workers augment; "device": they send uint8 images and the
-    #: drawn augmentation, applied to whole batches on the model's device
+    #: "worker": the loader's workers augment; "device" (needs cache_dir): they send the
+    #: drawn augmentation, and whole batches are read from the cache and augmented on the
+    #: model's device
     augment_on: str = field(default="worker", metadata={"choices": ("worker", "device")})
 
 
@@ -239,6 +240,8 @@ def _validate(cfg: Config) -> None:
             raise RecipeError(f"data.{key} must hold 3 values (R, G, B), got {v}")
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise RecipeError("data.mean and data.std must be given together")
+    if cfg.data.augment_on == "device" and cfg.data.cache_dir is None:
+        raise RecipeError('data.augment_on = "device" reads its images from data.cache_dir: set it')
     if cfg.data.std is not None and min(cfg.data.std) <= 0:
         raise RecipeError(f"data.std must be positive, got {cfg.data.std}")
     if cfg.data.path is None and not cfg.data.synthetic:

@@ -159,14 +159,16 @@ class Trainer:
         st.seconds += time.perf_counter() - t0
 
     def _inputs(self, batch, on_device: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """A loader batch on the device: (images, labels, scales); uint8 images with
-        augmentation records are augmented there."""
+        """A loader batch on the device: (images, labels, scales); with device
+        augmentation the batch holds rows and records, and the images are read from the
+        cache and augmented there."""
         dev = self.built.device
         if not on_device:
             images, labels, _, scales = batch
             return tuple(t.to(dev, non_blocking=True) for t in (images, labels, scales))
-        images, aug, labels, _, scales = (t.to(dev, non_blocking=True) for t in batch)
-        return self.built.datasets["train"].device_transform(images, aug), labels, scales
+        rows, aug, labels, _, scales = batch
+        images = self.built.datasets["train"].device_batch(rows, aug, dev)
+        return images, labels.to(dev, non_blocking=True), scales.to(dev, non_blocking=True)
 
     def _step(self, images, labels, scales, interrupt: Interrupt) -> tuple[float, bool]:
         b = self.built

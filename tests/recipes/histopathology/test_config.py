@@ -77,6 +77,10 @@ def test_input_normalisation_keys_are_checked():
         load_config(overrides={"data": {**base, "mean": [0.5] * 3, "std": [0.5]}})
     with pytest.raises(ValueError, match=r"data\.interpolation must be one of"):
         load_config(overrides={"data": {**base, "interpolation": "lanczos"}})
+    with pytest.raises(ValueError, match=r"augment_on = \"device\" reads its images from data\.c"):
+        load_config(overrides={"data": {**base, "augment_on": "device"}})
+    cached = load_config(overrides={"data": {**base, "augment_on": "device", "cache_dir": "c"}})
+    assert cached.data.augment_on == "device"
 
 
 def test_the_small_preset_is_smse_triplet_on_the_small_cnn():

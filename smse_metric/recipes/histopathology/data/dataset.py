@@ -22,7 +22,7 @@ from .augment import (
     resize,
 )
 from .breakhis import BreakHisIndex
-from .cache import DecodedCache, cache_size, stored_image
+from .cache import DecodedCache, cache_size
 
 __all__ = [
     "INTERPOLATIONS",
@@ -163,10 +163,11 @@ class BreakHisDataset(torch.utils.data.Dataset):
         cache_dir: read images from a `DecodedCache` there (uint8 at `cache_size`,
             built on first use) instead of decoding every file each epoch.
         augment_on: ``"worker"`` (the loader's workers return finished float images)
-            or ``"device"`` (with ``"train"``: they return the uint8 image at
-            `cache_size` and its augmentation record, ``(image, aug, label, group,
-            scale)``, and `device_transform` augments and normalises whole batches on
-            the model's device, from the same random draws).
+            or ``"device"`` (with ``"train"`` and ``cache_dir``: they return the item's
+            row and its augmentation record, ``(row, aug, label, group, scale)``, and
+            `device_batch` reads the rows' uint8 images from the cache in one copy,
+            then augments and normalises the batch on the model's device, from the same
+            random draws: no pixels pass between processes).
 
     Examples:
         >>> import tempfile
@@ -206,6 +207,9 @@ class BreakHisDataset(torch.utils.data.Dataset):
             raise RecipeError(f"augment_on must be 'worker' or 'device', got {augment_on!r}")
         if augment_on == "device" and transform != "train":
             raise RecipeError("augment_on='device' applies the built-in 'train' transform")
+        if augment_on == "device" and cache_dir is None:
+            # the main process reads each batch's pixels; it must not decode them
+            raise RecipeError("augment_on='device' reads its images from a cache: set cache_dir")
         self.on_device = augment_on == "device"
         self.size, self.interpolation = (int(size[0]), int(size[1])), interpolation
         if isinstance(transform, str):
@@ -255,12 +259,6 @@ class BreakHisDataset(torch.utils.data.Dataset):
             return self.cache[i].float() / 255.0
         return read_image(self.index.paths[self.rows[i]])
 
-    def load_uint8(self, i: int) -> torch.Tensor:
-        """The i-th image as uint8 [3, H, W] at `cache_size`."""
-        if self.cache is not None:
-            return self.cache[i]
-        return stored_image(self.load(i), self.stored_size, self.interpolation)
-
     def device_transform(self, images: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
         """With ``augment_on="device"``: a batch's uint8 images [B, 3, H, W] and records
         [B, AUG_FIELDS], on the model's device, augmented and normalised."""
@@ -269,13 +267,25 @@ class BreakHisDataset(torch.utils.data.Dataset):
             img = normalize_image(img, self.mean, self.std)
         return img
 
+    def device_batch(self, rows: torch.Tensor, aug: torch.Tensor,
+                     device: torch.device | str) -> torch.Tensor:  # fmt: skip
+        """With ``augment_on="device"``: the loader's ``rows`` [B] and records
+        [B, AUG_FIELDS] as the finished batch on ``device``: the uint8 images gathered
+        from the cache (into page-locked memory for a GPU), copied without blocking,
+        augmented and normalised there."""
+        if self.cache is None:
+            raise RecipeError("device_batch reads the cache: the dataset has no cache_dir")
+        device = torch.device(device)
+        images = self.cache.gather(rows, pin_memory=device.type == "cuda")
+        images = images.to(device, non_blocking=True)
+        return self.device_transform(images, aug.to(device, non_blocking=True))
+
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed + self.epoch * len(self) + int(i))
         if self.on_device:
-            img = self.load_uint8(i)
-            aug = draw_augmentation(g, img.shape[1], img.shape[2], self.size, CROP_SCALE,
-                                    COLOR, STAIN)  # fmt: skip
-            return img, aug, int(self.labels[i]), int(self.groups[i]), int(self.scales[i])
+            h, w = self.stored_size
+            aug = draw_augmentation(g, h, w, self.size, CROP_SCALE, COLOR, STAIN)
+            return int(i), aug, int(self.labels[i]), int(self.groups[i]), int(self.scales[i])
         img = self.transform(self.load(i), g)
         if self.mean is not None:
             img = normalize_image(img, self.mean, self.std)

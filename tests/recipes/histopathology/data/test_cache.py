@@ -75,10 +75,23 @@ def test_cache_size_covers_the_smallest_crop():
         cache_size((32, 32), (0.0, 1.0))
 
 
+def test_gather_reads_rows_in_one_batch(tmp_path):
+    cache = DecodedCache(_pngs(tmp_path, 4), (8, 10), tmp_path / "c", read=read_image)
+    rows = torch.tensor([3, 0, 3, 1])
+    got = cache.gather(rows)
+    assert got.shape == (4, 3, 8, 10) and got.dtype == torch.uint8
+    assert all(torch.equal(got[j], cache[int(r)]) for j, r in enumerate(rows))
+    assert cache.gather([]).shape == (0, 3, 8, 10)
+    for bad, exc in (([4], IndexError), ([-1], IndexError), ([[0]], ValueError)):
+        with pytest.raises(exc, match="rows"):
+            cache.gather(bad)
+
+
 def test_datasets_read_the_cache_and_augment_on_the_device(synth_index, tmp_path):
     """Evaluation images from the cache stay close to those decoded from PNG; with
-    augment_on="device" the loader gets uint8 images and records, and a batch augmented
-    on the device matches the workers' augmentation of the same cached images."""
+    augment_on="device" the loader gets rows and records (no pixels), and the batch
+    gathered from the cache and augmented on the device matches the workers'
+    augmentation of the same cached images."""
     kw = dict(size=(16, 16), seed=3, cache_dir=tmp_path / "c")
     png = BreakHisDataset(synth_index, "eval", size=(16, 16))
     cached = BreakHisDataset(synth_index, "eval", **kw)
@@ -89,11 +102,18 @@ def test_datasets_read_the_cache_and_augment_on_the_device(synth_index, tmp_path
     device = BreakHisDataset(synth_index, "train", augment_on="device", **kw)
     for ds in (worker, device):
         ds.set_epoch(2)
-    batch = torch.utils.data.default_collate([device[i] for i in range(8)])
-    assert batch[0].dtype == torch.uint8 and batch[1].shape == (8, 16)
-    got = device.device_transform(batch[0], batch[1])
-    want = torch.stack([worker[i][0] for i in range(8)])
+    order = [5, 0, 7, 2, 1, 6, 3, 4]
+    batch = torch.utils.data.default_collate([device[i] for i in order])
+    assert batch[0].tolist() == order and batch[1].shape == (8, 16)
+    got = device.device_batch(batch[0], batch[1], "cpu")
+    want = torch.stack([worker[i][0] for i in order])
     assert got.shape == want.shape and (got - want).abs().mean() < 0.03
-    assert [int(v) for v in batch[2]] == [worker[i][1] for i in range(8)]
+    # the same images as augmenting each cached image on its own
+    one = torch.cat([device.device_transform(device.cache[i][None], batch[1][j : j + 1])
+                     for j, i in enumerate(order)])  # fmt: skip
+    assert torch.equal(got, one)
+    assert [int(v) for v in batch[2]] == [worker[i][1] for i in order]
     with pytest.raises(RecipeError, match="augment_on"):
         BreakHisDataset(synth_index, "eval", augment_on="device", size=(16, 16))
+    with pytest.raises(RecipeError, match="cache_dir"):
+        BreakHisDataset(synth_index, "train", augment_on="device", size=(16, 16))
