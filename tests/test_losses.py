@@ -286,10 +286,11 @@ def test_bad_input_names_the_argument(call, exc, match):
 
 
 #: forward + backward of each fused loss over a batch of 32, counted on the CPU, over
-#: every reduction, distance and cross-scale setting: the largest count measured (torch
-#: 2.14) plus 2 for other torch versions. Issue 14 aimed at 25: the float64 distances,
-#: the masks and the [B, B, B] selection keep the triplet losses above it
-LAUNCH_BUDGET = {"contrastive": 29, "batch_hard": 37, "all": 36, "semihard": 41, "hard": 41}
+#: every reduction, distance and cross-scale setting. Issue 14's target, 25, holds for
+#: the contrastive loss (18-25 on torch 2.14); for the triplet losses the largest count
+#: measured plus 2 for other torch versions: the float64 distances, the masks and the
+#: [B, B, B] selection keep them above 25
+LAUNCH_BUDGET = {"contrastive": 25, "batch_hard": 37, "all": 36, "semihard": 41, "hard": 41}
 
 
 def _launch_cases():

@@ -96,12 +96,13 @@ class _Triplets(torch.autograd.Function):
         d_neg, pos = _masks(labels, scales, d)
         # d(a,n) < d(a,p) + margin, with the bound rounded as the sorted path and the
         # miner round it (its sign is exact); -inf where (a, p, n) is no triplet
-        diff = torch.where(pos, d + margin, -inf)[:, :, None] - d_neg[:, None, :]
+        d_an = d_neg[:, None, :]
+        diff = torch.where(pos, d + margin, -inf)[:, :, None] - d_an
         bound = None
         if strategy == "semihard" or (strategy == "hard" and margin > 0):
             # semihard: d(a,p) < d(a,n); hard: d(a,n) <= d(a,p), where d(a,n) < d(a,p) +
             # margin already holds. Both matter only where diff is finite: no masking
-            d_an, d_ap = d_neg[:, None], d[:, :, None]
+            d_ap = d[:, :, None]
             bound = d_an > d_ap if strategy == "semihard" else d_an <= d_ap
         count = None
         if reduction == "mean":  # the selected triplets, loss-carrying or not
@@ -162,19 +163,23 @@ class _Contrastive(torch.autograd.Function):
     def forward(ctx, x, labels, scales, margin, reduction):
         d = direct_distances(x, False)
         eq = labels[:, None] == labels
-        g = torch.where(eq, 0.0, (d - margin).clamp_max_(0))  # -relu(margin - d)
-        if scales is None:
-            pos = eq.fill_diagonal_(False)
-            count = len(x) * (len(x) - 1)  # every ordered pair is a positive or a negative
-        else:
-            pos = eq & (scales[:, None] != scales)
-            count = torch.where(eq, pos, True).sum(dtype=x.dtype)
-        g = torch.where(pos, d, g)
+        # g = d - t: t = max(d, margin) at negatives (g = -relu(margin - d), rounded as
+        # d - margin), d at pairs that are neither, 0 at positives
+        t = torch.where(eq, d, d.clamp_min(margin))
+        pos = eq.fill_diagonal_(False) if scales is None else eq & (scales[:, None] != scales)
+        t = torch.where(pos, 0.0, t)
+        # sum(g^2) / 2 in one op: the Huber loss is quadratic below its delta (the aten
+        # op itself: F.huber_loss adds a broadcast_tensors call; 2 = sum)
+        total = torch.ops.aten.huber_loss(d, t, 2, float("inf"))
+        g = d - t
         if reduction == "sum":
             count = None
         elif reduction == "mean_nonzero":
             count = g.count_nonzero()
-        total = torch.tensordot(g, g, 2) * 0.5  # sum(g^2) / 2 as one dot product
+        elif scales is None:
+            count = len(x) * (len(x) - 1)  # every ordered pair is a positive or a negative
+        else:  # the positives and the negatives
+            count = torch.where(eq, pos, True).sum(dtype=x.dtype)
         return _finish(ctx, total, count, x, _weights(g, d, False), False, symmetric=True)
 
     @staticmethod
