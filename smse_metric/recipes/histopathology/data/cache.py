@@ -136,9 +136,10 @@ class DecodedCache:
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"rows must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
         out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
-        images, dst = (self._mapped(), out.numpy()) if len(idx) else (None, None)
-        for j, r in enumerate(idx):  # row copies: 3x faster than np.take(..., out=)
-            dst[j] = images[r]
+        if len(idx):  # an empty cache file cannot be mapped
+            images, dst = self._mapped(), out.numpy()
+            for j, r in enumerate(idx):  # row copies: 3x faster than np.take(..., out=)
+                dst[j] = images[r]
         return out
 
     def __getstate__(self) -> dict:
