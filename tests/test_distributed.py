@@ -1,4 +1,6 @@
-"""all_gather_with_grad across two gloo processes equals one process on the global batch."""
+"""Two gloo processes: all_gather_with_grad and a DDP step equal one process on the global
+batch; the recipe's decoded cache is built by rank 0 alone, and its failure stops every
+rank."""
 
 import os
 import socket
@@ -153,3 +155,50 @@ def test_under_ddp_rank_zero_alone_decodes_the_cache(tmp_path):
     zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
     assert zero["built"][0] and not one["built"].any()  # train; gallery may share its file
     assert torch.equal(zero["image"], one["image"])
+
+
+def _failing_cache_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import datetime
+
+    from smse_metric.recipes.histopathology import load_config
+    from smse_metric.recipes.histopathology.build import make_datasets
+    from smse_metric.recipes.histopathology.data.cache import DecodedCache
+    from smse_metric.recipes.histopathology.splits import load_splits
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    if rank == 0:  # rank 0 alone decodes, and fails
+        DecodedCache._build = full_disk
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # without the failure passed on, rank 1 would wait out this timeout at the barrier
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))  # fmt: skip
+    try:
+        data = {"path": root, "image_size": [16, 16], "num_workers": 0, "cache_dir": f"{out}/c"}
+        cfg = load_config(overrides={"data": data})
+        try:
+            make_datasets(cfg, load_splits(cfg, root))
+            message = "no error"
+        except Exception as e:  # the test reads what each rank raised
+            message = f"{type(e).__name__}: {e}"
+        with open(f"{out}/{rank}.txt", "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(find_spec("PIL") is None, reason="builds the recipe's datasets: [recipe] extra")
+def test_under_ddp_a_cache_that_rank_zero_cannot_build_stops_every_rank(tmp_path):
+    """Rank 0 raises its own error; the other ranks raise one naming it, at once, instead
+    of waiting for the process group's timeout at the barrier."""
+    from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+
+    root = make_synthetic_breakhis(tmp_path / "data", images_per_magnification=1,
+                                   image_size=(32, 24))  # fmt: skip
+    args = (2, _free_port(), str(root), str(tmp_path))
+    mp.spawn(_failing_cache_worker, args=args, nprocs=2, join=True)
+    zero, one = ((tmp_path / f"{r}.txt").read_text() for r in range(2))
+    assert zero == "OSError: No space left on device"
+    assert one.startswith("RecipeError: rank 0 could not build the decoded cache")
+    assert one.endswith("OSError: No space left on device")

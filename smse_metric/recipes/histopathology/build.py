@@ -154,9 +154,20 @@ def make_datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
 
     if cfg.data.cache_dir is None or get_world_size() == 1:
         return every_split()
-    # under DDP rank 0 decodes the cache once; the other ranks then map its files
-    first = every_split() if get_rank() == 0 else None
-    torch.distributed.barrier()
+    # under DDP rank 0 decodes the cache once; the other ranks then map its files, or
+    # raise rank 0's error (waiting at a barrier, they would only see a lost peer or a
+    # timeout)
+    first, failure = None, [None]
+    if get_rank() == 0:
+        try:
+            first = every_split()
+        except Exception as e:
+            failure = [f"{type(e).__name__}: {e}"]
+            torch.distributed.broadcast_object_list(failure, src=0)
+            raise
+    torch.distributed.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RecipeError(f"rank 0 could not build the decoded cache: {failure[0]}")
     return first if first is not None else every_split()
 
 
