@@ -1,6 +1,8 @@
 """Augmentation records: drawn in today's order, applied per image on the CPU or per
 batch on a device with the same result where no resampling differs."""
 
+import math
+
 import pytest
 import torch
 from helpers import CUDA_MARKS, DEVICES
@@ -38,6 +40,33 @@ def test_a_record_follows_the_generator_in_a_fixed_order():
     flat = draw_augmentation(torch.Generator().manual_seed(7), 100, 60, (32, 48), (0.5, 1.0),
                              0.2, 0.1).tolist()  # fmt: skip
     assert flat[6] == 0 and flat[7] == pytest.approx(0.9 + 0.2 * r[5])
+
+
+def _scalar_draws(g, height, width, size, crop_scale, color, stain):
+    """draw_augmentation as first written: one scalar draw at a time."""
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+    frac = u(*crop_scale)
+    ch, cw = max(1, round(height * math.sqrt(frac))), max(1, round(width * math.sqrt(frac)))
+    y0, x0 = int(u(0, height - ch + 1)), int(u(0, width - cw + 1))
+    flip_w, flip_h = u(0, 1) < 0.5, u(0, 1) < 0.5
+    turns = int(u(0, 4)) if size[0] == size[1] else 0
+    rest = [u(1 - stain, 1 + stain) for _ in range(3)] + [u(-stain, stain) for _ in range(3)]
+    rest += [u(1 - color, 1 + color) for _ in range(3)]
+    return torch.tensor([y0, x0, ch, cw, float(flip_w), float(flip_h), turns, *rest],
+                        dtype=torch.float64)  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_records_equal_one_scalar_draw_at_a_time(size):
+    """The record's uniforms come from one tensor draw: bitwise the values of the scalar
+    draws it replaced, so runs keep their augmentations."""
+    for seed in range(300):
+        args = (97, 61, size, (0.6, 1.0), 0.15, 0.05)
+        got = draw_augmentation(torch.Generator().manual_seed(seed), *args)
+        assert torch.equal(got, _scalar_draws(torch.Generator().manual_seed(seed), *args))
 
 
 @pytest.mark.parametrize("device", DEVICES)
