@@ -25,7 +25,11 @@ import torch
 from benchmarks.common import machine, markdown_table, write_report
 from smse_metric.recipes.histopathology.config import DataConfig
 from smse_metric.recipes.histopathology.data import make_synthetic_breakhis, scan_breakhis
-from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset
+from smse_metric.recipes.histopathology.data.dataset import (
+    BreakHisDataset,
+    collate_records,
+    split_records,
+)
 
 NATIVE = (700, 460)  # BreakHis, width x height
 
@@ -58,7 +62,7 @@ def per_core(root: Path, size: int, n: int, rounds: int, cache_dir: Path) -> lis
         ),
     }
     b = min(32, len(device))
-    rows, aug = torch.utils.data.default_collate([device[i] for i in range(b)])[:2]
+    rows, aug = split_records(collate_records([device[i] for i in range(b)]))[:2]
     images = device.cache.gather(rows)
     rates[f"... gathering batches of {b} from the cache (the main process's part)"] = b * _rate(
         lambda _: device.cache.gather(rows), 20, rounds
@@ -80,8 +84,9 @@ def _loader_rate(ds: BreakHisDataset, workers: int, steps: int, dev: torch.devic
     synthetic split, and the first batch is not timed (worker start-up). Device
     augmentation's batches are gathered from the cache and, on a GPU, augmented there."""
     cuda, b = dev.type == "cuda", min(32, len(ds))  # --quick's split holds 22 images
+    collate = collate_records if ds.on_device else None  # as the recipe's train_loader
     loader = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, num_workers=workers,
-                                         pin_memory=cuda, drop_last=True,
+                                         pin_memory=cuda, drop_last=True, collate_fn=collate,
                                          persistent_workers=workers > 0)  # fmt: skip
 
     def batches():
@@ -93,10 +98,11 @@ def _loader_rate(ds: BreakHisDataset, workers: int, steps: int, dev: torch.devic
             batch = next(it)
             if not ds.on_device:
                 continue
+            rows, aug = split_records(batch)[:2]
             if cuda:
-                ds.device_batch(batch[0], batch[1], dev)
+                ds.device_batch(rows, aug.to(dev, non_blocking=True), dev)
             else:  # the CPU's augmentation is compute, not feeding: gather only
-                ds.cache.gather(batch[0])
+                ds.cache.gather(rows)
         if cuda:
             torch.cuda.synchronize()
 

@@ -16,7 +16,7 @@ from smse_metric.samplers import MultiScaleBatchSampler
 
 from .config import Config
 from .data.breakhis import class_names
-from .data.dataset import BreakHisDataset
+from .data.dataset import BreakHisDataset, collate_records
 from .engine import ShuffledBatchSampler
 from .errors import RecipeError
 from .models import EmbeddingNet
@@ -229,7 +229,8 @@ def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> 
         inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
     # pinned pages let the batch's copy to a GPU overlap the step (non_blocking)
     return DataLoader(ds, batch_sampler=inner, num_workers=cfg.data.num_workers,
-                      pin_memory=pin_memory)  # fmt: skip
+                      pin_memory=pin_memory,
+                      collate_fn=collate_records if ds.on_device else None)  # fmt: skip
 
 
 def make_losses(

@@ -20,6 +20,7 @@ from smse_metric.distributed import get_world_size, is_main_process
 
 from .build import Built
 from .config import Config
+from .data.dataset import split_records
 from .engine import (
     Interrupt,
     LossGraphs,
@@ -166,9 +167,9 @@ class Trainer:
         if not on_device:
             images, labels, _, scales = batch
             return tuple(t.to(dev, non_blocking=True) for t in (images, labels, scales))
-        rows, aug, labels, _, scales = batch
-        images = self.built.datasets["train"].device_batch(rows, aug, dev)
-        return images, labels.to(dev, non_blocking=True), scales.to(dev, non_blocking=True)
+        _, aug, labels, _, scales = split_records(batch.to(dev, non_blocking=True))
+        rows = batch[:, 0].long()  # on the host, where the cache is read
+        return self.built.datasets["train"].device_batch(rows, aug, dev), labels, scales
 
     def _step(self, images, labels, scales, interrupt: Interrupt) -> tuple[float, bool]:
         b = self.built

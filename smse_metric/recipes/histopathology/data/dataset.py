@@ -27,9 +27,11 @@ from .cache import DecodedCache, cache_size
 __all__ = [
     "INTERPOLATIONS",
     "BreakHisDataset",
+    "collate_records",
     "eval_transform",
     "normalize_image",
     "read_image",
+    "split_records",
     "train_transform",
 ]
 
@@ -105,6 +107,47 @@ def eval_transform(
     return apply
 
 
+def collate_records(items: Sequence[tuple]) -> torch.Tensor:
+    """The loader's ``collate_fn`` for ``augment_on="device"``: items ``(row, aug,
+    label, group, scale)`` as one float64 tensor [B, 4 + AUG_FIELDS] (row, label,
+    group, scale, then the record; integers below 2^53 are exact).
+
+    One tensor per batch because every tensor a worker hands over travels through its
+    own shared-memory file: five per batch cost 5x the loader throughput of one
+    (benchmarks/results/data.md's loader table).
+
+    Args:
+        items: the dataset's items of one batch.
+
+    Examples:
+        >>> aug = torch.zeros(16, dtype=torch.float64)
+        >>> packed = collate_records([(7, aug, 1, 30, 400), (2, aug + 1, 0, 31, 40)])
+        >>> packed.shape, packed[:, :4].tolist()
+        (torch.Size([2, 20]), [[7.0, 1.0, 30.0, 400.0], [2.0, 0.0, 31.0, 40.0]])
+    """
+    meta = torch.tensor([[row, label, group, scale] for row, _, label, group, scale in items],
+                        dtype=torch.float64)  # fmt: skip
+    return torch.cat([meta.reshape(len(items), 4), torch.stack([it[1] for it in items])], 1)
+
+
+def split_records(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(rows, aug, labels, groups, scales)`` of a `collate_records` batch, on its
+    device: int64 columns and the float64 records [B, AUG_FIELDS].
+
+    Args:
+        packed: [B, 4 + AUG_FIELDS] from `collate_records`.
+
+    Examples:
+        >>> aug = torch.zeros(16, dtype=torch.float64)
+        >>> rows, aug, labels, groups, scales = split_records(
+        ...     collate_records([(7, aug, 1, 30, 400)]))
+        >>> rows.tolist(), aug.shape, labels.dtype, scales.tolist()
+        ([7], torch.Size([1, 16]), torch.int64, [400])
+    """
+    ints = packed[:, :4].long()
+    return ints[:, 0], packed[:, 4:], ints[:, 1], ints[:, 2], ints[:, 3]
+
+
 #: the built-in training augmentation's crop area, colour and stain jitter
 CROP_SCALE, COLOR, STAIN = (0.6, 1.0), 0.15, 0.05
 
@@ -164,10 +207,11 @@ class BreakHisDataset(torch.utils.data.Dataset):
             built on first use) instead of decoding every file each epoch.
         augment_on: ``"worker"`` (the loader's workers return finished float images)
             or ``"device"`` (with ``"train"`` and ``cache_dir``: they return the item's
-            row and its augmentation record, ``(row, aug, label, group, scale)``, and
-            `device_batch` reads the rows' uint8 images from the cache in one copy,
-            then augments and normalises the batch on the model's device, from the same
-            random draws: no pixels pass between processes).
+            row and its augmentation record, ``(row, aug, label, group, scale)``, batched
+            by `collate_records`, and `device_batch` reads the rows' uint8 images from
+            the cache in one copy, then augments and normalises the batch on the
+            model's device, from the same random draws: no pixels pass between
+            processes).
 
     Examples:
         >>> import tempfile

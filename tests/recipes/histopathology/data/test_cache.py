@@ -11,7 +11,12 @@ from PIL import Image
 
 from smse_metric.recipes.histopathology.data.augment import resize
 from smse_metric.recipes.histopathology.data.cache import DecodedCache, cache_size
-from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset, read_image
+from smse_metric.recipes.histopathology.data.dataset import (
+    BreakHisDataset,
+    collate_records,
+    read_image,
+    split_records,
+)
 from smse_metric.recipes.histopathology.errors import RecipeError
 
 
@@ -103,8 +108,11 @@ def test_datasets_read_the_cache_and_augment_on_the_device(synth_index, tmp_path
     for ds in (worker, device):
         ds.set_epoch(2)
     order = [5, 0, 7, 2, 1, 6, 3, 4]
-    batch = torch.utils.data.default_collate([device[i] for i in order])
+    batch = split_records(collate_records([device[i] for i in order]))
     assert batch[0].tolist() == order and batch[1].shape == (8, 16)
+    assert torch.equal(batch[1], torch.stack([device[i][1] for i in order]))
+    assert batch[3].tolist() == [worker[i][2] for i in order]
+    assert batch[4].tolist() == [worker[i][3] for i in order]
     got = device.device_batch(batch[0], batch[1], "cpu")
     want = torch.stack([worker[i][0] for i in order])
     assert got.shape == want.shape and (got - want).abs().mean() < 0.03
