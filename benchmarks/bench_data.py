@@ -100,7 +100,7 @@ def _loader_rate(ds: BreakHisDataset, workers: int, steps: int, dev: torch.devic
                 continue
             rows, aug = split_records(batch)[:2]
             if cuda:
-                ds.device_batch(rows, aug.to(dev, non_blocking=True), dev)
+                ds.device_batch(rows, aug, dev)
             else:  # the CPU's augmentation is compute, not feeding: gather only
                 ds.cache.gather(rows)
         if cuda:
@@ -153,12 +153,12 @@ def feed(root: Path, size: int, cache_dir: Path, steps: int, device: str) -> lis
         model_rate = _model_rate(size, steps)
         rows.append(["resnet18 training step (bf16, channels-last)", f"{model_rate:.0f}", "—"])
         print(" | ".join(rows[0]), flush=True)
-    device = {"cache_dir": cache_dir, "augment_on": "device"}
+    on_device = {"cache_dir": cache_dir, "augment_on": "device"}
     # device augmentation leaves the workers little to do: the main process alone is
     # measured too, since on few cores the workers' hand-over can cost more than it saves
     for name, kw, n in (("PNG", {}, workers), ("cache", {"cache_dir": cache_dir}, workers),
-                        ("cache + device augmentation", device, workers),
-                        ("cache + device augmentation", device, 0)):  # fmt: skip
+                        ("cache + device augmentation", on_device, workers),
+                        ("cache + device augmentation", on_device, 0)):  # fmt: skip
         ds = BreakHisDataset(index, "train", size=(size, size), seed=0, **kw)
         rate = _loader_rate(ds, n, steps, dev)
         rows.append([f"loader, {name}, {n} workers", f"{rate:.0f}"])
