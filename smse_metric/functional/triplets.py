@@ -125,6 +125,34 @@ def _one_sort(d: Tensor, pos: Tensor, neg: Tensor, n_pos: Tensor):
     return count_neg, sorted_pos
 
 
+def _merged_all(d: Tensor, pos: Tensor, neg: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """`_triplet_block`'s ``(coef, loss-carrying triplets)`` for ``"all"`` on
+    non-negative distances, from one sort of each row's thresholds ``d_ap + margin`` and
+    negatives together. Keyed by bit pattern (as in `_one_sort`) with a threshold before
+    a negative of the same value, a positive's loss-carrying negatives (``d_an <
+    d_ap + margin``) are the negatives sorted before it, and a negative's
+    loss-carrying positives those sorted after it: a prefix count and a scatter take
+    the place of both binary searches."""
+    ity = _BITS[d.dtype]
+    info = torch.iinfo(ity)
+    # (bits - 2^(n-2)) * 2 + is_negative spans the integer type exactly: no overflow; a
+    # negative threshold (negative margin) keys as +0.0, which admits no negative either
+    bits = torch.where(pos, (d + margin).view(ity), d.view(ity)).clamp_min_(0)
+    keys = bits.sub_(1 << (info.bits - 2)).mul_(2).add_(neg)
+    keys = keys.masked_fill_(~(pos | neg), info.max)  # non-members last
+    keys, order = keys.sort(dim=1)
+    is_neg = keys.bitwise_and_(1)  # non-members (odd) sort after every member
+    n_before = is_neg.cumsum(1, dtype=ity).sub_(is_neg)
+    place = torch.arange(keys.shape[1], device=d.device, dtype=ity)
+    n_pos = pos.sum(1, keepdim=True, dtype=ity)
+    # at a negative: the positives after it, n_pos - (place - n_before)
+    counts = torch.where(is_neg.bool(), n_pos - place + n_before, n_before)
+    counts = torch.empty_like(counts).scatter_(1, order, counts)
+    k_pos = torch.where(pos, counts, 0)
+    coef = k_pos.to(d.dtype).sub_(torch.where(neg, counts, 0).to(d.dtype))
+    return coef, k_pos.sum()
+
+
 def _two_sorts(d: Tensor, pos: Tensor, neg: Tensor):
     """`_one_sort`'s ``(count_neg, sorted_pos)`` for distances of any sign (cosine)."""
     sorted_neg = torch.where(neg, d, torch.inf).sort(dim=1).values
@@ -143,6 +171,9 @@ def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy:
     ``d_ap``). Both sides compare the same rounded bounds, so the counts agree.
     ``nonneg`` distances (euclidean) sort both sides at once (`_one_sort`).
     """
+    if nonneg and strategy == "all" and not need_sel:
+        coef, k_total = _merged_all(d, pos, neg, margin)
+        return coef, k_total, None
     n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
     count_neg, sorted_pos = _one_sort(d, pos, neg, n_pos) if nonneg else _two_sorts(d, pos, neg)
     lower, upper, thresh = _bounds(d, margin, strategy)
