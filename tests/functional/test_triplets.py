@@ -18,7 +18,7 @@ from helpers import (
     unit,
     value_and_grad,
 )
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from smse_metric import TripletMarginLoss, TripletMiner
@@ -222,6 +222,16 @@ def test_mined_triplets_with_cross_scale_drop_same_scale_positives():
     )
 
 
+def _merged_by_rounding(emb: torch.Tensor, squared: bool) -> bool:
+    """Whether some anchor has two distances that differ in float64 and are equal in
+    float32."""
+    metric = "squared_euclidean" if squared else "euclidean"
+    d32 = smf.pairwise_distances(emb, metric=metric)
+    d64 = smf.pairwise_distances(emb.double(), metric=metric)
+    same32 = d32[:, :, None] == d32[:, None, :]
+    return bool((same32 & (d64[:, :, None] != d64[:, None, :])).any())
+
+
 @given(seed=st.integers(0, 2**16), squared=st.booleans(),
        strategy=st.sampled_from(["all", "semihard", "hard", "batch_hard"]),
        path=st.sampled_from(FUSED_PATHS))  # fmt: skip
@@ -231,6 +241,10 @@ def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy,
     differently selected triplet moves the sum by far more than the tolerance, which
     allows for float32 rounding of the ~40 distances near 1 that enter the sum."""
     emb, labels = clusters(seed)
+    # where two of an anchor's distances differ in float64 but round to one float32
+    # (seed 1125: 0.61030445 and 0.61030448), float32 cannot tell which is larger, and
+    # semihard's d(a,p) < d(a,n) or hard's d(a,n) <= d(a,p) may decide otherwise
+    assume(strategy in ("all", "batch_hard") or not _merged_by_rounding(emb, squared))
     loss = TripletMarginLoss(1e-4, squared=squared, triplets=strategy, reduction="sum")
     with fused_path(path):
         (got, g32), (want, g64) = (value_and_grad(lambda e: loss(e, labels), x)
