@@ -140,14 +140,19 @@ def _merged_all(d: Tensor, pos: Tensor, neg: Tensor, margin: float) -> tuple[Ten
     bits = torch.where(pos, (d + margin).view(ity), d.view(ity)).clamp_min_(0)
     keys = bits.sub_(1 << (info.bits - 2)).mul_(2).add_(neg)
     keys = keys.masked_fill_(~(pos | neg), info.max)  # non-members last
-    keys, order = keys.sort(dim=1)
-    is_neg = keys.bitwise_and_(1)  # non-members (odd) sort after every member
-    n_before = is_neg.cumsum(1, dtype=ity).sub_(is_neg)
-    place = torch.arange(keys.shape[1], device=d.device, dtype=ity)
     n_pos = pos.sum(1, keepdim=True, dtype=ity)
-    # at a negative: the positives after it, n_pos - (place - n_before)
-    counts = torch.where(is_neg.bool(), n_pos - place + n_before, n_before)
+    keys, order = keys.sort(dim=1)
+    is_neg = keys.bitwise_and_(1).bool()  # non-members (odd) sort after every member
+    del keys
+    # at a positive the negatives before it: the running count; at a negative the
+    # positives after it: n_pos - (place + 1 - running count). In place where it can
+    # be: [B, B] temporaries are what this path holds
+    counts = is_neg.cumsum(1, dtype=ity)
+    place = torch.arange(counts.shape[1], device=d.device, dtype=ity)
+    counts = counts.add_(torch.sub(n_pos - 1, place).mul_(is_neg))
+    del is_neg
     counts = torch.empty_like(counts).scatter_(1, order, counts)
+    del order
     k_pos = torch.where(pos, counts, 0)
     coef = k_pos.to(d.dtype).sub_(torch.where(neg, counts, 0).to(d.dtype))
     return coef, k_pos.sum()
