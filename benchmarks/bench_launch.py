@@ -31,6 +31,8 @@ LOSSES = [
     ("all", TripletMarginLoss(0.2)),
     ("semihard", TripletMarginLoss(0.2, triplets="semihard")),
     ("batch-hard", TripletMarginLoss(0.2, triplets="batch_hard")),
+    ("semihard, cosine", TripletMarginLoss(0.2, triplets="semihard", distance="cosine")),
+    ("batch-hard, cosine", TripletMarginLoss(0.2, triplets="batch_hard", distance="cosine")),
     ("contrastive", ContrastiveLoss(0.5)),
 ]
 

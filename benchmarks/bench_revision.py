@@ -27,6 +27,14 @@ CASES = {  # name -> keyword arguments of the functional losses
     "all-triplets": ("triplet_margin_loss", {"margin": 0.2, "triplets": "all"}),
     "batch-hard": ("triplet_margin_loss", {"margin": 0.2, "triplets": "batch_hard"}),
     "contrastive": ("contrastive_loss", {"margin": 0.5}),
+    "all-triplets-cosine": (
+        "triplet_margin_loss",
+        {"margin": 0.2, "triplets": "all", "distance": "cosine"},
+    ),
+    "semihard-cosine": (
+        "triplet_margin_loss",
+        {"margin": 0.2, "triplets": "semihard", "distance": "cosine"},
+    ),
 }
 
 
@@ -51,14 +59,20 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side")
     p.add_argument("--repeats", type=int, default=9, help="calls per median, at least")
+    p.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
     p.add_argument("--out", help="table path (default: results/losses-vs-<base>.md)")
     args = p.parse_args(argv)
+    cases = args.cases.split(",")
+    for name in cases:
+        if name not in CASES:
+            p.error(f"--cases: unknown case {name!r}; choose from {', '.join(CASES)}")
     import smse_metric.functional as ours
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))
-        for name, (fn, kwargs) in CASES.items():
+        for name in cases:
+            fn, kwargs = CASES[name]
             for b in (int(s) for s in args.sizes.split(",")):
                 g = torch.Generator().manual_seed(b)
                 emb = torch.nn.functional.normalize(torch.randn(b, 128, generator=g), dim=1)

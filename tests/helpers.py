@@ -73,6 +73,8 @@ def metric_losses():
         TripletMarginLoss(0.3, triplets="hard", reduction="sum"),
         TripletMarginLoss(0.3, squared=True, triplets="batch_hard"),
         TripletMarginLoss(0.3, cross_scale=True),
+        TripletMarginLoss(0.3, triplets="semihard", cross_scale=True, distance="cosine"),
+        TripletMarginLoss(0.3, triplets="batch_hard", distance="cosine"),
         ContrastiveLoss(0.8),
         ContrastiveLoss(0.8, cross_scale=True, reduction="mean_nonzero"),
     ]

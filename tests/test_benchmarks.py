@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.bench_revision import CASES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,8 +30,11 @@ def test_revision_benchmark_compares_with_a_git_revision(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
-    assert [r.split(" | ")[0] for r in rows] == ["| all-triplets", "| batch-hard", "| contrastive"]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {name}" for name in CASES]
     assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
+    bad = subprocess.run([*cmd, "--cases", "all-triplets,cosine"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "--cases: unknown case 'cosine'" in bad.stderr
 
 
 def test_the_device_evaluation_table_runs_here_on_the_cpu():

@@ -12,8 +12,10 @@ distances at these sizes), with no host synchronisation and static shapes, so a 
 step that uses them can be captured in a CUDA graph.
 
 Used for at most `SMALL_BATCH` embeddings against themselves (`SMALL_BATCH_CPU` for the
-triplet windows on the CPU), euclidean or squared euclidean; larger batches, reference
-sets and cosine take the sorted, blocked path.
+triplet windows on the CPU), with any metric (the contrastive loss is euclidean); larger
+batches and reference sets take the sorted, blocked path. Cosine distances are
+``|n_i - n_j|^2 / 2`` of the unit rows ``n = x / |x|``: squared euclidean ones in ``n``,
+whose gradient goes back through the normalisation in closed form too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .distances import DIRECT_ENTRIES, direct_distances
+from ._common import acc_dtype
+from .distances import DIRECT_ENTRIES, cosine_distances, direct_distances, unit_rows
 
 #: Largest batch of these paths on a GPU: 2^21 triplet comparisons, a few MiB of
 #: temporaries, and a distance matrix of `DIRECT_ENTRIES` entries, so that the miners
@@ -35,11 +38,26 @@ if max(SMALL_BATCH, SMALL_BATCH_CPU) ** 2 > DIRECT_ENTRIES:
     raise ImportError("SMALL_BATCH must not exceed the direct-difference distance size")
 
 
-def uses_small_batch(emb: Tensor, same: bool, metric: str, cubic: bool = False) -> bool:
+#: d dist / d x_i = FACTOR * (x_i - x_j) * weight (cosine: with n in place of x)
+_FACTOR = {"euclidean": 1.0, "squared_euclidean": 2.0, "cosine": 1.0}
+
+
+def uses_small_batch(emb: Tensor, same: bool, cubic: bool = False) -> bool:
     """Whether a loss over ``emb`` takes this path; ``cubic``: the triplet windows."""
     cpu_cubic = cubic and emb.device.type == "cpu"
     limit = min(SMALL_BATCH_CPU, SMALL_BATCH) if cpu_cubic else SMALL_BATCH
-    return same and len(emb) <= limit and metric != "cosine"
+    return same and len(emb) <= limit
+
+
+def _distances(x: Tensor, metric: str, rounded: bool = True):
+    """The batch's distances as the miners compute them, and for cosine ``(n, |x|)``,
+    the unit rows in ``x``'s dtype and the [B, 1] norms, else None. Euclidean distances
+    stay in float64 unless ``rounded``; cosine ones are always rounded to ``x``'s
+    dtype, as the sorted path chooses on them."""
+    if metric != "cosine":
+        return direct_distances(x, metric == "squared_euclidean", rounded=rounded), None
+    xn, norm = unit_rows(x.to(acc_dtype(x)))
+    return cosine_distances(xn, None, x.dtype), (xn.to(x.dtype), norm)
 
 
 def _masks(labels: Tensor, scales: Tensor | None, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,48 +69,60 @@ def _masks(labels: Tensor, scales: Tensor | None, d: Tensor) -> tuple[Tensor, Te
     return d_neg, eq & (scales[:, None] != scales)  # the diagonal has equal scales
 
 
-def _weights(coef: Tensor, d: Tensor, squared: bool) -> Tensor:
-    """d dist / d x_i = f (x_i - x_j) * weight: f = 2 for the squared distance; the
-    euclidean one divides by d and is given gradient 0 where d = 0 (duplicates)."""
-    return coef if squared else torch.nan_to_num(coef / d, nan=0.0, posinf=0.0, neginf=0.0)
+def _weights(coef: Tensor, d: Tensor, metric: str) -> Tensor:
+    """d dist / d x_i = FACTOR (x_i - x_j) * weight: the euclidean distance divides by d
+    and is given gradient 0 where d = 0 (duplicates)."""
+    if metric != "euclidean":
+        return coef
+    return torch.nan_to_num(coef / d, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _finish(ctx, total: Tensor, count: Tensor | int | None, x: Tensor, weights: Tensor,
-            squared: bool, symmetric: bool = False) -> Tensor:  # fmt: skip
+            metric: str, unit: tuple[Tensor, Tensor] | None = None,
+            symmetric: bool = False) -> Tensor:  # fmt: skip
     """Keep what the backward needs and reduce: ``total / max(count, 1)`` (None: the
     sum). ``weights``: the gradient of ``total`` w.r.t. the distances, passed through
-    `_weights`; ``symmetric``: it is symmetric."""
-    f = 2.0 if squared else 1.0
-    ctx.factor, ctx.symmetric = (2 * f if symmetric else f), symmetric
+    `_weights`; ``unit``: cosine's unit rows and norms (`_distances`); ``symmetric``:
+    the weights are symmetric."""
+    f = _FACTOR[metric]
+    ctx.factor, ctx.symmetric, ctx.cosine = (2 * f if symmetric else f), symmetric, bool(unit)
+    saved = (x, weights) if unit is None else (*unit, weights)
     if isinstance(count, Tensor):
         denom = count.clamp_min(1)
         ctx.scale = None
-        ctx.save_for_backward(x, weights, denom)
+        ctx.save_for_backward(*saved, denom)
         return total / denom
     ctx.scale = None if count is None else 1.0 / max(count, 1)
-    ctx.save_for_backward(x, weights)
+    ctx.save_for_backward(*saved)
     return total if count is None else total * ctx.scale
 
 
 def _backward(ctx, grad: Tensor, n_other: int) -> tuple[Tensor | None, ...]:
     """The gradient of ``scale * sum(w * dist)`` w.r.t. ``x``, with dist = d(x_i, x_j):
-    ``f (x * rowsum(W) - W @ x)`` for ``W = w + w^T``."""
-    x, w, *denom = ctx.saved_tensors
+    ``f (x * rowsum(W) - W @ x)`` for ``W = w + w^T``; for cosine that is the gradient
+    w.r.t. the unit rows ``n``, and through ``n = x / |x|`` it loses its component
+    along ``n`` and is divided by ``|x|`` (``F.normalize``'s gradient, exact for rows
+    longer than its 1e-12 floor and for zero rows)."""
+    x, *rest = ctx.saved_tensors
+    norm = rest.pop(0) if ctx.cosine else None
+    w, *denom = rest
     scale = grad / denom[0] if denom else grad if ctx.scale is None else grad * ctx.scale
     if not ctx.symmetric:
         w = w + w.T
     f = ctx.factor
-    gx = torch.addmm(x * w.sum(1, keepdim=True), w, x, beta=f, alpha=-f).mul_(scale)
-    return gx, *(None,) * n_other
+    gx = torch.addmm(x * w.sum(1, keepdim=True), w, x, beta=f, alpha=-f)
+    if norm is not None:
+        gx = gx.sub_(x * (x * gx).sum(1, keepdim=True)).div_(norm)
+    return gx.mul_(scale), *(None,) * n_other
 
 
 class _Triplets(torch.autograd.Function):
     """Every selected triplet of the batch on one [B, P, N] comparison."""
 
     @staticmethod
-    def forward(ctx, x, labels, scales, margin, strategy, squared, reduction):
+    def forward(ctx, x, labels, scales, margin, strategy, metric, reduction):
         inf = float("inf")
-        d = direct_distances(x, squared)
+        d, unit = _distances(x, metric)
         d_neg, pos = _masks(labels, scales, d)
         # d(a,n) < d(a,p) + margin, with the bound rounded as the sorted path and the
         # miner round it (its sign is exact); -inf where (a, p, n) is no triplet
@@ -114,7 +144,7 @@ class _Triplets(torch.autograd.Function):
         coef = k_pos - carrying.sum(1, dtype=x.dtype)  # supports: positives, negatives
         if reduction == "mean_nonzero":
             count = k_pos.sum()
-        return _finish(ctx, terms.sum(), count, x, _weights(coef, d, squared), squared)
+        return _finish(ctx, terms.sum(), count, x, _weights(coef, d, metric), metric, unit)
 
     @staticmethod
     def backward(ctx, grad):
@@ -122,12 +152,13 @@ class _Triplets(torch.autograd.Function):
 
 
 class _BatchHard(torch.autograd.Function):
-    """Per anchor the farthest positive and the closest negative, chosen on the float64
-    distances (ties to the smaller index), the loss on the rounded ones."""
+    """Per anchor the farthest positive and the closest negative, chosen as the sorted
+    path chooses (euclidean: on the float64 distances; ties to the smaller index), the
+    loss on the rounded distances."""
 
     @staticmethod
-    def forward(ctx, x, labels, scales, margin, squared, reduction):
-        d64 = direct_distances(x, squared, rounded=False)
+    def forward(ctx, x, labels, scales, margin, metric, reduction):
+        d64, unit = _distances(x, metric, rounded=False)
         d_neg, pos = _masks(labels, scales, d64)
         # one max over [farthest positive, closest negative negated]
         picked, picks = torch.stack([torch.where(pos, d64, -float("inf")), -d_neg], 1).max(2)
@@ -144,11 +175,11 @@ class _BatchHard(torch.autograd.Function):
         # d total / d d(a,p*) = +carrying, / d d(a,n*) = -carrying: [c, -c] / [d, -d]
         signs = (
             torch.cat([carrying, -carrying], 1)
-            if squared
+            if metric != "euclidean"
             else (torch.nan_to_num(carrying / picked, nan=0.0, posinf=0.0, neginf=0.0))
         )
         weights = torch.zeros_like(d64, dtype=x.dtype).scatter_(1, picks, signs)
-        return _finish(ctx, terms.sum(), count, x, weights, squared)
+        return _finish(ctx, terms.sum(), count, x, weights, metric, unit)
 
     @staticmethod
     def backward(ctx, grad):
@@ -180,7 +211,9 @@ class _Contrastive(torch.autograd.Function):
             count = len(x) * (len(x) - 1)  # every ordered pair is a positive or a negative
         else:  # the positives and the negatives
             count = torch.where(eq, pos, True).sum(dtype=x.dtype)
-        return _finish(ctx, total, count, x, _weights(g, d, False), False, symmetric=True)
+        return _finish(
+            ctx, total, count, x, _weights(g, d, "euclidean"), "euclidean", symmetric=True
+        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -188,12 +221,13 @@ class _Contrastive(torch.autograd.Function):
 
 
 def small_triplet_loss(x: Tensor, labels: Tensor, scales: Tensor | None, margin: float,
-                       strategy: str, squared: bool, reduction: str) -> Tensor:  # fmt: skip
+                       strategy: str, metric: str, reduction: str) -> Tensor:  # fmt: skip
     """The fused triplet loss of ``x`` [B, D] against itself; ``scales``: the cross-scale
-    rule's magnifications, or None; ``strategy``: ``"batch_hard"`` or a window."""
+    rule's magnifications, or None; ``strategy``: ``"batch_hard"`` or a window;
+    ``metric``: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``."""
     if strategy == "batch_hard":
-        return _BatchHard.apply(x, labels, scales, margin, squared, reduction)
-    return _Triplets.apply(x, labels, scales, margin, strategy, squared, reduction)
+        return _BatchHard.apply(x, labels, scales, margin, metric, reduction)
+    return _Triplets.apply(x, labels, scales, margin, strategy, metric, reduction)
 
 
 def small_contrastive_loss(x: Tensor, labels: Tensor, scales: Tensor | None, margin: float,

@@ -42,6 +42,25 @@ def direct_distances(
     return d.to(x.dtype) if rounded and d.dtype != x.dtype else d
 
 
+def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / n, n)`` with ``n = max(|x_i|, 1e-12)`` per row ([N, 1]): the values of
+    ``F.normalize`` in three ops, and the divisor its gradient needs."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    return x / norm, norm
+
+
+def cosine_distances(xn: Tensor, yn: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``1 - cos`` of rows already normalised in the accumulation dtype (`unit_rows`),
+    as ``|xn - yn|^2 / 2`` in ``dtype``: never negative, exactly 0 for duplicates. Small
+    matrices of a narrower ``dtype`` take direct differences (`direct_distances`); the
+    others the snapped float64 expansion."""
+    ny = len(xn) if yn is None else len(yn)
+    if dtype != xn.dtype and len(xn) * ny <= DIRECT_ENTRIES:
+        d = torch.cdist(xn, xn if yn is None else yn, compute_mode="donot_use_mm_for_euclid_dist")
+        return d.square().to(dtype) / 2
+    return _accurate(xn, yn, root=False).to(dtype) / 2
+
+
 def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
     """`direct_distances` (``root``: euclidean) for matrices of at most `DIRECT_ENTRIES`
     entries, otherwise `_expansion`."""
@@ -163,12 +182,11 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
         x, y = upcast(x), upcast(y.to(x.device))
         if metric != "cosine":
             return _Distance.apply(x, None if same else y, metric == "squared_euclidean")
-        # 1 - cos = |x/|x| - y/|y||^2 / 2, which cancels for close points like the
-        # euclidean expansion: normalised and multiplied in float64
+        # 1 - cos = |x/|x| - y/|y||^2 / 2, not 1 - x.y, which cancels for close points:
+        # normalised in float64, then as accurate as the euclidean distances
         acc = acc_dtype(x)
-        xn = torch.nn.functional.normalize(x.to(acc), dim=1)
-        yn = None if same else torch.nn.functional.normalize(y.to(acc), dim=1)
-        return _accurate(xn, yn, root=False).to(x.dtype) / 2
+        xn = unit_rows(x.to(acc))[0]
+        return cosine_distances(xn, None if same else unit_rows(y.to(acc))[0], x.dtype)
 
 
 def _safe_sqrt(sq: Tensor) -> Tensor:

@@ -66,7 +66,7 @@ def contrastive_loss(
     with full_precision(embeddings.device):
         if indices_tuple is None and (emb.shape[0] == 0 or ref.shape[0] == 0):
             return (emb.sum() + ref.sum()) * 0.0  # no pair: the connected zero
-        if indices_tuple is None and uses_small_batch(emb, same, "euclidean"):
+        if indices_tuple is None and uses_small_batch(emb, same):
             cross = scales if cross_scale else None
             return small_contrastive_loss(emb, labels, cross, margin, reduction)
         if indices_tuple is None:

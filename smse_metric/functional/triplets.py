@@ -158,29 +158,23 @@ def _merged_all(d: Tensor, pos: Tensor, neg: Tensor, margin: float) -> tuple[Ten
     return coef, k_pos.sum()
 
 
-def _two_sorts(d: Tensor, pos: Tensor, neg: Tensor):
-    """`_one_sort`'s ``(count_neg, sorted_pos)`` for distances of any sign (cosine)."""
-    sorted_neg = torch.where(neg, d, torch.inf).sort(dim=1).values
-    sorted_pos = torch.where(pos, d, torch.inf).sort(dim=1).values
-    return lambda values, right: _count(sorted_neg, values, right), sorted_pos
-
-
-def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel,
-                   nonneg: bool):  # fmt: skip
+def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str,
+                   need_sel: bool):  # fmt: skip
     """Counts for one block of anchors: (coef, loss-carrying triplets, selected triplets).
 
     Only loss-carrying triplets (``d_an < d_ap + margin``) inside the selection of
     `_bounds` matter for the value and gradient; ``k_pos[a, p]`` counts them per
     positive (a prefix of the sorted negatives minus another), ``w[a, n]`` per
     negative (a suffix of the sorted positives minus another: the bounds grow with
-    ``d_ap``). Both sides compare the same rounded bounds, so the counts agree.
-    ``nonneg`` distances (euclidean) sort both sides at once (`_one_sort`).
+    ``d_ap``). Both sides compare the same rounded bounds, so the counts agree. Every
+    metric's distances are non-negative (cosine's are ``|x/|x| - y/|y||^2 / 2``), so
+    both sides come from one sort (`_one_sort`, `_merged_all`).
     """
-    if nonneg and strategy == "all" and not need_sel:
+    if strategy == "all" and not need_sel:
         coef, k_total = _merged_all(d, pos, neg, margin)
         return coef, k_total, None
     n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
-    count_neg, sorted_pos = _one_sort(d, pos, neg, n_pos) if nonneg else _two_sorts(d, pos, neg)
+    count_neg, sorted_pos = _one_sort(d, pos, neg, n_pos)
     lower, upper, thresh = _bounds(d, margin, strategy)
     carrying = count_neg(thresh, False)  # negatives with d_an < d_ap + margin
     # below an upper bound that is the threshold itself, every carrying one is selected
@@ -208,7 +202,7 @@ def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy:
 
 
 def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, strategy,
-                        reduction, nonneg=False):  # fmt: skip
+                        reduction):  # fmt: skip
     """Sum of the selected triplets' losses as a linear form in the distances.
 
     Within the selection a triplet contributes ``d_ap + margin - d_an`` when that
@@ -228,7 +222,7 @@ def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, marg
         for start, stop in row_blocks(dist.shape[0], dist.shape[1]):
             d = dist[start:stop].detach()
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
-            c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel, nonneg)
+            c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel)
             coef[start:stop] = c
             k_total += k
             if need_sel:
@@ -320,16 +314,15 @@ def triplet_margin_loss(
         scales = scales if cross_scale else None
         if emb.shape[0] == 0 or ref.shape[0] == 0:  # no triplet: the connected zero
             return (emb.sum() + ref.sum()) * 0.0
-        if uses_small_batch(emb, same, metric, cubic=triplets != "batch_hard"):
-            squared = metric == "squared_euclidean"
-            return small_triplet_loss(emb, labels, scales, margin, triplets, squared, reduction)
+        if uses_small_batch(emb, same, cubic=triplets != "batch_hard"):
+            return small_triplet_loss(emb, labels, scales, margin, triplets, metric, reduction)
         if triplets == "batch_hard":
             return _batch_hard_loss(
                 emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction
             )
         dist = pairwise_distances(emb, None if same else ref, metric)
         return _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin,
-                                   triplets, reduction, nonneg=metric != "cosine")  # fmt: skip
+                                   triplets, reduction)  # fmt: skip
 
 
 def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric,

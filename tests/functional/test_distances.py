@@ -130,3 +130,28 @@ def test_duplicates_are_exactly_zero_in_float32(metric):
     for d in (smf.pairwise_distances(x, None, metric), smf.pairwise_distances(x[:20], x, metric)):
         assert d[3, 10] == 0 and d[3, 40] == 0 and d[10, 3] == 0 and d.diagonal()[:20].eq(0).all()
         assert (d[3][[i for i in range(64) if i not in (3, 10, 40)]] > 0).all()
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 200),
+    dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
+    with_ref=st.booleans(),
+)
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+def test_distances_are_never_negative(metric, seed, n, dtype, with_ref):
+    """The fused triplet losses sort distances by their bit patterns, which order as the
+    values only for non-negative floats: every metric must give >= 0 (cosine too: it is
+    computed as ``|x/|x| - y/|y||^2 / 2``, never as ``1 - cos``), on near-duplicates,
+    opposite rows and zero rows, at both sizes of the distance computation."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    pick = torch.randint(0, 3, (n,), generator=g)
+    sign = torch.randint(0, 2, (n, 1), generator=g) * 2 - 1
+    x = base[pick] * sign * (1 + 1e-7 * torch.randn(n, 1, generator=g, dtype=torch.float64))
+    x = x + 1e-7 * torch.randn(n, 16, generator=g, dtype=torch.float64)
+    x[torch.rand(n, generator=g) < 0.1] = 0
+    x = x.to(dtype)
+    d = smf.pairwise_distances(x, x.flip(0) if with_ref else None, metric)
+    assert not d.isnan().any()
+    assert (d >= 0).all()

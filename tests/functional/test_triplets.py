@@ -65,6 +65,38 @@ def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction
     )
 
 
+@given(
+    seed=st.integers(0, 2**16),
+    strategy=st.sampled_from(FUSED),
+    reduction=st.sampled_from(REDUCTIONS),
+    margin=st.sampled_from([-0.5, 0.0, 0.5, 1.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_cosine_on_tied_directions_takes_the_same_triplets_on_both_paths(
+    seed, strategy, reduction, margin, dtype
+):
+    """Integer grid points, some zero and many along one direction: cosine distances
+    tie exactly (0 between rows of one direction, equal angles elsewhere). The
+    launch-light path and the sorted path select the same triplets: equal values and
+    gradients; in float64 they are the miner's too (in float32 the miner compares the
+    float64 distances, and a tie there may not be one in float32)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randint(-2, 3, (16, 3), generator=g).to(dtype)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    loss = TripletMarginLoss(margin, triplets=strategy, reduction=reduction, distance="cosine")
+    with fused_path("small"):
+        small = value_and_grad(lambda e: loss(e, labels), emb)
+    with fused_path("sorted"):
+        fused = value_and_grad(lambda e: loss(e, labels), emb)
+        if strategy != "batch_hard" and dtype == torch.float64:
+            miner = TripletMiner(strategy, margin, distance="cosine")
+            mined = value_and_grad(lambda e: loss(e, labels, miner(e, labels)), emb)
+            torch.testing.assert_close(mined[0], fused[0])
+    # zero rows have gradients of order 1e12 (F.normalize divides them by 1e-12)
+    torch.testing.assert_close(small, fused, rtol=1e-5 if dtype == torch.float32 else 1e-7,
+                               atol=1e-5)  # fmt: skip
+
+
 @pytest.mark.parametrize("strategy", ["all", "semihard", "hard"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, monkeypatch):
@@ -125,11 +157,15 @@ def test_fused_triplet_property_matches_naive(
 @pytest.mark.parametrize("strategy", ["all", "semihard", "hard", "batch_hard"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("path", FUSED_PATHS)
-def test_fused_equals_mined(strategy, reduction, path):
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_fused_equals_mined(strategy, reduction, path, distance):
     emb, labels, scales = make_batch(40, 8, 4, n_scales=2, seed=4)
     kw = dict(scales=scales)
-    loss = TripletMarginLoss(0.3, triplets=strategy, reduction=reduction, cross_scale=True)
-    miner = TripletMiner(strategy, margin=0.3, cross_scale=True, chunk_size=7)
+    margin = 0.3
+    loss = TripletMarginLoss(margin, triplets=strategy, reduction=reduction, cross_scale=True,
+                             distance=distance)  # fmt: skip
+    miner = TripletMiner(strategy, margin=margin, cross_scale=True, chunk_size=7,
+                         distance=distance)  # fmt: skip
     with fused_path(path):
         assert_same(
             lambda e: loss(e, labels, **kw),
@@ -294,8 +330,8 @@ def test_collapsed_batch_hard_takes_the_float64_product_and_keeps_its_choice():
     st.integers(0, 2**16),
 )  # fmt: skip
 def test_one_sort_counts_as_the_two_sorts(rows, cols, dtype, seed):
-    """The euclidean path's single sort (positives keyed below negatives by the sign bit)
-    counts and orders exactly as sorting each side apart: distances with ties, +0.0 and
+    """The single sort (positives keyed below negatives by the sign bit) counts and
+    orders exactly as sorting each side apart: distances with ties, +0.0 and
     -0.0, and queries of every sign, at either side of ``searchsorted``."""
     from smse_metric.functional import triplets
 
@@ -306,7 +342,12 @@ def test_one_sort_counts_as_the_two_sorts(rows, cols, dtype, seed):
     pos, neg = member == 0, member == 1
     n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
     count_one, pos_one = triplets._one_sort(d, pos, neg, n_pos)
-    count_two, pos_two = triplets._two_sorts(d, pos, neg)
+    sorted_neg = torch.where(neg, d, torch.inf).sort(dim=1).values
+    pos_two = torch.where(pos, d, torch.inf).sort(dim=1).values
+
+    def count_two(values, right):
+        return torch.searchsorted(sorted_neg, values, right=right, out_int32=True)
+
     torch.testing.assert_close(pos_one, pos_two, rtol=0, atol=0)
     # finite, as every bound is (the two sorts' +inf padding would count at +inf)
     values = torch.tensor([-1.0, -0.0, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0], dtype=dtype)
