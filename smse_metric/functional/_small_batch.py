@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from ._common import acc_dtype
-from .distances import DIRECT_ENTRIES, cosine_distances, direct_distances, unit_rows
+from .distances import (
+    DIRECT_ENTRIES,
+    cosine_distances,
+    direct_distances,
+    through_unit_rows,
+    unit_rows,
+)
 
 #: Largest batch of these paths on a GPU: 2^21 triplet comparisons, a few MiB of
 #: temporaries, and a distance matrix of `DIRECT_ENTRIES` entries, so that the miners
@@ -112,7 +118,7 @@ def _backward(ctx, grad: Tensor, n_other: int) -> tuple[Tensor | None, ...]:
     f = ctx.factor
     gx = torch.addmm(x * w.sum(1, keepdim=True), w, x, beta=f, alpha=-f)
     if norm is not None:
-        gx = gx.sub_(x * (x * gx).sum(1, keepdim=True)).div_(norm)
+        gx = through_unit_rows(gx, x, norm)
     return gx.mul_(scale), *(None,) * n_other
 
 

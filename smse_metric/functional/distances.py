@@ -49,6 +49,14 @@ def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return x / norm, norm
 
 
+def through_unit_rows(grad: Tensor, n: Tensor, norm: Tensor) -> Tensor:
+    """The gradient w.r.t. ``x`` of a function of ``n = x / norm`` (`unit_rows`), given
+    its gradient w.r.t. ``n`` (overwritten: it is a temporary of the caller's): the
+    component along ``n`` drops out, the rest is divided by the norm. ``F.normalize``'s
+    gradient for rows longer than its 1e-12 floor, and for zero rows (``n = 0``)."""
+    return grad.sub_(n * (n * grad).sum(1, keepdim=True)).div_(norm)
+
+
 def cosine_distances(xn: Tensor, yn: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``1 - cos`` of rows already normalised in the accumulation dtype (`unit_rows`),
     as ``|xn - yn|^2 / 2`` in ``dtype``: never negative, exactly 0 for duplicates. Small
@@ -139,6 +147,36 @@ class _Distance(torch.autograd.Function):
         return gx, y * w.sum(0).unsqueeze(1) - w.T @ x, None, None
 
 
+class _Cosine(torch.autograd.Function):
+    """`cosine_distances` of ``x``'s rows against ``y``'s (None: ``x`` itself), with a
+    closed-form gradient in the input dtype: with ``d = |n_i - m_j|^2 / 2``,
+    ``dd/dn_i = n_i - m_j``, then `through_unit_rows`. Saves the unit rows and norms,
+    not the float64 blocks of the product."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor | None) -> Tensor:
+        acc = acc_dtype(x)
+        xn, x_norm = unit_rows(x.to(acc))
+        yn, y_norm = (None, None) if y is None else unit_rows(y.to(acc))
+        ctx.same = y is None
+        ctx.save_for_backward(*(t.to(x.dtype) for t in (xn, x_norm, yn, y_norm) if t is not None))
+        return cosine_distances(xn, yn, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.same:
+            n, norm = ctx.saved_tensors
+            g = n * (grad.sum(1) + grad.sum(0)).unsqueeze(1) - grad @ n - grad.T @ n
+            return through_unit_rows(g, n, norm), None
+        n, n_norm, m, m_norm = ctx.saved_tensors
+        gx = gy = None
+        if ctx.needs_input_grad[0]:
+            gx = through_unit_rows(n * grad.sum(1, keepdim=True) - grad @ m, n, n_norm)
+        if ctx.needs_input_grad[1]:
+            gy = through_unit_rows(m * grad.sum(0).unsqueeze(1) - grad.T @ n, m, m_norm)
+        return gx, gy
+
+
 def self_distances(x: Tensor, symmetric_grad: bool = False) -> Tensor:
     """Euclidean distances of ``x``'s rows among themselves, as `pairwise_distances`.
     ``symmetric_grad`` promises that the gradient arriving at the [N, N] result is
@@ -184,9 +222,7 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
             return _Distance.apply(x, None if same else y, metric == "squared_euclidean")
         # 1 - cos = |x/|x| - y/|y||^2 / 2, not 1 - x.y, which cancels for close points:
         # normalised in float64, then as accurate as the euclidean distances
-        acc = acc_dtype(x)
-        xn = unit_rows(x.to(acc))[0]
-        return cosine_distances(xn, None if same else unit_rows(y.to(acc))[0], x.dtype)
+        return _Cosine.apply(x, None if same else y)
 
 
 def _safe_sqrt(sq: Tensor) -> Tensor:

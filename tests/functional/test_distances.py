@@ -50,6 +50,25 @@ def test_euclidean_gradient_with_ref_equals_autograd_of_loops():
     assert torch.autograd.gradcheck(lambda a, b: smf.pairwise_distances(a, b), (x, y))
 
 
+@pytest.mark.parametrize(("n", "m"), [(5, 4), (150, 120)])  # direct differences, expansion
+def test_cosine_gradient_against_a_reference_set(n, m):
+    """Both inputs' closed-form gradients, at both sizes of the computation, against
+    gradcheck and against autograd through F.normalize and a direct difference."""
+    x, _, _ = make_batch(n, 3, 2, normalize=False, seed=5)
+    y, _, _ = make_batch(m, 3, 2, normalize=False, seed=6)
+    x, y = x.requires_grad_(), y.requires_grad_()
+    w = torch.randn(n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    (smf.pairwise_distances(x, y, "cosine") * w).sum().backward()
+    gx, gy = x.grad.clone(), y.grad.clone()
+    x.grad = y.grad = None
+    xn, yn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+    (((xn[:, None] - yn[None]).square().sum(-1) / 2) * w).sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gy, y.grad)
+    if n < 10:
+        assert torch.autograd.gradcheck(lambda a, b: smf.pairwise_distances(a, b, "cosine"), (x, y))
+
+
 def test_distances_under_autocast_are_float32():
     x = torch.randn(8, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
