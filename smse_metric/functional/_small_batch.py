@@ -63,7 +63,7 @@ def _distances(x: Tensor, metric: str, rounded: bool = True):
     if metric != "cosine":
         return direct_distances(x, metric == "squared_euclidean", rounded=rounded), None
     xn, norm = unit_rows(x.to(acc_dtype(x)))
-    return cosine_distances(xn, None, x.dtype), (xn.to(x.dtype), norm)
+    return cosine_distances(xn, None, x.dtype), (xn.to(x.dtype), norm.to(x.dtype))
 
 
 def _masks(labels: Tensor, scales: Tensor | None, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,7 +91,7 @@ def _finish(ctx, total: Tensor, count: Tensor | int | None, x: Tensor, weights: 
     `_weights`; ``unit``: cosine's unit rows and norms (`_distances`); ``symmetric``:
     the weights are symmetric."""
     f = _FACTOR[metric]
-    ctx.factor, ctx.symmetric, ctx.cosine = (2 * f if symmetric else f), symmetric, bool(unit)
+    ctx.factor, ctx.symmetric, ctx.metric = (2 * f if symmetric else f), symmetric, metric
     saved = (x, weights) if unit is None else (*unit, weights)
     if isinstance(count, Tensor):
         denom = count.clamp_min(1)
@@ -109,8 +109,16 @@ def _backward(ctx, grad: Tensor, n_other: int) -> tuple[Tensor | None, ...]:
     w.r.t. the unit rows ``n``, and through ``n = x / |x|`` it loses its component
     along ``n`` and is divided by ``|x|`` (``F.normalize``'s gradient, exact for rows
     longer than its 1e-12 floor and for zero rows)."""
+    if torch.is_grad_enabled() and ctx.metric != "squared_euclidean":
+        # the weights (1 / d) and the unit rows were computed here, not by autograd:
+        # their derivatives would be missing, so refuse rather than return a wrong one
+        raise RuntimeError(
+            f"second derivatives of the launch-light {ctx.metric} losses (batches of at "
+            f"most {SMALL_BATCH} against themselves) are not implemented; use the "
+            "squared euclidean distance, or mine the tuples and pass indices_tuple"
+        )
     x, *rest = ctx.saved_tensors
-    norm = rest.pop(0) if ctx.cosine else None
+    norm = rest.pop(0) if ctx.metric == "cosine" else None
     w, *denom = rest
     scale = grad / denom[0] if denom else grad if ctx.scale is None else grad * ctx.scale
     if not ctx.symmetric:

@@ -51,10 +51,10 @@ def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def through_unit_rows(grad: Tensor, n: Tensor, norm: Tensor) -> Tensor:
     """The gradient w.r.t. ``x`` of a function of ``n = x / norm`` (`unit_rows`), given
-    its gradient w.r.t. ``n`` (overwritten: it is a temporary of the caller's): the
-    component along ``n`` drops out, the rest is divided by the norm. ``F.normalize``'s
-    gradient for rows longer than its 1e-12 floor, and for zero rows (``n = 0``)."""
-    return grad.sub_(n * (n * grad).sum(1, keepdim=True)).div_(norm)
+    its gradient w.r.t. ``n``: the component along ``n`` drops out, the rest is divided
+    by the norm. ``F.normalize``'s gradient for rows longer than its 1e-12 floor, and
+    for zero rows (``n = 0``)."""
+    return (grad - n * (n * grad).sum(1, keepdim=True)) / norm
 
 
 def cosine_distances(xn: Tensor, yn: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -150,25 +150,26 @@ class _Distance(torch.autograd.Function):
 class _Cosine(torch.autograd.Function):
     """`cosine_distances` of ``x``'s rows against ``y``'s (None: ``x`` itself), with a
     closed-form gradient in the input dtype: with ``d = |n_i - m_j|^2 / 2``,
-    ``dd/dn_i = n_i - m_j``, then `through_unit_rows`. Saves the unit rows and norms,
-    not the float64 blocks of the product."""
+    ``dd/dn_i = n_i - m_j``, then `through_unit_rows`. Saves the inputs alone, not the
+    float64 blocks of the product; the backward renormalises them with differentiable
+    ops, so second derivatives are right too."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor | None) -> Tensor:
         acc = acc_dtype(x)
-        xn, x_norm = unit_rows(x.to(acc))
-        yn, y_norm = (None, None) if y is None else unit_rows(y.to(acc))
+        xn = unit_rows(x.to(acc))[0]
+        yn = None if y is None else unit_rows(y.to(acc))[0]
         ctx.same = y is None
-        ctx.save_for_backward(*(t.to(x.dtype) for t in (xn, x_norm, yn, y_norm) if t is not None))
+        ctx.save_for_backward(x) if y is None else ctx.save_for_backward(x, y)
         return cosine_distances(xn, yn, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         if ctx.same:
-            n, norm = ctx.saved_tensors
+            n, norm = unit_rows(ctx.saved_tensors[0])
             g = n * (grad.sum(1) + grad.sum(0)).unsqueeze(1) - grad @ n - grad.T @ n
             return through_unit_rows(g, n, norm), None
-        n, n_norm, m, m_norm = ctx.saved_tensors
+        (n, n_norm), (m, m_norm) = (unit_rows(t) for t in ctx.saved_tensors)
         gx = gy = None
         if ctx.needs_input_grad[0]:
             gx = through_unit_rows(n * grad.sum(1, keepdim=True) - grad @ m, n, n_norm)

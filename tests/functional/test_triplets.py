@@ -94,9 +94,11 @@ def test_cosine_on_tied_directions_takes_the_same_triplets_on_both_paths(
             miner = TripletMiner(strategy, margin, distance="cosine")
             mined = value_and_grad(lambda e: loss(e, labels, miner(e, labels)), emb)
             torch.testing.assert_close(mined[0], fused[0])
-    # zero rows have gradients of order 1e12 (F.normalize divides them by 1e-12)
-    torch.testing.assert_close(small, fused, rtol=1e-5 if dtype == torch.float32 else 1e-7,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(small[0], fused[0])
+    # zero rows have gradients of order 1e11 (F.normalize divides them by 1e-12), whose
+    # small components are rounding noise of the large ones: compare rows at their scale
+    scale = fused[1].abs().amax(1, keepdim=True).clamp_min(1)
+    torch.testing.assert_close(small[1] / scale, fused[1] / scale)
 
 
 @pytest.mark.parametrize("strategy", ["all", "semihard", "hard"])
