@@ -165,10 +165,9 @@ def test_fused_triplet_property_matches_naive(
 def test_fused_equals_mined(strategy, reduction, path, distance):
     emb, labels, scales = make_batch(40, 8, 4, n_scales=2, seed=4)
     kw = dict(scales=scales)
-    margin = 0.3
-    loss = TripletMarginLoss(margin, triplets=strategy, reduction=reduction, cross_scale=True,
+    loss = TripletMarginLoss(0.3, triplets=strategy, reduction=reduction, cross_scale=True,
                              distance=distance)  # fmt: skip
-    miner = TripletMiner(strategy, margin=margin, cross_scale=True, chunk_size=7,
+    miner = TripletMiner(strategy, margin=0.3, cross_scale=True, chunk_size=7,
                          distance=distance)  # fmt: skip
     with fused_path(path):
         assert_same(
