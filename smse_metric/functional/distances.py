@@ -160,7 +160,7 @@ class _Cosine(torch.autograd.Function):
         xn = unit_rows(x.to(acc))[0]
         yn = None if y is None else unit_rows(y.to(acc))[0]
         ctx.same = y is None
-        ctx.save_for_backward(x) if y is None else ctx.save_for_backward(x, y)
+        ctx.save_for_backward(*((x,) if y is None else (x, y)))
         return cosine_distances(xn, yn, x.dtype)
 
     @staticmethod
