@@ -111,6 +111,16 @@ def _expansion(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
     return out
 
 
+def _weighted_differences(w: Tensor, x: Tensor, y: Tensor | None, need=(True, True)):
+    """``(sum_j w_ij (x_i - y_j), sum_i w_ij (y_j - x_i))``: the gradients of
+    ``sum(w * |x_i - y_j|^2) / 2`` w.r.t. ``x`` and ``y`` (None where not ``need``ed);
+    ``y=None``: ``x`` against itself, one gradient (and None)."""
+    if y is None:
+        return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None
+    gx = x * w.sum(1, keepdim=True) - w @ y if need[0] else None
+    return gx, y * w.sum(0).unsqueeze(1) - w.T @ x if need[1] else None
+
+
 class _Distance(torch.autograd.Function):
     """Euclidean or squared euclidean distances, accurate in value (see `_accurate`),
     with a closed-form gradient that is zero (not NaN) where a
@@ -137,14 +147,10 @@ class _Distance(torch.autograd.Function):
         *inputs, dist = ctx.saved_tensors
         # d sq / dx = 2 (x - y); d ||x - y|| / dx = (x - y) / d
         w = 2.0 * grad if ctx.squared else (grad / dist).masked_fill(dist == 0, 0)
-        if len(inputs) == 1:
-            (x,) = inputs
-            if ctx.symmetric_grad:  # w = w.T: the two products are one
-                return 2 * (x * w.sum(1, keepdim=True) - w @ x), None, None, None
-            return x * (w.sum(1) + w.sum(0)).unsqueeze(1) - w @ x - w.T @ x, None, None, None
-        x, y = inputs
-        gx = x * w.sum(1, keepdim=True) - w @ y
-        return gx, y * w.sum(0).unsqueeze(1) - w.T @ x, None, None
+        x, y = inputs if len(inputs) == 2 else (inputs[0], None)
+        if y is None and ctx.symmetric_grad:  # w = w.T: the two products are one
+            return 2 * (x * w.sum(1, keepdim=True) - w @ x), None, None, None
+        return (*_weighted_differences(w, x, y), None, None)
 
 
 class _Cosine(torch.autograd.Function):
@@ -159,23 +165,16 @@ class _Cosine(torch.autograd.Function):
         acc = acc_dtype(x)
         xn = unit_rows(x.to(acc))[0]
         yn = None if y is None else unit_rows(y.to(acc))[0]
-        ctx.same = y is None
         ctx.save_for_backward(*((x,) if y is None else (x, y)))
         return cosine_distances(xn, yn, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if ctx.same:
-            n, norm = unit_rows(ctx.saved_tensors[0])
-            g = n * (grad.sum(1) + grad.sum(0)).unsqueeze(1) - grad @ n - grad.T @ n
-            return through_unit_rows(g, n, norm), None
-        (n, n_norm), (m, m_norm) = (unit_rows(t) for t in ctx.saved_tensors)
-        gx = gy = None
-        if ctx.needs_input_grad[0]:
-            gx = through_unit_rows(n * grad.sum(1, keepdim=True) - grad @ m, n, n_norm)
-        if ctx.needs_input_grad[1]:
-            gy = through_unit_rows(m * grad.sum(0).unsqueeze(1) - grad.T @ n, m, m_norm)
-        return gx, gy
+        (n, n_norm), *ref = (unit_rows(t) for t in ctx.saved_tensors)
+        m, m_norm = ref[0] if ref else (None, None)
+        gn, gm = _weighted_differences(grad, n, m, ctx.needs_input_grad)
+        gx = None if gn is None else through_unit_rows(gn, n, n_norm)
+        return gx, None if gm is None else through_unit_rows(gm, m, m_norm)
 
 
 def self_distances(x: Tensor, symmetric_grad: bool = False) -> Tensor:
