@@ -91,6 +91,8 @@ def _validate_run(cfg, folds: list[int] | None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import contextlib
+
     import torch.distributed as dist
 
     from smse_metric.distributed import is_main_process
@@ -98,10 +100,10 @@ def _train(args: argparse.Namespace) -> int:
     from . import load_config
     from .build import device_of
     from .engine import init_distributed
-    from .rundir import check_run_dir, claim_run_dir
+    from .rundir import lock_run_dir, open_run_dir
     from .splits import data_root
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # a symlink names the directory it points to
     folds = _parse_folds(args.folds) if args.folds else None
     if args.resume:
         if args.config or args.data or args.synthetic:
@@ -113,28 +115,28 @@ def _train(args: argparse.Namespace) -> int:
             raise RecipeError(f"{out} has no checkpoints/last.pt to resume from")
         overrides = {"optim": {"epochs": args.epochs}} if args.epochs else None
         cfg = load_config(saved[0], overrides)
-        return _train_folds(args, cfg, out, folds)
-    cfg = _train_config(args, folds)
-    _validate_run(cfg, folds)
+    else:
+        cfg = _train_config(args, folds)
+        _validate_run(cfg, folds)
     own_group = init_distributed(device_of(cfg).type)  # torchrun: rank 0 prepares, all wait
     try:
-        error = None
-        if is_main_process():
-            try:
-                protected = [cfg.data.path] if cfg.data.path else []
-                replace = check_run_dir(out, args.overwrite, protected)
-            except RecipeError as e:
-                error = e
-        if _any_failed(error is not None):
-            if error is not None:
-                raise error
-            return 2
-        if not is_main_process():
-            _barrier()
-            return _train_folds(args, _shared_data(cfg, out, folds), out, folds)
-        with claim_run_dir(out, replace):
-            if args.synthetic:
-                make_synthetic_breakhis(data_root(cfg, out), seed=cfg.run.seed)
+        with contextlib.ExitStack() as stack:
+            error = None
+            if is_main_process():
+                try:  # the lock (and, for a new run, the checks and the claim) on rank 0
+                    if args.resume:
+                        stack.enter_context(lock_run_dir(out))
+                    else:
+                        protected = [cfg.data.path] if cfg.data.path else []
+                        stack.enter_context(open_run_dir(out, args.overwrite, protected))
+                        if args.synthetic:
+                            make_synthetic_breakhis(data_root(cfg, out), seed=cfg.run.seed)
+                except RecipeError as e:
+                    error = e
+            if _any_failed(error is not None):
+                if error is not None:
+                    raise error
+                return 2
             _barrier()
             return _train_folds(args, _shared_data(cfg, out, folds), out, folds)
     finally:

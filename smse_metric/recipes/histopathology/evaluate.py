@@ -3,6 +3,7 @@ everything a finished run writes from its best checkpoint."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,14 @@ from .models import EmbeddingNet
 from .results import RunMetrics, SplitMetrics
 from .splits import data_root, load_splits
 
-__all__ = ["evaluate_run", "evaluate_split", "split_reports", "unreadable_images"]
+__all__ = [
+    "check_same_data",
+    "evaluate_run",
+    "evaluate_split",
+    "saved_root",
+    "split_reports",
+    "unreadable_images",
+]
 
 
 def evaluate_split(
@@ -132,13 +140,63 @@ def unreadable_images(ds: dict[str, BreakHisDataset]) -> list[list[str]]:
     return out
 
 
-def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset) -> None:
+def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset, root: Path) -> None:
+    """Written to a temporary file and renamed, so a full disk never leaves a partial one."""
     idx = ds.index.subset(ds.rows)
-    np.savez(
-        path, embeddings=emb.numpy().astype(np.float32), labels=ds.labels,
-        subtypes=idx.subtype, groups=np.array([idx.group_names[g] for g in idx.group], dtype=str),
-        magnifications=ds.scales, paths=np.array(ds.paths, dtype=str),
-    )  # fmt: skip
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    try:
+        np.savez(
+            tmp, embeddings=emb.numpy().astype(np.float32), labels=ds.labels,
+            subtypes=idx.subtype,
+            groups=np.array([idx.group_names[g] for g in idx.group], dtype=str),
+            magnifications=ds.scales,
+            paths=np.array([os.path.abspath(p) for p in ds.paths], dtype=str),
+            sizes=np.array([os.path.getsize(p) for p in ds.paths], dtype=np.int64),
+            root=np.array(os.path.abspath(root)),
+        )  # fmt: skip
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def saved_root(npz: str | Path, fallback: Path) -> Path:
+    """The data root an ``embeddings/*.npz`` was written from (``fallback`` for files
+    written before the root was recorded)."""
+    with np.load(npz, allow_pickle=False) as f:
+        return Path(str(f["root"]) if "root" in f.files else os.path.abspath(fallback))
+
+
+def check_same_data(run: Path, root: Path, recorded: Path) -> None:
+    """Refuse ``root`` unless it holds the run's evaluated images under the same names
+    and sizes as when they were embedded (a moved copy of the run's data passes; another
+    dataset does not), before anything is written.
+
+    Args:
+        run: the run directory (its ``embeddings/{test,gallery}.npz``, if written).
+        root: the data directory given now.
+        recorded: the run's data directory as its ``config.toml`` names it.
+    """
+    for name in ("test", "gallery"):
+        npz = run / "embeddings" / f"{name}.npz"
+        if not npz.is_file():
+            continue
+        old = saved_root(npz, recorded)
+        with np.load(npz, allow_pickle=False) as f:
+            paths = f["paths"]
+            sizes = f["sizes"] if "sizes" in f.files else None
+        for i, p in enumerate(paths):
+            try:
+                rel = Path(os.path.abspath(str(p))).relative_to(old)
+            except ValueError:
+                rel = Path(str(p)).name
+            new = root / rel
+            if not new.is_file() or (sizes is not None and new.stat().st_size != sizes[i]):
+                raise RecipeError(
+                    f"--data {root} does not hold the run's {name} images as they were "
+                    f"({rel} is missing or changed): it is not the run's dataset, so its "
+                    "results would be overwritten with another dataset's; train a new run "
+                    "on it instead"
+                )
 
 
 def evaluate_run(
@@ -170,13 +228,25 @@ def evaluate_run(
         >>> metrics.test.knn.pooled.patient_accuracy  # doctest: +SKIP
         0.8...
     """
-    from .report import write_report
+    from .rundir import lock_run_dir
 
     out = Path(run_dir)
+    if not (out / "config.toml").is_file():
+        raise RecipeError(f"{out} has no config.toml: it is not a run directory")
+    with lock_run_dir(out):
+        return _evaluate_run(out, root, device, cfg, model, bad_images)
+
+
+def _evaluate_run(out, root, device, cfg, model, bad_images) -> RunMetrics:
+    from .report import write_report
+
     cfg = resolve_inputs(load_config(out / "config.toml")) if cfg is None else cfg
-    root = data_root(cfg, out) if root is None else Path(root)
+    recorded = Path(os.path.abspath(data_root(cfg, out)))
+    root = recorded if root is None else Path(os.path.abspath(root))
     if not root.is_dir():
         raise RecipeError(f"the run's data {root} does not exist (moved? pass --data DIR)")
+    if root != recorded:
+        check_same_data(out, root, recorded)
     device = device_of(cfg) if device is None else torch.device(device)
     splits = load_splits(cfg, root)
     ds = make_datasets(cfg, splits)
@@ -199,8 +269,8 @@ def evaluate_run(
         bad_images=unreadable_images(ds) if bad_images is None else bad_images,
     )
     (out / "embeddings").mkdir(exist_ok=True)
-    _save_embeddings(out / "embeddings" / "gallery.npz", g_emb, ds["gallery"])
-    _save_embeddings(out / "embeddings" / "test.npz", q_emb, ds["test"])
+    _save_embeddings(out / "embeddings" / "gallery.npz", g_emb, ds["gallery"], root)
+    _save_embeddings(out / "embeddings" / "test.npz", q_emb, ds["test"], root)
     index = make_index(g_emb, metric=cfg.eval.metric, device="cpu")
     if isinstance(index, FaissIndex):  # for FAISS users; search itself reads gallery.npz
         (out / "index").mkdir(exist_ok=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from smse_metric.distributed import is_main_process
 from .config import Config
 from .report import fold_summary, fold_table
 from .results import RunMetrics
-from .rundir import check_run_dir
+from .rundir import check_run_dir, clear_run_dir
 from .training import train
 
 __all__ = ["train_folds"]
@@ -58,7 +57,7 @@ def train_folds(
             continue
         resume_k = resume and (run / "checkpoints" / "last.pt").is_file()
         if not resume_k and is_main_process() and check_run_dir(run, overwrite=False):
-            shutil.rmtree(run)  # ours, started but never reached a checkpoint
+            clear_run_dir(run)  # ours, started but never reached a checkpoint
         print(f"fold {k}: {run}", flush=True)
         results[k] = train(cfg_k, run, resume=resume_k)
     if any(m is None for m in results.values()):

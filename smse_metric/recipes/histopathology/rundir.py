@@ -1,31 +1,54 @@
-"""Run directories that cannot eat data.
+"""Run directories that cannot eat or mix data.
 
 The recipe writes into a directory the user names (``--out``). It removes a directory
 only when the project itself created it: every directory it creates holds a marker file
 (``.smse-run`` for a training run, ``.smse-demo`` for a demo), and ``--overwrite``
-refuses anything else, as well as the current directory, the data or any directory that
-holds the data, whatever markers they carry. All checks run before anything is written
-or removed; a run that fails before its first checkpoint removes what it created.
+refuses anything else, as well as the current directory, the data, any directory that
+holds the data and any directory inside it, whatever markers they carry. All checks run
+before anything is written or removed; a run that fails before its first checkpoint
+removes what it created. While a command writes a run directory it holds an exclusive
+lock on ``.smse-lock`` there, so a second command on the same directory is refused
+instead of mixing its files with the first one's; the operating system releases the
+lock when the process ends, however it ends, so a dead run never blocks a retry.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RecipeError
 
-__all__ = ["DEMO_MARKER", "RUN_MARKER", "check_run_dir", "claim_run_dir", "is_unfinished_run"]
+__all__ = [
+    "DEMO_MARKER",
+    "LOCK_FILE",
+    "RUN_MARKER",
+    "check_data_apart",
+    "check_run_dir",
+    "claim_run_dir",
+    "clear_run_dir",
+    "holds_lock",
+    "is_unfinished_run",
+    "lock_run_dir",
+    "open_run_dir",
+]
 
 RUN_MARKER = ".smse-run"
 DEMO_MARKER = ".smse-demo"
+LOCK_FILE = ".smse-lock"
 
 
 def _contains(parent: Path, child: Path) -> bool:
     return child == parent or parent in child.parents
+
+
+def _is_empty(path: Path) -> bool:
+    """No entry but a lock file (which a refused or finished command may leave)."""
+    return all(p.name == LOCK_FILE for p in path.iterdir())
 
 
 def is_unfinished_run(path: str | Path) -> bool:
@@ -47,6 +70,31 @@ def is_unfinished_run(path: str | Path) -> bool:
     return (path / RUN_MARKER).is_file() and not any(path.rglob("last.pt"))
 
 
+def check_data_apart(out: str | Path, protected: Iterable[str | Path] = ()) -> None:
+    """Refuse a run directory that is, holds or lies inside a ``protected`` path (the
+    data), or that is the current directory or holds it: the run's plots and files would
+    mix with the data, and a later ``--overwrite`` could remove it.
+
+    Args:
+        out: the run directory (it need not exist).
+        protected: paths that must survive whatever happens (the data).
+
+    Examples:
+        >>> try:
+        ...     check_data_apart("/data/breakhis/runs/a", protected=["/data/breakhis"])
+        ... except RecipeError as e:
+        ...     print(e)
+        refusing to use /data/breakhis/runs/a: it lies inside the data /data/breakhis
+    """
+    out = Path(out).resolve()
+    for p in protected:
+        p = Path(p).resolve()
+        if _contains(out, p):
+            raise RecipeError(f"refusing to use {out}: it is or holds the data {p}")
+        if _contains(p, out):
+            raise RecipeError(f"refusing to use {out}: it lies inside the data {p}")
+
+
 def check_run_dir(
     out: str | Path,
     overwrite: bool,
@@ -56,11 +104,12 @@ def check_run_dir(
 ) -> bool:
     """Decide, without touching anything, whether ``out`` may become a new run.
 
-    Returns True when ``out`` must be removed first (it is ours and ``overwrite`` was
+    Returns True when ``out`` must be cleared first (it is ours and ``overwrite`` was
     given, or it is an unfinished run of ours), False when it is missing or empty.
-    Raises ``ValueError`` naming the path and the reason otherwise: it holds files and
-    ``overwrite`` was not given; it lacks the project's marker; it is the current
-    directory or one of its parents; it is, or holds, a ``protected`` path (the data).
+    Raises ``ValueError`` naming the path and the reason otherwise: it is, holds or lies
+    inside a ``protected`` path (the data); it holds files and ``overwrite`` was not
+    given; it lacks the project's marker; it is the current directory or one of its
+    parents.
 
     Args:
         out: the directory the run would use.
@@ -81,18 +130,14 @@ def check_run_dir(
         ...     print(str(e).split(": ", 1)[1])
         it was not created by smse-metric (no .smse-run file)
     """
+    check_data_apart(out, protected)
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise RecipeError(f"{out} exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or _is_empty(out):
         return False
-    cwd = Path.cwd().resolve()
-    if _contains(out, cwd):
+    if _contains(out, Path.cwd().resolve()):
         raise RecipeError(f"refusing to use {out}: it is the current directory or holds it")
-    for p in protected:
-        p = Path(p).resolve()
-        if _contains(out, p):
-            raise RecipeError(f"refusing to use {out}: it is or holds the data {p}")
     ours = (out / marker).is_file()
     if marker == RUN_MARKER and is_unfinished_run(out):
         return True  # a run of ours that never saved a checkpoint: nothing to keep
@@ -107,16 +152,130 @@ def check_run_dir(
     return True
 
 
+def clear_run_dir(out: str | Path, marker: str = RUN_MARKER) -> None:
+    """Remove everything in a run directory of ours but its lock (held by the caller).
+
+    Args:
+        out: a directory holding ``marker``.
+        marker: the marker that makes it ours.
+
+    Examples:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> _ = (run / "notes.txt").write_text("mine")
+        >>> try:
+        ...     clear_run_dir(run)
+        ... except RecipeError as e:
+        ...     print(str(e).split(": ", 1)[1])
+        no .smse-run file
+    """
+    out = Path(out)
+    if out.is_symlink() or not (out / marker).is_file():  # the last line of defence
+        raise RecipeError(f"refusing to remove {out}: no {marker} file")
+    for p in out.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+_held: dict[Path, int] = {}  # locks this process holds: the recipe nests them (CLI -> train)
+
+
+def _lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextmanager
-def claim_run_dir(out: str | Path, replace: bool, marker: str = RUN_MARKER) -> Iterator[Path]:
-    """Create ``out`` with its marker (after removing it when ``replace``, which only
+def lock_run_dir(out: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the run directory ``out`` (created if missing) for the
+    body; refuse with the holder's process id when another process holds it. Nested
+    calls in one process share the lock.
+
+    Args:
+        out: the run directory.
+
+    Raises:
+        RecipeError: another live process holds the lock, or ``out`` cannot be written.
+
+    Examples:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp()) / "run"
+        >>> with lock_run_dir(run), lock_run_dir(run):  # nested: the same process
+        ...     (run / LOCK_FILE).is_file()
+        True
+    """
+    out = Path(out).resolve()
+    if out in _held:
+        _held[out] += 1
+        try:
+            yield out
+        finally:
+            _held[out] -= 1
+        return
+    path = out / LOCK_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _lock(fd):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RecipeError(f"{out} is in use by another smse-metric process "
+                                  f"({holder}); wait for it to end or stop it")  # fmt: skip
+            try:  # the file we locked may have been removed by its last holder: retry
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except PermissionError as e:
+        raise RecipeError(f"cannot write the run directory {out}: {e.strerror}") from e
+    _held[out] = 1
+    try:
+        yield out
+    finally:
+        del _held[out]
+        os.close(fd)  # closing releases the lock
+
+
+def holds_lock(out: str | Path) -> bool:
+    """Whether this process holds the lock of ``out`` (`lock_run_dir`)."""
+    return Path(out).resolve() in _held
+
+
+@contextmanager
+def claim_run_dir(
+    out: str | Path, replace: bool, marker: str = RUN_MARKER, existed: bool | None = None
+) -> Iterator[Path]:
+    """Create ``out`` with its marker (after clearing it when ``replace``, which only
     `check_run_dir` may decide); if the body raises before ``checkpoints/last.pt``
     exists, remove what this call created, so a retry starts clean.
 
     Args:
         out: the run directory.
-        replace: remove ``out`` first (only what `check_run_dir` returned).
+        replace: clear ``out`` first (only what `check_run_dir` returned).
         marker: the marker file to write.
+        existed: whether ``out`` existed before the command (default: whether it exists
+            now); a directory that did not is removed whole on failure.
 
     Examples:
         >>> import tempfile
@@ -130,11 +289,9 @@ def claim_run_dir(out: str | Path, replace: bool, marker: str = RUN_MARKER) -> I
         False
     """
     out = Path(out)
+    existed = out.exists() if existed is None else existed
     if replace:
-        if not (out / marker).is_file():  # the last line of defence
-            raise RecipeError(f"refusing to remove {out}: no {marker} file")
-        shutil.rmtree(out)
-    existed = out.exists()
+        clear_run_dir(out, marker)
     out.mkdir(parents=True, exist_ok=True)
     (out / marker).write_text("created by smse-metric; --overwrite may remove this directory\n")
     try:
@@ -142,6 +299,48 @@ def claim_run_dir(out: str | Path, replace: bool, marker: str = RUN_MARKER) -> I
     except BaseException:
         if not existed and not (out / "checkpoints" / "last.pt").is_file():
             shutil.rmtree(out, ignore_errors=True)
-        elif existed and not any(p.name != marker for p in out.iterdir()):
+        elif existed and all(p.name in (marker, LOCK_FILE) for p in out.iterdir()):
             os.remove(out / marker)
         raise
+
+
+@contextmanager
+def open_run_dir(
+    out: str | Path,
+    overwrite: bool,
+    protected: Iterable[str | Path] = (),
+    marker: str = RUN_MARKER,
+    flag: str = "--overwrite",
+) -> Iterator[Path]:
+    """`check_run_dir`, then `lock_run_dir`, the same check again under the lock (another
+    process may have written meanwhile), then `claim_run_dir`: the one way a command
+    takes a directory for a new run.
+
+    Args:
+        out: the run directory.
+        overwrite: whether the user asked to replace an existing run of ours.
+        protected: paths that must survive whatever happens (the data).
+        marker: the marker file of the project's directories of this kind.
+        flag: the option named in a refusal.
+
+    Examples:
+        >>> import tempfile
+        >>> data = Path(tempfile.mkdtemp())
+        >>> try:
+        ...     with open_run_dir(data / "runs" / "a", False, protected=[data]):
+        ...         pass
+        ... except RecipeError as e:
+        ...     print("lies inside the data" in str(e), (data / "runs").exists())
+        True False
+    """
+    check_run_dir(out, overwrite, protected, marker, flag)  # refuse before creating anything
+    existed = Path(out).exists()
+    with lock_run_dir(out) as path:
+        try:
+            replace = check_run_dir(path, overwrite, protected, marker, flag)
+        except RecipeError:
+            if not existed and _is_empty(path):
+                shutil.rmtree(path, ignore_errors=True)  # the directory the lock made
+            raise
+        with claim_run_dir(path, replace, marker, existed=existed):
+            yield path

@@ -7,6 +7,7 @@ neighbours shown are the ones that vote in the run's kNN classification.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     """
     from .build import build_model, resolve_inputs
     from .engine import load_checkpoint
+    from .evaluate import saved_root
     from .splits import data_root
 
     run = Path(run_dir)
@@ -103,9 +105,16 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     index = make_index(meta["embeddings"], metric=cfg.eval.metric, device="cpu")
     dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
     if data is not None:  # the dataset moved: same tree under a new root
-        old = data_root(cfg, run).resolve()
-        meta["paths"] = np.array([str(Path(data) / Path(p).relative_to(old))
-                                  for p in meta["paths"]])  # fmt: skip
+        old = saved_root(run / "embeddings" / "gallery.npz", data_root(cfg, run))
+        new = Path(os.path.abspath(data))
+        try:
+            meta["paths"] = np.array([str(new / Path(os.path.abspath(p)).relative_to(old))
+                                      for p in meta["paths"]])  # fmt: skip
+        except ValueError as e:
+            raise RecipeError(
+                f"the run's gallery paths do not lie under its data {old}; "
+                f"re-run smse-metric evaluate --run {run} --data {new}"
+            ) from e
     codes = list(SUBTYPES)
     return [
         Neighbour(

@@ -9,8 +9,9 @@ with kNN over the training embeddings and with the classifier head.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,9 +22,10 @@ from smse_metric.distributed import is_main_process
 from .build import build, device_of, resolve_inputs
 from .config import Config, config_to_toml
 from .engine import TrainingInterrupted, init_distributed
+from .errors import RecipeError
 from .evaluate import evaluate_run, unreadable_images
 from .results import RunMetrics
-from .rundir import RUN_MARKER
+from .rundir import LOCK_FILE, RUN_MARKER, check_data_apart, lock_run_dir
 from .splits import data_root, load_splits, split_sizes
 from .trainer import Trainer
 
@@ -56,6 +58,9 @@ def train(
         quiet: print nothing (no split sizes, no per-epoch lines, no progress bar).
 
     Raises:
+        RecipeError: ``out_dir`` is, holds or lies inside the data; it holds files that
+            smse-metric did not write; it holds a finished run and ``resume`` is False;
+            another process is writing it.
         TrainingInterrupted: after SIGINT / SIGTERM, once ``last.pt`` is written.
         FloatingPointError: on a non-finite loss, naming the step; ``last.pt`` keeps
             the last good epoch.
@@ -79,13 +84,43 @@ def train(
     own_group = init_distributed(device.type)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        if cfg.run.deterministic:
-            torch.use_deterministic_algorithms(True)
-        return _train(cfg, out, root, resume, on_step, quiet, device)
+        with contextlib.ExitStack() as stack:
+            if is_main_process():  # the one process that writes
+                stack.enter_context(_own_run_dir(out, root, resume))
+            if cfg.run.deterministic:
+                torch.use_deterministic_algorithms(True)
+            return _train(cfg, out, root, resume, on_step, quiet, device)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         if own_group:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _own_run_dir(out: Path, root: Path, resume: bool) -> Iterator[None]:
+    """The run directory's checks for library callers too: apart from the data (but for
+    synthetic data in ``out/data``), locked, and either ours or empty; checked before
+    the lock (which writes its file) and again under it."""
+    synthetic = root.resolve() == (out / "data").resolve()
+    check_data_apart(out, [] if synthetic else [root])
+
+    def check() -> None:
+        ours = (LOCK_FILE, "data") if synthetic else (LOCK_FILE,)
+        theirs = [p.name for p in out.iterdir() if p.name not in ours] if out.is_dir() else []
+        if theirs and not (out / RUN_MARKER).is_file():
+            raise RecipeError(
+                f"refusing to write into {out}: it holds files smse-metric did not create "
+                f"({theirs[0]}, ...); give a new or empty directory"
+            )
+        if not resume and (out / "checkpoints" / "last.pt").is_file():
+            raise RecipeError(
+                f"{out} holds an earlier run: resume it (resume=True) or give another directory"
+            )
+
+    check()
+    with lock_run_dir(out):
+        check()
+        yield
 
 
 def _train(cfg, out, root, resume, on_step, quiet, device):

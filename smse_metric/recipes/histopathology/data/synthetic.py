@@ -188,7 +188,8 @@ def make_synthetic_breakhis(
         image_size: (width, height) in pixels (BreakHis is 700 x 460).
         seed: everything is drawn from ``default_rng(seed)``.
         folds: patient-disjoint ~70/30 folds written to ``out_dir/Folds.csv``.
-        out_dir: directory to write (created if missing).
+        out_dir: directory to write: new or empty (an existing dataset is never
+            added to, nor its ``Folds.csv`` replaced).
 
     Returns:
         ``out_dir``; the images are under ``out_dir/BreaKHis_v1/histology_slides/breast``.
@@ -211,7 +212,12 @@ def make_synthetic_breakhis(
     w, h = image_size
     if w < 16 or h < 16:
         raise RecipeError(f"image_size must be at least 16 x 16, got {image_size}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise RecipeError(f"seed must be an integer >= 0, got {seed!r}")
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RecipeError(f"refusing to write the synthetic dataset into {out}: it is not a "
+                          "new or empty directory")  # fmt: skip
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str, int]] = []  # (relative path, subtype, magnification)
     patient_of: list[str] = []
