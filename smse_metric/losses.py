@@ -130,10 +130,14 @@ class FocalLoss(nn.Module):
 
 
 class _MetricLoss(nn.Module):
-    def __init__(self, margin: float, reduction: str, reductions, cross_scale: bool) -> None:
+    def __init__(
+        self, margin: float, reduction: str, reductions, cross_scale: bool, signed: bool
+    ) -> None:
         super().__init__()
         common.check_choice("reduction", reduction, reductions)
-        self.margin, self.reduction, self.cross_scale = float(margin), reduction, bool(cross_scale)
+        self.margin = common.check_margin("margin", margin, allow_negative=signed)
+        self.reduction, self.cross_scale = reduction, bool(cross_scale)
+        self._scale_checks = common.ScaleChecks(type(self).__name__)
 
 
 class ContrastiveLoss(_MetricLoss):
@@ -162,7 +166,8 @@ class ContrastiveLoss(_MetricLoss):
     def __init__(
         self, margin: float = 1.0, reduction: str = "mean", cross_scale: bool = False
     ) -> None:
-        super().__init__(margin, reduction, smf.PAIR_REDUCTIONS, cross_scale)
+        # relu(margin - d) with margin < 0 is 0 for every pair: a silent no-op
+        super().__init__(margin, reduction, smf.PAIR_REDUCTIONS, cross_scale, signed=False)
 
     def forward(
         self,
@@ -175,6 +180,7 @@ class ContrastiveLoss(_MetricLoss):
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> Tensor:
+        self._scale_checks(scales, ref_scales, self.cross_scale)
         return smf.contrastive_loss(
             embeddings, labels, self.margin, self.reduction, indices_tuple,
             ref_emb, ref_labels, scales, ref_scales, self.cross_scale,
@@ -222,7 +228,8 @@ class TripletMarginLoss(_MetricLoss):
         cross_scale: bool = False,
         distance: str | None = None,
     ) -> None:
-        super().__init__(margin, reduction, smf.TRIPLET_REDUCTIONS, cross_scale)
+        # a negative margin is PML's too: "hard" then keeps d(a,n) - d(a,p) <= margin
+        super().__init__(margin, reduction, smf.TRIPLET_REDUCTIONS, cross_scale, signed=True)
         common.check_choice("triplets", triplets, smf.FUSED_TRIPLETS)
         common.resolve_distance(distance, squared)  # names a bad or conflicting choice now
         self.squared, self.triplets, self.distance = bool(squared), triplets, distance
@@ -238,6 +245,7 @@ class TripletMarginLoss(_MetricLoss):
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> Tensor:
+        self._scale_checks(scales, ref_scales, self.cross_scale)
         return smf.triplet_margin_loss(
             embeddings, labels, self.margin, self.squared, self.triplets, self.reduction,
             indices_tuple, ref_emb, ref_labels, scales, ref_scales, self.cross_scale,

@@ -4,7 +4,9 @@
 accept: ``(a1, p, a2, n)`` for pairs, ``(a, p, n)`` for triplets. Strategy names
 mean what they mean in PML. Mining runs under ``no_grad`` in chunks of anchors,
 so working memory is O(chunk x R) plus the output; distances are compared in float64,
-so float32 and float64 inputs mine the same tuples. Producing variable-length
+so float32 and float64 inputs mine the same tuples. A pair whose distance is not finite
+(a NaN or infinite embedding row) is never mined, as in PML, where every comparison
+with NaN is false; ``num_non_finite`` counts the pairs so left out. Producing variable-length
 index tuples needs one host sync per chunk; mining is not a fused hot path.
 """
 
@@ -28,9 +30,14 @@ class _Miner(nn.Module):
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.strategy, self.cross_scale, self.chunk_size = strategy, bool(cross_scale), chunk_size
+        self.num_non_finite = 0
+        self._scale_checks = common.ScaleChecks(type(self).__name__)
 
     def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric):
-        """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor chunk."""
+        """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor
+        chunk; pairs at a non-finite distance are in neither mask (and counted)."""
+        self._scale_checks(scales, ref_scales, self.cross_scale)
+        self.num_non_finite = 0
         x = common.metric_inputs(
             embeddings.detach(), labels, None if ref_emb is None else ref_emb.detach(),
             ref_labels, scales, ref_scales, self.cross_scale,
@@ -49,7 +56,9 @@ class _Miner(nn.Module):
                 labels, ref_labels, scales if self.cross_scale else None, ref_scales, same,
                 start, stop,
             )  # fmt: skip
-            yield start, dist, pos, neg
+            finite = dist.isfinite()
+            self.num_non_finite += int(((pos | neg) & ~finite).sum())
+            yield start, dist, pos & finite, neg & finite
 
 
 def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor):
@@ -77,8 +86,9 @@ class TripletMiner(_Miner):
         margin: the triplet margin (use the loss's margin).
         squared: shorthand for ``distance="squared_l2"`` (match ``TripletMarginLoss``).
         cross_scale: positives must have a different scale from the anchor.
-        max_triplets: keep at most this many, the most violating
-            (largest ``d(a,p) - d(a,n)``); ``num_candidates`` records how many there were.
+        max_triplets: keep at most this many: the most violating ones (largest
+            ``d(a,p) - d(a,n)``), not a random sample; ``num_candidates`` records how many
+            there were.
         chunk_size: anchors per chunk.
         distance: ``"l2"`` (default), ``"squared_l2"`` or ``"cosine"`` (a similarity,
             with PML's margin convention); as in `TripletMarginLoss`.
@@ -113,7 +123,8 @@ class TripletMiner(_Miner):
         self.distance = distance
         if max_triplets is not None and (not isinstance(max_triplets, int) or max_triplets < 1):
             raise ValueError(f"max_triplets must be None or a positive int, got {max_triplets!r}")
-        self.margin, self.squared, self.max_triplets = float(margin), bool(squared), max_triplets
+        self.margin = common.check_margin("margin", margin, allow_negative=True)  # as PML
+        self.squared, self.max_triplets = bool(squared), max_triplets
         self.num_triplets = 0
         self.num_candidates = 0
 
@@ -232,7 +243,9 @@ class PairMiner(_Miner):
     ) -> None:
         super().__init__(strategy, PAIR_STRATEGIES, cross_scale, chunk_size)
         self.metric, self.distance = common.resolve_distance(distance, False), distance
-        self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
+        # thresholds as in PML's PairMarginMiner, whose own tests use a negative one
+        self.pos_margin = common.check_margin("pos_margin", pos_margin, allow_negative=True)
+        self.neg_margin = common.check_margin("neg_margin", neg_margin, allow_negative=True)
         self.num_pos_pairs = 0
         self.num_neg_pairs = 0
 

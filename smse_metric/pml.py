@@ -79,10 +79,23 @@ def _inputs(distance, embeddings: Tensor, ref_emb: Tensor) -> tuple[Tensor, Tens
     """Embeddings as PML's distance sees them (normalised where it normalises), and the
     reference, None when it is the batch itself (PML passes the same object)."""
     same = ref_emb is embeddings
-    if distance.normalize_embeddings and not isinstance(distance, distances.CosineSimilarity):
+    if not distance.normalize_embeddings:
+        return embeddings, None if same else ref_emb
+    if isinstance(distance, distances.CosineSimilarity):
+        # our cosine normalises in float64; PML's normalisation in the input dtype turns a
+        # float16 zero row (an empty CrossBatchMemory slot) into NaN, which PML then never
+        # mines: the same rows become NaN here, the others keep their values
+        embeddings = _nan_where_pml_is(distance, embeddings)
+        ref_emb = embeddings if same else _nan_where_pml_is(distance, ref_emb)
+    else:
         embeddings = torch.nn.functional.normalize(embeddings, dim=1)
         ref_emb = embeddings if same else torch.nn.functional.normalize(ref_emb, dim=1)
     return embeddings, None if same else ref_emb
+
+
+def _nan_where_pml_is(distance, x: Tensor) -> Tensor:
+    finite = distance.normalize(x.detach()).isfinite().all(1, keepdim=True)
+    return torch.where(finite, x, torch.nan)
 
 
 class TripletMarginMiner(pml_miners.BaseMiner):
@@ -167,6 +180,8 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
         return reducers.AvgNonZeroReducer()
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if labels is None and indices_tuple is None:  # PML's own check and message
+            raise ValueError("labels and indices_tuple cannot both be None")
         emb, ref = _inputs(self.distance, embeddings, ref_emb)
         fused = indices_tuple is None and self.triplets_per_anchor == "all"
         if fused:

@@ -240,7 +240,7 @@ def _check_retrieval_k(retrieval_k) -> None:
     if retrieval_k is None or retrieval_k == "max_bin_count":
         return
     if isinstance(retrieval_k, bool) or not isinstance(retrieval_k, int | np.integer):
-        raise TypeError(
+        raise ValueError(
             f"retrieval_k must be a positive int, 'max_bin_count' or None, got {retrieval_k!r}"
         )
     if retrieval_k < 1:

@@ -5,6 +5,9 @@ modules. Not public API: its names may change without notice."""
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +66,53 @@ def checking_values(t: Tensor) -> bool:
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_margin(name: str, value: object, allow_negative: bool = False) -> float:
+    """A margin as a float: a real number, finite and, unless ``allow_negative``,
+    non-negative."""
+    need = "a finite number" if allow_negative else "a finite number >= 0"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (v < 0 and not allow_negative):
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return v
+
+
+class ScaleChecks:
+    """Warns once per loss or miner about scales that cannot do what the caller meant:
+    given without ``cross_scale=True`` (ignored), or all one scale with it (no positive
+    qualifies: a zero loss, nothing mined). The second check reads the values, so it
+    runs on the first eager call only (never while compiling or capturing a CUDA
+    graph): later steps never sync for it."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner, self.warned_unused, self.checked_values = owner, False, False
+
+    def __call__(self, scales: Tensor | None, ref_scales: Tensor | None, cross_scale: bool):
+        if scales is None or torch.compiler.is_compiling():
+            return
+        if scales.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        if not cross_scale:
+            if not self.warned_unused:
+                self.warned_unused = True
+                warnings.warn(f"{self.owner}: scales= is ignored without cross_scale=True",
+                              UserWarning, stacklevel=3)  # fmt: skip
+            return
+        if self.checked_values:
+            return
+        self.checked_values = True
+        every = scales if ref_scales is None else torch.cat([scales, ref_scales.to(scales)])
+        if every.numel() and bool((every == every[0]).all()):
+            warnings.warn(
+                f"{self.owner}: cross_scale=True on a batch of a single scale: no positive "
+                "qualifies (a zero loss, no tuples); give every scale's images together "
+                "(MultiScaleBatchSampler) or drop cross_scale",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def check_float_matrix(name: str, x: object) -> Tensor:

@@ -117,9 +117,13 @@ def _backward(ctx, grad: Tensor, n_other: int) -> tuple[Tensor | None, ...]:
             f"most {SMALL_BATCH} against themselves) are not implemented; use the "
             "squared euclidean distance, or mine the tuples and pass indices_tuple"
         )
-    x, *rest = ctx.saved_tensors
-    norm = rest.pop(0) if ctx.metric == "cosine" else None
-    w, *denom = rest
+    # indexing only: dynamo (torch 2.11) cannot trace list.pop on the saved tensors
+    saved = ctx.saved_tensors
+    x = saved[0]
+    first = 2 if ctx.metric == "cosine" else 1
+    norm = saved[1] if ctx.metric == "cosine" else None
+    w = saved[first]
+    denom = saved[first + 1 :]
     scale = grad / denom[0] if denom else grad if ctx.scale is None else grad * ctx.scale
     if not ctx.symmetric:
         w = w + w.T

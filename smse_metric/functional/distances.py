@@ -93,7 +93,10 @@ def _expansion(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
     acc = acc_dtype(x)
     ya = (x if y is None else y).to(acc)
     ny = (ya * ya).sum(1)
-    ny_max, bound = ny.max(), 4 * x.shape[1] * torch.finfo(acc).eps
+    # a non-finite row must neither blunt the snap of the others nor be snapped itself
+    # (an infinite row's threshold is infinite): it keeps its inf / NaN distances
+    ny_max = torch.where(ny.isfinite(), ny, 0).max()
+    bound = 4 * x.shape[1] * torch.finfo(acc).eps
     blocks = row_blocks(len(x), len(ya), 1 << 22)
     # several blocks are written into one result (a concatenation would hold it twice)
     out = None if len(blocks) == 1 else x.new_empty(len(x), len(ya))
@@ -103,7 +106,8 @@ def _expansion(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
         # in place on this block's own temporaries: a third of the memory traffic
         # rounded to x's dtype first: the snap and the root then touch half the bytes
         sq = torch.addmm(nx, xa, ya.T, alpha=-2.0).add_(ny).to(x.dtype)
-        sq.masked_fill_(sq <= (bound * (nx + ny_max)).to(x.dtype), 0)  # per row, all pairs
+        near = sq <= (bound * (nx + ny_max)).to(x.dtype)  # per row, all pairs
+        sq.masked_fill_(near.logical_and_(sq.isfinite()), 0)
         sq = sq.sqrt_() if root else sq
         if out is None:
             return sq

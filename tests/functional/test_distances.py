@@ -174,3 +174,20 @@ def test_distances_are_never_negative(metric, seed, n, dtype, with_ref):
     d = smf.pairwise_distances(x, x.flip(0) if with_ref else None, metric)
     assert not d.isnan().any()
     assert (d >= 0).all()
+
+
+@pytest.mark.parametrize("n", [8, 200])  # direct differences, then the float64 expansion
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_row_has_no_finite_distance_and_leaves_the_others_exact(metric, n, value):
+    """The expansion's snap to 0 scales with the row norms: an infinite norm once snapped
+    every distance of an infinite row to 0, so miners took it for a duplicate."""
+    x = torch.nn.functional.normalize(torch.randn(n, 16, dtype=torch.float64), dim=1)
+    x[5] = x[2]
+    clean = smf.pairwise_distances(x, None, metric)
+    x[1] = value
+    d = smf.pairwise_distances(x, None, metric)
+    assert not d[1].isfinite().any() and not d[:, 1].isfinite().any()
+    keep = [i for i in range(n) if i != 1]
+    assert torch.equal(d[keep][:, keep], clean[keep][:, keep])  # the snap of the others holds
+    assert d[2, 5] == 0

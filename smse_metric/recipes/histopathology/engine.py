@@ -238,7 +238,10 @@ def step_loss(
     loss = cls_weight * cls_loss(logits.float(), labels)
     if metric_loss is not None:
         g_emb, g_labels, g_scales = gather_batch(emb.float(), labels, scales)
-        loss = loss + metric_weight * metric_loss(g_emb, g_labels, scales=g_scales)
+        cross = getattr(metric_loss, "cross_scale", True)  # scales mean nothing without it
+        loss = loss + metric_weight * metric_loss(
+            g_emb, g_labels, scales=g_scales if cross else None
+        )
     return loss
 
 
