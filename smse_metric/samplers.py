@@ -220,6 +220,13 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
                               self.classes_per_batch, self.batch_size)  # fmt: skip
         self.n_images = len(lab)
         self._check_structure()
+        if len(self) == 0:  # a rank with no batch would train 0 steps and say nothing
+            n = self._layout.rounds * -(-n_classes // self.classes_per_batch)
+            raise ValueError(
+                f"an epoch makes {n} batches of {self.batch_size}, fewer than the "
+                f"{self.world_size} ranks: each rank would get none (drop_last=True); use "
+                "fewer ranks or smaller batches, or drop_last=False to repeat batches"
+            )
 
         self.epoch = 0
         self._position = 0  # batches of this rank already yielded in the current epoch

@@ -111,13 +111,18 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
     ))  # fmt: skip
 
 
-def make_datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
+def make_datasets(
+    cfg: Config, splits: Splits, collective: bool = True
+) -> dict[str, BreakHisDataset]:
     """The run's datasets: ``train`` (augmented), and ``gallery`` (the training images),
     ``val`` and ``test`` for evaluation, normalised as ``cfg.data`` says.
 
     Args:
         cfg: the run's `Config` (``data.mean`` etc. resolved, see `resolve_inputs`).
         splits: the run's `Splits`.
+        collective: every rank of a process group calls this together (rank 0 then
+            builds a decoded cache first, the others wait for it); False for a call of
+            one rank alone, such as rank 0's final evaluation.
 
     Examples:
         >>> import tempfile
@@ -152,7 +157,7 @@ def make_datasets(cfg: Config, splits: Splits) -> dict[str, BreakHisDataset]:
             "test": make(splits.test, "eval"),
         }
 
-    if cfg.data.cache_dir is None or get_world_size() == 1:
+    if cfg.data.cache_dir is None or get_world_size() == 1 or not collective:
         return every_split()
     # under DDP rank 0 decodes the cache once; the other ranks then map its files, or
     # raise rank 0's error (waiting at a barrier, they would only see a lost peer or a

@@ -159,9 +159,21 @@ def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset, root: P
         tmp.unlink(missing_ok=True)
 
 
-def saved_root(npz: str | Path, fallback: Path) -> Path:
-    """The data root an ``embeddings/*.npz`` was written from (``fallback`` for files
-    written before the root was recorded)."""
+def saved_root(npz: str | Path, fallback: str | Path) -> Path:
+    """The data root an ``embeddings/*.npz`` was written from (``fallback``, made
+    absolute, for files written before the root was recorded).
+
+    Args:
+        npz: a run's ``embeddings/gallery.npz`` or ``test.npz``.
+        fallback: the run's data directory as its ``config.toml`` names it.
+
+    Examples:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "old.npz"
+        >>> np.savez(f, paths=np.array(["/data/a.png"]))
+        >>> saved_root(f, "/data").as_posix()
+        '/data'
+    """
     with np.load(npz, allow_pickle=False) as f:
         return Path(str(f["root"]) if "root" in f.files else os.path.abspath(fallback))
 
@@ -175,6 +187,23 @@ def check_same_data(run: Path, root: Path, recorded: Path) -> None:
         run: the run directory (its ``embeddings/{test,gallery}.npz``, if written).
         root: the data directory given now.
         recorded: the run's data directory as its ``config.toml`` names it.
+
+    Raises:
+        RecipeError: an image is missing under ``root`` or has another size.
+
+    Examples:
+        >>> import tempfile
+        >>> run, old, new = (Path(tempfile.mkdtemp()) for _ in range(3))
+        >>> (run / "embeddings").mkdir()
+        >>> _ = (old / "a.png").write_bytes(b"12345")
+        >>> np.savez(run / "embeddings" / "test.npz", paths=np.array([str(old / "a.png")]),
+        ...          sizes=np.array([5]), root=np.array(str(old)))
+        >>> _ = (new / "a.png").write_bytes(b"123")  # another image under the same name
+        >>> try:
+        ...     check_same_data(run, new, old)
+        ... except RecipeError as e:
+        ...     print("a.png is missing or changed" in str(e))
+        True
     """
     for name in ("test", "gallery"):
         npz = run / "embeddings" / f"{name}.npz"
@@ -249,7 +278,7 @@ def _evaluate_run(out, root, device, cfg, model, bad_images) -> RunMetrics:
         check_same_data(out, root, recorded)
     device = device_of(cfg) if device is None else torch.device(device)
     splits = load_splits(cfg, root)
-    ds = make_datasets(cfg, splits)
+    ds = make_datasets(cfg, splits, collective=False)  # rank 0 alone, under DDP
     model = build_model(cfg) if model is None else model
     state = load_checkpoint(out / "checkpoints" / "best.pt", device)
     model.load_state_dict(state["model"])

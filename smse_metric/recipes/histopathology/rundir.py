@@ -31,7 +31,6 @@ __all__ = [
     "check_run_dir",
     "claim_run_dir",
     "clear_run_dir",
-    "holds_lock",
     "is_unfinished_run",
     "lock_run_dir",
     "open_run_dir",
@@ -255,11 +254,6 @@ def lock_run_dir(out: str | Path) -> Iterator[Path]:
     finally:
         del _held[out]
         os.close(fd)  # closing releases the lock
-
-
-def holds_lock(out: str | Path) -> bool:
-    """Whether this process holds the lock of ``out`` (`lock_run_dir`)."""
-    return Path(out).resolve() in _held
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Training end to end on a tiny synthetic BreakHis (CPU, seconds per run): outputs,
 resume, interruption, DDP."""
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,44 @@ def test_torchrun_with_synthetic_data_rank_0_prepares_and_others_wait(tmp_path):
     assert "FutureWarning" not in child.stderr  # all_gather: no deprecated torch call
     assert child.stdout.count("wrote ") == 1 and (out / "data" / "Folds.csv").is_file()
     assert (out / ".smse-run").is_file() and (out / "metrics.json").is_file()
+
+
+def test_torchrun_with_a_decoded_cache_finishes_and_scores_as_one_process(root, tmp_path):
+    """Rank 0's final evaluation once entered the cache's collective alone and crashed
+    ("Connection closed by peer", no metrics.json). Its scores must be those a single
+    process gives the same checkpoint (the training itself differs from a 1-process run
+    by design: each of W ranks takes its own batch, W batches a step)."""
+    cache = tmp_path / "cache"
+    tiny = {**TINY, "data": {**TINY["data"], "cache_dir": str(cache)}, "optim": {"epochs": 1}}
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "smse_metric", "train", "--config", str(cfg), "--data", str(root),
+           "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert child.returncode == 0, child.stderr[-3000:]
+    ddp = json.loads((out / "metrics.json").read_text())
+    evaluate_run(out)  # one process, the same checkpoint and cache
+    assert json.loads((out / "metrics.json").read_text()) == ddp
+
+
+def test_torchrun_with_more_ranks_than_batches_refuses_with_the_counts(root, tmp_path):
+    """It once trained 0 steps an epoch on every rank, reported an untrained network and
+    exited 0."""
+    tiny = {**TINY, "sampler": {"groups_per_class": 8, "batch_size": 16}, "optim": {"epochs": 1}}
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=5",
+           "-m", "smse_metric", "train", "--config", str(cfg), "--data", str(root),
+           "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert child.returncode != 0
+    assert "fewer than the 5 ranks" in child.stderr, child.stderr[-3000:]
+    ranks = [line for line in child.stderr.splitlines() if line.startswith("smse-metric train")]
+    assert len(ranks) == 5 and all("fewer than the 5 ranks" in line for line in ranks)
+    assert child.stderr.count("Traceback") == 1  # torchrun's own ChildFailedError, no rank's
+    assert not (out / "metrics.json").exists()
