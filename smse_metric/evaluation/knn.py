@@ -137,6 +137,8 @@ class KNNClassifier:
         ``extra`` [Q] asks for more neighbours per query (used for MAP@R).
         """
         check_choice("exclude", exclude, EXCLUDE)
+        if not hasattr(self, "index_"):
+            raise ValueError("this KNNClassifier is not fitted yet: call fit(embeddings, labels)")
         k = self.k if k is None else int(k)
         q = as_float32("queries", queries)
         n_q, n_g = q.shape[0], self.index_.ntotal
@@ -240,4 +242,5 @@ class KNNClassifier:
 
     def predict(self, queries: Any, query_groups: Any = None, exclude: str = "none"):
         """[Q] predicted labels (values of the fitted labels)."""
-        return self.classes_[self.predict_proba(queries, query_groups, exclude).argmax(1)]
+        proba = self.predict_proba(queries, query_groups, exclude)  # checks fit() first
+        return self.classes_[proba.argmax(1)]

@@ -147,7 +147,8 @@ def make_datasets(
                                skip_bad_images=cfg.data.skip_bad_images, mean=cfg.data.mean,
                                std=cfg.data.std,
                                interpolation=cfg.data.interpolation or "bilinear",
-                               cache_dir=cfg.data.cache_dir, augment_on=augment_on)  # fmt: skip
+                               cache_dir=cfg.data.cache_dir, augment_on=augment_on,
+                               max_image_pixels=cfg.data.max_image_pixels)  # fmt: skip
 
     def every_split() -> dict[str, BreakHisDataset]:
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _summary(metrics: RunMetrics, out: Path) -> None:
     from .report import format_score, results_table
 
-    print(f"best epoch {metrics.best_epoch} ({metrics.selected_on} "
+    print(f"best epoch {metrics.best_epoch + 1} ({metrics.selected_on} "
           f"{metrics.best_val_score:.3f})")  # fmt: skip
     print("\n".join(results_table(metrics.test)))
     mean = format_score(metrics.test.knn.cross_magnification_mean)
@@ -118,7 +119,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = _train_config(args, folds)
         _validate_run(cfg, folds)
-    own_group = init_distributed(device_of(cfg).type)  # torchrun: rank 0 prepares, all wait
+    # torchrun: rank 0 prepares, all wait
+    own_group = init_distributed(device_of(cfg).type, cfg.run.dist_timeout)
     try:
         with contextlib.ExitStack() as stack:
             error = None
@@ -188,9 +190,17 @@ def _train_folds(args: argparse.Namespace, cfg, out: Path, folds: list[int] | No
     return 0
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
+    _check_device(args)
     metrics = evaluate_run(args.run, root=args.data, device=args.device)
     _summary(metrics, Path(args.run))
     return 0
@@ -199,6 +209,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from .search import contact_sheet, search_run
 
+    _check_device(args)
     sheet = (
         Path(args.sheet) if args.sheet else Path(args.run) / f"search-{Path(args.image).stem}.png"
     )
@@ -336,7 +347,7 @@ def _add_demo(sub) -> None:
         "demo", help="SMSE vs a plain classifier on the synthetic dataset (minutes, CPU)",
         description="Generate the synthetic dataset, train smse-triplet and baseline-ce on "
         "several paired replicates, and print each headline metric's mean difference, its "
-        "95%% confidence interval and the verdict.",
+        "95% confidence interval and the verdict.",
     )  # fmt: skip
     de.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     de.add_argument("--epochs", type=int, help="epochs per method (default 8)")
@@ -353,17 +364,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .engine import TrainingInterrupted
 
+    rank = os.environ.get("RANK")  # under torchrun: each rank's line says which it is
+    where = f"smse-metric {args.command}" + (f" (rank {rank})" if rank else "")
     try:
         return args.func(args)
     except RecipeError as e:  # the user's input, named in one line; anything else is a bug
-        print(f"smse-metric {args.command}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"smse-metric {args.command}: {e}", file=sys.stderr)
+        if rank in (None, "0"):  # the same checkpoint on every rank: said once
+            print(f"smse-metric {args.command}: {e}", file=sys.stderr)
         return 130
     except FloatingPointError as e:
-        print(f"smse-metric {args.command}: training stopped: {e}", file=sys.stderr)
+        print(f"{where}: training stopped: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the machine's side: a full disk, a read-only directory
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if rank is None or not _timed_out(e):
+            raise
+        print(f"{where}: error: no answer from {_peers(rank)} within run.dist_timeout; it "
+              f"hung, stopped or died (see its output): {_first_line(e)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _peers(rank: str) -> str:
+    """The ranks that can have left this one waiting (torchrun's WORLD_SIZE)."""
+    others = [str(r) for r in range(int(os.environ.get("WORLD_SIZE", "1"))) if str(r) != rank]
+    return f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(others)}"
+
+
+def _timed_out(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -22,7 +22,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["PRESETS", "Config", "config_to_toml", "load_config", "preset_path"]
+__all__ = [
+    "PRESETS",
+    "RESUMABLE",
+    "Config",
+    "check_resumable",
+    "config_to_toml",
+    "load_config",
+    "preset_path",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS = ("smse-triplet", "smse-triplet-small", "smse-pair", "baseline-ce")
@@ -63,6 +71,9 @@ class DataConfig:
     #: drawn augmentation, and whole batches are read from the cache and augmented on the
     #: model's device
     augment_on: str = field(default="worker", metadata={"choices": ("worker", "device")})
+    #: larger images (width x height, from the file's header) are unreadable: refused
+    #: before decoding, skipped and listed like any unreadable image
+    max_image_pixels: int = 89_478_485
 
 
 @dataclass
@@ -120,6 +131,8 @@ class RunConfig:
     #: on one GPU, replay the step's losses from CUDA graphs (`engine.LossGraphs`)
     cuda_graphs: bool = True
     deterministic: bool = False
+    #: seconds a rank waits in a collective (torchrun) before it stops with an error
+    dist_timeout: float = 300.0
 
 
 @dataclass
@@ -169,9 +182,9 @@ _AT_LEAST = {
     "data.fold": 1, "data.num_workers": 0, "sampler.classes_per_batch": 1,
     "sampler.groups_per_class": 1, "sampler.images_per_scale": 1, "sampler.batch_size": 1,
     "model.embedding_dim": 1, "optim.step_size": 1, "optim.epochs": 1, "optim.patience": 0,
-    "eval.k": 1, "data.min_val_patients_per_class": 0,
+    "eval.k": 1, "data.min_val_patients_per_class": 0, "data.max_image_pixels": 1,
 }  # fmt: skip
-_POSITIVE = {"optim.lr", "loss.alpha", "optim.step_gamma"}
+_POSITIVE = {"optim.lr", "loss.alpha", "optim.step_gamma", "run.dist_timeout"}
 
 
 def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
@@ -326,3 +339,50 @@ def config_to_toml(cfg: Config) -> str:
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
         lines.append("")
     return "\n".join(lines)
+
+
+#: keys a resumed run may change: more epochs, and where or how it runs (device, data
+#: moved, cache, loader workers, process-group timeout); any other change would make the
+#: resumed run another training than the checkpoint's
+RESUMABLE = (
+    "optim.epochs", "run.device", "run.dist_timeout", "data.path", "data.cache_dir",
+    "data.num_workers",
+)  # fmt: skip
+
+
+def _shown(v: Any) -> str:
+    return "(unset)" if v is None else _toml_value(v)
+
+
+def check_resumable(saved: str, cfg: Config, where: str | Path = "config.toml") -> None:
+    """Refuse to resume when ``cfg`` differs from the checkpoint's config (``saved``, as
+    `config_to_toml` wrote it) in a key outside `RESUMABLE`, naming each changed key.
+
+    Args:
+        saved: the checkpoint's config as TOML.
+        cfg: the config the resumed run would use.
+        where: the file named in the message.
+
+    Examples:
+        >>> old = load_config("smse-pair", {"data": {"synthetic": True}})
+        >>> new = load_config("smse-pair", {"data": {"synthetic": True}, "optim": {"lr": 0.01}})
+        >>> try:
+        ...     check_resumable(config_to_toml(old), new)
+        ... except RecipeError as e:
+        ...     print(str(e).split(";")[0])
+        config.toml changed since the checkpoint: optim.lr 0.001 -> 0.01
+    """
+    before = tomllib.loads(saved)
+    changed = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = before.get(section, {}).get(key)
+            if name not in RESUMABLE and old != value:
+                changed.append(f"{name} {_shown(old)} -> {_shown(value)}")
+    if changed:
+        raise RecipeError(
+            f"{where} changed since the checkpoint: {', '.join(changed)}; --resume continues "
+            "the same training: restore these keys or train a new run (only "
+            f"{', '.join(RESUMABLE)} may change)"
+        )

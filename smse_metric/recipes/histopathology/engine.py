@@ -8,10 +8,12 @@ test can drive `train_step` with any ``(embeddings, logits)`` model.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import math
 import os
 import pickle
+import shutil
 import signal
 import threading
 from collections.abc import Iterable, Iterator
@@ -107,20 +109,21 @@ class TrainingInterrupted(Exception):
 
     Args:
         checkpoint: the ``last.pt`` written before stopping.
-        epoch: the epoch interrupted.
-        step: the step of that epoch reached.
+        epoch: the epoch interrupted, from 0 (the message counts from 1, as the
+            per-epoch lines do).
+        step: the step of that epoch reached, from 0 (the message counts from 1).
 
     Examples:
         >>> from pathlib import Path
         >>> e = TrainingInterrupted(Path("runs/a/checkpoints/last.pt"), epoch=3, step=17)
         >>> str(e).split(";")[0]
-        'interrupted at epoch 3 step 17'
+        'interrupted at epoch 4 step 18'
     """
 
     def __init__(self, checkpoint: Path, epoch: int, step: int) -> None:
         super().__init__(
-            f"interrupted at epoch {epoch} step {step}; checkpoint saved to {checkpoint}; "
-            "continue with --resume"
+            f"interrupted at epoch {epoch + 1} step {step + 1}; checkpoint saved to "
+            f"{checkpoint}; continue with --resume"
         )
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 
@@ -212,14 +215,16 @@ class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch, self._position = int(state["epoch"]), int(state["position"])
 
 
-def init_distributed(device_type: str) -> bool:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); returns
-    whether this call created it (and should destroy it)."""
+def init_distributed(device_type: str, timeout_s: float = 300.0) -> bool:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), whose
+    collectives give up after ``timeout_s`` (``run.dist_timeout``; torch's default is 30
+    minutes of silence); returns whether this call created it (and should destroy it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
     return True
 
 
@@ -400,8 +405,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
         1
     """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)  # its space is what a retry needs
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        raise OSError(f"cannot write {path} ({free / 2**20:.0f} MiB free on its disk): "
+                      f"{str(e).splitlines()[0][:200]}") from e  # fmt: skip
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -419,12 +430,15 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """
     if not Path(path).is_file():
         raise RecipeError(f"no checkpoint at {path}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"cannot load {path} onto {device}: no CUDA device is available "
+                          "here; use --device cpu")  # fmt: skip
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused an object: never load it
         raise RecipeError(f"{path} holds objects other than tensors and plain data; "
                          "it is not a checkpoint of smse-metric") from e  # fmt: skip
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # the unpickler's errors on a foreign file vary (IndexError ...)
         raise RecipeError(f"{path} is truncated or not a torch checkpoint "
                          f"({type(e).__name__})") from e  # fmt: skip
     if not isinstance(state, dict) or "model" not in state:

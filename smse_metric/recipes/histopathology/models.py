@@ -6,6 +6,7 @@ class logits (from the embedding) for the reinforced focal loss.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -99,14 +100,22 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+    except pickle.UnpicklingError as e:  # weights_only refused an object: never load it
+        raise RecipeError(f"weights file {path} holds objects other than tensors; give a "
+                          "state dict (.pt) or a .safetensors file") from e  # fmt: skip
+    except Exception as e:  # empty, truncated, not a torch or safetensors file
+        raise RecipeError(f"weights file {path} is empty, truncated or not a "
+                          f"{'safetensors' if path.suffix == '.safetensors' else 'torch'} "
+                          f"file ({type(e).__name__})") from e  # fmt: skip
     if not isinstance(state, dict):
         raise RecipeError(f"{path} does not hold a state dict")
     result = module.load_state_dict(state, strict=False)

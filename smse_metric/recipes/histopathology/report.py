@@ -163,7 +163,7 @@ def fold_table(summary: dict) -> list[str]:
         >>> both = {"image": level, "patient": level}
         >>> s = {"knn": both, "head": both, "cross_magnification_mean": cell}
         >>> fold_table(s)[2]
-        '| kNN | image | 85.00 +- 7.07 | 85.00 +- 7.07 |'
+        '| kNN | image | 0.850 +- 0.071 | 0.850 +- 0.071 |'
     """
     cols = list(summary["knn"]["image"])
     rows = ["| predictor | level | " + " | ".join(f"{c}x" if c != "pooled" else c
@@ -172,18 +172,19 @@ def fold_table(summary: dict) -> list[str]:
     for name in PREDICTORS:
         for level, _ in LEVELS:
             cells = [summary[name][level][c] for c in cols]
-            text = [f"{100 * c['mean']:.2f} +- {100 * c['std']:.2f}" for c in cells]
+            # fractions, as in a run's report (format_score)
+            text = [f"{c['mean']:.3f} +- {c['std']:.3f}" for c in cells]
             rows.append(f"| {LABELS[name]} | {level} | " + " | ".join(text) + " |")
     x = summary["cross_magnification_mean"]
     if x is not None:
-        rows += ["", f"kNN cross-magnification mean: {100 * x['mean']:.2f} +- {100 * x['std']:.2f}"]
+        rows += ["", f"kNN cross-magnification mean: {x['mean']:.3f} +- {x['std']:.3f}"]
     return rows
 
 
 def _curves(history: list[dict], path: Path) -> None:
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    epochs = [h["epoch"] for h in history]
+    epochs = [h["epoch"] + 1 for h in history]  # counted from 1, as the run printed them
     a.plot(epochs, [h["loss"] for h in history], marker="o")
     a.set(xlabel="epoch", ylabel="training loss", title="loss")
     for key, label in (("val_patient_accuracy", "kNN patient"), ("val_accuracy", "kNN image"),
@@ -287,7 +288,7 @@ def write_report(run_dir: str | Path) -> Path:
         if history_path.is_file() else []  # fmt: skip
     lines = [f"# Run report: {run.name}", ""]
     lines += [
-        f"Best epoch {metrics.best_epoch} ({metrics.selected_on} "
+        f"Best epoch {metrics.best_epoch + 1} ({metrics.selected_on} "
         f"{format_score(metrics.best_val_score)}); images train / validation / test: "
         f"{metrics.splits['train']} / {metrics.splits['val']} / {metrics.splits['test']}. "
         f"kNN: k = {knn.k}, {knn.metric}, exclude = {knn.exclude}, "

@@ -92,7 +92,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt", "cpu")["model"])
     model.to(device).eval()
     try:
-        img = read_image(image)
+        img = read_image(image, cfg.data.max_image_pixels)
     except OSError as e:
         raise RecipeError(str(e)) from e
     x = eval_transform(tuple(cfg.data.image_size), cfg.data.interpolation)(img, None)
@@ -119,7 +119,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     return [
         Neighbour(
             rank + 1,
-            float(d),
+            max(float(d), 0.0),  # 1 - cos rounds to -0.000 for a duplicate
             str(meta["paths"][i]),
             str(meta["groups"][i]),
             TUMOR_CLASSES[SUBTYPES[codes[int(meta["subtypes"][i])]][0] == "M"],

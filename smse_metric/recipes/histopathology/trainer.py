@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from smse_metric.distributed import get_world_size, is_main_process
 
 from .build import Built
-from .config import Config
+from .config import Config, check_resumable, config_to_toml
 from .data.dataset import split_records
 from .engine import (
     Interrupt,
@@ -94,12 +94,15 @@ class Trainer:
             "sampler": {**b.loader.batch_sampler.state_dict(consumed=self.state.position),
                         "epoch": self.state.epoch},
             "train_state": self.state.to_dict(),
+            "config": config_to_toml(self.cfg),  # what --resume must continue
         }  # fmt: skip
 
     def resume(self) -> None:
         """Continue from ``last.pt``: the same result as a run never interrupted."""
         b = self.built
         ckpt = load_checkpoint(self.last, b.device)
+        if "config" in ckpt:
+            check_resumable(ckpt["config"], self.cfg, self.out / "config.toml")
         self.state = TrainState.from_checkpoint(ckpt)
         b.model.load_state_dict(ckpt["model"])
         b.optimizer.load_state_dict(ckpt["optimizer"])
@@ -133,7 +136,8 @@ class Trainer:
         self.net.train()
         b.datasets["train"].set_epoch(st.epoch)
         b.loader.batch_sampler.set_epoch(st.epoch)  # keeps a resumed position
-        bar = _Bar(len(b.loader.batch_sampler) - st.position, f"epoch {st.epoch}", self.verbose)
+        bar = _Bar(len(b.loader.batch_sampler) - st.position, f"epoch {st.epoch + 1}",
+                   self.verbose)  # fmt: skip
         t0 = time.perf_counter()
         on_device = b.datasets["train"].on_device
         for batch in b.loader:
@@ -141,9 +145,10 @@ class Trainer:
             loss, stop = self._step(images, labels, scales, interrupt)
             step = st.position
             if not math.isfinite(loss):
+                kept = (f"{self.last} holds the last good epoch" if self.last.is_file()
+                        else "no epoch finished, so there is no checkpoint")  # fmt: skip
                 raise FloatingPointError(
-                    f"non-finite loss ({loss}) at epoch {st.epoch} step {step}; "
-                    f"{self.last} holds the last good epoch"
+                    f"non-finite loss ({loss}) at epoch {st.epoch + 1} step {step + 1}; {kept}"
                 )
             st.position, st.loss_sum, st.steps = step + 1, st.loss_sum + loss, st.steps + 1
             st.seen += len(images) * self.world
@@ -193,7 +198,7 @@ class Trainer:
         b, st, cfg = self.built, self.state, self.cfg
         if b.scheduler is not None:
             b.scheduler.step()
-        verdict = torch.zeros(2)
+        verdict = torch.zeros(2, dtype=torch.float64)  # the score reaches metrics.json
         if self.main:
             val = evaluate_split(cfg, b.model, b.datasets["gallery"], b.datasets["val"],
                                  b.device, b.channels_last)  # fmt: skip

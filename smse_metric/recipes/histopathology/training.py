@@ -81,7 +81,7 @@ def train(
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(root.resolve())))
     cfg = resolve_inputs(cfg)
     device = device_of(cfg)
-    own_group = init_distributed(device.type)
+    own_group = init_distributed(device.type, cfg.run.dist_timeout)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with contextlib.ExitStack() as stack:
@@ -140,5 +140,9 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
     trainer.fit()
     if not is_main_process():
         return None
-    return evaluate_run(out, root, device=device, cfg=cfg, model=built.model,
-                        bad_images=unreadable_images(built.datasets))  # fmt: skip
+    try:
+        return evaluate_run(out, root, device=device, cfg=cfg, model=built.model,
+                            bad_images=unreadable_images(built.datasets))  # fmt: skip
+    except OSError as e:  # a full disk, say: the training itself is safe in best.pt
+        raise OSError(f"{e}; training finished: once that is fixed, smse-metric evaluate "
+                      f"--run {out} finishes the evaluation") from e  # fmt: skip

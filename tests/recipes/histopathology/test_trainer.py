@@ -27,7 +27,7 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys,
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert child.returncode == 130, child.stderr
     # the signal lands after step 1's callback: step 2 finishes, then the loop stops
-    assert "interrupted at epoch 1 step 2" in child.stdout
+    assert "interrupted at epoch 2 step 3" in child.stdout  # counted from 1, as printed
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert (state["train_state"]["epoch"], state["train_state"]["position"]) == (1, 3)
     assert (state["sampler"]["epoch"], state["sampler"]["position"]) == (1, 3)  # not prefetch
@@ -57,7 +57,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path
         return loss * float("nan") if len(calls) == poison_at else loss
 
     monkeypatch.setattr(trainer, "train_step", poisoned)
-    with pytest.raises(FloatingPointError, match="epoch 1 step 1"):
+    with pytest.raises(FloatingPointError, match="epoch 2 step 2"):
         train(cfg, tmp_path / "run", root, quiet=True)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["train_state"]["epoch"] == 1 and state["train_state"]["position"] == 0

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,40 @@ def test_torchrun_with_more_ranks_than_batches_refuses_with_the_counts(root, tmp
     assert len(ranks) == 5 and all("fewer than the 5 ranks" in line for line in ranks)
     assert child.stderr.count("Traceback") == 1  # torchrun's own ChildFailedError, no rank's
     assert not (out / "metrics.json").exists()
+
+
+_HANG = textwrap.dedent("""
+    import os, signal, sys, time
+    from smse_metric.recipes.histopathology import trainer
+    from smse_metric.recipes.histopathology.cli import main
+
+    step = trainer.Trainer._step
+
+    def hung(self, *args, **kwargs):
+        if os.environ["RANK"] == "1":  # a hung peer, which torchrun can still end
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(600)
+        return step(self, *args, **kwargs)
+
+    trainer.Trainer._step = hung
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_hung_rank_ends_the_run_after_run_dist_timeout_naming_it(root, tmp_path):
+    """The other rank once waited silently for gloo's 30 minutes."""
+    tiny = {**TINY, "optim": {"epochs": 1}, "run": {**TINY["run"], "dist_timeout": 5.0}}
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
+    script = tmp_path / "hang.py"
+    script.write_text(_HANG)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), "train", "--config", str(cfg), "--data", str(root),
+           "--out", str(tmp_path / "ddp")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert child.returncode != 0
+    line = [x for x in child.stderr.splitlines() if x.startswith("smse-metric train (rank 0)")]
+    assert len(line) == 1 and "no answer from rank 1 within run.dist_timeout" in line[0], (
+        child.stderr[-3000:]
+    )

@@ -6,7 +6,10 @@ Transforms are plain torch (no torchvision needed): resize, random crop, flips,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +29,12 @@ from .cache import DecodedCache, cache_size
 
 __all__ = [
     "INTERPOLATIONS",
+    "MAX_IMAGE_PIXELS",
     "BreakHisDataset",
     "collate_records",
     "eval_transform",
     "normalize_image",
+    "open_image",
     "read_image",
     "split_records",
     "train_transform",
@@ -63,11 +68,51 @@ def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return (img - m) / s
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as RGB float [3, H, W] in [0, 1]; an OSError names a bad file.
+#: PIL's own warning threshold: a larger image is refused before it is decoded (a 92 KB
+#: PNG can hold 95 megapixels, 3.3 GB once decoded)
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` with a pixel limit checked on the header, before any decoding;
+    an OSError names a file PIL cannot open or one over the limit.
+
+    Args:
+        path: an image file.
+        max_pixels: the largest width x height accepted (``data.max_image_pixels``).
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("RGB", (50, 40)).save(path)
+        >>> try:
+        ...     with open_image(path, max_pixels=1000):
+        ...         pass
+        ... except OSError as e:
+        ...     print(str(e).split(": ", 1)[1])
+        50 x 40 pixels, over the limit of 1000 (data.max_image_pixels)
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            im = Image.open(path)
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+    with im:
+        if im.width * im.height > max_pixels:
+            raise OSError(f"{path}: {im.width} x {im.height} pixels, over the limit of "
+                          f"{max_pixels} (data.max_image_pixels)")  # fmt: skip
+        yield im
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """An image file as RGB float [3, H, W] in [0, 1]; an OSError names a bad file, or
+    one over ``max_pixels`` (refused before decoding).
 
     Args:
         path: an image file PIL can open.
+        max_pixels: the largest width x height accepted.
 
     Examples:
         >>> import tempfile
@@ -77,11 +122,11 @@ def read_image(path: str | Path) -> torch.Tensor:
         >>> img.shape, img[:, 0, 0].tolist()
         (torch.Size([3, 4, 5]), [1.0, 0.0, 0.0])
     """
-    try:
-        with Image.open(path) as im:
+    with open_image(path, max_pixels) as im:
+        try:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
@@ -212,6 +257,8 @@ class BreakHisDataset(torch.utils.data.Dataset):
             the cache in one copy, then augments and normalises the batch on the
             model's device, from the same random draws: no pixels pass between
             processes).
+        max_image_pixels: larger images (width x height, read from the header) are
+            unreadable: skipped and listed with ``skip_bad_images``, else an error.
 
     Examples:
         >>> import tempfile
@@ -240,6 +287,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
         interpolation: str = "bilinear",
         cache_dir: str | Path | None = None,
         augment_on: str = "worker",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         if task not in ("binary", "subtype"):
             raise RecipeError(f"task must be 'binary' or 'subtype', got {task!r}")
@@ -267,24 +315,29 @@ class BreakHisDataset(torch.utils.data.Dataset):
         self.std = None if std is None else tuple(float(v) for v in std)
         self.index, self.transform, self.task, self.seed = index, transform, task, int(seed)
         self.epoch = 0
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) \
+                or max_image_pixels < 1:  # fmt: skip
+            raise RecipeError(f"max_image_pixels must be a positive int, got {max_image_pixels!r}")
+        self.max_pixels = max_image_pixels
         self.bad_images: list[tuple[str, str]] = []
         rows = np.arange(len(index))
         if skip_bad_images:
             good = []
             for i in rows:
                 try:
-                    with Image.open(index.paths[i]) as im:
+                    with open_image(index.paths[i], self.max_pixels) as im:
                         im.verify()
                     good.append(i)
-                except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                except (OSError, SyntaxError) as e:
                     self.bad_images.append((index.paths[i], f"{type(e).__name__}: {e}"))
             rows = np.array(good, dtype=np.int64)
         self.rows = rows
         self.stored_size = cache_size(size, CROP_SCALE)
         self.cache = None
         if cache_dir is not None:
+            read = functools.partial(read_image, max_pixels=self.max_pixels)
             self.cache = DecodedCache([index.paths[r] for r in rows], self.stored_size,
-                                      cache_dir, read_image, interpolation)  # fmt: skip
+                                      cache_dir, read, interpolation)  # fmt: skip
         labels = index.label if task == "binary" else index.subtype
         self.labels = labels[rows]
         self.groups = index.group[rows]
@@ -301,7 +354,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
         at `cache_size`)."""
         if self.cache is not None:
             return self.cache[i].float() / 255.0
-        return read_image(self.index.paths[self.rows[i]])
+        return read_image(self.index.paths[self.rows[i]], self.max_pixels)
 
     def device_transform(self, images: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
         """With ``augment_on="device"``: a batch's uint8 images [B, 3, H, W] and records
