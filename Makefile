@@ -31,6 +31,7 @@ test: install lint docs
 CORE_VENV ?= .venv-core
 CORE_TESTS := tests/functional tests/evaluation tests/test_losses.py tests/test_miners.py \
 	tests/test_samplers.py tests/test_distributed.py tests/test_imports.py tests/test_layout.py \
+	tests/test_faults_library.py \
 	smse_metric/functional smse_metric/losses.py smse_metric/miners.py \
 	smse_metric/samplers.py smse_metric/distributed.py smse_metric/evaluation/symmetric.py \
 	smse_metric/evaluation/torch_index.py smse_metric/evaluation/knn.py \

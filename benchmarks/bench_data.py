@@ -74,7 +74,63 @@ def per_core(root: Path, size: int, n: int, rounds: int, cache_dir: Path) -> lis
     rows = [[name, f"{r:.0f}", f"{r / base:.1f}x"] for name, r in rates.items()]
     per_image = build_s / len(cached) * 1e3
     rows.append([f"building the cache ({len(cached)} images, once)", f"{1e3 / per_image:.0f}", "—"])
+    rows.append(_opening(device.cache, index, cache_dir, kw["size"]))
     return rows
+
+
+def _opening(cache, index, cache_dir: Path, size) -> list[str]:
+    """A built cache opened as a new process opens it: the content digest of every
+    image file (the key) and of the cache file itself, with no remembered digest."""
+    from smse_metric.recipes.histopathology.data import cache as cache_module
+
+    best = float("inf")
+    for _ in range(3):
+        cache_module._digests.clear()  # noqa: SLF001 - a new process remembers none
+        t0 = time.perf_counter()
+        BreakHisDataset(index, "train", size=size, seed=0, cache_dir=cache_dir)
+        best = min(best, time.perf_counter() - t0)
+    return [f"opening the built cache ({len(cache)} images: content digests, checks)",
+            f"{len(cache) / best:.0f}", "—"]  # fmt: skip
+
+
+def read_cost(cache, b: int, rounds: int) -> list[list[str]]:
+    """Batches of ``b`` rows read three ways, paired passes alternating, medians: the
+    cache's `gather` on its memory map without the length check (the reference: the
+    cache before), with it (an ``fstat`` per batch, which turns a file truncated in use
+    into an error naming it instead of SIGBUS), and ``os.pread`` per row into the same
+    batch (which could never raise SIGBUS: the alternative not taken)."""
+    import copy
+
+    import numpy as np
+
+    mapped = np.memmap(cache.path, dtype=np.uint8, mode="r", shape=cache.shape)
+    unchecked = copy.copy(cache)
+    unchecked._mapped = lambda: mapped  # noqa: SLF001 - the same gather, no length check
+    rows = np.random.default_rng(0).permutation(len(cache))[:b]
+    fd = os.open(cache.path, os.O_RDONLY)
+    size = mapped[0].nbytes
+
+    def pread(_):
+        out = torch.empty((len(rows), *cache.shape[1:]), dtype=torch.uint8).numpy()
+        for j, r in enumerate(rows):
+            os.preadv(fd, [memoryview(out[j]).cast("B")], int(r) * size)
+
+    ways = {
+        "memory map, no length check (the reference)": lambda _: unchecked.gather(rows),
+        "memory map + length check (the cache)": lambda _: cache.gather(rows),
+        "os.pread per row (not taken)": pread,
+    }
+    rates = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            rates[name].append(b * _rate(fn, 20, 1))
+    os.close(fd)
+    ref = float(np.median(rates["memory map, no length check (the reference)"]))
+    out = []
+    for name, r in rates.items():
+        med = float(np.median(r))
+        out.append([f"{name}, batches of {b}", f"{med:.0f}", f"{med / ref:.2f}x"])
+    return out
 
 
 def _loader_rate(ds: BreakHisDataset, workers: int, steps: int, dev: torch.device,
@@ -182,6 +238,11 @@ def main(argv: list[str] | None = None) -> str:
                                        image_size=NATIVE, seed=0)  # fmt: skip
         rows = per_core(root, size, n, rounds, Path(tmp) / "cache")
         print(markdown_table(["path", "images/s per core", "vs PNG"], rows), flush=True)
+        index = scan_breakhis(root)
+        opened = BreakHisDataset(index, "train", size=(size, size), seed=0,
+                                 cache_dir=Path(tmp) / "cache").cache  # fmt: skip
+        reads = read_cost(opened, min(32, len(opened)), 5 if args.quick else 15)
+        print(markdown_table(["cache reads", "images/s", "vs the map"], reads), flush=True)
         torch.set_num_threads(os.cpu_count() or 1)
         steps = 20 if args.quick else 60
         loaders = feed(root, size, Path(tmp) / "cache", steps, args.device)
@@ -194,6 +255,10 @@ def main(argv: list[str] | None = None) -> str:
         "Images per second on one core (one process, one torch thread, no workers), the "
         "best of the passes over the same images; ratios against the PNG path.", "",
         markdown_table(["path", "images/s per core", "vs PNG"], rows), "",
+        "Reading cached rows: a plain memory map (the cache before), the cache's map "
+        "with its length check (a file truncated in use raises an error naming it, not "
+        "SIGBUS), and `os.pread` per row; paired passes alternating, medians:", "",
+        markdown_table(["cache reads", "images/s", "vs the map"], reads), "",
     ]  # fmt: skip
     parts += [
         "## Loader against the model on this GPU" if cuda else "## Loader on this CPU", "",

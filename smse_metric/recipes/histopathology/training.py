@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def train(
     root = data_root(cfg, out) if root is None else Path(root)
     if root.resolve() != (out / "data").resolve():  # config.toml must name the data
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(root.resolve())))
+    if cfg.data.cache_dir is not None:  # evaluate, run from elsewhere, finds the same cache
+        cache_dir = os.path.abspath(cfg.data.cache_dir)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=cache_dir))
     cfg = resolve_inputs(cfg)
     device = device_of(cfg)
     own_group = init_distributed(device.type, cfg.run.dist_timeout)

@@ -190,3 +190,26 @@ def test_overwrite_through_a_symlinked_out(tmp_path, data, config, capsys):
     args[-1] = str(link)
     assert main([*args, "--overwrite"]) == 0
     assert link.is_symlink() and (real / "metrics.json").is_file()
+
+
+def test_data_at_the_filesystem_root_is_refused_before_any_walk(capsys):
+    assert main(["train", "--data", "/", "--out", "/nonexistent/run"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to scan /, the filesystem root" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_relative_cache_dir_is_stored_absolute_and_found_from_elsewhere(tmp_path, data,
+                                                                          monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("smse-triplet", {**ONE_EPOCH, "data": {**ONE_EPOCH["data"],
+                                                             "cache_dir": "cache"}})  # fmt: skip
+    train(cfg, tmp_path / "run", data, quiet=True)
+    saved = load_config(tmp_path / "run" / "config.toml")
+    assert saved.data.cache_dir == str(tmp_path / "cache")
+    built = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", "--run", str(tmp_path / "run")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == built  # no second cache
+    assert not (elsewhere / "cache").exists()

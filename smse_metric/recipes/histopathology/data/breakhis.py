@@ -276,6 +276,9 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
     root = Path(root)
     if not root.is_dir():
         raise RecipeError(f"{root} is not a directory")
+    if root.resolve() == Path(root.resolve().anchor):  # a walk of every mounted disk
+        raise RecipeError(f"refusing to scan {root}, the filesystem root: give the dataset's "
+                          "directory")  # fmt: skip
     _check_subtype_folders(root)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
     if not files:

@@ -37,7 +37,8 @@ def test_built_once_then_read_back_as_the_resized_images(tmp_path):
     for i, p in enumerate(paths):
         want = resize(read_image(p), (8, 10)).mul(255).round().to(torch.uint8)
         assert torch.equal(again[i], want)
-    assert [f.name for f in (tmp_path / "c").iterdir()] == [cache.path.name]  # no partial left
+    left = sorted(f.name for f in (tmp_path / "c").iterdir())  # no partial file left
+    assert left == sorted([cache.path.name, cache.digest_path.name])
 
 
 def test_a_changed_file_gives_a_new_cache(tmp_path):
@@ -125,3 +126,60 @@ def test_datasets_read_the_cache_and_augment_on_the_device(synth_index, tmp_path
         BreakHisDataset(synth_index, "eval", augment_on="device", size=(16, 16))
     with pytest.raises(RecipeError, match="cache_dir"):
         BreakHisDataset(synth_index, "train", augment_on="device", size=(16, 16))
+
+
+def _bmp(path, colour):
+    Image.new("RGB", (18, 14), colour).save(path, format="BMP")  # a fixed size: no compression
+    return str(path)
+
+
+def test_a_same_size_same_mtime_rewrite_is_never_read_stale(tmp_path):
+    """The key was (path, size, mtime): a file rewritten with other pixels, the same
+    length and its old mtime was read from the old cache."""
+    paths = [_bmp(tmp_path / "a.bmp", (0, 0, 255)), _bmp(tmp_path / "b.bmp", (0, 255, 0))]
+    first = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    st = os.stat(paths[1])
+    size = st.st_size
+    _bmp(tmp_path / "b.bmp", (255, 0, 0))
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(paths[1]).st_size == size and os.stat(paths[1]).st_mtime_ns == st.st_mtime_ns
+    second = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    assert second.built and second.path != first.path
+    assert second[1][:, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_a_damaged_cache_file_is_refused_in_one_line(tmp_path):
+    paths = _pngs(tmp_path)
+    cache = DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+    data = bytearray(cache.path.read_bytes())
+    data[100] ^= 0xFF  # the same size, one byte flipped
+    cache.path.write_bytes(bytes(data))
+    with pytest.raises(RecipeError, match=r"is damaged .*remove it to rebuild it"):
+        DecodedCache(paths, (8, 10), tmp_path / "c", read=read_image)
+
+
+def test_a_cache_truncated_while_in_use_raises_naming_it_not_a_bus_error(tmp_path):
+    paths = _pngs(tmp_path)
+    cache = DecodedCache(paths, (64, 64), tmp_path / "c", read=read_image)
+    cache[0]  # mapped; rows of 3 pages: a read past the end of the file was a bus error
+    os.truncate(cache.path, 3 * 64 * 64 + 7)  # another process cut it mid-run
+    with pytest.raises(OSError, match=r"shorter than its 3 images: it was truncated"):
+        cache.gather([0, 1])
+    with pytest.raises(OSError, match=str(cache.path)):
+        cache[2]
+
+
+@pytest.mark.parametrize("fault", ["a file", "read-only"])
+def test_an_unusable_cache_dir_is_refused_in_one_line(tmp_path, fault, monkeypatch):
+    paths = _pngs(tmp_path)
+    where = tmp_path / "c"
+    if fault == "a file":
+        where.write_text("not a directory")
+    else:  # root ignores permissions: the write fails as it would for a user
+
+        def denied(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(DecodedCache, "_build", denied)
+    with pytest.raises(RecipeError, match=rf"data.cache_dir {where} cannot hold the decoded"):
+        DecodedCache(paths, (8, 10), where, read=read_image)
