@@ -94,31 +94,29 @@ def test_subtype_task_trains_with_eight_classes(root, tmp_path):
     assert "plots/confusion.png" in report
 
 
-def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(root, tmp_path):
+def _torchrun(tmp_path, overrides: dict, nproc: int, *args: str, program=("-m", "smse_metric"),
+              timeout: int = 600) -> subprocess.CompletedProcess:  # fmt: skip
+    """``torchrun --nproc_per_node=NPROC PROGRAM train --config <TINY + overrides> ARGS``."""
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(config_to_toml(load_config("smse-triplet", {**TINY, "optim": {"epochs": 1}})))
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "smse_metric", "train", "--config", str(cfg), "--data", str(root),
-           "--out", str(out)]  # fmt: skip
+    cfg.write_text(config_to_toml(load_config("smse-triplet", {**TINY, **overrides})))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *program, "train", "--config", str(cfg), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(root, tmp_path):
+    out = tmp_path / "ddp"
+    child = _torchrun(tmp_path, {"optim": {"epochs": 1}}, 2, "--data", str(root), "--out", str(out))
     assert child.returncode == 0, child.stderr[-3000:]
     assert child.stdout.count("wrote ") == 1 and "| kNN | patient |" in child.stdout
-    check_run(out, load_config(cfg))
+    check_run(out, load_config(tmp_path / "tiny.toml"))
 
 
 def test_torchrun_with_synthetic_data_rank_0_prepares_and_others_wait(tmp_path):
-    cfg = tmp_path / "tiny.toml"
-    tiny = {**TINY, "model": {"backbone": "smse-cnn", "embedding_dim": 8},
-            "optim": {"epochs": 1}}  # fmt: skip
-    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run",
-           "--standalone", "--nproc_per_node=2", "-m", "smse_metric", "train", "--config",
-           str(cfg), "--synthetic", "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    tiny = {"model": {"backbone": "smse-cnn", "embedding_dim": 8}, "optim": {"epochs": 1}}
+    child = _torchrun(tmp_path, tiny, 2, "--synthetic", "--out", str(out))
     assert child.returncode == 0, child.stderr[-3000:]
     assert "FutureWarning" not in child.stderr  # all_gather: no deprecated torch call
     assert child.stdout.count("wrote ") == 1 and (out / "data" / "Folds.csv").is_file()
@@ -130,16 +128,10 @@ def test_torchrun_with_a_decoded_cache_finishes_and_scores_as_one_process(root, 
     ("Connection closed by peer", no metrics.json). Its scores must be those a single
     process gives the same checkpoint (the training itself differs from a 1-process run
     by design: each of W ranks takes its own batch, W batches a step)."""
-    cache = tmp_path / "cache"
-    tiny = {**TINY, "data": {**TINY["data"], "cache_dir": str(cache)}, "optim": {"epochs": 1}}
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "smse_metric", "train", "--config", str(cfg), "--data", str(root),
-           "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    cached = {"data": {**TINY["data"], "cache_dir": str(tmp_path / "cache")},
+              "optim": {"epochs": 1}}  # fmt: skip
+    child = _torchrun(tmp_path, cached, 2, "--data", str(root), "--out", str(out))
     assert child.returncode == 0, child.stderr[-3000:]
     ddp = json.loads((out / "metrics.json").read_text())
     evaluate_run(out)  # one process, the same checkpoint and cache
@@ -149,19 +141,13 @@ def test_torchrun_with_a_decoded_cache_finishes_and_scores_as_one_process(root, 
 def test_torchrun_with_more_ranks_than_batches_refuses_with_the_counts(root, tmp_path):
     """It once trained 0 steps an epoch on every rank, reported an untrained network and
     exited 0."""
-    tiny = {**TINY, "sampler": {"groups_per_class": 8, "batch_size": 16}, "optim": {"epochs": 1}}
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=5",
-           "-m", "smse_metric", "train", "--config", str(cfg), "--data", str(root),
-           "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    few = {"sampler": {"groups_per_class": 8, "batch_size": 16}, "optim": {"epochs": 1}}
+    child = _torchrun(tmp_path, few, 5, "--data", str(root), "--out", str(out))
     assert child.returncode != 0
-    assert "fewer than the 5 ranks" in child.stderr, child.stderr[-3000:]
     ranks = [line for line in child.stderr.splitlines() if line.startswith("smse-metric train")]
-    assert len(ranks) == 5 and all("fewer than the 5 ranks" in line for line in ranks)
+    assert len(ranks) == 5, child.stderr[-3000:]
+    assert all("fewer than the 5 ranks" in line for line in ranks)
     assert child.stderr.count("Traceback") == 1  # torchrun's own ChildFailedError, no rank's
     assert not (out / "metrics.json").exists()
 
@@ -186,16 +172,11 @@ _HANG = textwrap.dedent("""
 
 def test_a_hung_rank_ends_the_run_after_run_dist_timeout_naming_it(root, tmp_path):
     """The other rank once waited silently for gloo's 30 minutes."""
-    tiny = {**TINY, "optim": {"epochs": 1}, "run": {**TINY["run"], "dist_timeout": 5.0}}
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(config_to_toml(load_config("smse-triplet", tiny)))
     script = tmp_path / "hang.py"
     script.write_text(_HANG)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), "train", "--config", str(cfg), "--data", str(root),
-           "--out", str(tmp_path / "ddp")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    hang = {"optim": {"epochs": 1}, "run": {**TINY["run"], "dist_timeout": 5.0}}
+    child = _torchrun(tmp_path, hang, 2, "--data", str(root), "--out", str(tmp_path / "ddp"),
+                      program=(str(script),), timeout=300)  # fmt: skip
     assert child.returncode != 0
     line = [x for x in child.stderr.splitlines() if x.startswith("smse-metric train (rank 0)")]
     assert len(line) == 1 and "no answer from rank 1 within run.dist_timeout" in line[0], (
