@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from . import load_config
     from .build import device_of
-    from .engine import init_distributed
+    from .engine import any_rank_failed, init_distributed
     from .rundir import lock_run_dir, open_run_dir
     from .splits import data_root
 
@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
                             make_synthetic_breakhis(data_root(cfg, out), seed=cfg.run.seed)
                 except RecipeError as e:
                     error = e
-            if _any_failed(error is not None):
+            if any_rank_failed(error is not None):
                 if error is not None:
                     raise error
                 return 2
@@ -154,20 +154,6 @@ def _shared_data(cfg, out: Path, folds: list[int] | None):
         return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, path=str((out / "data").resolve())))  # fmt: skip
-
-
-def _any_failed(failed: bool) -> bool:
-    """Whether any rank failed (every rank learns it, so none waits forever)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return failed
-    flag = torch.tensor([float(failed)])
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def _barrier() -> None:
@@ -379,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{where}: training stopped: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # the machine's side: a full disk, a read-only directory
-        print(f"{where}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if rank is None or not _timed_out(e):
@@ -399,6 +385,15 @@ def _peers(rank: str) -> str:
 def _timed_out(e: BaseException) -> bool:
     text = str(e).lower()
     return "timed out" in text or "timeout" in text
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message; a loader worker's error (torch re-raises it with the
+    worker's traceback in its text) by its last line, the original message."""
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(e):
+        return lines[-1].strip()
+    return " ".join(x.strip() for x in lines) or type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "LossGraphs",
     "TrainState",
     "TrainingInterrupted",
+    "any_rank_failed",
     "embed",
     "load_checkpoint",
     "save_checkpoint",
@@ -226,6 +227,27 @@ def init_distributed(device_type: str, timeout_s: float = 300.0) -> bool:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
     return True
+
+
+def any_rank_failed(failed: bool) -> bool:
+    """Whether this or any other rank of the process group failed: every rank learns
+    it, so none waits in a collective for a rank that has left (without a group: the
+    flag itself).
+
+    Args:
+        failed: whether this rank failed.
+
+    Examples:
+        >>> any_rank_failed(False), any_rank_failed(True)  # one process
+        (False, True)
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return failed
+    flag = torch.tensor([float(failed)])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def step_loss(

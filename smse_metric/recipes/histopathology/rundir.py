@@ -234,7 +234,8 @@ def lock_run_dir(out: str | Path) -> Iterator[Path]:
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             if not _lock(fd):
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                os.lseek(fd, 0, os.SEEK_SET)
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise RecipeError(f"{out} is in use by another smse-metric process "
                                   f"({holder}); wait for it to end or stop it")  # fmt: skip
@@ -245,7 +246,8 @@ def lock_run_dir(out: str | Path) -> Iterator[Path]:
                 pass
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     except PermissionError as e:
         raise RecipeError(f"cannot write the run directory {out}: {e.strerror}") from e
     _held[out] = 1

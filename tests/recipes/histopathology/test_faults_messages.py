@@ -3,6 +3,7 @@ input) or 1 (the machine) and one line naming the file, key or rank, leaves no p
 file that blocks a retry, and says how to finish."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -228,3 +229,35 @@ def test_knn_classifier_predict_before_fit_names_fit():
 
     with pytest.raises(ValueError, match=r"not fitted yet: call fit"):
         KNNClassifier().predict(np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "search"])
+def test_a_read_only_run_directory_is_one_line(trained, root, tmp_path, command, monkeypatch,
+                                               capsys):  # fmt: skip
+    """Tests run as root, whom permissions do not stop: every write the command makes
+    fails as it would for a user."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and str(path).startswith(str(run)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    real_os_open = os.open
+
+    def os_read_only(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and str(path).startswith(str(run)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    monkeypatch.setattr(os, "open", os_read_only)
+    with np.load(run / "embeddings" / "test.npz") as f:
+        query = str(f["paths"][0])
+    args = {"train": ["train", "--out", str(run), "--resume", "--epochs", "2"],
+            "evaluate": ["evaluate", "--run", str(run)],
+            "search": ["search", "--run", str(run), query]}[command]  # fmt: skip
+    assert main(args) in (1, 2)
+    _one_line(capsys, str(run), "Permission denied")
