@@ -43,7 +43,11 @@ def test_trains_from_the_decoded_cache_with_device_augmentation(root, tmp_path, 
     cfg = load_config("smse-triplet", {**TINY, "data": data, "optim": {"epochs": 1}, "run": run})
     train(cfg, tmp_path / "a", root, quiet=True)
     files = sorted((tmp_path / "cache").iterdir())
-    assert len(files) == 3 and all(f.name.startswith("decoded-") for f in files)
+    caches = [f for f in files if f.suffix == ".u8"]  # each with its digest, .u8.b2
+    assert len(caches) == 3 and all(f.name.startswith("decoded-") for f in caches)
+    assert sorted(f.name for f in files) == sorted(
+        n for f in caches for n in (f.name, f"{f.name}.b2")
+    )
     train(cfg, tmp_path / "b", root, quiet=True)
     assert sorted((tmp_path / "cache").iterdir()) == files
     first, second = history(tmp_path / "a"), history(tmp_path / "b")
