@@ -332,7 +332,7 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
     them: choose without autograd, then differentiate just the chosen pairs. The choice
     compares squared distances: the same order as the distances, without the roots."""
     choose_by = "cosine" if metric == "cosine" else "squared_euclidean"
-    picks = []
+    picks, chosen = [], []  # chosen: cosine's values in the matrix that chose them
     with torch.no_grad():
         # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
         eager_cpu = emb.is_cpu and not torch.compiler.is_compiling()
@@ -345,12 +345,23 @@ def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, mar
             # float32 first on the CPU: the float64 product would double the cost
             pick = hardest_float32(e, ref.detach(), pos, neg) if float32_first else None
             if pick is None:
-                pick = hardest(pairwise_distances(e, ref.detach(), choose_by), pos, neg)
+                d = pairwise_distances(e, ref.detach(), choose_by)
+                far = torch.where(pos, d, -torch.inf) if metric == "cosine" else None
+                pick = hardest(d, pos, neg)  # d is overwritten off the negatives
+                if far is not None:
+                    chosen.append([far.gather(1, pick[1][:, None]), d.gather(1, pick[2][:, None])])
             picks.append(pick)
         valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
     anchors = torch.arange(len(emb), device=emb.device)
     d_ap, d_an = gathered_distances(
         emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], metric
     )
+    if chosen:
+        # the values of the matrix that chose, as the launch-light path and the miners
+        # see them: gathered rows may differ by an ulp, which decides a term that ties
+        # at 0 ("mean_nonzero" would count it); the gradient stays the gathered one's
+        v_ap, v_an = (torch.cat(t).squeeze(1).to(d_ap.dtype) for t in zip(*chosen, strict=True))
+        d_ap = d_ap + (v_ap - d_ap).detach()
+        d_an = d_an + (v_an - d_an).detach()
     terms = torch.where(valid, torch.relu(d_ap - d_an + margin), 0)
     return reduce_terms(terms.sum(), valid.sum(), (terms > 0).sum(), reduction)
