@@ -149,9 +149,9 @@ def test_torchrun_with_more_ranks_than_batches_refuses_with_the_counts(root, tmp
     few = {"sampler": {"groups_per_class": 8, "batch_size": 16}, "optim": {"epochs": 1}}
     child = _torchrun(tmp_path, few, 5, "--data", str(root), "--out", str(out))
     assert child.returncode != 0
+    # torchrun ends the other ranks once the first one exits: some may not get to print
     ranks = [line for line in child.stderr.splitlines() if line.startswith("smse-metric train")]
-    assert len(ranks) == 5, child.stderr[-3000:]
-    assert all("fewer than the 5 ranks" in line for line in ranks)
+    assert ranks and all("fewer than the 5 ranks" in line for line in ranks), child.stderr[-3000:]
     assert child.stderr.count("Traceback") == 1  # torchrun's own ChildFailedError, no rank's
     assert not (out / "metrics.json").exists()
 
