@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from . import load_config
     from .build import device_of
-    from .engine import any_rank_failed, init_distributed
+    from .engine import any_rank, init_distributed
     from .rundir import lock_run_dir, open_run_dir
     from .splits import data_root
 
@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
                             make_synthetic_breakhis(data_root(cfg, out), seed=cfg.run.seed)
                 except RecipeError as e:
                     error = e
-            if any_rank_failed(error is not None):
+            if any_rank(error is not None):
                 if error is not None:
                     raise error
                 return 2

@@ -33,7 +33,7 @@ __all__ = [
     "LossGraphs",
     "TrainState",
     "TrainingInterrupted",
-    "any_rank_failed",
+    "any_rank",
     "embed",
     "load_checkpoint",
     "save_checkpoint",
@@ -229,21 +229,21 @@ def init_distributed(device_type: str, timeout_s: float = 300.0) -> bool:
     return True
 
 
-def any_rank_failed(failed: bool) -> bool:
-    """Whether this or any other rank of the process group failed: every rank learns
-    it, so none waits in a collective for a rank that has left (without a group: the
-    flag itself).
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on this or any other rank of the process group (a failure,
+    an interrupt): every rank learns it, so none waits in a collective for a rank that
+    has left (without a group: the flag itself).
 
     Args:
-        failed: whether this rank failed.
+        flag: this rank's flag.
 
     Examples:
-        >>> any_rank_failed(False), any_rank_failed(True)  # one process
+        >>> any_rank(False), any_rank(True)  # one process
         (False, True)
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return failed
-    flag = torch.tensor([float(failed)])
+        return flag
+    flag = torch.tensor([float(flag)])
     if dist.get_backend() == "nccl":
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)

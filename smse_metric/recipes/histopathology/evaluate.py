@@ -29,6 +29,7 @@ __all__ = [
     "check_same_data",
     "evaluate_run",
     "evaluate_split",
+    "relocated",
     "saved_root",
     "split_reports",
     "unreadable_images",
@@ -159,6 +160,22 @@ def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset, root: P
         tmp.unlink(missing_ok=True)
 
 
+def relocated(path: str | Path, old: Path, new: Path) -> Path:
+    """``path``, which lies under the data root ``old``, under the root ``new`` (the data
+    moved); a ValueError where it does not lie under ``old``.
+
+    Args:
+        path: an image file as an embeddings file records it.
+        old: the root it was recorded under (`saved_root`).
+        new: where the data lies now.
+
+    Examples:
+        >>> relocated("/data/a/b.png", Path("/data"), Path("/mnt/copy")).as_posix()
+        '/mnt/copy/a/b.png'
+    """
+    return new / Path(os.path.abspath(path)).relative_to(os.path.abspath(old))
+
+
 def saved_root(npz: str | Path, fallback: str | Path) -> Path:
     """The data root an ``embeddings/*.npz`` was written from (``fallback``, made
     absolute, for files written before the root was recorded).
@@ -215,10 +232,10 @@ def check_same_data(run: Path, root: Path, recorded: Path) -> None:
             sizes = f["sizes"] if "sizes" in f.files else None
         for i, p in enumerate(paths):
             try:
-                rel = Path(os.path.abspath(str(p))).relative_to(old)
+                new = relocated(str(p), old, root)
             except ValueError:
-                rel = Path(str(p)).name
-            new = root / rel
+                new = root / Path(str(p)).name
+            rel = new.relative_to(root)
             if not new.is_file() or (sizes is not None and new.stat().st_size != sizes[i]):
                 raise RecipeError(
                     f"--data {root} does not hold the run's {name} images as they were "

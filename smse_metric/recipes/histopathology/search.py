@@ -78,7 +78,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     """
     from .build import build_model, resolve_inputs
     from .engine import load_checkpoint
-    from .evaluate import saved_root
+    from .evaluate import relocated, saved_root
     from .splits import data_root
 
     run = Path(run_dir)
@@ -108,8 +108,7 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
         old = saved_root(run / "embeddings" / "gallery.npz", data_root(cfg, run))
         new = Path(os.path.abspath(data))
         try:
-            meta["paths"] = np.array([str(new / Path(os.path.abspath(p)).relative_to(old))
-                                      for p in meta["paths"]])  # fmt: skip
+            meta["paths"] = np.array([str(relocated(p, old, new)) for p in meta["paths"]])
         except ValueError as e:
             raise RecipeError(
                 f"the run's gallery paths do not lie under its data {old}; "

@@ -26,6 +26,7 @@ from .engine import (
     LossGraphs,
     TrainingInterrupted,
     TrainState,
+    any_rank,
     load_checkpoint,
     save_checkpoint,
     train_step,
@@ -124,7 +125,7 @@ class Trainer:
             while self._more():
                 self._epoch(interrupt)
                 self._end_epoch()
-                if self._more() and self._any_rank(interrupt.requested):
+                if self._more() and any_rank(interrupt.requested):
                     raise TrainingInterrupted(self.last, self.state.epoch, 0)
         return self.state
 
@@ -229,12 +230,6 @@ class Trainer:
         # leaves a history that the next --resume rewrites, never a duplicate epoch
         save_checkpoint(self.last, self.checkpoint())
         _write_history(self.out / "history.jsonl", self.state.history)
-
-    def _any_rank(self, value: bool) -> bool:
-        flag = torch.tensor(float(value), device=self.built.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 class _Bar:

@@ -22,7 +22,7 @@ from smse_metric.distributed import is_main_process
 
 from .build import build, device_of, resolve_inputs
 from .config import Config, config_to_toml
-from .engine import TrainingInterrupted, any_rank_failed, init_distributed
+from .engine import TrainingInterrupted, any_rank, init_distributed
 from .errors import RecipeError
 from .evaluate import evaluate_run, unreadable_images
 from .results import RunMetrics
@@ -95,7 +95,7 @@ def train(
                     stack.enter_context(_own_run_dir(out, root, resume))
                 except RecipeError as e:
                     error = e
-            if any_rank_failed(error is not None):  # no rank waits for one that left
+            if any_rank(error is not None):  # no rank waits for one that left
                 raise error or RecipeError(f"rank 0 refused the run directory {out}")
             if cfg.run.deterministic:
                 torch.use_deterministic_algorithms(True)
