@@ -16,8 +16,14 @@ from benchmarks import (
     bench_sampler,
 )
 
-BENCHES = {"losses": bench_losses, "launch": bench_launch, "sampler": bench_sampler,
-           "eval": bench_eval, "recipe": bench_recipe, "data": bench_data}  # fmt: skip
+BENCHES = {
+    "losses": bench_losses,
+    "launch": bench_launch,
+    "sampler": bench_sampler,
+    "eval": bench_eval,
+    "recipe": bench_recipe,
+    "data": bench_data,
+}
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -89,8 +89,11 @@ def _opening(cache, index, cache_dir: Path, size) -> list[str]:
         t0 = time.perf_counter()
         BreakHisDataset(index, "train", size=size, seed=0, cache_dir=cache_dir)
         best = min(best, time.perf_counter() - t0)
-    return [f"opening the built cache ({len(cache)} images: content digests, checks)",
-            f"{len(cache) / best:.0f}", "—"]  # fmt: skip
+    return [
+        f"opening the built cache ({len(cache)} images: content digests, checks)",
+        f"{len(cache) / best:.0f}",
+        "—",
+    ]
 
 
 def read_cost(cache, b: int, rounds: int) -> list[list[str]]:
@@ -133,17 +136,25 @@ def read_cost(cache, b: int, rounds: int) -> list[list[str]]:
     return out
 
 
-def _loader_rate(ds: BreakHisDataset, workers: int, steps: int, dev: torch.device,
-                 rounds: int = 3) -> float:  # fmt: skip
+def _loader_rate(
+    ds: BreakHisDataset, workers: int, steps: int, dev: torch.device, rounds: int = 3
+) -> float:
     """Training images/s that a loader with ``workers`` delivers to ``dev``, the best of
     ``rounds`` windows of ``steps`` batches of 32: persistent workers cycle the (small)
     synthetic split, and the first batch is not timed (worker start-up). Device
     augmentation's batches are gathered from the cache and, on a GPU, augmented there."""
     cuda, b = dev.type == "cuda", min(32, len(ds))  # --quick's split holds 22 images
     collate = collate_records if ds.on_device else None  # as the recipe's train_loader
-    loader = torch.utils.data.DataLoader(ds, batch_size=b, shuffle=True, num_workers=workers,
-                                         pin_memory=cuda, drop_last=True, collate_fn=collate,
-                                         persistent_workers=workers > 0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=b,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=cuda,
+        drop_last=True,
+        collate_fn=collate,
+        persistent_workers=workers > 0,
+    )
 
     def batches():
         while True:
@@ -212,9 +223,12 @@ def feed(root: Path, size: int, cache_dir: Path, steps: int, device: str) -> lis
     on_device = {"cache_dir": cache_dir, "augment_on": "device"}
     # device augmentation leaves the workers little to do: the main process alone is
     # measured too, since on few cores the workers' hand-over can cost more than it saves
-    for name, kw, n in (("PNG", {}, workers), ("cache", {"cache_dir": cache_dir}, workers),
-                        ("cache + device augmentation", on_device, workers),
-                        ("cache + device augmentation", on_device, 0)):  # fmt: skip
+    for name, kw, n in (
+        ("PNG", {}, workers),
+        ("cache", {"cache_dir": cache_dir}, workers),
+        ("cache + device augmentation", on_device, workers),
+        ("cache + device augmentation", on_device, 0),
+    ):
         ds = BreakHisDataset(index, "train", size=(size, size), seed=0, **kw)
         rate = _loader_rate(ds, n, steps, dev)
         rows.append([f"loader, {name}, {n} workers", f"{rate:.0f}"])
@@ -233,14 +247,19 @@ def main(argv: list[str] | None = None) -> str:
     size, n, rounds = (64, 16, 1) if args.quick else (224, 64, 3)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_synthetic_breakhis(Path(tmp) / "data", {"A": 1, "DC": 1},
-                                       images_per_magnification=8 if not args.quick else 2,
-                                       image_size=NATIVE, seed=0)  # fmt: skip
+        root = make_synthetic_breakhis(
+            Path(tmp) / "data",
+            {"A": 1, "DC": 1},
+            images_per_magnification=8 if not args.quick else 2,
+            image_size=NATIVE,
+            seed=0,
+        )
         rows = per_core(root, size, n, rounds, Path(tmp) / "cache")
         print(markdown_table(["path", "images/s per core", "vs PNG"], rows), flush=True)
         index = scan_breakhis(root)
-        opened = BreakHisDataset(index, "train", size=(size, size), seed=0,
-                                 cache_dir=Path(tmp) / "cache").cache  # fmt: skip
+        opened = BreakHisDataset(
+            index, "train", size=(size, size), seed=0, cache_dir=Path(tmp) / "cache"
+        ).cache
         reads = read_cost(opened, min(32, len(opened)), 5 if args.quick else 15)
         print(markdown_table(["cache reads", "images/s", "vs the map"], reads), flush=True)
         torch.set_num_threads(os.cpu_count() or 1)
@@ -250,26 +269,40 @@ def main(argv: list[str] | None = None) -> str:
     cmd = "python -m benchmarks.bench_data" + (" --quick" if args.quick else "")
     cmd += "" if args.device == "cpu" else f" --device {args.device}"
     parts = [
-        f"# Data path at {NATIVE[0]} x {NATIVE[1]} PNGs, {size} px training images", "",
-        f"Machine: {machine()}", "", f"Command: `{cmd}`", "",
+        f"# Data path at {NATIVE[0]} x {NATIVE[1]} PNGs, {size} px training images",
+        "",
+        f"Machine: {machine()}",
+        "",
+        f"Command: `{cmd}`",
+        "",
         "Images per second on one core (one process, one torch thread, no workers), the "
-        "best of the passes over the same images; ratios against the PNG path.", "",
-        markdown_table(["path", "images/s per core", "vs PNG"], rows), "",
+        "best of the passes over the same images; ratios against the PNG path.",
+        "",
+        markdown_table(["path", "images/s per core", "vs PNG"], rows),
+        "",
         "Reading cached rows: a plain memory map (the cache before), the cache's map "
         "with its length check (a file truncated in use raises an error naming it, not "
-        "SIGBUS), and `os.pread` per row; paired passes alternating, medians:", "",
-        markdown_table(["cache reads", "images/s", "vs the map"], reads), "",
-    ]  # fmt: skip
+        "SIGBUS), and `os.pread` per row; paired passes alternating, medians:",
+        "",
+        markdown_table(["cache reads", "images/s", "vs the map"], reads),
+        "",
+    ]
     parts += [
-        "## Loader against the model on this GPU" if cuda else "## Loader on this CPU", "",
+        "## Loader against the model on this GPU" if cuda else "## Loader on this CPU",
+        "",
         "Training images/s delivered with the recipe's default workers (and, for device "
         "augmentation, by the main process alone), the best of 3 windows of "
-        f"{steps} batches; " + (
+        f"{steps} batches; "
+        + (
             "device augmentation's batches pinned, copied to the GPU and augmented there."
-            if cuda else "device augmentation's batches gathered from the cache (what a "
-            "GPU would receive), not augmented."), "",
-        markdown_table(["", "images/s", "verdict"][: len(loaders[-1])], loaders), "",
-    ]  # fmt: skip
+            if cuda
+            else "device augmentation's batches gathered from the cache (what a "
+            "GPU would receive), not augmented."
+        ),
+        "",
+        markdown_table(["", "images/s", "verdict"][: len(loaders[-1])], loaders),
+        "",
+    ]
     name = "data" + ("-quick" if args.quick else "") + ("-cuda" if cuda else "")
     return write_report("\n".join(parts), name, args.out)
 

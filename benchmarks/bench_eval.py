@@ -42,9 +42,15 @@ def ours(x, y, g, n_queries):
     # a subset of queries against the full gallery, each excluding itself (as a group)
     ids = np.arange(len(x))
     r = evaluate_embeddings(
-        x[:n_queries], y[:n_queries], ids[:n_queries], k=K, exclude="group", metric="l2",
-        ranking=False, gallery=(x, y, ids, None),
-    )  # fmt: skip
+        x[:n_queries],
+        y[:n_queries],
+        ids[:n_queries],
+        k=K,
+        exclude="group",
+        metric="l2",
+        ranking=False,
+        gallery=(x, y, ids, None),
+    )
     return r.pooled.accuracy
 
 
@@ -75,9 +81,11 @@ TIES = {
     # small integers: float32 products are exact, so every backend sees the exact ties
     # (random floats would tie up to each backend's own rounding)
     "10 distinct rows repeated, 128-d": (
-        lambda n: np.repeat(np.random.default_rng(0).integers(-3, 4, (10, D)), n // 10, 0), K),
+        lambda n: np.repeat(np.random.default_rng(0).integers(-3, 4, (10, D)), n // 10, 0),
+        K,
+    ),
     "2-D zeros": (lambda n: np.zeros((n, 2), np.float32), 1),
-}  # fmt: skip
+}
 
 
 def tie_case(name: str, method: str, n: int) -> dict:
@@ -115,11 +123,15 @@ def ties_table(n: int, repeats: int) -> list[str]:
         res = {}
         for method in ("symmetric", "faiss", "pml"):
             cfg = [f"tie-{method}", str(n), str(index)]
-            runs = [run_case("benchmarks.bench_eval", cfg, timeout=TIMEOUT_S)
-                    for _ in range(repeats)]  # fmt: skip
+            runs = [
+                run_case("benchmarks.bench_eval", cfg, timeout=TIMEOUT_S) for _ in range(repeats)
+            ]
             bad = [r for r in runs if "error" in r]
-            res[method] = bad[0] if bad else {
-                "s": statistics.median(r["s"] for r in runs), "ids": runs[0]["ids"]}  # fmt: skip
+            res[method] = (
+                bad[0]
+                if bad
+                else {"s": statistics.median(r["s"] for r in runs), "ids": runs[0]["ids"]}
+            )
         sym, fa, pm = res["symmetric"], res["faiss"], res["pml"]
 
         def sec(r):
@@ -127,11 +139,18 @@ def ties_table(n: int, repeats: int) -> list[str]:
 
         ratio = f"{sym['s'] / fa['s']:.2f}x" if "s" in sym and "s" in fa else "—"
         same = "yes" if sym.get("ids") == fa.get("ids") and "ids" in sym else "no"
-        rows.append([name, f"{n:.0e}", str(TIES[name][1]), sec(sym), sec(fa), sec(pm), ratio,
-                     same])  # fmt: skip
+        rows.append([name, f"{n:.0e}", str(TIES[name][1]), sec(sym), sec(fa), sec(pm), ratio, same])
         print(" | ".join(rows[-1]), flush=True)
-    header = ["embeddings", "N", "k", "ours symmetric s", "ours FAISS path s", "PML s",
-              "symmetric / FAISS time", "same ids"]  # fmt: skip
+    header = [
+        "embeddings",
+        "N",
+        "k",
+        "ours symmetric s",
+        "ours FAISS path s",
+        "PML s",
+        "symmetric / FAISS time",
+        "same ids",
+    ]
     return [
         "## Tied embeddings",
         "",
@@ -195,19 +214,44 @@ def device_table(device: str, sizes: tuple[int, ...], repeats: int) -> list[str]
         ours_s, (_, ids) = timed(lambda x=x: symmetric_knn(x, K, "l2"), once)
         plain_s, _ = timed(lambda x=x: _plain_topk(x, K), once)
         same = same_as_cpu(ids, x, K) if n <= 10**5 else "—"  # 10^6: ~20 min on a CPU
-        rows.append([f"random, {D}-d", f"{n:.0e}", str(K), f"{ours_s:.2f}", f"{plain_s:.2f}",
-                     f"{ours_s / plain_s:.2f}x", same])  # fmt: skip
+        rows.append(
+            [
+                f"random, {D}-d",
+                f"{n:.0e}",
+                str(K),
+                f"{ours_s:.2f}",
+                f"{plain_s:.2f}",
+                f"{ours_s / plain_s:.2f}x",
+                same,
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
     for name, (make, k) in TIES.items():
         n = 10**4
         x = torch.from_numpy(make(n).astype(np.float32)).to(dev)
         ours_s, (_, ids) = timed(lambda x=x, k=k: symmetric_knn(x, k, "l2"))
         plain_s, _ = timed(lambda x=x, k=k: _plain_topk(x, k))
-        rows.append([name, f"{n:.0e}", str(k), f"{ours_s:.2f}", f"{plain_s:.2f}",
-                     f"{ours_s / plain_s:.2f}x", same_as_cpu(ids, x, k)])  # fmt: skip
+        rows.append(
+            [
+                name,
+                f"{n:.0e}",
+                str(k),
+                f"{ours_s:.2f}",
+                f"{plain_s:.2f}",
+                f"{ours_s / plain_s:.2f}x",
+                same_as_cpu(ids, x, k),
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
-    header = ["embeddings", "N", "k", f"ours on {device} s", "plain mm + topk s",
-              "ours / plain", "same ids as the CPU search"]  # fmt: skip
+    header = [
+        "embeddings",
+        "N",
+        "k",
+        f"ours on {device} s",
+        "plain mm + topk s",
+        "ours / plain",
+        "same ids as the CPU search",
+    ]
     return [
         f"Leave-one-out on {device} with torch alone: `symmetric_knn` (each block pair once, "
         "exact (distance, index) order) against plain `mm` + `topk` in chunks of 4096 "
@@ -246,9 +290,16 @@ def main(argv: list[str] | None = None) -> str:
         sizes = (10**4,) if args.quick else (10**4, 10**5, 10**6)
         cmd = f"python -m benchmarks.bench_eval --device {args.device}"
         cmd += " --quick" if args.quick else ""
-        text = "\n".join([f"# Evaluation on {args.device}", "", f"Machine: {machine()}.",
-                          f"Command: `{cmd}`", "",
-                          *device_table(args.device, sizes, 1 if args.quick else 3)])  # fmt: skip
+        text = "\n".join(
+            [
+                f"# Evaluation on {args.device}",
+                "",
+                f"Machine: {machine()}.",
+                f"Command: `{cmd}`",
+                "",
+                *device_table(args.device, sizes, 1 if args.quick else 3),
+            ]
+        )
         name = f"eval-{args.device.split(':')[0]}" + ("-quick" if args.quick else "")
         return write_report(text, name, args.out)
     if args.case and args.case[0].startswith("tie-"):  # tie-METHOD N CASE-INDEX
@@ -292,15 +343,22 @@ def main(argv: list[str] | None = None) -> str:
             return f"{b[key] / a[key]:.1f}x" if key in a and key in b else "—"
 
         o = res["ours"]
-        rows.append([
-            f"{n:.0e}", f"{n_queries:.0e}",
-            cell(o, "s", "{:.2f}"), cell(res["sklearn"], "s", "{:.2f}"),
-            cell(res["pml"], "s", "{:.2f}"),
-            ratio(o, res["sklearn"], "s"), ratio(o, res["pml"], "s"),
-            cell(o, "peak_mib", "{:.0f}"), cell(res["sklearn"], "peak_mib", "{:.0f}"),
-            cell(res["pml"], "peak_mib", "{:.0f}"),
-            cell(o, "score", "{:.4f}"), cell(res["sklearn"], "score", "{:.4f}"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"{n:.0e}",
+                f"{n_queries:.0e}",
+                cell(o, "s", "{:.2f}"),
+                cell(res["sklearn"], "s", "{:.2f}"),
+                cell(res["pml"], "s", "{:.2f}"),
+                ratio(o, res["sklearn"], "s"),
+                ratio(o, res["pml"], "s"),
+                cell(o, "peak_mib", "{:.0f}"),
+                cell(res["sklearn"], "peak_mib", "{:.0f}"),
+                cell(res["pml"], "peak_mib", "{:.0f}"),
+                cell(o, "score", "{:.4f}"),
+                cell(res["sklearn"], "score", "{:.4f}"),
+            ]
+        )
         if n >= 10**6 and "s" in o and n_queries < n:
             notes.append(
                 f"ours at N = 10^6: {n_queries} queries against the full gallery took "
@@ -310,32 +368,43 @@ def main(argv: list[str] | None = None) -> str:
             )
         print(" | ".join(rows[-1]), flush=True)
     header = [
-        "N (gallery)", "queries", "ours s", "sklearn s", "PML s", "sklearn / ours time",
-        "PML / ours time", "ours peak MiB", "sklearn peak MiB", "PML peak MiB",
-        "ours kNN accuracy", "sklearn kNN accuracy",
-    ]  # fmt: skip
-    text = "\n".join([
-        f"# Evaluation benchmark{' (quick)' if args.quick else ''}",
-        "",
-        f"Machine: {machine()}.",
-        f"N random {D}-d float32 embeddings in {CLASSES} classes, queries = gallery, "
-        f"leave-one-out, k = {K}, euclidean. Ours: `evaluate_embeddings(exclude='self', "
-        "metric='l2', ranking=False)` (kNN predictions, image/patient/balanced accuracy, "
-        "per-class scores, precision@1, recall@k). scikit-learn: "
-        "`KNeighborsClassifier(algorithm='brute').kneighbors(n_neighbors=k+1)`, self dropped, "
-        "majority vote. PML: `AccuracyCalculator(include=('precision_at_1',), k=k)`. "
-        f"Median of {REPEATS} runs per case (one at N = 10^6), each in a fresh process; peak "
-        "memory is the resident-set high-water mark above the start of the case (inputs "
-        "already built).",
-        "",
-        f"Command: `python -m benchmarks.bench_eval{' --quick' if args.quick else ''}"
-        f"{' --full' if args.full else ''}`",
-        "",
-        markdown_table(header, rows),
-        "",
-        *(["Notes:", "", *[f"- {x}" for x in notes], ""] if notes else []),
-        *(ties_table(2000, 1) if args.quick else ties_table(10**4, REPEATS)),
-    ])  # fmt: skip
+        "N (gallery)",
+        "queries",
+        "ours s",
+        "sklearn s",
+        "PML s",
+        "sklearn / ours time",
+        "PML / ours time",
+        "ours peak MiB",
+        "sklearn peak MiB",
+        "PML peak MiB",
+        "ours kNN accuracy",
+        "sklearn kNN accuracy",
+    ]
+    text = "\n".join(
+        [
+            f"# Evaluation benchmark{' (quick)' if args.quick else ''}",
+            "",
+            f"Machine: {machine()}.",
+            f"N random {D}-d float32 embeddings in {CLASSES} classes, queries = gallery, "
+            f"leave-one-out, k = {K}, euclidean. Ours: `evaluate_embeddings(exclude='self', "
+            "metric='l2', ranking=False)` (kNN predictions, image/patient/balanced accuracy, "
+            "per-class scores, precision@1, recall@k). scikit-learn: "
+            "`KNeighborsClassifier(algorithm='brute').kneighbors(n_neighbors=k+1)`, self dropped, "
+            "majority vote. PML: `AccuracyCalculator(include=('precision_at_1',), k=k)`. "
+            f"Median of {REPEATS} runs per case (one at N = 10^6), each in a fresh process; peak "
+            "memory is the resident-set high-water mark above the start of the case (inputs "
+            "already built).",
+            "",
+            f"Command: `python -m benchmarks.bench_eval{' --quick' if args.quick else ''}"
+            f"{' --full' if args.full else ''}`",
+            "",
+            markdown_table(header, rows),
+            "",
+            *(["Notes:", "", *[f"- {x}" for x in notes], ""] if notes else []),
+            *(ties_table(2000, 1) if args.quick else ties_table(10**4, REPEATS)),
+        ]
+    )
     return write_report(text, f"eval{'-quick' if args.quick else ''}", args.out)
 
 

@@ -51,8 +51,9 @@ def _on_path(path: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def _time_ms(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int,
-             min_s: float = 0.1) -> dict[str, float]:  # fmt: skip
+def _time_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, min_s: float = 0.1
+) -> dict[str, float]:
     """Per function the best of `rounds` medians, the functions interleaved, each
     median over at least `min_s` seconds of calls."""
 
@@ -134,23 +135,43 @@ def main(argv: list[str] | None = None) -> str:
             rows.append(row)
             print(" | ".join(row), flush=True)
     count = "top-level aten ops / CUDA kernels" if cuda else "top-level aten ops"
-    header = ["loss", "B", f"launch-light: {count}", f"sorted: {count}",
-              "launch-light ms", "sorted ms", "sorted / launch-light"]  # fmt: skip
+    header = [
+        "loss",
+        "B",
+        f"launch-light: {count}",
+        f"sorted: {count}",
+        "launch-light ms",
+        "sorted ms",
+        "sorted / launch-light",
+    ]
     if cuda:
         header.append("launch-light from CUDA graphs ms")
     cmd = "python -m benchmarks.bench_launch" + (" --quick" if args.quick else "")
     cmd += "" if args.device == "cpu" else f" --device {args.device}"
-    text = "\n".join([
-        f"# Fused losses at training batch sizes ({args.device})", "",
-        f"Machine: {machine()}", "", f"Command: `{cmd}`", "",
-        f"Forward + backward of one step, D = {D}, half the batch per class, 4 "
-        "magnifications; times are the best of interleaved medians (each over at least "
-        "0.1 s of calls), both paths in one process. Counts are of one step, including "
-        "the gradient seed autograd creates." + (" The last column replays the step "
-        "(forward and backward) from CUDA graphs (`torch.cuda.make_graphed_callables`, "
-        "as `LossGraphs` in the recipe): input copies and two replays." if cuda else ""), "",
-        markdown_table(header, rows), "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            f"# Fused losses at training batch sizes ({args.device})",
+            "",
+            f"Machine: {machine()}",
+            "",
+            f"Command: `{cmd}`",
+            "",
+            f"Forward + backward of one step, D = {D}, half the batch per class, 4 "
+            "magnifications; times are the best of interleaved medians (each over at least "
+            "0.1 s of calls), both paths in one process. Counts are of one step, including "
+            "the gradient seed autograd creates."
+            + (
+                " The last column replays the step "
+                "(forward and backward) from CUDA graphs (`torch.cuda.make_graphed_callables`, "
+                "as `LossGraphs` in the recipe): input copies and two replays."
+                if cuda
+                else ""
+            ),
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
+    )
     name = "launch" + ("-quick" if args.quick else "") + ("-cuda" if cuda else "")
     return write_report(text, name, args.out)
 

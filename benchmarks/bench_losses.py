@@ -158,38 +158,58 @@ def main(argv: list[str] | None = None) -> str:
                         )
                 fused, mined, pml = res["ours_fused"], res.get("ours_mined", {}), res["pml"]
                 tri = "pairs" if strategy == "pair" else f"{n_triplets(b, classes):.2e}"
-                rows.append([
-                    "contrastive (all pairs)" if strategy == "pair" else strategy,
-                    str(b), str(classes), tri,
-                    _fmt_ms(fused), _fmt_ms(mined) if strategy != "pair" else "n/a", _fmt_ms(pml),
-                    _ratio(pml, fused, "ms"),
-                    _fmt_mib(fused), _fmt_mib(pml), _ratio(pml, fused, "peak_mib"),
-                ])  # fmt: skip
+                rows.append(
+                    [
+                        "contrastive (all pairs)" if strategy == "pair" else strategy,
+                        str(b),
+                        str(classes),
+                        tri,
+                        _fmt_ms(fused),
+                        _fmt_ms(mined) if strategy != "pair" else "n/a",
+                        _fmt_ms(pml),
+                        _ratio(pml, fused, "ms"),
+                        _fmt_mib(fused),
+                        _fmt_mib(pml),
+                        _ratio(pml, fused, "peak_mib"),
+                    ]
+                )
                 print(" | ".join(rows[-1]), flush=True)
     header = [
-        "loss", "B", "classes", "triplets in batch", "ours fused ms", "ours mined ms", "PML ms",
-        "PML / fused time", "fused peak MiB", "PML peak MiB", "PML / fused memory",
-    ]  # fmt: skip
-    text = "\n".join([
-        f"# Loss benchmark ({'quick' if args.quick else 'full'}, {args.device})",
-        "",
-        f"Machine: {machine()}.",
-        f"Forward + backward, D={D}, L2-normalised random embeddings, balanced labels, "
-        f"margin {MARGIN} (contrastive: ours margin 1.0 SMSE form, PML defaults). "
-        f"Median of {'2' if args.quick else '5 (3 for B > 1024)'} runs after one warm-up, "
-        f"{'each case in a fresh process' if args.device == 'cpu' else 'in one process'}; "
-        "peak memory is the case's high-water mark above its start "
-        "(CPU: resident set; CUDA: allocator peak). "
-        "PML = `TripletMarginMiner(type)` or `BatchHardMiner` + `TripletMarginLoss`, "
-        "and `ContrastiveLoss` on all pairs. Ours mined = `TripletMiner` + `TripletMarginLoss`.",
-        "",
-        f"Command: `python -m benchmarks.bench_losses{' --quick' if args.quick else ''}"
-        f"{'' if args.device == 'cpu' else ' --device ' + args.device}`",
-        "",
-        markdown_table(header, rows),
-        "",
-        *(["Skipped or failed:", "", *[f"- {n}" for n in notes], ""] if notes else []),
-    ])  # fmt: skip
+        "loss",
+        "B",
+        "classes",
+        "triplets in batch",
+        "ours fused ms",
+        "ours mined ms",
+        "PML ms",
+        "PML / fused time",
+        "fused peak MiB",
+        "PML peak MiB",
+        "PML / fused memory",
+    ]
+    text = "\n".join(
+        [
+            f"# Loss benchmark ({'quick' if args.quick else 'full'}, {args.device})",
+            "",
+            f"Machine: {machine()}.",
+            f"Forward + backward, D={D}, L2-normalised random embeddings, balanced labels, "
+            f"margin {MARGIN} (contrastive: ours margin 1.0 SMSE form, PML defaults). "
+            f"Median of {'2' if args.quick else '5 (3 for B > 1024)'} runs after one warm-up, "
+            f"{'each case in a fresh process' if args.device == 'cpu' else 'in one process'}; "
+            "peak memory is the case's high-water mark above its start "
+            "(CPU: resident set; CUDA: allocator peak). "
+            "PML = `TripletMarginMiner(type)` or `BatchHardMiner` + `TripletMarginLoss`, "
+            "and `ContrastiveLoss` on all pairs. "
+            "Ours mined = `TripletMiner` + `TripletMarginLoss`.",
+            "",
+            f"Command: `python -m benchmarks.bench_losses{' --quick' if args.quick else ''}"
+            f"{'' if args.device == 'cpu' else ' --device ' + args.device}`",
+            "",
+            markdown_table(header, rows),
+            "",
+            *(["Skipped or failed:", "", *[f"- {n}" for n in notes], ""] if notes else []),
+        ]
+    )
     suffix = "" if args.device == "cpu" else "-" + args.device.split(":")[0]
     return write_report(text, f"losses{'-quick' if args.quick else ''}{suffix}", args.out)
 

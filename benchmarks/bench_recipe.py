@@ -57,11 +57,15 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
     scales = torch.as_tensor(scales_np, device=device)
     sampler = MultiScaleBatchSampler(labels_np % 2, groups, scales_np, 2, 4, seed=0)
     batches = iter(sampler)
-    models = {k: EmbeddingNet("resnet18", embedding_dim=DIM).to(device, memory_format=fmt)
-              for k in ("ce", "smse")}  # fmt: skip
+    models = {
+        k: EmbeddingNet("resnet18", embedding_dim=DIM).to(device, memory_format=fmt)
+        for k in ("ce", "smse")
+    }
     opts = {k: torch.optim.Adam(m.parameters(), 1e-3) for k, m in models.items()}
-    ce, rfl = (torch.nn.CrossEntropyLoss(),
-               ReinforcedFocalLoss.from_class_counts([700, 1300]).to(device))  # fmt: skip
+    ce, rfl = (
+        torch.nn.CrossEntropyLoss(),
+        ReinforcedFocalLoss.from_class_counts([700, 1300]).to(device),
+    )
     triplet = TripletMarginLoss(1.0, squared=True, cross_scale=True)
     amp = torch.bfloat16 if cuda else None
     gen = torch.Generator().manual_seed(0)
@@ -72,8 +76,9 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
 
     def ce_step():
         idx = on_device(torch.randint(0, n, (BATCH,), generator=gen))
-        train_step(models["ce"], images[idx], labels[idx], scales[idx], opts["ce"], ce,
-                   amp_dtype=amp)  # fmt: skip
+        train_step(
+            models["ce"], images[idx], labels[idx], scales[idx], opts["ce"], ce, amp_dtype=amp
+        )
 
     def next_batch() -> list[int]:
         nonlocal batches
@@ -85,8 +90,16 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
 
     def smse_step():
         idx = on_device(torch.as_tensor(next_batch()))
-        train_step(models["smse"], images[idx], labels[idx], scales[idx], opts["smse"], rfl,
-                   triplet, amp_dtype=amp)  # fmt: skip
+        train_step(
+            models["smse"],
+            images[idx],
+            labels[idx],
+            scales[idx],
+            opts["smse"],
+            rfl,
+            triplet,
+            amp_dtype=amp,
+        )
 
     steps_run = {"ce": ce_step, "smse": smse_step}
     if cuda:  # the recipe's default on one GPU (run.cuda_graphs): the losses replayed
@@ -97,8 +110,15 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
 
         def graphed_step():
             idx = on_device(torch.as_tensor(next_batch()))
-            train_step(models["graphed"], images[idx], labels[idx], scales[idx],
-                       opts["graphed"], graphs, amp_dtype=amp)  # fmt: skip
+            train_step(
+                models["graphed"],
+                images[idx],
+                labels[idx],
+                scales[idx],
+                opts["graphed"],
+                graphs,
+                amp_dtype=amp,
+            )
 
         steps_run["graphed"] = graphed_step
     times: dict[str, list[float]] = {name: [] for name in steps_run}
@@ -123,8 +143,9 @@ def eval_seconds(repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        evaluate_embeddings(q, qy, qg, qs, k=5, exclude="group", gallery=(g, gy, gg, gs),
-                            ranking=False)  # fmt: skip
+        evaluate_embeddings(
+            q, qy, qg, qs, k=5, exclude="group", gallery=(g, gy, gg, gs), ranking=False
+        )
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -149,33 +170,52 @@ def main(argv: list[str] | None = None) -> str:
         overheads.append(f"{size} px: {(total / t['ce'] - 1) * 100:+.1f} %")
         rows += [
             [f"{size} px: plain CE step (baseline)", f"{t['ce'] * 1e3:.1f}", "1.000"],
-            [f"{size} px: SMSE step: sampler + triplet + RFL" + (", eager" if "graphed" in t
-             else ""), f"{t['smse'] * 1e3:.1f}", f"{t['smse'] / t['ce']:.3f}"],
-        ]  # fmt: skip
+            [
+                f"{size} px: SMSE step: sampler + triplet + RFL"
+                + (", eager" if "graphed" in t else ""),
+                f"{t['smse'] * 1e3:.1f}",
+                f"{t['smse'] / t['ce']:.3f}",
+            ],
+        ]
         if "graphed" in t:
-            rows.append([f"{size} px: SMSE step, losses from CUDA graphs (the recipe's)",
-                         f"{recipe * 1e3:.1f}", f"{recipe / t['ce']:.3f}"])  # fmt: skip
+            rows.append(
+                [
+                    f"{size} px: SMSE step, losses from CUDA graphs (the recipe's)",
+                    f"{recipe * 1e3:.1f}",
+                    f"{recipe / t['ce']:.3f}",
+                ]
+            )
         rows += [
-            [f"{size} px: evaluation per step ({ev:.2f} s / {steps_per_epoch} steps)",
-             f"{ev_per_step * 1e3:.2f}", f"{ev_per_step / t['ce']:.3f}"],
+            [
+                f"{size} px: evaluation per step ({ev:.2f} s / {steps_per_epoch} steps)",
+                f"{ev_per_step * 1e3:.2f}",
+                f"{ev_per_step / t['ce']:.3f}",
+            ],
             [f"{size} px: SMSE step + evaluation", f"{total * 1e3:.1f}", f"{total / t['ce']:.3f}"],
-        ]  # fmt: skip
-    config = ("bf16 autocast, channels-last, pinned indices, losses from CUDA graphs"
-              if device.type == "cuda" else "float32")  # fmt: skip
-    text = "\n".join([
-        "# Recipe overhead: SMSE parts vs a plain CE training step",
-        "",
-        f"Machine: {machine()}; device {device.type} ({config}). resnet18, batch {BATCH}, "
-        f"median of {steps} alternating steps each.",
-        "Command: `python -m benchmarks.bench_recipe" + (" --quick" if args.quick else "")
-        + (" --device cuda" if device.type == "cuda" else "") + "`.",
-        "",
-        markdown_table(["what", "ms per step", "vs plain CE"], rows),
-        "",
-        f"Overhead of sampler + loss + evaluation: {'; '.join(overheads)} "
-        "(target: at most +5 %).",
-        "",
-    ])  # fmt: skip
+        ]
+    config = (
+        "bf16 autocast, channels-last, pinned indices, losses from CUDA graphs"
+        if device.type == "cuda"
+        else "float32"
+    )
+    text = "\n".join(
+        [
+            "# Recipe overhead: SMSE parts vs a plain CE training step",
+            "",
+            f"Machine: {machine()}; device {device.type} ({config}). resnet18, batch {BATCH}, "
+            f"median of {steps} alternating steps each.",
+            "Command: `python -m benchmarks.bench_recipe"
+            + (" --quick" if args.quick else "")
+            + (" --device cuda" if device.type == "cuda" else "")
+            + "`.",
+            "",
+            markdown_table(["what", "ms per step", "vs plain CE"], rows),
+            "",
+            f"Overhead of sampler + loss + evaluation: {'; '.join(overheads)} "
+            "(target: at most +5 %).",
+            "",
+        ]
+    )
     print(text)
     name = "recipe" if device.type == "cpu" else "recipe-cuda"
     return write_report(text, name + ("-quick" if args.quick else ""), args.out)

@@ -41,8 +41,9 @@ CASES = {  # name -> keyword arguments of the functional losses
 def import_revision(rev: str, into: Path):
     """``smse_metric.functional`` of ``rev``, importable beside this tree's as
     ``smse_base.functional`` (the package renamed in a scratch copy)."""
-    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "smse_metric"],
-                         capture_output=True, check=True).stdout  # fmt: skip
+    tar = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "smse_metric"], capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         t.extractall(into, filter="data")
     (into / "smse_metric").rename(into / "smse_base")
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> str:
                         t = median_ms(lambda m=module: step(m), emb.device, calls)
                         best[side] = min(best[side], t)
                 ratio = best["ours"] / best["base"]
-                rows.append([name, str(b), f"{best['base']:.2f}", f"{best['ours']:.2f}",
-                             f"{ratio:.2f}"])  # fmt: skip
+                rows.append(
+                    [name, str(b), f"{best['base']:.2f}", f"{best['ours']:.2f}", f"{ratio:.2f}"]
+                )
                 print(*rows[-1], flush=True)
     head = ["loss", "B", f"{args.base} ms", "this tree ms", "this tree / base"]
     text = (
@@ -104,9 +106,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Forward + backward, D = 128, {args.classes} classes, L2-normalised float32 "
         f"embeddings; per side the best of {args.rounds} interleaved medians of at least "
         f"{args.repeats} calls (and at least 100 ms of calls), both sides in one "
-        "process.\n\n"
-        + markdown_table(head, rows) + "\n"
-    )  # fmt: skip
+        "process.\n\n" + markdown_table(head, rows) + "\n"
+    )
     return write_report(text, f"losses-vs-{args.base}", args.out)
 
 

@@ -78,42 +78,67 @@ def main(argv: list[str] | None = None) -> str:
 
         ours_s, ours_n = timed(our_epoch, repeats)
         ours_rate = ours_n / ours_s
-        pml = run_case("benchmarks.bench_sampler", [str(n), "1" if n >= 10**6 else str(repeats)],
-                       timeout=PML_TIMEOUT_S)  # fmt: skip
+        pml = run_case(
+            "benchmarks.bench_sampler",
+            [str(n), "1" if n >= 10**6 else str(repeats)],
+            timeout=PML_TIMEOUT_S,
+        )
         if "error" in pml:
             pml_cells = ["—", f"> {PML_TIMEOUT_S * 1e3:.0f} (stopped)", "—", "—"]
         else:
             pml_rate = pml["n"] / pml["s"]
-            pml_cells = [f"{pml['n']}", f"{pml['s'] * 1e3:.1f}", f"{pml_rate / 1e6:.3f}",
-                         f"{ours_rate / pml_rate:.0f}x"]  # fmt: skip
-        rows.append([
-            f"{n:.0e}", f"{build_s * 1e3:.1f}", f"{ours_n}", f"{ours_s * 1e3:.1f}",
-            f"{ours_rate / 1e6:.2f}", *pml_cells, f"{ours_s / ours_n * 1e9:.0f}",
-        ])  # fmt: skip
+            pml_cells = [
+                f"{pml['n']}",
+                f"{pml['s'] * 1e3:.1f}",
+                f"{pml_rate / 1e6:.3f}",
+                f"{ours_rate / pml_rate:.0f}x",
+            ]
+        rows.append(
+            [
+                f"{n:.0e}",
+                f"{build_s * 1e3:.1f}",
+                f"{ours_n}",
+                f"{ours_s * 1e3:.1f}",
+                f"{ours_rate / 1e6:.2f}",
+                *pml_cells,
+                f"{ours_s / ours_n * 1e9:.0f}",
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
     header = [
-        "N images", "ours: build index ms", "ours: indices / epoch", "ours: epoch ms",
-        "ours: M indices/s", "PML: indices / epoch", "PML: epoch ms", "PML: M indices/s",
-        "ours / PML rate", "ours: ns per index",
-    ]  # fmt: skip
-    text = "\n".join([
-        f"# Sampler benchmark{' (quick)' if args.quick else ''}",
-        "",
-        f"Machine: {machine()}.",
-        f"Labels: {CLASSES} classes with BreakHis's imbalance, patients of about "
-        f"{IMAGES_PER_GROUP} images, {SCALES} magnifications. Ours: "
-        f"`MultiScaleBatchSampler(classes_per_batch={CPB}, groups_per_class={GPC})` (batches of "
-        f"{CPB * GPC * SCALES}); an epoch is a fresh plan (`set_epoch`) and iterating every batch "
-        "as a list. PML: `MPerClassSampler(labels, m=4, batch_size=32, length_before_new_iter=N)`"
-        f", iterating one epoch in a separate process stopped after {PML_TIMEOUT_S} s. Median "
-        "of 3 (PML at N = 10^6: one run). Epoch lengths differ by design (ours visits every "
-        "image at least once and balances classes), so the comparison is in indices per second.",
-        "",
-        f"Command: `python -m benchmarks.bench_sampler{' --quick' if args.quick else ''}`",
-        "",
-        markdown_table(header, rows),
-        "",
-    ])  # fmt: skip
+        "N images",
+        "ours: build index ms",
+        "ours: indices / epoch",
+        "ours: epoch ms",
+        "ours: M indices/s",
+        "PML: indices / epoch",
+        "PML: epoch ms",
+        "PML: M indices/s",
+        "ours / PML rate",
+        "ours: ns per index",
+    ]
+    text = "\n".join(
+        [
+            f"# Sampler benchmark{' (quick)' if args.quick else ''}",
+            "",
+            f"Machine: {machine()}.",
+            f"Labels: {CLASSES} classes with BreakHis's imbalance, patients of about "
+            f"{IMAGES_PER_GROUP} images, {SCALES} magnifications. Ours: "
+            f"`MultiScaleBatchSampler(classes_per_batch={CPB}, groups_per_class={GPC})` "
+            f"(batches of {CPB * GPC * SCALES}); an epoch is a fresh plan (`set_epoch`) and "
+            "iterating every batch as a list. PML: "
+            "`MPerClassSampler(labels, m=4, batch_size=32, length_before_new_iter=N)`"
+            f", iterating one epoch in a separate process stopped after {PML_TIMEOUT_S} s. Median "
+            "of 3 (PML at N = 10^6: one run). Epoch lengths differ by design (ours visits every "
+            "image at least once and balances classes), so the comparison is in indices per "
+            "second.",
+            "",
+            f"Command: `python -m benchmarks.bench_sampler{' --quick' if args.quick else ''}`",
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
+    )
     return write_report(text, f"sampler{'-quick' if args.quick else ''}", args.out)
 
 

@@ -64,8 +64,10 @@ def main() -> None:
         after = embed(x[test])
     miner = TripletMiner("semihard", margin=0.2, cross_scale=True)
     miner(after, yt, scales=st)
-    print(f"held-out after:  {knn_scores(after, yt, st)}, "
-          f"semihard cross-scale triplets left: {miner.num_triplets}")  # fmt: skip
+    print(
+        f"held-out after:  {knn_scores(after, yt, st)}, "
+        f"semihard cross-scale triplets left: {miner.num_triplets}"
+    )
 
 
 if __name__ == "__main__":

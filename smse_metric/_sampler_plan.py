@@ -23,8 +23,19 @@ class Layout:
         batch_size: images per batch.
     """
 
-    def __init__(self, cls, scl, grp_id, group_class, n_classes, n_scales, groups_per_class,
-                 images_per_scale, classes_per_batch, batch_size):  # fmt: skip
+    def __init__(
+        self,
+        cls,
+        scl,
+        grp_id,
+        group_class,
+        n_classes,
+        n_scales,
+        groups_per_class,
+        images_per_scale,
+        classes_per_batch,
+        batch_size,
+    ):
         n_groups = len(group_class)
         self.n_images, self.n_classes, self.n_scales = len(cls), n_classes, n_scales
         self.groups_per_class, self.images_per_scale = groups_per_class, images_per_scale

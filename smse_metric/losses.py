@@ -182,9 +182,17 @@ class ContrastiveLoss(_MetricLoss):
     ) -> Tensor:
         self._scale_checks(scales, ref_scales, self.cross_scale)
         return smf.contrastive_loss(
-            embeddings, labels, self.margin, self.reduction, indices_tuple,
-            ref_emb, ref_labels, scales, ref_scales, self.cross_scale,
-        )  # fmt: skip
+            embeddings,
+            labels,
+            self.margin,
+            self.reduction,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            scales,
+            ref_scales,
+            self.cross_scale,
+        )
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, reduction={self.reduction!r}, cross_scale={self.cross_scale}"
@@ -247,10 +255,20 @@ class TripletMarginLoss(_MetricLoss):
     ) -> Tensor:
         self._scale_checks(scales, ref_scales, self.cross_scale)
         return smf.triplet_margin_loss(
-            embeddings, labels, self.margin, self.squared, self.triplets, self.reduction,
-            indices_tuple, ref_emb, ref_labels, scales, ref_scales, self.cross_scale,
+            embeddings,
+            labels,
+            self.margin,
+            self.squared,
+            self.triplets,
+            self.reduction,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            scales,
+            ref_scales,
+            self.cross_scale,
             self.distance,
-        )  # fmt: skip
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -39,9 +39,14 @@ class _Miner(nn.Module):
         self._scale_checks(scales, ref_scales, self.cross_scale)
         self.num_non_finite = 0
         x = common.metric_inputs(
-            embeddings.detach(), labels, None if ref_emb is None else ref_emb.detach(),
-            ref_labels, scales, ref_scales, self.cross_scale,
-        )  # fmt: skip
+            embeddings.detach(),
+            labels,
+            None if ref_emb is None else ref_emb.detach(),
+            ref_labels,
+            scales,
+            ref_scales,
+            self.cross_scale,
+        )
         emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
         scales, ref_scales = x.scales, x.ref_scales
         # decisions on float64 distances (float32 on MPS): a float32 distance near 1
@@ -53,9 +58,14 @@ class _Miner(nn.Module):
             with common.full_precision(emb.device):
                 dist = smf.pairwise_distances(emb[start:stop], ref, metric)
             pos, neg = common.block_masks(
-                labels, ref_labels, scales if self.cross_scale else None, ref_scales, same,
-                start, stop,
-            )  # fmt: skip
+                labels,
+                ref_labels,
+                scales if self.cross_scale else None,
+                ref_scales,
+                same,
+                start,
+                stop,
+            )
             finite = dist.isfinite()
             self.num_non_finite += int(((pos | neg) & ~finite).sum())
             yield start, dist, pos & finite, neg & finite

@@ -138,8 +138,9 @@ class PairMarginMiner(pml_miners.BaseMiner):
     def __init__(self, pos_margin: float = 0.2, neg_margin: float = 0.8, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
-        self.miner = PairMiner("hard", pos_margin, neg_margin,
-                               distance=distance_name(self.distance))  # fmt: skip
+        self.miner = PairMiner(
+            "hard", pos_margin, neg_margin, distance=distance_name(self.distance)
+        )
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         emb, ref = _inputs(self.distance, embeddings, ref_emb)
@@ -167,8 +168,14 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
         >>> TripletMarginLoss(0.1)(emb, torch.arange(16) % 2).backward()
     """
 
-    def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False,
-                 triplets_per_anchor: str | int = "all", **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        margin: float = 0.05,
+        swap: bool = False,
+        smooth_loss: bool = False,
+        triplets_per_anchor: str | int = "all",
+        **kwargs: Any,
+    ) -> None:
         if swap or smooth_loss:
             raise ValueError("swap and smooth_loss have no fused form; use PML's class")
         super().__init__(**kwargs)
@@ -186,16 +193,23 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
         fused = indices_tuple is None and self.triplets_per_anchor == "all"
         if fused:
             ours = None if ref is None else ref_labels
-            return {"loss": {"losses": self._fused(emb, labels, ref, ours),
-                             "indices": None, "reduction_type": "already_reduced"}}  # fmt: skip
+            return {
+                "loss": {
+                    "losses": self._fused(emb, labels, ref, ours),
+                    "indices": None,
+                    "reduction_type": "already_reduced",
+                }
+            }
         same = ref is None
         ref_labels = labels if same else ref_labels  # PML's "the batch itself": same object
-        a, p, n = lmu.convert_to_triplets(indices_tuple, labels, ref_labels,
-                                          t_per_anchor=self.triplets_per_anchor)  # fmt: skip
+        a, p, n = lmu.convert_to_triplets(
+            indices_tuple, labels, ref_labels, t_per_anchor=self.triplets_per_anchor
+        )
         if len(a) == 0:
             return self.zero_losses()
-        d_ap, d_an = gathered_distances(emb, emb if same else ref, same, [(a, p), (a, n)],
-                                        self.metric)  # fmt: skip
+        d_ap, d_an = gathered_distances(
+            emb, emb if same else ref, same, [(a, p), (a, n)], self.metric
+        )
         losses = torch.relu(d_ap - d_an + self.margin)
         return {"loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}}
 
@@ -209,9 +223,15 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
             )
         mode = "sum" if reduction == "mean" else reduction
         value = triplet_margin_loss(
-            emb, labels, self.margin, triplets="all", reduction=mode, ref_emb=ref,
-            ref_labels=ref_labels, distance=self.distance_name,
-        )  # fmt: skip
+            emb,
+            labels,
+            self.margin,
+            triplets="all",
+            reduction=mode,
+            ref_emb=ref,
+            ref_labels=ref_labels,
+            distance=self.distance_name,
+        )
         if reduction != "mean":
             return value
         # PML's mean is over every triplet, also those past the margin (loss 0)

@@ -215,9 +215,18 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
             self.classes_per_batch * self.groups_per_class * n_scales * self.images_per_scale
         )
 
-        self._layout = Layout(cls, scl, grp_id, group_class, n_classes, n_scales,
-                              self.groups_per_class, self.images_per_scale,
-                              self.classes_per_batch, self.batch_size)  # fmt: skip
+        self._layout = Layout(
+            cls,
+            scl,
+            grp_id,
+            group_class,
+            n_classes,
+            n_scales,
+            self.groups_per_class,
+            self.images_per_scale,
+            self.classes_per_batch,
+            self.batch_size,
+        )
         self.n_images = len(lab)
         self._check_structure()
         if len(self) == 0:  # a rank with no batch would train 0 steps and say nothing

@@ -53,8 +53,15 @@ def fused_path(path: str):
         small_batch.SMALL_BATCH, small_batch.SMALL_BATCH_CPU = saved
 
 
-def make_batch(n: int, d: int, n_classes: int, n_scales: int = 1, seed: int = 0,
-               dtype=torch.float64, normalize: bool = True):  # fmt: skip
+def make_batch(
+    n: int,
+    d: int,
+    n_classes: int,
+    n_scales: int = 1,
+    seed: int = 0,
+    dtype=torch.float64,
+    normalize: bool = True,
+):
     """Random tie-free embeddings with labels and scales."""
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(n, d, generator=g, dtype=dtype)

@@ -22,11 +22,20 @@ TINY = {
     "run": {"device": "cpu", "amp": False, "deterministic": True},
 }
 OUTPUTS = (
-    "config.toml", "history.jsonl", "metrics.json", "report.md", "checkpoints/last.pt",
-    "checkpoints/best.pt", "embeddings/gallery.npz", "embeddings/test.npz",
-    "index/gallery.faiss", "plots/curves.png", "plots/confusion.png",
-    "plots/cross_magnification.png", "plots/projection.png",
-)  # fmt: skip
+    "config.toml",
+    "history.jsonl",
+    "metrics.json",
+    "report.md",
+    "checkpoints/last.pt",
+    "checkpoints/best.pt",
+    "embeddings/gallery.npz",
+    "embeddings/test.npz",
+    "index/gallery.faiss",
+    "plots/curves.png",
+    "plots/confusion.png",
+    "plots/cross_magnification.png",
+    "plots/projection.png",
+)
 
 
 def history(run):

@@ -32,8 +32,18 @@ def selected(t: float, margin: float, strategy: str) -> bool:
     return ok
 
 
-def triplets(emb, labels, margin, strategy, squared=False, ref_emb=None, ref_labels=None,
-             scales=None, ref_scales=None, cross_scale=False):  # fmt: skip
+def triplets(
+    emb,
+    labels,
+    margin,
+    strategy,
+    squared=False,
+    ref_emb=None,
+    ref_labels=None,
+    scales=None,
+    ref_scales=None,
+    cross_scale=False,
+):
     """The set of (a, p, n) a strategy selects, by looping over all triplets."""
     ref, rlab, rsc, same = _ref(emb, labels, ref_emb, ref_labels, scales, ref_scales)
     out = set()
@@ -57,11 +67,23 @@ def triplets(emb, labels, margin, strategy, squared=False, ref_emb=None, ref_lab
     return out
 
 
-def triplet_loss(emb, labels, margin, strategy, reduction, squared=False, ref_emb=None,
-                 ref_labels=None, scales=None, ref_scales=None, cross_scale=False):  # fmt: skip
+def triplet_loss(
+    emb,
+    labels,
+    margin,
+    strategy,
+    reduction,
+    squared=False,
+    ref_emb=None,
+    ref_labels=None,
+    scales=None,
+    ref_scales=None,
+    cross_scale=False,
+):
     """Differentiable loss over the naive triplet selection."""
-    sel = triplets(emb, labels, margin, strategy, squared, ref_emb, ref_labels, scales,
-                   ref_scales, cross_scale)  # fmt: skip
+    sel = triplets(
+        emb, labels, margin, strategy, squared, ref_emb, ref_labels, scales, ref_scales, cross_scale
+    )
     ref = emb if ref_emb is None else ref_emb
     return _reduce_triplets(emb, ref, sorted(sel), margin, squared, reduction)
 
@@ -80,12 +102,23 @@ def _reduce_triplets(emb, ref, trip, margin, squared, reduction):
 
 
 def triplet_loss_on(emb, ref, trip, margin, squared, reduction):
-    return _reduce_triplets(emb, ref, list(zip(*[t.tolist() for t in trip], strict=True)),
-                            margin, squared, reduction)  # fmt: skip
+    return _reduce_triplets(
+        emb, ref, list(zip(*[t.tolist() for t in trip], strict=True)), margin, squared, reduction
+    )
 
 
-def pairs(emb, labels, strategy="all", pos_margin=0.0, neg_margin=1.0, ref_emb=None,
-          ref_labels=None, scales=None, ref_scales=None, cross_scale=False):  # fmt: skip
+def pairs(
+    emb,
+    labels,
+    strategy="all",
+    pos_margin=0.0,
+    neg_margin=1.0,
+    ref_emb=None,
+    ref_labels=None,
+    scales=None,
+    ref_scales=None,
+    cross_scale=False,
+):
     ref, rlab, rsc, same = _ref(emb, labels, ref_emb, ref_labels, scales, ref_scales)
     P, N = set(), set()
     with torch.no_grad():
@@ -102,10 +135,27 @@ def pairs(emb, labels, strategy="all", pos_margin=0.0, neg_margin=1.0, ref_emb=N
     return P, N
 
 
-def contrastive(emb, labels, margin, reduction, ref_emb=None, ref_labels=None, scales=None,
-                ref_scales=None, cross_scale=False):  # fmt: skip
-    P, N = pairs(emb, labels, "all", ref_emb=ref_emb, ref_labels=ref_labels, scales=scales,
-                 ref_scales=ref_scales, cross_scale=cross_scale)  # fmt: skip
+def contrastive(
+    emb,
+    labels,
+    margin,
+    reduction,
+    ref_emb=None,
+    ref_labels=None,
+    scales=None,
+    ref_scales=None,
+    cross_scale=False,
+):
+    P, N = pairs(
+        emb,
+        labels,
+        "all",
+        ref_emb=ref_emb,
+        ref_labels=ref_labels,
+        scales=scales,
+        ref_scales=ref_scales,
+        cross_scale=cross_scale,
+    )
     ref = emb if ref_emb is None else ref_emb
     return contrastive_on(emb, ref, sorted(P), sorted(N), margin, reduction)
 

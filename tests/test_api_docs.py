@@ -8,14 +8,39 @@ import pytest
 
 APP = "smse_metric.recipes.histopathology"
 PUBLIC_MODULES = [
-    "smse_metric", "smse_metric.functional", "smse_metric.losses", "smse_metric.miners",
-    "smse_metric.samplers", "smse_metric.evaluation",
-    "smse_metric.distributed", "smse_metric.pml",
-    *(f"{APP}{m}" for m in ("", ".models", ".data", ".data.breakhis", ".data.dataset",
-                            ".training", ".trainer", ".engine", ".splits", ".build",
-                            ".evaluate", ".errors", ".folds", ".search", ".demo", ".compare",
-                            ".rundir", ".report", ".results")),
-]  # fmt: skip
+    "smse_metric",
+    "smse_metric.functional",
+    "smse_metric.losses",
+    "smse_metric.miners",
+    "smse_metric.samplers",
+    "smse_metric.evaluation",
+    "smse_metric.distributed",
+    "smse_metric.pml",
+    *(
+        f"{APP}{m}"
+        for m in (
+            "",
+            ".models",
+            ".data",
+            ".data.breakhis",
+            ".data.dataset",
+            ".training",
+            ".trainer",
+            ".engine",
+            ".splits",
+            ".build",
+            ".evaluate",
+            ".errors",
+            ".folds",
+            ".search",
+            ".demo",
+            ".compare",
+            ".rundir",
+            ".report",
+            ".results",
+        )
+    ),
+]
 
 
 def _public():
@@ -46,8 +71,11 @@ def test_public_symbol_has_a_docstring_with_an_example(name):
 def _signature_parameters(obj) -> list[str]:
     target = obj.__init__ if inspect.isclass(obj) else obj
     skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return [p.name for p in inspect.signature(target).parameters.values()
-            if p.name not in ("self", "cls") and p.kind not in skip]  # fmt: skip
+    return [
+        p.name
+        for p in inspect.signature(target).parameters.values()
+        if p.name not in ("self", "cls") and p.kind not in skip
+    ]
 
 
 def _documented(obj) -> set[str]:

@@ -25,15 +25,33 @@ def test_quick_benchmarks_run_and_write_tables(tmp_path):
 
 def test_revision_benchmark_compares_with_a_git_revision(tmp_path):
     out = tmp_path / "ab.md"
-    cmd = [sys.executable, "-m", "benchmarks.bench_revision", "--base", "HEAD", "--sizes", "16",
-           "--rounds", "1", "--repeats", "1", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_revision",
+        "--base",
+        "HEAD",
+        "--sizes",
+        "16",
+        "--rounds",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows] == [f"| {name}" for name in CASES]
     assert all(float(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)
-    bad = subprocess.run([*cmd, "--cases", "all-triplets,cosine"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    bad = subprocess.run(
+        [*cmd, "--cases", "all-triplets,cosine"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "--cases: unknown case 'cosine'" in bad.stderr
 
 

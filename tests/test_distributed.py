@@ -40,8 +40,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         loss = TripletMarginLoss(0.3, cross_scale=True)(e, y, scales=s)
         loss.backward()
         grad = x.grad / world  # what DDP's averaging applies to parameter gradients
-        torch.save({"rank": get_rank(), "world": get_world_size(), "loss": loss.detach(),
-                    "grad": grad, "main": is_main_process()}, f"{out}/{rank}.pt")  # fmt: skip
+        torch.save(
+            {
+                "rank": get_rank(),
+                "world": get_world_size(),
+                "loss": loss.detach(),
+                "grad": grad,
+                "main": is_main_process(),
+            },
+            f"{out}/{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -91,8 +99,15 @@ def _one_step(model, images, labels, scales):
     from smse_metric.recipes.histopathology.engine import train_step
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    loss = train_step(model, images, labels, scales, opt, ReinforcedFocalLoss(),
-                      TripletMarginLoss(0.5, cross_scale=True))  # fmt: skip
+    loss = train_step(
+        model,
+        images,
+        labels,
+        scales,
+        opt,
+        ReinforcedFocalLoss(),
+        TripletMarginLoss(0.5, cross_scale=True),
+    )
     return loss
 
 
@@ -149,8 +164,9 @@ def test_under_ddp_rank_zero_alone_decodes_the_cache(tmp_path):
     files after a barrier (before, each rank decoded every split itself)."""
     from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
 
-    root = make_synthetic_breakhis(tmp_path / "data", images_per_magnification=1,
-                                   image_size=(32, 24))  # fmt: skip
+    root = make_synthetic_breakhis(
+        tmp_path / "data", images_per_magnification=1, image_size=(32, 24)
+    )
     mp.spawn(_cache_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
     zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
     assert zero["built"][0] and not one["built"].any()  # train; gallery may share its file
@@ -172,8 +188,9 @@ def _failing_cache_worker(rank: int, world: int, port: int, root: str, out: str)
         DecodedCache._build = full_disk
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # without the failure passed on, rank 1 would wait out this timeout at the barrier
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))  # fmt: skip
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20)
+    )
     try:
         data = {"path": root, "image_size": [16, 16], "num_workers": 0, "cache_dir": f"{out}/c"}
         cfg = load_config(overrides={"data": data})
@@ -194,8 +211,9 @@ def test_under_ddp_a_cache_that_rank_zero_cannot_build_stops_every_rank(tmp_path
     of waiting for the process group's timeout at the barrier."""
     from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
 
-    root = make_synthetic_breakhis(tmp_path / "data", images_per_magnification=1,
-                                   image_size=(32, 24))  # fmt: skip
+    root = make_synthetic_breakhis(
+        tmp_path / "data", images_per_magnification=1, image_size=(32, 24)
+    )
     args = (2, _free_port(), str(root), str(tmp_path))
     mp.spawn(_failing_cache_worker, args=args, nprocs=2, join=True)
     zero, one = ((tmp_path / f"{r}.txt").read_text() for r in range(2))

@@ -65,8 +65,7 @@ def _docs_copy(tmp_path: Path) -> Path:
 def _build(project: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(project / "out")]
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    return subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_the_strict_docs_build_fails_on_one_broken_reference(tmp_path):

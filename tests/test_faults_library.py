@@ -33,8 +33,9 @@ def _check_triplets(a, p, n, labels, bad_rows):
     distance=st.sampled_from(["l2", "squared_l2", "cosine"]),
     seed=st.integers(0, 50),
 )
-def test_triplet_miner_never_mines_a_non_finite_row(n, classes, bad, value, strategy, distance,
-                                                   seed):  # fmt: skip
+def test_triplet_miner_never_mines_a_non_finite_row(
+    n, classes, bad, value, strategy, distance, seed
+):
     emb, labels, _ = make_batch(n, 3, classes, seed=seed, dtype=torch.float32)
     bad = {b for b in bad if b < n}
     emb[sorted(bad)] = value
@@ -73,8 +74,9 @@ def test_nan_rows_mine_what_pml_mines(strategy, row):
     emb[row] = float("nan")
     raw = distances.LpDistance(normalize_embeddings=False)
     ours = TripletMiner(strategy, margin=0.2)(emb, labels)
-    assert _tuples(*ours) == _tuples(*miners.TripletMarginMiner(0.2, strategy, distance=raw)(
-        emb, labels))  # fmt: skip
+    assert _tuples(*ours) == _tuples(
+        *miners.TripletMarginMiner(0.2, strategy, distance=raw)(emb, labels)
+    )
     pairs = PairMiner("hard", pos_margin=0.3, neg_margin=1.5)(emb, labels)
     pml_pairs = miners.PairMarginMiner(0.3, 1.5, distance=raw)(emb, labels)
     assert _tuples(*pairs[:2]) == _tuples(*pml_pairs[:2])
@@ -145,9 +147,11 @@ def test_scales_without_cross_scale_warn_once():
 def test_a_single_scale_batch_with_cross_scale_warns_once_and_mixed_scales_do_not():
     emb, labels, scales = make_batch(16, 4, 2, n_scales=2, dtype=torch.float64)
     one = torch.zeros_like(scales)
-    for make in (lambda: TripletMarginLoss(cross_scale=True),
-                 lambda: ContrastiveLoss(cross_scale=True),
-                 lambda: TripletMiner(cross_scale=True)):  # fmt: skip
+    for make in (
+        lambda: TripletMarginLoss(cross_scale=True),
+        lambda: ContrastiveLoss(cross_scale=True),
+        lambda: TripletMiner(cross_scale=True),
+    ):
         module = make()
         with pytest.warns(UserWarning, match="a single scale: no positive qualifies"):
             module(emb, labels, scales=one)

@@ -12,8 +12,9 @@ OPTIONAL = ["faiss", "timm", "matplotlib", "PIL", "tqdm", "pytorch_metric_learni
 
 def _loaded(code: str) -> set[str]:
     probe = f"import sys, json\n{code}\nprint(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+    )
     return {m.split(".")[0] for m in json.loads(out.stdout.splitlines()[-1])}
 
 
@@ -53,7 +54,8 @@ def test_no_module_imports_another_modules_private_names():
                 offenders += [
                     f"{path.relative_to(root)}: {a.name}"
                     for a in node.names
-                    if a.name.startswith("_") and not a.name.startswith("__")
+                    if a.name.startswith("_")
+                    and not a.name.startswith("__")
                     and a.name not in internal
-                ]  # fmt: skip
+                ]
     assert not offenders, offenders

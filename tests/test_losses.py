@@ -262,31 +262,69 @@ def test_classification_losses_never_sync_with_the_host():
         (lambda: TripletMarginLoss()(torch.randn(4), torch.arange(4)), ValueError, "embeddings"),
         (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(3)), ValueError, "labels"),
         (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.rand(4)), TypeError, "labels"),
-        (lambda: ContrastiveLoss()(torch.randn(4, 2), torch.arange(4).view(2, 2)), ValueError,
-         "labels"),
-        (lambda: ContrastiveLoss()(torch.arange(8).view(4, 2), torch.arange(4)), TypeError,
-         "embeddings"),
+        (
+            lambda: ContrastiveLoss()(torch.randn(4, 2), torch.arange(4).view(2, 2)),
+            ValueError,
+            "labels",
+        ),
+        (
+            lambda: ContrastiveLoss()(torch.arange(8).view(4, 2), torch.arange(4)),
+            TypeError,
+            "embeddings",
+        ),
         (lambda: TripletMarginLoss(triplets="hardest"), ValueError, "triplets"),
         (lambda: TripletMarginLoss(reduction="none"), ValueError, "reduction"),
         (lambda: ContrastiveLoss(reduction="avg"), ValueError, "reduction"),
-        (lambda: TripletMarginLoss(cross_scale=True)(torch.randn(4, 2), torch.arange(4)),
-         ValueError, "scales"),
-        (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(4), scales=torch.arange(3)),
-         ValueError, "scales"),
-        (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(4),
-                                     (torch.tensor([0]), torch.tensor([9]), torch.tensor([1]))),
-         ValueError, "indices_tuple"),
-        (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(4), (torch.tensor([0]),) * 4),
-         ValueError, "triplets"),
-        (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(4),
-                                     ref_emb=torch.randn(3, 2)), ValueError, "ref_labels"),
-        (lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(4),
-                                     ref_emb=torch.randn(3, 5), ref_labels=torch.arange(3)),
-         ValueError, "ref_emb"),
-        (lambda: smf.pairwise_distances(torch.randn(3, 2), metric="manhattan"), ValueError,
-         "metric"),
+        (
+            lambda: TripletMarginLoss(cross_scale=True)(torch.randn(4, 2), torch.arange(4)),
+            ValueError,
+            "scales",
+        ),
+        (
+            lambda: TripletMarginLoss()(torch.randn(4, 2), torch.arange(4), scales=torch.arange(3)),
+            ValueError,
+            "scales",
+        ),
+        (
+            lambda: TripletMarginLoss()(
+                torch.randn(4, 2),
+                torch.arange(4),
+                (torch.tensor([0]), torch.tensor([9]), torch.tensor([1])),
+            ),
+            ValueError,
+            "indices_tuple",
+        ),
+        (
+            lambda: TripletMarginLoss()(
+                torch.randn(4, 2), torch.arange(4), (torch.tensor([0]),) * 4
+            ),
+            ValueError,
+            "triplets",
+        ),
+        (
+            lambda: TripletMarginLoss()(
+                torch.randn(4, 2), torch.arange(4), ref_emb=torch.randn(3, 2)
+            ),
+            ValueError,
+            "ref_labels",
+        ),
+        (
+            lambda: TripletMarginLoss()(
+                torch.randn(4, 2),
+                torch.arange(4),
+                ref_emb=torch.randn(3, 5),
+                ref_labels=torch.arange(3),
+            ),
+            ValueError,
+            "ref_emb",
+        ),
+        (
+            lambda: smf.pairwise_distances(torch.randn(3, 2), metric="manhattan"),
+            ValueError,
+            "metric",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_names_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
@@ -310,9 +348,12 @@ def _launch_cases():
             for cross in (False, True):
                 for reduction in ("mean_nonzero", "mean", "sum"):
                     loss = TripletMarginLoss(
-                        0.2, triplets=strategy, reduction=reduction, cross_scale=cross,
+                        0.2,
+                        triplets=strategy,
+                        reduction=reduction,
+                        cross_scale=cross,
                         distance=distance,
-                    )  # fmt: skip
+                    )
                     yield strategy, extra, loss
     for cross in (False, True):
         for reduction in ("mean", "sum", "mean_nonzero"):

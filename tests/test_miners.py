@@ -24,8 +24,9 @@ def as_set(*idx):
     chunk=st.integers(1, 6),
     seed=st.integers(0, 2**16),
 )
-def test_triplet_miner_equals_brute_force(n, n_classes, strategy, margin, squared, cross, chunk,
-                                          seed):  # fmt: skip
+def test_triplet_miner_equals_brute_force(
+    n, n_classes, strategy, margin, squared, cross, chunk, seed
+):
     emb, labels, scales = make_batch(n, 3, n_classes, n_scales=2, seed=seed)
     miner = TripletMiner(strategy, margin, squared, cross_scale=cross, chunk_size=chunk)
     got = miner(emb, labels, scales=scales)
@@ -42,8 +43,9 @@ def test_triplet_miner_with_reference_set():
         got = TripletMiner(strategy, 0.3, cross_scale=True, chunk_size=4)(
             emb, labels, r_emb, r_labels, scales=scales, ref_scales=r_scales
         )
-        want = ref.triplets(emb, labels, 0.3, strategy, False, r_emb, r_labels, scales, r_scales,
-                            True)  # fmt: skip
+        want = ref.triplets(
+            emb, labels, 0.3, strategy, False, r_emb, r_labels, scales, r_scales, True
+        )
         assert as_set(*got) == want
 
 
@@ -120,8 +122,11 @@ def test_pair_miner_hard_equals_pml_pair_margin_miner():
 def test_pair_and_triplet_miners_equal_pml_with_each_distance(distance):
     from pytorch_metric_learning import distances
 
-    pml_distance = {"l2": distances.LpDistance, "cosine": distances.CosineSimilarity,
-                    "squared_l2": lambda: distances.LpDistance(power=2)}[distance]  # fmt: skip
+    pml_distance = {
+        "l2": distances.LpDistance,
+        "cosine": distances.CosineSimilarity,
+        "squared_l2": lambda: distances.LpDistance(power=2),
+    }[distance]
     emb, labels, _ = make_batch(40, 6, 3, seed=7)
     pos_margin, neg_margin = (0.8, 0.3) if distance == "cosine" else (0.3, 0.9)
     ours = PairMiner("hard", pos_margin, neg_margin, distance=distance)(emb, labels)
@@ -132,8 +137,9 @@ def test_pair_and_triplet_miners_equal_pml_with_each_distance(distance):
     assert len(ours[0]) and len(ours[2])  # both kinds present: the comparison means something
     for strategy in ("all", "semihard", "hard", "easy"):
         mine = TripletMiner(strategy, margin=0.2, distance=distance)(emb, labels)
-        pml = pml_miners.TripletMarginMiner(0.2, type_of_triplets=strategy,
-                                            distance=pml_distance())(emb, labels)  # fmt: skip
+        pml = pml_miners.TripletMarginMiner(
+            0.2, type_of_triplets=strategy, distance=pml_distance()
+        )(emb, labels)
         assert as_set(*mine) == as_set(*pml), strategy
 
 
@@ -184,8 +190,11 @@ def test_near_margin_decisions_follow_the_exact_distances():
         assert all(t.numel() == 0 for t in TripletMiner("hard", margin=0.05)(x, labels))
 
 
-@given(seed=st.integers(0, 2**16), squared=st.booleans(),
-       strategy=st.sampled_from(["all", "semihard", "hard", "easy", "batch_hard"]))  # fmt: skip
+@given(
+    seed=st.integers(0, 2**16),
+    squared=st.booleans(),
+    strategy=st.sampled_from(["all", "semihard", "hard", "easy", "batch_hard"]),
+)
 def test_float32_mines_what_float64_mines_on_near_ties(seed, squared, strategy):
     """Tight clusters (points 1e-4 apart around three directions): hard / semihard
     boundaries are decided by differences of 1e-4-scale distances, below the float32

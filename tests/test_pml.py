@@ -75,13 +75,17 @@ def test_miners_and_tuples_equal_pml(distance):
 
 def test_cross_batch_memory_gives_pml_s_losses():
     torch.manual_seed(0)
-    batches = [make_batch(16, 8, 4, seed=s, normalize=False, dtype=torch.float32)[:2]
-               for s in range(4)]  # fmt: skip
+    batches = [
+        make_batch(16, 8, 4, seed=s, normalize=False, dtype=torch.float32)[:2] for s in range(4)
+    ]
     runs = []
-    for cls, miner_cls in ((ours.TripletMarginLoss, ours.TripletMarginMiner),
-                           (losses.TripletMarginLoss, miners.TripletMarginMiner)):  # fmt: skip
-        memory = losses.CrossBatchMemory(cls(0.2), embedding_size=8, memory_size=40,
-                                         miner=miner_cls(0.2, "semihard"))  # fmt: skip
+    for cls, miner_cls in (
+        (ours.TripletMarginLoss, ours.TripletMarginMiner),
+        (losses.TripletMarginLoss, miners.TripletMarginMiner),
+    ):
+        memory = losses.CrossBatchMemory(
+            cls(0.2), embedding_size=8, memory_size=40, miner=miner_cls(0.2, "semihard")
+        )
         runs.append([memory(emb, labels).item() for emb, labels in batches])
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
     assert any(v > 0 for v in runs[0])
@@ -91,8 +95,9 @@ def test_float16_inputs_are_computed_in_float32():
     emb, labels, _ = make_batch(24, 8, 3, seed=5, normalize=False, dtype=torch.float32)
     mine = ours.TripletMarginLoss(0.2)(emb.half(), labels)
     assert mine.dtype == torch.float32
-    torch.testing.assert_close(mine, losses.TripletMarginLoss(0.2)(emb, labels), rtol=2e-3,
-                               atol=1e-3)  # fmt: skip
+    torch.testing.assert_close(
+        mine, losses.TripletMarginLoss(0.2)(emb, labels), rtol=2e-3, atol=1e-3
+    )
 
 
 def test_what_has_no_fused_form_is_refused_naming_it():
@@ -166,8 +171,12 @@ def test_pml_pair_margin_miner_case(dtype, distance):
     dist = DISTANCES[distance]()
     emb, labels = _pml_angle_embeddings(dtype, 0)
     mat = _exact_matrix(emb, dist)
-    pairs = [(i, j, float(mat[i, j]), bool(labels[i] == labels[j]))
-             for i in range(16) for j in range(16) if i != j]  # fmt: skip
+    pairs = [
+        (i, j, float(mat[i, j]), bool(labels[i] == labels[j]))
+        for i in range(16)
+        for j in range(16)
+        if i != j
+    ]
     for pos_margin in (0.05 * m for m in range(-1, 4)):
         for neg_margin in (0.05 * m for m in range(2, 7)):
             if dist.is_inverted:
@@ -193,19 +202,37 @@ def test_pml_triplet_margin_loss_case(dtype):
         torch.randn(5, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ).to(dtype)
     labels = torch.tensor([0, 0, 1, 1, 2])
-    triplets = [(0, 1, 2), (0, 1, 3), (0, 1, 4), (1, 0, 2), (1, 0, 3), (1, 0, 4),
-                (2, 3, 0), (2, 3, 1), (2, 3, 4), (3, 2, 0), (3, 2, 1), (3, 2, 4)]  # fmt: skip
+    triplets = [
+        (0, 1, 2),
+        (0, 1, 3),
+        (0, 1, 4),
+        (1, 0, 2),
+        (1, 0, 3),
+        (1, 0, 4),
+        (2, 3, 0),
+        (2, 3, 1),
+        (2, 3, 4),
+        (3, 2, 0),
+        (3, 2, 1),
+        (3, 2, 4),
+    ]
     x = emb.double()
     l2 = [torch.relu((x[a] - x[p]).norm() - (x[a] - x[n]).norm() + 0.2) for a, p, n in triplets]
     cos = [torch.relu(x[a] @ x[n] - x[a] @ x[p] + 0.2) for a, p, n in triplets]
     cases = [  # (our loss, PML's expected value from its test)
         (ours.TripletMarginLoss(0.2), sum(l2) / max(sum(t > 0 for t in l2), 1)),
         (ours.TripletMarginLoss(0.2, reducer=reducers.MeanReducer()), sum(l2) / len(l2)),
-        (ours.TripletMarginLoss(0.2, distance=distances.CosineSimilarity()),
-         sum(cos) / max(sum(t > 0 for t in cos), 1)),
-        (ours.TripletMarginLoss(0.2, reducer=reducers.MeanReducer(),
-                                distance=distances.CosineSimilarity()), sum(cos) / len(cos)),
-    ]  # fmt: skip
+        (
+            ours.TripletMarginLoss(0.2, distance=distances.CosineSimilarity()),
+            sum(cos) / max(sum(t > 0 for t in cos), 1),
+        ),
+        (
+            ours.TripletMarginLoss(
+                0.2, reducer=reducers.MeanReducer(), distance=distances.CosineSimilarity()
+            ),
+            sum(cos) / len(cos),
+        ),
+    ]
     tol = {torch.float16: 1e-3, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
     for loss_fn, want in cases:
         got = loss_fn(emb.clone().requires_grad_(), labels)

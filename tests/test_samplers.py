@@ -75,12 +75,16 @@ def check_structure(s: MultiScaleBatchSampler, batch, labels, groups, scales):
         for g in range(G):
             # The entry's group: the one whose images fill every scale it has; scales
             # it lacks are filled from its class at that scale.
-            block = list(zip(groups[b[c, g]].reshape(-1).tolist(),
-                             scales[b[c, g]].reshape(-1).tolist(), strict=True))  # fmt: skip
+            block = list(
+                zip(
+                    groups[b[c, g]].reshape(-1).tolist(),
+                    scales[b[c, g]].reshape(-1).tolist(),
+                    strict=True,
+                )
+            )
             fits = {
-                h for h, _ in block
-                if all(gg == h for gg, sc in block if sc in group_scales[h])
-            }  # fmt: skip
+                h for h, _ in block if all(gg == h for gg, sc in block if sc in group_scales[h])
+            }
             assert fits
             intended.append(fits)
         if n_groups_of_class >= G and all(len(f) == 1 for f in intended):
@@ -242,8 +246,13 @@ def test_default_rank_and_world_size_without_distributed():
     ],
 )
 def test_bad_arguments_raise_with_the_reason(kwargs, exc, match):
-    args = dict(labels=[0, 1, 0, 1], groups=["a", "b", "a", "b"], scales=[40, 40, 100, 100],
-                classes_per_batch=2, groups_per_class=1)  # fmt: skip
+    args = dict(
+        labels=[0, 1, 0, 1],
+        groups=["a", "b", "a", "b"],
+        scales=[40, 40, 100, 100],
+        classes_per_batch=2,
+        groups_per_class=1,
+    )
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         MultiScaleBatchSampler(**args)
@@ -309,14 +318,18 @@ def test_resume_with_loader_workers_uses_the_consumed_count():
     labels, groups, scales = np.arange(n) % 3, np.arange(n) % 60, (np.arange(n) // 60) % 4
 
     def sampler():
-        return MultiScaleBatchSampler(labels, groups, scales, classes_per_batch=2,
-                                      groups_per_class=2, seed=3)  # fmt: skip
+        return MultiScaleBatchSampler(
+            labels, groups, scales, classes_per_batch=2, groups_per_class=2, seed=3
+        )
 
-    straight = [b.tolist() for b in torch.utils.data.DataLoader(
-        _Indices(), batch_sampler=sampler(), num_workers=0)]  # fmt: skip
+    straight = [
+        b.tolist()
+        for b in torch.utils.data.DataLoader(_Indices(), batch_sampler=sampler(), num_workers=0)
+    ]
     s = sampler()
-    loader = torch.utils.data.DataLoader(_Indices(), batch_sampler=s, num_workers=2,
-                                         prefetch_factor=2)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        _Indices(), batch_sampler=s, num_workers=2, prefetch_factor=2
+    )
     used = []
     for batch in loader:
         used.append(batch.tolist())
@@ -326,8 +339,10 @@ def test_resume_with_loader_workers_uses_the_consumed_count():
     state = s.state_dict(consumed=10)
     resumed = sampler()
     resumed.load_state_dict(state)
-    rest = [b.tolist() for b in torch.utils.data.DataLoader(
-        _Indices(), batch_sampler=resumed, num_workers=0)]  # fmt: skip
+    rest = [
+        b.tolist()
+        for b in torch.utils.data.DataLoader(_Indices(), batch_sampler=resumed, num_workers=0)
+    ]
     assert used + rest == straight
     with pytest.raises(ValueError, match="consumed must be an integer"):
         s.state_dict(consumed=len(s) + 1)

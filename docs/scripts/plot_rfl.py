@@ -49,8 +49,11 @@ def main(out: Path = OUT) -> Path:
         a.plot(p, loss, label=name)
         b.plot(p, -grad, label=name)
     a.set(xlabel="probability of the true class", ylabel="loss", ylim=(0, 4), title="loss")
-    b.set(xlabel="probability of the true class", ylabel="-dL / d logit",
-          title="push on the true logit")  # fmt: skip
+    b.set(
+        xlabel="probability of the true class",
+        ylabel="-dL / d logit",
+        title="push on the true logit",
+    )
     a.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,8 +68,9 @@ def kmeans(embeddings: Any, n_clusters: int, backend: str = "auto", seed: int = 
     if backend == "faiss" or (backend == "auto" and has_faiss()):
         # min_points_per_centroid only decides faiss's "too few points" warning (noise
         # for a small split); the clusters are PML's all the same
-        km = import_faiss().Kmeans(x.shape[1], int(n_clusters), niter=NITER, seed=seed,
-                                   min_points_per_centroid=1)  # fmt: skip
+        km = import_faiss().Kmeans(
+            x.shape[1], int(n_clusters), niter=NITER, seed=seed, min_points_per_centroid=1
+        )
         km.train(x)
         return km.index.search(x, 1)[1][:, 0].astype(np.int64)
     return _torch_kmeans(torch.from_numpy(x).double(), int(n_clusters), seed).numpy()
@@ -153,8 +154,13 @@ def _expected_mutual_information(a: np.ndarray, b: np.ndarray, n: int) -> float:
         valid = nij <= hi.unsqueeze(-1)
         nij = torch.where(valid, nij, torch.ones_like(nij))
         at, bt = a_t.unsqueeze(-1), b_t.unsqueeze(-1)
-        log_p = (base.unsqueeze(-1) - lg(nij + 1) - lg(at - nij + 1) - lg(bt - nij + 1)
-                 - lg(nf - at - bt + nij + 1))  # fmt: skip
+        log_p = (
+            base.unsqueeze(-1)
+            - lg(nij + 1)
+            - lg(at - nij + 1)
+            - lg(bt - nij + 1)
+            - lg(nf - at - bt + nij + 1)
+        )
         term = nij / n * torch.log(n * nij / (at * bt)) * torch.exp(log_p)
         total = total + torch.where(valid, term, torch.zeros_like(term)).sum()
     return float(total)

@@ -56,9 +56,13 @@ def evaluate_predictions(
         else np.unique(as_ids("groups", groups, n), return_inverse=True)[1]
     )
     report = EvaluationReport(
-        classes=table.tolist(), scales=[], k=None, metric=None, exclude=None,
+        classes=table.tolist(),
+        scales=[],
+        k=None,
+        metric=None,
+        exclude=None,
         pooled=classification_metrics(p, true, g, len(table)),
-    )  # fmt: skip
+    )
     if scales is not None:
         s_table, s = np.unique(as_ids("scales", scales, n), return_inverse=True)
         report.scales = s_table.tolist()
@@ -183,8 +187,10 @@ def evaluate_embeddings(
     q_group_codes = np.arange(n) if qg is None else np.unique(qg, return_inverse=True)[1]
     # query labels the gallery lacks are classes too: never predicted, always wrong
     if gy.dtype.kind != qy.dtype.kind and {gy.dtype.kind, qy.dtype.kind} != {"i", "u"}:
-        raise TypeError(f"labels are {qy.dtype} but the gallery labels {gy.dtype}: give both "
-                        "as integers or both as strings")  # fmt: skip
+        raise TypeError(
+            f"labels are {qy.dtype} but the gallery labels {gy.dtype}: give both "
+            "as integers or both as strings"
+        )
     classes = np.unique(np.concatenate([gy, qy]))
     _, g_codes = encode_ids("gallery labels", gy, len(gy), classes)
     _, q_codes = encode_ids("labels", qy, n, classes)
@@ -202,9 +208,17 @@ def evaluate_embeddings(
         )
 
     pooled, retrieval = scores()
-    report = EvaluationReport(classes=classes.tolist(), scales=[], k=k, metric=metric,
-                              exclude=exclude, pooled=pooled, retrieval=retrieval,
-                              retrieval_k=retrieval_k, average=average)  # fmt: skip
+    report = EvaluationReport(
+        classes=classes.tolist(),
+        scales=[],
+        k=k,
+        metric=metric,
+        exclude=exclude,
+        pooled=pooled,
+        retrieval=retrieval,
+        retrieval_k=retrieval_k,
+        average=average,
+    )
     if clustering:
         report.clustering = _clustering(q, qy)
     if qs is None:
@@ -215,9 +229,19 @@ def evaluate_embeddings(
         report.per_scale[str(name)], report.retrieval_per_scale[str(name)] = scores(s_codes == i)
     if cross_magnification and gs is not None:
         report.cross_magnification = _cross_magnification_matrix(
-            q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, knn_exclude,
-            KNNClassifier(k, metric, weights, device, backend=backend), classes,
-        )  # fmt: skip
+            q,
+            q_codes,
+            ex_q,
+            s_codes,
+            s_table,
+            g_emb,
+            gy,
+            ex_g,
+            gs,
+            knn_exclude,
+            KNNClassifier(k, metric, weights, device, backend=backend),
+            classes,
+        )
         cells = np.array(report.cross_magnification, dtype=float)
         off = cells[~np.eye(len(cells), dtype=bool)]
         off = off[np.isfinite(off)]
@@ -230,8 +254,9 @@ def _relevant(knn, g_codes, q_codes, ex_q, exclude, n_classes) -> np.ndarray:
     n_rel = np.bincount(g_codes, minlength=n_classes)[q_codes].astype(np.int64)
     if exclude == "group":
         own = knn.query_group_codes(ex_q, len(q_codes))
-        same = np.bincount(knn.groups_ * n_classes + g_codes,
-                           minlength=len(knn.group_sizes_) * n_classes)  # fmt: skip
+        same = np.bincount(
+            knn.groups_ * n_classes + g_codes, minlength=len(knn.group_sizes_) * n_classes
+        )
         n_rel -= np.where(own >= 0, same[np.maximum(own, 0) * n_classes + q_codes], 0)
     return n_rel
 
@@ -302,8 +327,9 @@ def _clustering(q: np.ndarray, qy: np.ndarray) -> ClusteringMetrics:
     return ClusteringMetrics(nmi=nmi, ami=ami, n_clusters=n_clusters, backend=use)
 
 
-def _cross_magnification_matrix(q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs,
-                                exclude, knn, classes):  # fmt: skip
+def _cross_magnification_matrix(
+    q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, exclude, knn, classes
+):
     """Cell (a, b): kNN accuracy of scale-a queries against the gallery's scale-b items.
     A cell whose gallery has fewer than k usable items for some query is NaN."""
     matrix = np.full((len(s_table), len(s_table)), np.nan)

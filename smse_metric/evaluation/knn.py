@@ -162,8 +162,9 @@ class KNNClassifier:
             )
         if extra is None and self._symmetric(q, qg, exclude):
             groups = self.groups_ if exclude == "group" else None
-            dist, ids = symmetric_knn(self.index_.vectors(), k, self.metric, groups,
-                                      device=self.index_.device)  # fmt: skip
+            dist, ids = symmetric_knn(
+                self.index_.vectors(), k, self.metric, groups, device=self.index_.device
+            )
             step = max(1, CHUNK_ENTRIES // k)
             for start in range(0, n_q, step):
                 rows = slice(start, min(n_q, start + step))
@@ -194,8 +195,9 @@ class KNNClassifier:
             sel = keep_first[:, :width]
             dist, ids = np.take_along_axis(dist, sel, 1), np.take_along_axis(ids, sel, 1)
             valid = np.arange(width)[None, :] < want[start:stop, None]
-            yield Neighbours(slice(start, stop), np.where(valid, dist, np.inf),
-                              np.where(valid, ids, -1))  # fmt: skip
+            yield Neighbours(
+                slice(start, stop), np.where(valid, dist, np.inf), np.where(valid, ids, -1)
+            )
             start = stop
 
     def _symmetric(self, q: np.ndarray, qg: np.ndarray | None, exclude: str) -> bool:

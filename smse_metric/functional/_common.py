@@ -98,8 +98,11 @@ class ScaleChecks:
         if not cross_scale:
             if not self.warned_unused:
                 self.warned_unused = True
-                warnings.warn(f"{self.owner}: scales= is ignored without cross_scale=True",
-                              UserWarning, stacklevel=3)  # fmt: skip
+                warnings.warn(
+                    f"{self.owner}: scales= is ignored without cross_scale=True",
+                    UserWarning,
+                    stacklevel=3,
+                )
             return
         if self.checked_values:
             return
@@ -299,8 +302,10 @@ def hardest_float32(x: Tensor, ref: Tensor, pos: Tensor, neg: Tensor):
     close_far, close_near = far_v.diff(dim=1) >= -err, near_v.diff(dim=1) <= err
     if not (close_far | close_near).any():
         return valid, pos_idx, neg_idx
-    for picks, mask, close, largest in ((pos_idx, pos, close_far, True),
-                                        (neg_idx, neg, close_near, False)):  # fmt: skip
+    for picks, mask, close, largest in (
+        (pos_idx, pos, close_far, True),
+        (neg_idx, neg, close_near, False),
+    ):
         rows = close.squeeze(1).nonzero().squeeze(1)
         if len(rows) > EXACT_ROWS:  # collapsed embeddings: the float64 product instead
             return None

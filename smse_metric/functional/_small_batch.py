@@ -83,9 +83,16 @@ def _weights(coef: Tensor, d: Tensor, metric: str) -> Tensor:
     return torch.nan_to_num(coef / d, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _finish(ctx, total: Tensor, count: Tensor | int | None, x: Tensor, weights: Tensor,
-            metric: str, unit: tuple[Tensor, Tensor] | None = None,
-            symmetric: bool = False) -> Tensor:  # fmt: skip
+def _finish(
+    ctx,
+    total: Tensor,
+    count: Tensor | int | None,
+    x: Tensor,
+    weights: Tensor,
+    metric: str,
+    unit: tuple[Tensor, Tensor] | None = None,
+    symmetric: bool = False,
+) -> Tensor:
     """Keep what the backward needs and reduce: ``total / max(count, 1)`` (None: the
     sum). ``weights``: the gradient of ``total`` w.r.t. the distances, passed through
     `_weights`; ``unit``: cosine's unit rows and norms (`_distances`); ``symmetric``:
@@ -238,8 +245,15 @@ class _Contrastive(torch.autograd.Function):
         return _backward(ctx, grad, 4)
 
 
-def small_triplet_loss(x: Tensor, labels: Tensor, scales: Tensor | None, margin: float,
-                       strategy: str, metric: str, reduction: str) -> Tensor:  # fmt: skip
+def small_triplet_loss(
+    x: Tensor,
+    labels: Tensor,
+    scales: Tensor | None,
+    margin: float,
+    strategy: str,
+    metric: str,
+    reduction: str,
+) -> Tensor:
     """The fused triplet loss of ``x`` [B, D] against itself; ``scales``: the cross-scale
     rule's magnifications, or None; ``strategy``: ``"batch_hard"`` or a window;
     ``metric``: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``."""
@@ -248,7 +262,8 @@ def small_triplet_loss(x: Tensor, labels: Tensor, scales: Tensor | None, margin:
     return _Triplets.apply(x, labels, scales, margin, strategy, metric, reduction)
 
 
-def small_contrastive_loss(x: Tensor, labels: Tensor, scales: Tensor | None, margin: float,
-                           reduction: str) -> Tensor:  # fmt: skip
+def small_contrastive_loss(
+    x: Tensor, labels: Tensor, scales: Tensor | None, margin: float, reduction: str
+) -> Tensor:
     """The contrastive loss over every pair of ``x`` [B, D] (``scales`` as above)."""
     return _Contrastive.apply(x, labels, scales, margin, reduction)

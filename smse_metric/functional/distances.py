@@ -265,8 +265,13 @@ def gathered_distances(
         for i, j in index_pairs:
             diff = emb[i] - ref[j]
             sq = (diff * diff).sum(1)
-            out.append({"euclidean": _safe_sqrt, "squared_euclidean": lambda v: v,
-                        "cosine": lambda v: v / 2}[metric](sq))  # fmt: skip
+            out.append(
+                {
+                    "euclidean": _safe_sqrt,
+                    "squared_euclidean": lambda v: v,
+                    "cosine": lambda v: v / 2,
+                }[metric](sq)
+            )
         return out
     mat = pairwise_distances(emb, None if same else ref, metric)
     return [mat[i, j] for i, j in index_pairs]

@@ -158,8 +158,9 @@ def _merged_all(d: Tensor, pos: Tensor, neg: Tensor, margin: float) -> tuple[Ten
     return coef, k_pos.sum()
 
 
-def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str,
-                   need_sel: bool):  # fmt: skip
+def _triplet_block(
+    d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str, need_sel: bool
+):
     """Counts for one block of anchors: (coef, loss-carrying triplets, selected triplets).
 
     Only loss-carrying triplets (``d_an < d_ap + margin``) inside the selection of
@@ -201,8 +202,9 @@ def _triplet_block(d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy:
     return coef, k_pos.sum(), n_sel
 
 
-def _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin, strategy,
-                        reduction):  # fmt: skip
+def _fused_triplet_loss(
+    dist, labels, ref_labels, scales, ref_scales, same, margin, strategy, reduction
+):
     """Sum of the selected triplets' losses as a linear form in the distances.
 
     Within the selection a triplet contributes ``d_ap + margin - d_an`` when that
@@ -321,12 +323,14 @@ def triplet_margin_loss(
                 emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction
             )
         dist = pairwise_distances(emb, None if same else ref, metric)
-        return _fused_triplet_loss(dist, labels, ref_labels, scales, ref_scales, same, margin,
-                                   triplets, reduction)  # fmt: skip
+        return _fused_triplet_loss(
+            dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
+        )
 
 
-def _batch_hard_loss(emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric,
-                     reduction):  # fmt: skip
+def _batch_hard_loss(
+    emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction
+):
     """Per anchor with a positive and a negative: relu(farthest positive - closest
     negative + margin). The choice needs every distance, the gradient only 2B of
     them: choose without autograd, then differentiate just the chosen pairs. The choice

@@ -74,8 +74,9 @@ def test_torch_kmeans_with_duplicate_rows_keeps_every_cluster_index_valid():
     assert set(c.tolist()) <= {0, 1, 2} and len(set(c[:5])) == len(set(c[5:])) == 1
 
 
-@pytest.mark.parametrize("n_clusters, error", [(0, ValueError), (11, ValueError),
-                                               (2.0, TypeError), (True, TypeError)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n_clusters, error", [(0, ValueError), (11, ValueError), (2.0, TypeError), (True, TypeError)]
+)
 def test_bad_n_clusters_names_the_argument(n_clusters, error):
     with pytest.raises(error, match="n_clusters"):
         kmeans(np.zeros((10, 2)), n_clusters)

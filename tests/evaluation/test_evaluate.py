@@ -43,13 +43,21 @@ def test_per_scale_and_cross_magnification_matrix_equal_brute_force():
 def test_separate_gallery_excludes_the_query_patient():
     emb, y, g, s = knn_data(n=100, seed=7)
     q, gal = slice(0, 30), slice(30, None)
-    r = evaluate_embeddings(emb[q], y[q], g[q], s[q], k=3, metric="l2",
-                            gallery=(emb[gal], y[gal], g[gal], s[gal]))  # fmt: skip
+    r = evaluate_embeddings(
+        emb[q], y[q], g[q], s[q], k=3, metric="l2", gallery=(emb[gal], y[gal], g[gal], s[gal])
+    )
     neigh = brute_neighbours(emb[q], emb[gal], "l2", 3, g[q], g[gal])
     assert r.pooled.accuracy == pytest.approx((brute_predict(neigh, y[gal]) == y[q]).mean())
     # without gallery groups nothing is excluded
-    r2 = evaluate_embeddings(emb[q], y[q], None, None, k=3, metric="l2",
-                             gallery={"embeddings": emb[gal], "labels": y[gal]})  # fmt: skip
+    r2 = evaluate_embeddings(
+        emb[q],
+        y[q],
+        None,
+        None,
+        k=3,
+        metric="l2",
+        gallery={"embeddings": emb[gal], "labels": y[gal]},
+    )
     neigh = brute_neighbours(emb[q], emb[gal], "l2", 3)
     assert r2.pooled.accuracy == pytest.approx((brute_predict(neigh, y[gal]) == y[q]).mean())
 
@@ -61,23 +69,36 @@ def test_separate_gallery_excludes_the_query_patient():
         (lambda e, y, g: evaluate_embeddings(e, y, g[:-1]), ValueError, "groups has"),
         (lambda e, y, g: evaluate_embeddings(e, y, g, k=500), ValueError, "k=500 is larger"),
         (lambda e, y, g: evaluate_embeddings(np.where(e > 2, np.nan, e), y, g), ValueError, "NaN"),
-        (lambda e, y, g: evaluate_embeddings(e, y, g, gallery=(e[:0], y[:0], None, None)),
-         ValueError, "gallery embeddings is empty"),
+        (
+            lambda e, y, g: evaluate_embeddings(e, y, g, gallery=(e[:0], y[:0], None, None)),
+            ValueError,
+            "gallery embeddings is empty",
+        ),
         (lambda e, y, g: evaluate_embeddings(e, y, g, exclude="patient"), ValueError, "exclude"),
         (lambda e, y, g: evaluate_embeddings(e, y.astype(float), g), TypeError, "labels"),
-        (lambda e, y, g: evaluate_embeddings(e, y, g, gallery=(e, y, g, None), exclude="self"),
-         ValueError, "self"),
+        (
+            lambda e, y, g: evaluate_embeddings(e, y, g, gallery=(e, y, g, None), exclude="self"),
+            ValueError,
+            "self",
+        ),
         (lambda e, y, g: KNNClassifier(k=0), ValueError, "k must be"),
         (lambda e, y, g: KNNClassifier(metric="dot"), ValueError, "metric"),
-        (lambda e, y, g: KNNClassifier().fit(e, y).predict(e, exclude="group"), ValueError,
-         "groups"),
-        pytest.param(lambda e, y, g: KNNClassifier(device="cuda").fit(e, y), ValueError, "GPU",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+        (
+            lambda e, y, g: KNNClassifier().fit(e, y).predict(e, exclude="group"),
+            ValueError,
+            "groups",
+        ),
+        pytest.param(
+            lambda e, y, g: KNNClassifier(device="cuda").fit(e, y),
+            ValueError,
+            "GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU"),
+        ),
         (lambda e, y, g: KNNClassifier(backend="annoy"), ValueError, "backend"),
         (lambda e, y, g: make_index(e, index="ivf", backend="torch"), ValueError, "ivf"),
         (lambda e, y, g: TorchIndex(e).search(e[:, :3], 2), ValueError, "dimension"),
     ],
-)  # fmt: skip
+)
 def test_bad_input(call, exc, match):
     emb, y, g, _ = knn_data(n=40, seed=9)
     with pytest.raises(exc, match=match):

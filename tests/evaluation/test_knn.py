@@ -24,9 +24,14 @@ def test_knn_equals_brute_force(metric, weights, exclude, backend):
     knn.fit(emb, y, groups=g)
     got = knn.predict(emb, query_groups=g, exclude=exclude)
     neigh = brute_neighbours(
-        emb, emb, metric, 5,
-        q_groups=g if exclude == "group" else None, g_groups=g, self_ex=exclude == "self",
-    )  # fmt: skip
+        emb,
+        emb,
+        metric,
+        5,
+        q_groups=g if exclude == "group" else None,
+        g_groups=g,
+        self_ex=exclude == "self",
+    )
     np.testing.assert_array_equal(got, brute_predict(neigh, y, weights))
     ids = np.concatenate([nb.ids for nb in knn.kneighbors_chunks(emb, g, exclude)])
     assert ids.tolist() == [[j for _, j in row] for row in neigh]
@@ -38,8 +43,12 @@ def test_knn_equals_sklearn_brute(metric, weights):
     KNeighborsClassifier = pytest.importorskip("sklearn.neighbors").KNeighborsClassifier
     emb, y, _, _ = knn_data(seed=1)
     q = knn_data(n=50, seed=2)[0]
-    sk = KNeighborsClassifier(7, weights=weights, algorithm="brute",
-                              metric="cosine" if metric == "cosine" else "euclidean")  # fmt: skip
+    sk = KNeighborsClassifier(
+        7,
+        weights=weights,
+        algorithm="brute",
+        metric="cosine" if metric == "cosine" else "euclidean",
+    )
     sk.fit(emb, y)
     ours = KNNClassifier(k=7, metric=metric, weights=weights).fit(emb, y)
     np.testing.assert_array_equal(ours.predict(q), sk.predict(q))

@@ -10,8 +10,13 @@ from helpers import knn_data, needs_faiss, needs_pml
 from smse_metric import evaluate_embeddings, evaluate_predictions
 from smse_metric.evaluation import RetrievalMetrics
 
-PML_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r",
-               "mean_average_precision", "mean_reciprocal_rank")  # fmt: skip
+PML_METRICS = (
+    "precision_at_1",
+    "r_precision",
+    "mean_average_precision_at_r",
+    "mean_average_precision",
+    "mean_reciprocal_rank",
+)
 
 
 class BruteKNN:
@@ -27,15 +32,16 @@ class BruteKNN:
         return return_results(torch.gather(d, 1, order), order, ref_includes_query)
 
 
-def pml(query, labels, reference=None, ref_labels=None, ref_includes_query=False, k=None,
-        **kwargs):  # fmt: skip
+def pml(query, labels, reference=None, ref_labels=None, ref_includes_query=False, k=None, **kwargs):
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    calc = AccuracyCalculator(include=PML_METRICS, k=k, knn_func=BruteKNN(),
-                              device=torch.device("cpu"), **kwargs)  # fmt: skip
+    calc = AccuracyCalculator(
+        include=PML_METRICS, k=k, knn_func=BruteKNN(), device=torch.device("cpu"), **kwargs
+    )
     as_t = lambda x: None if x is None else torch.as_tensor(np.asarray(x))  # noqa: E731
-    return calc.get_accuracy(as_t(query), as_t(labels), as_t(reference), as_t(ref_labels),
-                             ref_includes_query)  # fmt: skip
+    return calc.get_accuracy(
+        as_t(query), as_t(labels), as_t(reference), as_t(ref_labels), ref_includes_query
+    )
 
 
 def assert_equal_to_pml(ours: RetrievalMetrics, theirs: dict, classes=None, scored=None):
@@ -64,8 +70,13 @@ def test_leave_one_out_equals_pml(retrieval_k, average, dtype):
     emb = emb.astype(dtype).astype(np.float32)  # PML computes in float32 whatever it gets
     kw = {"avg_of_avgs": average == "class", "return_per_class": average == "per_class"}
     theirs = pml(emb, y, k=retrieval_k, **kw)
-    r = ours(emb, y, exclude="self", retrieval_k=retrieval_k,
-             average="class" if average == "class" else "query").retrieval  # fmt: skip
+    r = ours(
+        emb,
+        y,
+        exclude="self",
+        retrieval_k=retrieval_k,
+        average="class" if average == "class" else "query",
+    ).retrieval
     assert_equal_to_pml(r, theirs)
     assert r.queries_scored == 90
 
@@ -82,10 +93,17 @@ def test_separate_gallery_with_ties_unseen_labels_and_lone_items_equals_pml(retr
     q_labels = rng.integers(0, 4, 40)
     q_labels[:3] = [9, -1, -1]  # -1: a label the gallery lacks, first in the class order
     for average in ("query", "class"):
-        theirs = pml(query, q_labels, gallery, g_labels, k=retrieval_k,
-                     avg_of_avgs=average == "class")  # fmt: skip
-        r = ours(query, q_labels, exclude="none", gallery=(gallery, g_labels, None, None),
-                 retrieval_k=retrieval_k, average=average)  # fmt: skip
+        theirs = pml(
+            query, q_labels, gallery, g_labels, k=retrieval_k, avg_of_avgs=average == "class"
+        )
+        r = ours(
+            query,
+            q_labels,
+            exclude="none",
+            gallery=(gallery, g_labels, None, None),
+            retrieval_k=retrieval_k,
+            average=average,
+        )
         assert_equal_to_pml(r.retrieval, theirs)
         assert r.retrieval.queries_scored == 38
         assert (r.retrieval.queries_unseen_label, r.retrieval.queries_without_relevant) == (2, 0)
@@ -105,8 +123,14 @@ def test_reference_holding_the_queries_equals_pml():
     q_labels[0] = 5  # only in the query itself: a lone query, left out by both
     gallery, g_labels = np.concatenate([query, extra]), np.concatenate([q_labels, e_labels])
     theirs = pml(query, q_labels, gallery, g_labels, ref_includes_query=True)
-    r = ours(query, q_labels, groups=np.arange(30), exclude="group", retrieval_k=None,
-             gallery=(gallery, g_labels, np.arange(55), None)).retrieval  # fmt: skip
+    r = ours(
+        query,
+        q_labels,
+        groups=np.arange(30),
+        exclude="group",
+        retrieval_k=None,
+        gallery=(gallery, g_labels, np.arange(55), None),
+    ).retrieval
     assert_equal_to_pml(r, theirs)
     assert (r.queries_scored, r.queries_without_relevant, r.queries_unseen_label) == (29, 1, 0)
 
@@ -126,7 +150,11 @@ def test_the_issue_example_leaves_the_lone_query_out_of_every_metric():
     # [[0],[1],[5]], labels [0,0,1], k=1, leave-one-out: query 2 has no other class-1 item
     r = ours(np.array([[0.0], [1.0], [5.0]]), [0, 0, 1], exclude="self").retrieval
     assert (r.precision_at_1, r.map_at_r, r.queries_scored, r.queries_without_relevant) == (
-        1.0, 1.0, 2, 1)  # fmt: skip
+        1.0,
+        1.0,
+        2,
+        1,
+    )
     assert r.per_class["precision_at_1"][0] == 1.0 and math.isnan(r.per_class["precision_at_1"][1])
 
 
@@ -137,7 +165,8 @@ def test_nmi_and_ami_equal_pml_with_faiss_kmeans():
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     theirs = AccuracyCalculator(include=("NMI", "AMI"), device=torch.device("cpu")).get_accuracy(
-        torch.from_numpy(emb), torch.from_numpy(y))  # fmt: skip
+        torch.from_numpy(emb), torch.from_numpy(y)
+    )
     c = evaluate_embeddings(emb, y, k=1, exclude="self").clustering
     assert (c.backend, c.n_clusters) == ("faiss", 5)
     assert c.nmi == pytest.approx(theirs["NMI"], abs=1e-12)
@@ -172,8 +201,9 @@ def test_retrieval_k_truncates_like_pml():
     assert r.mean_reciprocal_rank == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (1.5, ValueError), ("max", ValueError),
-                                        (True, ValueError)])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, error", [(0, ValueError), (1.5, ValueError), ("max", ValueError), (True, ValueError)]
+)
 def test_bad_retrieval_k_names_the_argument(bad, error):
     with pytest.raises(error, match="retrieval_k"):
         ours(np.eye(3), [0, 0, 1], exclude="self", retrieval_k=bad)
@@ -227,8 +257,14 @@ def test_pml_case_reference_holding_the_queries():
     ref = (np.arange(20) / 2.0)[:, None]
     ref = np.concatenate([ref[::2], ref[1::2]])
     ref_labels = np.concatenate([labels, np.ones(10, dtype=int)])
-    r = ours(query, labels, groups=np.arange(10), exclude="group", retrieval_k=None,
-             gallery=(ref, ref_labels, np.arange(20), None)).retrieval  # fmt: skip
+    r = ours(
+        query,
+        labels,
+        groups=np.arange(10),
+        exclude="group",
+        retrieval_k=None,
+        gallery=(ref, ref_labels, np.arange(20), None),
+    ).retrieval
     assert r.queries_scored == 1 and r.queries_without_relevant == 9
     assert r.precision_at_1 == 1.0 and r.r_precision == 0.5
     assert r.map_at_r == pytest.approx((1 + 2 / 2 + 3 / 5 + 4 / 7 + 5 / 9) / 10)

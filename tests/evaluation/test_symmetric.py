@@ -30,8 +30,9 @@ def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, metric, ex
     def run():
         knn = KNNClassifier(k=7, metric=metric, backend=backend).fit(x, y, g)
         chunks = list(knn.kneighbors_chunks(x, g, exclude))
-        report = evaluate_embeddings(x, y, g, s, k=7, exclude=exclude, metric=metric,
-                                     ranking=False, backend=backend)  # fmt: skip
+        report = evaluate_embeddings(
+            x, y, g, s, k=7, exclude=exclude, metric=metric, ranking=False, backend=backend
+        )
         return np.concatenate([c.ids for c in chunks]), report.to_dict()
 
     calls = []
@@ -45,8 +46,14 @@ def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, metric, ex
     assert fast == slow
 
 
-@given(st.integers(2, 150), st.integers(1, 6), st.integers(1, 4), st.sampled_from([32, 64]),
-       st.booleans(), st.integers(0, 2**16))  # fmt: skip
+@given(
+    st.integers(2, 150),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.sampled_from([32, 64]),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
 def test_l2_on_integer_points_is_exact_ties_included(n, k, d, block, grouped, seed):
     rng = np.random.default_rng(seed)
     x = rng.integers(-3, 4, (n, d)).astype(np.float32)  # many exact ties
@@ -102,8 +109,11 @@ def test_collapsed_embeddings_are_exact_ties_by_index(case, grouped):
     path. Small integers keep float32 exact, so the distances must equal too."""
     rng = np.random.default_rng(2)
     distinct = rng.integers(-3, 4, (10, 8))
-    x = {"all equal": np.ones((700, 8)), "10 distinct rows": np.repeat(distinct, 70, 0),
-         "2-D zeros": np.zeros((700, 2))}[case].astype(np.float32)  # fmt: skip
+    x = {
+        "all equal": np.ones((700, 8)),
+        "10 distinct rows": np.repeat(distinct, 70, 0),
+        "2-D zeros": np.zeros((700, 2)),
+    }[case].astype(np.float32)
     groups = rng.integers(0, 60, 700) if grouped else None
     for metric in ("l2",) if case == "2-D zeros" else ("l2", "cosine"):  # cosine of 0: none
         for k, block in ((5, 64), (2, 128)):
@@ -135,14 +145,17 @@ def test_the_search_runs_where_the_embeddings_are_with_the_same_neighbours(devic
     np.testing.assert_array_equal(ids, brute_self_neighbours(x, 6, "l2", groups)[1])
 
 
-@pytest.mark.parametrize(("free_gib", "n", "want"), [
-    (70, 10**6, 32768),  # an 80 GB card: 4 x 4 GiB blocks fit in half its free memory
-    (20, 10**6, 16384),
-    (1, 10**6, 4096),
-    (0, 10**6, symmetric.BLOCK),  # nothing fits: the CPU's block
-    (70, 20_000, 16384),  # never a block beyond the rows
-    (70, 100, symmetric.BLOCK),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("free_gib", "n", "want"),
+    [
+        (70, 10**6, 32768),  # an 80 GB card: 4 x 4 GiB blocks fit in half its free memory
+        (20, 10**6, 16384),
+        (1, 10**6, 4096),
+        (0, 10**6, symmetric.BLOCK),  # nothing fits: the CPU's block
+        (70, 20_000, 16384),  # never a block beyond the rows
+        (70, 100, symmetric.BLOCK),
+    ],
+)
 def test_the_gpu_block_is_the_largest_that_fits(monkeypatch, free_gib, n, want):
     """The default block on a GPU follows its free memory and the rows (no GPU needed:
     the memory query is replaced); on the CPU it is BLOCK."""

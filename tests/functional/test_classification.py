@@ -104,26 +104,45 @@ def test_focal_loss_reduces_to_cross_entropy_and_matches_formula():
 @pytest.mark.parametrize(
     ("call", "exc", "match"),
     [
-        (lambda: ReinforcedFocalLoss()(torch.randn(3, 2), torch.tensor([0, 2, 1])), ValueError,
-         "target"),
-        (lambda: ReinforcedFocalLoss()(torch.randn(3, 2), torch.tensor([0.0, 1.0, 1.0])),
-         TypeError, "target"),
-        (lambda: ReinforcedFocalLoss()(torch.randn(3, 2), torch.tensor([0, 1])), ValueError,
-         "target"),
-        (lambda: ReinforcedFocalLoss()(torch.randn(3), torch.tensor([0, 1, 1])), ValueError,
-         "logits"),
-        (lambda: ReinforcedFocalLoss(beta=[0.5, 0.5, 0.5])(torch.randn(3, 2),
-                                                           torch.tensor([0, 1, 1])),
-         ValueError, "beta"),
+        (
+            lambda: ReinforcedFocalLoss()(torch.randn(3, 2), torch.tensor([0, 2, 1])),
+            ValueError,
+            "target",
+        ),
+        (
+            lambda: ReinforcedFocalLoss()(torch.randn(3, 2), torch.tensor([0.0, 1.0, 1.0])),
+            TypeError,
+            "target",
+        ),
+        (
+            lambda: ReinforcedFocalLoss()(torch.randn(3, 2), torch.tensor([0, 1])),
+            ValueError,
+            "target",
+        ),
+        (
+            lambda: ReinforcedFocalLoss()(torch.randn(3), torch.tensor([0, 1, 1])),
+            ValueError,
+            "logits",
+        ),
+        (
+            lambda: ReinforcedFocalLoss(beta=[0.5, 0.5, 0.5])(
+                torch.randn(3, 2), torch.tensor([0, 1, 1])
+            ),
+            ValueError,
+            "beta",
+        ),
         (lambda: ReinforcedFocalLoss(beta=[0.5, -1.0]), ValueError, "beta"),
         (lambda: ReinforcedFocalLoss(gamma=-1), ValueError, "gamma"),
         (lambda: ReinforcedFocalLoss(alpha=0), ValueError, "alpha"),
         (lambda: ReinforcedFocalLoss(reduction="avg"), ValueError, "reduction"),
         (lambda: ReinforcedFocalLoss.from_class_counts([3, -1]), ValueError, "counts"),
-        (lambda: FocalLoss(weight=[1.0])(torch.randn(3, 2), torch.tensor([0, 1, 1])), ValueError,
-         "weight"),
+        (
+            lambda: FocalLoss(weight=[1.0])(torch.randn(3, 2), torch.tensor([0, 1, 1])),
+            ValueError,
+            "weight",
+        ),
     ],
-)  # fmt: skip
+)
 def test_classification_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()

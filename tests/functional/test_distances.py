@@ -31,8 +31,9 @@ def test_self_distance_diagonal_is_exactly_zero_in_float32():
     x = torch.randn(64, 32) * 10
     d = smf.pairwise_distances(x)
     assert torch.equal(torch.diagonal(d), torch.zeros(64))
-    assert torch.equal(torch.diagonal(smf.pairwise_distances(x, metric="squared_euclidean")),
-                       torch.zeros(64))  # fmt: skip
+    assert torch.equal(
+        torch.diagonal(smf.pairwise_distances(x, metric="squared_euclidean")), torch.zeros(64)
+    )
 
 
 def test_euclidean_gradient_with_ref_equals_autograd_of_loops():

@@ -29,8 +29,9 @@ def test_contrastive_fused_equals_naive(reduction, cross, path):
 def test_contrastive_with_ref_and_pairs_equals_naive():
     emb, labels, scales = make_batch(10, 4, 3, n_scales=2, seed=10)
     r_emb, r_labels, r_scales = make_batch(9, 4, 3, n_scales=2, seed=11)
-    kw = dict(ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales,
-              cross_scale=True)  # fmt: skip
+    kw = dict(
+        ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales, cross_scale=True
+    )
     assert_same(
         lambda e: smf.contrastive_loss(e, labels, 1.2, "mean", **kw),
         lambda e: ref.contrastive(e, labels, 1.2, "mean", **kw),

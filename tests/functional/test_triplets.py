@@ -74,10 +74,10 @@ def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction
 )
 # batch-hard terms that tie at 0: the sorted path once took its values from gathered
 # rows (an ulp off the matrix that chose them), and "mean_nonzero" counted one more term
-@example(seed=167, strategy="batch_hard", reduction="mean_nonzero", margin=-0.5,
-         dtype=torch.float64)  # fmt: skip
-@example(seed=66, strategy="batch_hard", reduction="mean_nonzero", margin=0.0,
-         dtype=torch.float32)  # fmt: skip
+@example(
+    seed=167, strategy="batch_hard", reduction="mean_nonzero", margin=-0.5, dtype=torch.float64
+)
+@example(seed=66, strategy="batch_hard", reduction="mean_nonzero", margin=0.0, dtype=torch.float32)
 def test_cosine_on_tied_directions_takes_the_same_triplets_on_both_paths(
     seed, strategy, reduction, margin, dtype
 ):
@@ -128,8 +128,9 @@ def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, mo
 def test_fused_triplet_cross_scale_and_ref_emb(strategy):
     emb, labels, scales = make_batch(12, 4, 3, n_scales=3, seed=2)
     r_emb, r_labels, r_scales = make_batch(10, 4, 3, n_scales=3, seed=3)
-    kw = dict(ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales,
-              cross_scale=True)  # fmt: skip
+    kw = dict(
+        ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales, cross_scale=True
+    )
     assert_same(
         lambda e: smf.triplet_margin_loss(e, labels, 0.4, False, strategy, "mean", **kw),
         lambda e: ref.triplet_loss(e, labels, 0.4, strategy, "mean", **kw),
@@ -171,10 +172,10 @@ def test_fused_triplet_property_matches_naive(
 def test_fused_equals_mined(strategy, reduction, path, distance):
     emb, labels, scales = make_batch(40, 8, 4, n_scales=2, seed=4)
     kw = dict(scales=scales)
-    loss = TripletMarginLoss(0.3, triplets=strategy, reduction=reduction, cross_scale=True,
-                             distance=distance)  # fmt: skip
-    miner = TripletMiner(strategy, margin=0.3, cross_scale=True, chunk_size=7,
-                         distance=distance)  # fmt: skip
+    loss = TripletMarginLoss(
+        0.3, triplets=strategy, reduction=reduction, cross_scale=True, distance=distance
+    )
+    miner = TripletMiner(strategy, margin=0.3, cross_scale=True, chunk_size=7, distance=distance)
     with fused_path(path):
         assert_same(
             lambda e: loss(e, labels, **kw),
@@ -204,8 +205,11 @@ def test_triplet_parity_with_pml(strategy, margin):
 def _pml_distance(name):
     from pytorch_metric_learning import distances
 
-    return {"l2": distances.LpDistance(), "squared_l2": distances.LpDistance(power=2),
-            "cosine": distances.CosineSimilarity()}[name]  # fmt: skip
+    return {
+        "l2": distances.LpDistance(),
+        "squared_l2": distances.LpDistance(power=2),
+        "cosine": distances.CosineSimilarity(),
+    }[name]
 
 
 @needs_pml
@@ -277,9 +281,12 @@ def _merged_by_rounding(emb: torch.Tensor, squared: bool) -> bool:
     return bool((same32 & (d64[:, :, None] != d64[:, None, :])).any())
 
 
-@given(seed=st.integers(0, 2**16), squared=st.booleans(),
-       strategy=st.sampled_from(["all", "semihard", "hard", "batch_hard"]),
-       path=st.sampled_from(FUSED_PATHS))  # fmt: skip
+@given(
+    seed=st.integers(0, 2**16),
+    squared=st.booleans(),
+    strategy=st.sampled_from(["all", "semihard", "hard", "batch_hard"]),
+    path=st.sampled_from(FUSED_PATHS),
+)
 def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy, path):
     """The fused selection follows the exact distances too: float32 and float64 select
     the same triplets on tight clusters. A triplet's term is about 1e-4 here, so one
@@ -292,15 +299,19 @@ def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy,
     assume(strategy in ("all", "batch_hard") or not _merged_by_rounding(emb, squared))
     loss = TripletMarginLoss(1e-4, squared=squared, triplets=strategy, reduction="sum")
     with fused_path(path):
-        (got, g32), (want, g64) = (value_and_grad(lambda e: loss(e, labels), x)
-                                   for x in (emb, emb.double()))  # fmt: skip
+        (got, g32), (want, g64) = (
+            value_and_grad(lambda e: loss(e, labels), x) for x in (emb, emb.double())
+        )
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
     if strategy == "batch_hard":  # the same chosen pairs: the same gradient
         torch.testing.assert_close(g32.double(), g64, rtol=2e-2, atol=1e-3)  # f32 directions
 
 
-@given(seed=st.integers(0, 2**16), spread=st.sampled_from([0.0, 1e-7, 1e-4, 1.0]),
-       n_labels=st.integers(1, 6))  # fmt: skip
+@given(
+    seed=st.integers(0, 2**16),
+    spread=st.sampled_from([0.0, 1e-7, 1e-4, 1.0]),
+    n_labels=st.integers(1, 6),
+)
 def test_float32_batch_hard_choice_equals_the_float64_choice(seed, spread, n_labels):
     """The float32-first pick (CPU) against the pick on float64 direct differences
     (ties to the smaller index), on copies of a few points moved by `spread` (0: exact
@@ -328,16 +339,19 @@ def test_collapsed_batch_hard_takes_the_float64_product_and_keeps_its_choice():
     pos, neg = common.block_masks(labels, labels, None, None, True, 0, 200)
     assert common.hardest_float32(emb, emb, pos, neg) is None
     loss = TripletMarginLoss(0.2, triplets="batch_hard", reduction="sum")
-    (got, g32), (want, g64) = (value_and_grad(lambda e: loss(e, labels), x)
-                               for x in (emb, emb.double()))  # fmt: skip
+    (got, g32), (want, g64) = (
+        value_and_grad(lambda e: loss(e, labels), x) for x in (emb, emb.double())
+    )
     torch.testing.assert_close(got.double(), want)
     torch.testing.assert_close(g32.double(), g64)
 
 
 @given(
-    st.integers(1, 6), st.integers(1, 9), st.sampled_from([torch.float32, torch.float64]),
+    st.integers(1, 6),
+    st.integers(1, 9),
+    st.sampled_from([torch.float32, torch.float64]),
     st.integers(0, 2**16),
-)  # fmt: skip
+)
 def test_one_sort_counts_as_the_two_sorts(rows, cols, dtype, seed):
     """The single sort (positives keyed below negatives by the sign bit) counts and
     orders exactly as sorting each side apart: distances with ties, +0.0 and

@@ -104,11 +104,15 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
     from .models import backbone_data_config
 
     own = backbone_data_config((model or build_model(cfg)).backbone)
-    return dataclasses.replace(cfg, data=dataclasses.replace(
-        d, mean=list(own["mean"]) if d.mean is None else d.mean,
-        std=list(own["std"]) if d.std is None else d.std,
-        interpolation=own["interpolation"] if d.interpolation is None else d.interpolation,
-    ))  # fmt: skip
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            d,
+            mean=list(own["mean"]) if d.mean is None else d.mean,
+            std=list(own["std"]) if d.std is None else d.std,
+            interpolation=own["interpolation"] if d.interpolation is None else d.interpolation,
+        ),
+    )
 
 
 def make_datasets(
@@ -142,13 +146,20 @@ def make_datasets(
     def make(mask, transform):
         # device augmentation is the training transform's; evaluation images are finished
         augment_on = cfg.data.augment_on if transform == "train" else "worker"
-        return BreakHisDataset(splits.index.subset(mask), transform, size=size,
-                               task=cfg.data.task, seed=cfg.run.seed,
-                               skip_bad_images=cfg.data.skip_bad_images, mean=cfg.data.mean,
-                               std=cfg.data.std,
-                               interpolation=cfg.data.interpolation or "bilinear",
-                               cache_dir=cfg.data.cache_dir, augment_on=augment_on,
-                               max_image_pixels=cfg.data.max_image_pixels)  # fmt: skip
+        return BreakHisDataset(
+            splits.index.subset(mask),
+            transform,
+            size=size,
+            task=cfg.data.task,
+            seed=cfg.run.seed,
+            skip_bad_images=cfg.data.skip_bad_images,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+            interpolation=cfg.data.interpolation or "bilinear",
+            cache_dir=cfg.data.cache_dir,
+            augment_on=augment_on,
+            max_image_pixels=cfg.data.max_image_pixels,
+        )
 
     def every_split() -> dict[str, BreakHisDataset]:
         return {
@@ -226,17 +237,26 @@ def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> 
     if cfg.sampler.kind == "multiscale":
         try:
             inner = MultiScaleBatchSampler(
-                ds.labels, ds.groups, ds.scales, cfg.sampler.classes_per_batch,
-                cfg.sampler.groups_per_class, cfg.sampler.images_per_scale, seed=cfg.run.seed,
-            )  # fmt: skip
+                ds.labels,
+                ds.groups,
+                ds.scales,
+                cfg.sampler.classes_per_batch,
+                cfg.sampler.groups_per_class,
+                cfg.sampler.images_per_scale,
+                seed=cfg.run.seed,
+            )
         except ValueError as e:  # the [sampler] section does not fit the training data
             raise RecipeError(f"[sampler] on the training split: {e}") from e
     else:
         inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
     # pinned pages let the batch's copy to a GPU overlap the step (non_blocking)
-    return DataLoader(ds, batch_sampler=inner, num_workers=cfg.data.num_workers,
-                      pin_memory=pin_memory,
-                      collate_fn=collate_records if ds.on_device else None)  # fmt: skip
+    return DataLoader(
+        ds,
+        batch_sampler=inner,
+        num_workers=cfg.data.num_workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_records if ds.on_device else None,
+    )
 
 
 def make_losses(
@@ -262,8 +282,11 @@ def make_losses(
     elif lc.metric == "pair":
         metric = ContrastiveLoss(lc.margin, cross_scale=lc.cross_scale)
     if lc.classification == "rfl":
-        cls = (ReinforcedFocalLoss.from_class_counts(class_counts, lc.alpha, lc.gamma)
-               if lc.beta_from_counts else ReinforcedFocalLoss(lc.alpha, lc.gamma))  # fmt: skip
+        cls = (
+            ReinforcedFocalLoss.from_class_counts(class_counts, lc.alpha, lc.gamma)
+            if lc.beta_from_counts
+            else ReinforcedFocalLoss(lc.alpha, lc.gamma)
+        )
     elif lc.classification == "focal":
         cls = FocalLoss(lc.gamma)
     else:
@@ -299,8 +322,14 @@ def build_model(cfg: Config) -> EmbeddingNet:
         >>> emb.shape, logits.shape
         (torch.Size([2, 32]), torch.Size([2, 8]))
     """
-    return EmbeddingNet(cfg.model.backbone, cfg.model.pretrained, cfg.model.embedding_dim,
-                        num_classes(cfg), cfg.model.normalize, cfg.model.weights)  # fmt: skip
+    return EmbeddingNet(
+        cfg.model.backbone,
+        cfg.model.pretrained,
+        cfg.model.embedding_dim,
+        num_classes(cfg),
+        cfg.model.normalize,
+        cfg.model.weights,
+    )
 
 
 def make_optimizer(
@@ -320,12 +349,14 @@ def make_optimizer(
         ('Adam', 'StepLR')
     """
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    optimizer = opt_cls[cfg.optim.name](model.parameters(), lr=cfg.optim.lr,
-                                        weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    optimizer = opt_cls[cfg.optim.name](
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     scheduler = None
     if cfg.optim.schedule == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.optim.step_size,
-                                                    cfg.optim.step_gamma)  # fmt: skip
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, cfg.optim.step_size, cfg.optim.step_gamma
+        )
     elif cfg.optim.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.optim.epochs)
     return optimizer, scheduler
@@ -395,5 +426,15 @@ def build(cfg: Config, splits: Splits, device: torch.device) -> Built:
     optimizer, scheduler = make_optimizer(cfg, model)
     amp_dtype, scaler = amp_setup(cfg, device)
     loader = train_loader(cfg, datasets["train"], pin_memory=device.type == "cuda")
-    return Built(device, datasets, model, metric_loss, cls_loss.to(device), optimizer,
-                 scheduler, amp_dtype, scaler, loader)  # fmt: skip
+    return Built(
+        device,
+        datasets,
+        model,
+        metric_loss,
+        cls_loss.to(device),
+        optimizer,
+        scheduler,
+        amp_dtype,
+        scaler,
+        loader,
+    )

@@ -30,8 +30,9 @@ def _synth(args: argparse.Namespace) -> int:
 def _summary(metrics: RunMetrics, out: Path) -> None:
     from .report import format_score, results_table
 
-    print(f"best epoch {metrics.best_epoch + 1} ({metrics.selected_on} "
-          f"{metrics.best_val_score:.3f})")  # fmt: skip
+    print(
+        f"best epoch {metrics.best_epoch + 1} ({metrics.selected_on} {metrics.best_val_score:.3f})"
+    )
     print("\n".join(results_table(metrics.test)))
     mean = format_score(metrics.test.knn.cross_magnification_mean)
     print(f"cross-magnification kNN mean: {mean}")
@@ -57,10 +58,13 @@ def _train_config(args: argparse.Namespace, folds: list[int] | None):
     from . import load_config
 
     overrides: dict = {"data": {}, "model": {}, "optim": {}, "run": {}}
-    for section, key, value in (("data", "fold", args.fold), ("optim", "epochs", args.epochs),
-                                ("run", "device", args.device),
-                                ("model", "pretrained", args.pretrained),
-                                ("model", "weights", args.weights)):  # fmt: skip
+    for section, key, value in (
+        ("data", "fold", args.fold),
+        ("optim", "epochs", args.epochs),
+        ("run", "device", args.device),
+        ("model", "pretrained", args.pretrained),
+        ("model", "weights", args.weights),
+    ):
         if value is not None:
             overrides[section][key] = value
     if args.weights is not None and not Path(args.weights).is_file():
@@ -87,8 +91,9 @@ def _validate_run(cfg, folds: list[int] | None) -> None:
     if cfg.data.path is None:
         return  # synthetic data is written by the run itself
     for k in folds or [cfg.data.fold]:
-        load_splits(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k)),
-                    cfg.data.path)  # fmt: skip
+        load_splits(
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k)), cfg.data.path
+        )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -108,8 +113,10 @@ def _train(args: argparse.Namespace) -> int:
     folds = _parse_folds(args.folds) if args.folds else None
     if args.resume:
         if args.config or args.data or args.synthetic:
-            raise RecipeError("--resume continues the run with its own config.toml and data; "
-                             "drop --config, --data and --synthetic")  # fmt: skip
+            raise RecipeError(
+                "--resume continues the run with its own config.toml and data; "
+                "drop --config, --data and --synthetic"
+            )
         runs = [out / f"fold{k}" for k in folds] if folds else [out]
         saved = [r / "config.toml" for r in runs if (r / "config.toml").is_file()]
         if not saved or (not folds and not (out / "checkpoints" / "last.pt").is_file()):
@@ -152,8 +159,9 @@ def _shared_data(cfg, out: Path, folds: list[int] | None):
 
     if cfg.data.path is not None or not folds:
         return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, path=str((out / "data").resolve())))  # fmt: skip
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, path=str((out / "data").resolve()))
+    )
 
 
 def _barrier() -> None:
@@ -202,11 +210,15 @@ def _search(args: argparse.Namespace) -> int:
     if not sheet.parent.is_dir():  # before the search, not after it
         raise RecipeError(f"--sheet {sheet}: the directory {sheet.parent} does not exist")
     found = search_run(args.run, args.image, args.k, device=args.device or "cpu", data=args.data)
-    print(f"{'rank':>4}  {'distance':>8}  {'patient':<22} {'class':<9} {'subtype':<7} "
-          f"{'mag':>4}  path")  # fmt: skip
+    print(
+        f"{'rank':>4}  {'distance':>8}  {'patient':<22} {'class':<9} {'subtype':<7} "
+        f"{'mag':>4}  path"
+    )
     for n in found:
-        print(f"{n.rank:>4}  {n.distance:8.4f}  {n.patient:<22} {n.label:<9} {n.subtype:<7} "
-              f"{n.magnification:>4}  {n.path}")  # fmt: skip
+        print(
+            f"{n.rank:>4}  {n.distance:8.4f}  {n.patient:<22} {n.label:<9} {n.subtype:<7} "
+            f"{n.magnification:>4}  {n.path}"
+        )
     contact_sheet(args.image, found, sheet)
     print(f"contact sheet: {sheet}")
     return 0
@@ -219,8 +231,7 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     replace = check_run_dir(out, args.overwrite, marker=DEMO_MARKER)
     with claim_run_dir(out, replace, marker=DEMO_MARKER):
-        summary = run_demo(out, epochs=args.epochs, seeds=args.seeds,
-                           device=args.device or "auto")  # fmt: skip
+        summary = run_demo(out, epochs=args.epochs, seeds=args.seeds, device=args.device or "auto")
     runs = summary["runs"]
     print()
     print("replicate 1 of", len(runs))
@@ -245,10 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_synth(sub) -> None:
     synth = sub.add_parser(
-        "synth", help="write the synthetic BreakHis-layout dataset",
+        "synth",
+        help="write the synthetic BreakHis-layout dataset",
         description="Write a procedural H&E-like dataset in the exact BreakHis layout, "
         "with a Folds.csv of 5 patient-disjoint folds.",
-    )  # fmt: skip
+    )
     synth.add_argument("out_dir", help="directory to write (created if missing)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--images-per-magnification", type=int, default=4)
@@ -259,9 +271,10 @@ def _add_synth(sub) -> None:
 
 def _add_train(sub) -> None:
     tr = sub.add_parser(
-        "train", help="train a recipe preset or config file",
+        "train",
+        help="train a recipe preset or config file",
         description="Train, select the epoch on validation patients, evaluate on test patients.",
-    )  # fmt: skip
+    )
     tr.add_argument(
         "--config",
         help="a preset (smse-triplet [default], smse-triplet-small, smse-pair, baseline-ce) "
@@ -270,39 +283,46 @@ def _add_train(sub) -> None:
     src = tr.add_mutually_exclusive_group()
     src.add_argument("--data", help="BreakHis-layout directory")
     src.add_argument(
-        "--synthetic", action="store_true",
+        "--synthetic",
+        action="store_true",
         help="generate the synthetic dataset into OUT/data and train on it",
-    )  # fmt: skip
+    )
     tr.add_argument("--out", required=True, help="run directory")
     which = tr.add_mutually_exclusive_group()
     which.add_argument("--fold", type=int, help="fold of the fold file (1-5)")
     which.add_argument(
-        "--folds", metavar="SPEC",
+        "--folds",
+        metavar="SPEC",
         help="train several folds into OUT/fold<k> (1-5 or 1,3) and report mean +- std",
-    )  # fmt: skip
+    )
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"))
     tr.add_argument(
-        "--pretrained", action=argparse.BooleanOptionalAction, default=None,
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="download the backbone's pretrained (e.g. ImageNet) weights, or not",
-    )  # fmt: skip
+    )
     tr.add_argument(
-        "--weights", metavar="FILE",
+        "--weights",
+        metavar="FILE",
         help="a local .safetensors / .pt backbone state dict (no download)",
-    )  # fmt: skip
+    )
     how = tr.add_mutually_exclusive_group()
-    how.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from checkpoints/last.pt")  # fmt: skip
+    how.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt"
+    )
     how.add_argument("--overwrite", action="store_true", help="replace an existing run")
     tr.set_defaults(func=_train)
 
 
 def _add_evaluate(sub) -> None:
     ev = sub.add_parser(
-        "evaluate", help="re-evaluate a run's best checkpoint on its test patients",
+        "evaluate",
+        help="re-evaluate a run's best checkpoint on its test patients",
         description="Recompute metrics.json, embeddings, report.md (and, with faiss, the "
         "FAISS index) of a run from checkpoints/best.pt.",
-    )  # fmt: skip
+    )
     _add_run_arguments(ev)
     ev.set_defaults(func=_evaluate)
 
@@ -316,11 +336,12 @@ def _add_run_arguments(parser) -> None:
 
 def _add_search(sub) -> None:
     se = sub.add_parser(
-        "search", help="the training images most similar to an image",
+        "search",
+        help="the training images most similar to an image",
         description="Embed IMAGE with the run's best checkpoint and list its nearest "
         "gallery images (path, patient, class, magnification, distance); writes a PNG "
         "contact sheet.",
-    )  # fmt: skip
+    )
     _add_run_arguments(se)
     se.add_argument("image", help="an image file")
     se.add_argument("-k", type=int, default=5, help="neighbours to return (default 5)")
@@ -330,17 +351,20 @@ def _add_search(sub) -> None:
 
 def _add_demo(sub) -> None:
     de = sub.add_parser(
-        "demo", help="SMSE vs a plain classifier on the synthetic dataset (minutes, CPU)",
+        "demo",
+        help="SMSE vs a plain classifier on the synthetic dataset (minutes, CPU)",
         description="Generate the synthetic dataset, train smse-triplet and baseline-ce on "
         "several paired replicates, and print each headline metric's mean difference, its "
         "95% confidence interval and the verdict.",
-    )  # fmt: skip
+    )
     de.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     de.add_argument("--epochs", type=int, help="epochs per method (default 8)")
     de.add_argument(
-        "--seeds", type=int, default=5,
+        "--seeds",
+        type=int,
+        default=5,
         help="paired replicates (fold k and seed k for both methods; default 5)",
-    )  # fmt: skip
+    )
     de.add_argument("--device", choices=("auto", "cpu", "cuda"))
     de.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
     de.set_defaults(func=_demo)
@@ -370,9 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as e:
         if rank is None or not _timed_out(e):
             raise
-        print(f"{where}: error: no answer from {_peers(rank)} within run.dist_timeout; it "
-              f"hung, stopped or died (see its output): {_first_line(e)}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{where}: error: no answer from {_peers(rank)} within run.dist_timeout; it "
+            f"hung, stopped or died (see its output): {_first_line(e)}",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -179,11 +179,20 @@ class Config:
 
 #: integer keys with a lower bound, and number keys that must be positive
 _AT_LEAST = {
-    "data.fold": 1, "data.num_workers": 0, "sampler.classes_per_batch": 1,
-    "sampler.groups_per_class": 1, "sampler.images_per_scale": 1, "sampler.batch_size": 1,
-    "model.embedding_dim": 1, "optim.step_size": 1, "optim.epochs": 1, "optim.patience": 0,
-    "eval.k": 1, "data.min_val_patients_per_class": 0, "data.max_image_pixels": 1,
-}  # fmt: skip
+    "data.fold": 1,
+    "data.num_workers": 0,
+    "sampler.classes_per_batch": 1,
+    "sampler.groups_per_class": 1,
+    "sampler.images_per_scale": 1,
+    "sampler.batch_size": 1,
+    "model.embedding_dim": 1,
+    "optim.step_size": 1,
+    "optim.epochs": 1,
+    "optim.patience": 0,
+    "eval.k": 1,
+    "data.min_val_patients_per_class": 0,
+    "data.max_image_pixels": 1,
+}
 _POSITIVE = {"optim.lr", "loss.alpha", "optim.step_gamma", "run.dist_timeout"}
 
 
@@ -345,9 +354,13 @@ def config_to_toml(cfg: Config) -> str:
 #: moved, cache, loader workers, process-group timeout); any other change would make the
 #: resumed run another training than the checkpoint's
 RESUMABLE = (
-    "optim.epochs", "run.device", "run.dist_timeout", "data.path", "data.cache_dir",
+    "optim.epochs",
+    "run.device",
+    "run.dist_timeout",
+    "data.path",
+    "data.cache_dir",
     "data.num_workers",
-)  # fmt: skip
+)
 
 
 def _shown(v: Any) -> str:

@@ -66,8 +66,9 @@ def _row(method: str, name: str, level: str, report: EvaluationReport) -> list[s
 
 def _example(patient_accuracy: float) -> RunMetrics:
     """A RunMetrics whose every accuracy is ``patient_accuracy`` (for the examples)."""
-    r = evaluate_predictions([0, 1, 0, 1], [0, 1, 0, 1], groups=[1, 2, 3, 4],
-                             scales=list(MAGNIFICATIONS))  # fmt: skip
+    r = evaluate_predictions(
+        [0, 1, 0, 1], [0, 1, 0, 1], groups=[1, 2, 3, 4], scales=list(MAGNIFICATIONS)
+    )
     for m in (r.pooled, *r.per_scale.values()):
         m.accuracy = m.patient_accuracy = patient_accuracy
     r.cross_magnification_mean = patient_accuracy
@@ -111,8 +112,10 @@ def demo_verdict(results: dict[str, RunMetrics]) -> str:
         select = m.selected_predictor
         patient = m.test.predictor(select).pooled.patient_accuracy
         cross = format_score(m.test.knn.cross_magnification_mean)
-        lines.append(f"{method}: pooled patient accuracy {patient:.3f} ({LABELS[select]}, "
-                     f"as selected on validation), cross-magnification mean {cross}")  # fmt: skip
+        lines.append(
+            f"{method}: pooled patient accuracy {patient:.3f} ({LABELS[select]}, "
+            f"as selected on validation), cross-magnification mean {cross}"
+        )
     return "\n".join(lines)
 
 
@@ -143,8 +146,13 @@ def demo_comparison(results: list[dict[str, RunMetrics]]) -> dict[str, dict]:
         vb = [_headline(r[b], predictor, key) for r in results]
         if any(v is None for v in va + vb):
             continue  # one magnification: nothing to cross
-        out[name] = {"a": a, "b": b, "values_a": va, "values_b": vb,
-                     **paired_comparison(va, vb).to_dict()}  # fmt: skip
+        out[name] = {
+            "a": a,
+            "b": b,
+            "values_a": va,
+            "values_b": vb,
+            **paired_comparison(va, vb).to_dict(),
+        }
     return out
 
 
@@ -167,22 +175,35 @@ def comparison_table(comparison: dict[str, dict], results: list[dict[str, RunMet
     names = {m: f"{m} ({LABELS[first[m].selected_predictor]})" for m in first}
     rows = [["metric", *names.values(), "difference", "95% CI", "verdict"]]
     for metric, c in comparison.items():
-        rows.append([metric, f"{c['mean_a']:.3f}", f"{c['mean_b']:.3f}",
-                     f"{c['difference']:+.3f}", f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]",
-                     c["verdict"]])  # fmt: skip
+        rows.append(
+            [
+                metric,
+                f"{c['mean_a']:.3f}",
+                f"{c['mean_b']:.3f}",
+                f"{c['difference']:+.3f}",
+                f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]",
+                c["verdict"],
+            ]
+        )
     return _markdown(rows)
 
 
 def _markdown(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
-             for r in rows]  # fmt: skip
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_SEEDS,
-             device: str = "auto", quiet: bool = False) -> dict:  # fmt: skip
+def run_demo(
+    out_dir: str | Path,
+    epochs: int | None = None,
+    seeds: int = DEMO_SEEDS,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict:
     """Train both methods on ``seeds`` paired replicates under ``out_dir/seed<k>/<method>``
     and write ``summary.md`` / ``summary.json``; returns ``{"runs": [{method: metrics}],
     "comparison": {metric: ...}, "seconds": wall time}``.
@@ -221,8 +242,9 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
                 overrides["optim"]["epochs"] = epochs
             cfg = load_config(method, overrides)
             if not quiet:
-                print(f"replicate {k + 1}/{seeds}: {method} ({cfg.optim.epochs} epochs)",
-                      flush=True)  # fmt: skip
+                print(
+                    f"replicate {k + 1}/{seeds}: {method} ({cfg.optim.epochs} epochs)", flush=True
+                )
             results[method] = train(cfg, out / f"seed{k}" / method, root, quiet=True)
         runs.append(results)
     comparison = demo_comparison(runs)
@@ -230,11 +252,21 @@ def run_demo(out_dir: str | Path, epochs: int | None = None, seeds: int = DEMO_S
     summary = {"runs": runs, "comparison": comparison, "seconds": seconds}
     (out / "summary.md").write_text(
         f"# Demo: SMSE vs a plain classifier, {seeds} paired replicates\n\n"
-        + comparison_table(comparison, runs) + "\n\n## Replicate 1\n\n"
-        + demo_table(runs[0]) + "\n\n" + demo_verdict(runs[0]).replace("\n", "\n\n") + "\n"
-    )  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(
-        {"comparison": comparison, "seconds": seconds,
-         "runs": [{m: r.test.to_dict() for m, r in results.items()} for results in runs]},
-        indent=1))  # fmt: skip
+        + comparison_table(comparison, runs)
+        + "\n\n## Replicate 1\n\n"
+        + demo_table(runs[0])
+        + "\n\n"
+        + demo_verdict(runs[0]).replace("\n", "\n\n")
+        + "\n"
+    )
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "comparison": comparison,
+                "seconds": seconds,
+                "runs": [{m: r.test.to_dict() for m, r in results.items()} for results in runs],
+            },
+            indent=1,
+        )
+    )
     return summary

@@ -91,8 +91,9 @@ class TrainState:
         """
         raw = checkpoint.get("train_state")
         if not isinstance(raw, dict):
-            raise RecipeError("the checkpoint has no training state (not a run's last.pt "
-                              "or best.pt)")  # fmt: skip
+            raise RecipeError(
+                "the checkpoint has no training state (not a run's last.pt or best.pt)"
+            )
         try:
             return cls(**raw)
         except TypeError as e:  # a field this version does not know
@@ -211,8 +212,10 @@ class ShuffledBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("num_batches") != len(self):
-            raise RecipeError(f"the checkpoint's sampler had {state.get('num_batches')} batches "
-                              f"per epoch, this data makes {len(self)}")  # fmt: skip
+            raise RecipeError(
+                f"the checkpoint's sampler had {state.get('num_batches')} batches "
+                f"per epoch, this data makes {len(self)}"
+            )
         self.epoch, self._position = int(state["epoch"]), int(state["position"])
 
 
@@ -224,8 +227,9 @@ def init_distributed(device_type: str, timeout_s: float = 300.0) -> bool:
         return False
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return True
 
 
@@ -334,8 +338,10 @@ class LossGraphs:
             for name, loss in zip(("cls_loss", "metric_loss"), self.losses[:2], strict=True):
                 for b in () if loss is None else loss.buffers():
                     if b.device != emb.device:  # a host copy per call cannot be captured
-                        raise ValueError(f"{name} must be on {emb.device}, its buffers are "
-                                         f"on {b.device}: move it there first")  # fmt: skip
+                        raise ValueError(
+                            f"{name} must be on {emb.device}, its buffers are "
+                            f"on {b.device}: move it there first"
+                        )
             sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in args)
             graphed = torch.cuda.make_graphed_callables(
                 self._eager, sample, allow_unused_input=True, **_THREAD_LOCAL
@@ -397,8 +403,9 @@ def train_step(
             raise ValueError("metric_loss must be None with LossGraphs (it holds the losses)")
         loss = cls_loss(emb, logits, labels, scales)
     else:
-        loss = step_loss(emb, logits, labels, scales, cls_loss, metric_loss, metric_weight,
-                         cls_weight)  # fmt: skip
+        loss = step_loss(
+            emb, logits, labels, scales, cls_loss, metric_loss, metric_weight, cls_weight
+        )
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -433,8 +440,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)  # its space is what a retry needs
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        raise OSError(f"cannot write {path} ({free / 2**20:.0f} MiB free on its disk): "
-                      f"{str(e).splitlines()[0][:200]}") from e  # fmt: skip
+        raise OSError(
+            f"cannot write {path} ({free / 2**20:.0f} MiB free on its disk): "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from e
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -453,16 +462,20 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     if not Path(path).is_file():
         raise RecipeError(f"no checkpoint at {path}")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"cannot load {path} onto {device}: no CUDA device is available "
-                          "here; use --device cpu")  # fmt: skip
+        raise RecipeError(
+            f"cannot load {path} onto {device}: no CUDA device is available here; use --device cpu"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused an object: never load it
-        raise RecipeError(f"{path} holds objects other than tensors and plain data; "
-                         "it is not a checkpoint of smse-metric") from e  # fmt: skip
+        raise RecipeError(
+            f"{path} holds objects other than tensors and plain data; "
+            "it is not a checkpoint of smse-metric"
+        ) from e
     except Exception as e:  # the unpickler's errors on a foreign file vary (IndexError ...)
-        raise RecipeError(f"{path} is truncated or not a torch checkpoint "
-                         f"({type(e).__name__})") from e  # fmt: skip
+        raise RecipeError(
+            f"{path} is truncated or not a torch checkpoint ({type(e).__name__})"
+        ) from e
     if not isinstance(state, dict) or "model" not in state:
         raise RecipeError(f"{path} is not a checkpoint of smse-metric (no model weights)")
     return state

@@ -112,11 +112,19 @@ def split_reports(
     g, q = gallery, queries
     g_emb, q_emb, q_pred = gallery_emb, query_emb, query_pred
     knn = evaluate_embeddings(
-        q_emb, q.labels, q.groups, q.scales, k=cfg.eval.k, exclude=cfg.eval.exclude,
-        gallery=(g_emb, g.labels, g.groups, g.scales), metric=cfg.eval.metric, ranking=False,
-    )  # fmt: skip
-    head = evaluate_predictions(q_pred.numpy(), q.labels, q.groups, q.scales,
-                                classes=np.arange(num_classes(cfg)))  # fmt: skip
+        q_emb,
+        q.labels,
+        q.groups,
+        q.scales,
+        k=cfg.eval.k,
+        exclude=cfg.eval.exclude,
+        gallery=(g_emb, g.labels, g.groups, g.scales),
+        metric=cfg.eval.metric,
+        ranking=False,
+    )
+    head = evaluate_predictions(
+        q_pred.numpy(), q.labels, q.groups, q.scales, classes=np.arange(num_classes(cfg))
+    )
     return SplitMetrics(knn, head)
 
 
@@ -147,14 +155,16 @@ def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset, root: P
     tmp = path.with_name(path.stem + ".tmp.npz")
     try:
         np.savez(
-            tmp, embeddings=emb.numpy().astype(np.float32), labels=ds.labels,
+            tmp,
+            embeddings=emb.numpy().astype(np.float32),
+            labels=ds.labels,
             subtypes=idx.subtype,
             groups=np.array([idx.group_names[g] for g in idx.group], dtype=str),
             magnifications=ds.scales,
             paths=np.array([os.path.abspath(p) for p in ds.paths], dtype=str),
             sizes=np.array([os.path.getsize(p) for p in ds.paths], dtype=np.int64),
             root=np.array(os.path.abspath(root)),
-        )  # fmt: skip
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

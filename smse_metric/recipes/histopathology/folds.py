@@ -67,8 +67,9 @@ def train_folds(
     (out / "folds.json").write_text(json.dumps(summary, indent=1))
     (out / "folds.md").write_text(
         f"# Test accuracy over folds {', '.join(map(str, results))} (mean +- std)\n\n"
-        + "\n".join(table) + "\n"
-    )  # fmt: skip
+        + "\n".join(table)
+        + "\n"
+    )
     print("\n".join(table))
     print(f"wrote {out / 'folds.md'}")
     return summary

@@ -39,16 +39,18 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for i, c in enumerate(widths):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                       nn.PReLU(c)]  # fmt: skip
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.PReLU(c)]
             if i % 2 == 1:
                 layers.append(nn.MaxPool2d(2))
             c_in = c
         self.features = nn.Sequential(*layers)
         self.num_features = c_in
         #: inputs as timm describes them: trained from scratch on images around 0.5
-        self.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-                               "interpolation": "bilinear"}  # fmt: skip
+        self.pretrained_cfg = {
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.25, 0.25, 0.25),
+            "interpolation": "bilinear",
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x).mean((2, 3))
@@ -110,12 +112,16 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
             if isinstance(state, dict) and "state_dict" in state:
                 state = state["state_dict"]
     except pickle.UnpicklingError as e:  # weights_only refused an object: never load it
-        raise RecipeError(f"weights file {path} holds objects other than tensors; give a "
-                          "state dict (.pt) or a .safetensors file") from e  # fmt: skip
+        raise RecipeError(
+            f"weights file {path} holds objects other than tensors; give a "
+            "state dict (.pt) or a .safetensors file"
+        ) from e
     except Exception as e:  # empty, truncated, not a torch or safetensors file
-        raise RecipeError(f"weights file {path} is empty, truncated or not a "
-                          f"{'safetensors' if path.suffix == '.safetensors' else 'torch'} "
-                          f"file ({type(e).__name__})") from e  # fmt: skip
+        raise RecipeError(
+            f"weights file {path} is empty, truncated or not a "
+            f"{'safetensors' if path.suffix == '.safetensors' else 'torch'} "
+            f"file ({type(e).__name__})"
+        ) from e
     if not isinstance(state, dict):
         raise RecipeError(f"{path} does not hold a state dict")
     result = module.load_state_dict(state, strict=False)
@@ -166,8 +172,9 @@ class EmbeddingNet(nn.Module):
                 raise RecipeError(f"backbone {backbone!r} has no pretrained weights")
             self.backbone = SmallCNN()
         elif not timm.is_model(backbone) and not backbone.startswith("hf-hub:"):
-            raise RecipeError(f"backbone {backbone!r} is not a timm model nor one of "
-                             f"{list(LOCAL_BACKBONES)}")  # fmt: skip
+            raise RecipeError(
+                f"backbone {backbone!r} is not a timm model nor one of {list(LOCAL_BACKBONES)}"
+            )
         else:
             try:
                 self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0)

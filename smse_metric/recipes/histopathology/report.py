@@ -104,8 +104,10 @@ def results_table(test: SplitMetrics) -> list[str]:
         rep = test.predictor(name)
         for level, key in LEVELS:
             cells = [format_score(getattr(rep.per_scale[s], key)) for s in scales]
-            head.append(f"| {LABELS[name]} | {level} | " + " | ".join(cells) + f" | "
-                        f"{format_score(getattr(rep.pooled, key))} |")  # fmt: skip
+            head.append(
+                f"| {LABELS[name]} | {level} | " + " | ".join(cells) + f" | "
+                f"{format_score(getattr(rep.pooled, key))} |"
+            )
     return head
 
 
@@ -166,8 +168,9 @@ def fold_table(summary: dict) -> list[str]:
         '| kNN | image | 0.850 +- 0.071 | 0.850 +- 0.071 |'
     """
     cols = list(summary["knn"]["image"])
-    rows = ["| predictor | level | " + " | ".join(f"{c}x" if c != "pooled" else c
-                                                 for c in cols) + " |"]  # fmt: skip
+    rows = [
+        "| predictor | level | " + " | ".join(f"{c}x" if c != "pooled" else c for c in cols) + " |"
+    ]
     rows.append("|" + "---|" * (len(cols) + 2))
     for name in PREDICTORS:
         for level, _ in LEVELS:
@@ -187,8 +190,11 @@ def _curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] + 1 for h in history]  # counted from 1, as the run printed them
     a.plot(epochs, [h["loss"] for h in history], marker="o")
     a.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key, label in (("val_patient_accuracy", "kNN patient"), ("val_accuracy", "kNN image"),
-                       ("val_head_accuracy", "head image")):  # fmt: skip
+    for key, label in (
+        ("val_patient_accuracy", "kNN patient"),
+        ("val_accuracy", "kNN image"),
+        ("val_head_accuracy", "head image"),
+    ):
         if all(key in h for h in history):
             b.plot(epochs, [h[key] for h in history], marker="o", label=label)
     b.set(xlabel="epoch", ylabel="accuracy", title="validation", ylim=(0, 1.02))
@@ -212,8 +218,7 @@ def _confusions(test: SplitMetrics, names: list[str], path: Path) -> None:
             ax.imshow(m / np.maximum(m.sum(1, keepdims=True), 1), vmin=0, vmax=1, cmap="Blues")
             for (i, j), v in np.ndenumerate(m):
                 ax.text(j, i, int(v), ha="center", va="center", fontsize=8)
-            ax.set_title(f"{LABELS[name]} {col}"
-                         f"{'' if col == 'pooled' else 'x'}", fontsize=9)  # fmt: skip
+            ax.set_title(f"{LABELS[name]} {col}{'' if col == 'pooled' else 'x'}", fontsize=9)
             ticks = range(len(names))
             ax.set_xticks(ticks, names, fontsize=7, rotation=45)
             ax.set_yticks(ticks, names if c == 0 else [], fontsize=7)
@@ -230,13 +235,23 @@ def _plot_cross_magnification(knn: EvaluationReport, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
     for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, format_score(v), ha="center", va="center", fontsize=8,
-                color="white" if v < 0.6 else "black")  # fmt: skip
+        ax.text(
+            j,
+            i,
+            format_score(v),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if v < 0.6 else "black",
+        )
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
     mean = format_score(knn.cross_magnification_mean)
-    ax.set(xlabel="gallery magnification", ylabel="query magnification",
-           title=f"kNN accuracy (off-diagonal mean {mean})")  # fmt: skip
+    ax.set(
+        xlabel="gallery magnification",
+        ylabel="query magnification",
+        title=f"kNN accuracy (off-diagonal mean {mean})",
+    )
     ax.title.set_fontsize(9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -253,9 +268,15 @@ def _projection(emb: dict, names: list[str], path: Path) -> None:
     for m_i, mag in enumerate(np.unique(mags)):
         for c in np.unique(labels):
             sel = (mags == mag) & (labels == c)
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=14, marker=MARKERS[m_i % len(MARKERS)],
-                       color=colours(int(c) % 10), alpha=0.75,
-                       label=f"{names[int(c)]} {mag}x")  # fmt: skip
+            ax.scatter(
+                xy[sel, 0],
+                xy[sel, 1],
+                s=14,
+                marker=MARKERS[m_i % len(MARKERS)],
+                color=colours(int(c) % 10),
+                alpha=0.75,
+                label=f"{names[int(c)]} {mag}x",
+            )
     ax.set(xlabel="PC 1", ylabel="PC 2", title="test embeddings (PCA)")
     ax.legend(fontsize=7, ncol=2, markerscale=1.2)
     fig.tight_layout()
@@ -284,8 +305,11 @@ def write_report(run_dir: str | Path) -> Path:
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     history_path = run / "history.jsonl"
-    history = [json.loads(x) for x in history_path.read_text().splitlines() if x.strip()] \
-        if history_path.is_file() else []  # fmt: skip
+    history = (
+        [json.loads(x) for x in history_path.read_text().splitlines() if x.strip()]
+        if history_path.is_file()
+        else []
+    )
     lines = [f"# Run report: {run.name}", ""]
     lines += [
         f"Best epoch {metrics.best_epoch + 1} ({metrics.selected_on} "
@@ -317,9 +341,14 @@ def write_report(run_dir: str | Path) -> Path:
     if emb_path.is_file():
         with np.load(emb_path, allow_pickle=False) as emb:
             _projection(dict(emb), names, plots / "projection.png")
-        lines += ["## Test embeddings", "",
-                  "Colour: class; marker: magnification.", "",
-                  "![projection](plots/projection.png)", ""]  # fmt: skip
+        lines += [
+            "## Test embeddings",
+            "",
+            "Colour: class; marker: magnification.",
+            "",
+            "![projection](plots/projection.png)",
+            "",
+        ]
     lines += ["## Data", ""]
     lines += [f"- {k}: {v}" for k, v in metrics.data.items() if not isinstance(v, dict)]
     lines.append(f"- unreadable images left out: {len(metrics.bad_images)}")

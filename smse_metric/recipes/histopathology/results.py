@@ -130,8 +130,11 @@ class RunMetrics:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError as e:
-            raise RecipeError(f"{path.parent} has no {path.name}: train or evaluate the run "
-                              "first") from e  # fmt: skip
+            raise RecipeError(
+                f"{path.parent} has no {path.name}: train or evaluate the run first"
+            ) from e
         except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise RecipeError(f"{path} is not a metrics.json of this version "
-                              f"({type(e).__name__}: {e}); rerun `evaluate`") from e  # fmt: skip
+            raise RecipeError(
+                f"{path} is not a metrics.json of this version "
+                f"({type(e).__name__}: {e}); rerun `evaluate`"
+            ) from e

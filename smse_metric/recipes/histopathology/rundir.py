@@ -142,8 +142,10 @@ def check_run_dir(
         return True  # a run of ours that never saved a checkpoint: nothing to keep
     if not overwrite:
         what = "an earlier run" if ours else "files"
-        raise RecipeError(f"{out} holds {what}; pass {flag} to replace it"
-                         + ("" if ours else " (only directories smse-metric created)"))  # fmt: skip
+        raise RecipeError(
+            f"{out} holds {what}; pass {flag} to replace it"
+            + ("" if ours else " (only directories smse-metric created)")
+        )
     if not ours:
         raise RecipeError(
             f"refusing to replace {out}: it was not created by smse-metric (no {marker} file)"
@@ -237,8 +239,10 @@ def lock_run_dir(out: str | Path) -> Iterator[Path]:
                 os.lseek(fd, 0, os.SEEK_SET)
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise RecipeError(f"{out} is in use by another smse-metric process "
-                                  f"({holder}); wait for it to end or stop it")  # fmt: skip
+                raise RecipeError(
+                    f"{out} is in use by another smse-metric process "
+                    f"({holder}); wait for it to end or stop it"
+                )
             try:  # the file we locked may have been removed by its last holder: retry
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break

@@ -53,8 +53,13 @@ class Neighbour:
     magnification: int
 
 
-def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str = "cpu",
-               data: str | Path | None = None):  # fmt: skip
+def search_run(
+    run_dir: str | Path,
+    image: str | Path,
+    k: int = 5,
+    device: str = "cpu",
+    data: str | Path | None = None,
+):
     """The ``k`` gallery images nearest to ``image`` under the run's best checkpoint.
 
     The query is resized and normalised as the run's evaluation images were (the
@@ -100,8 +105,10 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     with torch.no_grad():
         emb, _ = model(x[None].to(device))
     with np.load(run / "embeddings" / "gallery.npz", allow_pickle=False) as meta:
-        meta = {key: meta[key] for key in ("embeddings", "paths", "groups", "labels",
-                                           "subtypes", "magnifications")}  # fmt: skip
+        meta = {
+            key: meta[key]
+            for key in ("embeddings", "paths", "groups", "labels", "subtypes", "magnifications")
+        }
     index = make_index(meta["embeddings"], metric=cfg.eval.metric, device="cpu")
     dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
     if data is not None:  # the dataset moved: same tree under a new root
@@ -130,8 +137,9 @@ def search_run(run_dir: str | Path, image: str | Path, k: int = 5, device: str =
     ]
 
 
-def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Path,
-                  thumb: int = 160) -> Path:  # fmt: skip
+def contact_sheet(
+    image: str | Path, neighbours: list[Neighbour], out: str | Path, thumb: int = 160
+) -> Path:
     """A PNG row: the query, then each neighbour captioned with its metadata.
 
     Args:
@@ -158,13 +166,17 @@ def contact_sheet(image: str | Path, neighbours: list[Neighbour], out: str | Pat
         raise RecipeError(f"cannot write the contact sheet {out}: {out.parent} does not exist")
     missing = [n.path for n in neighbours if not Path(n.path).is_file()]
     if missing:
-        raise RecipeError(f"gallery image {missing[0]} is missing (did the data move? pass "
-                         "--data DIR)")  # fmt: skip
+        raise RecipeError(
+            f"gallery image {missing[0]} is missing (did the data move? pass --data DIR)"
+        )
     tiles = [(Path(image), "query")] + [
-        (Path(n.path), f"#{n.rank} d={n.distance:.3f}\n{n.patient}\n{n.subtype} "
-                       f"{n.label[:3]} {n.magnification}x")
+        (
+            Path(n.path),
+            f"#{n.rank} d={n.distance:.3f}\n{n.patient}\n{n.subtype} "
+            f"{n.label[:3]} {n.magnification}x",
+        )
         for n in neighbours
-    ]  # fmt: skip
+    ]
     caption = 46
     sheet = Image.new("RGB", (thumb * len(tiles), thumb + caption), "white")
     draw = ImageDraw.Draw(sheet)

@@ -118,9 +118,11 @@ def _validation_patients(cfg: Config, index: BreakHisIndex, train: np.ndarray) -
         chosen = rng.permutation(patients)[:take]
         val |= train & np.isin(index.group, chosen)
     if short:
-        msg = (f"validation needs at least {want_min} patients of each class and one left "
-               f"to train on, but {'; '.join(short)} (lower data.min_val_patients_per_class "
-               "or set data.small_validation = \"warn\")")  # fmt: skip
+        msg = (
+            f"validation needs at least {want_min} patients of each class and one left "
+            f"to train on, but {'; '.join(short)} (lower data.min_val_patients_per_class "
+            'or set data.small_validation = "warn")'
+        )
         if cfg.data.small_validation == "error":
             raise RecipeError(msg)
         warnings.warn(msg, stacklevel=3)
@@ -144,11 +146,11 @@ def split_sizes(splits: Splits) -> str:
         train 59 images / 11 patients, validation 21 / 4, test 45 / 9
     """
     parts = []
-    for name, mask in (("train", splits.train), ("validation", splits.val),
-                       ("test", splits.test)):  # fmt: skip
+    for name, mask in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
         n, p = int(mask.sum()), len(np.unique(splits.index.group[mask]))
-        parts.append(f"{name} {n} images / {p} patients" if name == "train" else
-                     f"{name} {n} / {p}")  # fmt: skip
+        parts.append(
+            f"{name} {n} images / {p} patients" if name == "train" else f"{name} {n} / {p}"
+        )
     return ", ".join(parts)
 
 

@@ -77,8 +77,12 @@ class Trainer:
             ids = [built.device.index] if built.device.type == "cuda" else None
             self.net = DDP(self.net, device_ids=ids)
         lc = cfg.loss
-        self.losses: tuple = (built.cls_loss, built.metric_loss, lc.metric_weight,
-                              lc.classification_weight)  # fmt: skip
+        self.losses: tuple = (
+            built.cls_loss,
+            built.metric_loss,
+            lc.metric_weight,
+            lc.classification_weight,
+        )
         if cfg.run.cuda_graphs and built.device.type == "cuda" and self.world == 1:
             self.losses = (LossGraphs(*self.losses), None, 1.0, 1.0)
 
@@ -87,16 +91,19 @@ class Trainer:
         sampler's position and the `TrainState`."""
         b = self.built
         return {
-            "model": b.model.state_dict(), "optimizer": b.optimizer.state_dict(),
+            "model": b.model.state_dict(),
+            "optimizer": b.optimizer.state_dict(),
             "scheduler": b.scheduler.state_dict() if b.scheduler is not None else {},
             "scaler": b.scaler.state_dict() if b.scaler is not None else {},
             "rng": torch.get_rng_state(),
             # what the loop used, not what the loader's workers drew ahead
-            "sampler": {**b.loader.batch_sampler.state_dict(consumed=self.state.position),
-                        "epoch": self.state.epoch},
+            "sampler": {
+                **b.loader.batch_sampler.state_dict(consumed=self.state.position),
+                "epoch": self.state.epoch,
+            },
             "train_state": self.state.to_dict(),
             "config": config_to_toml(self.cfg),  # what --resume must continue
-        }  # fmt: skip
+        }
 
     def resume(self) -> None:
         """Continue from ``last.pt``: the same result as a run never interrupted."""
@@ -137,8 +144,7 @@ class Trainer:
         self.net.train()
         b.datasets["train"].set_epoch(st.epoch)
         b.loader.batch_sampler.set_epoch(st.epoch)  # keeps a resumed position
-        bar = _Bar(len(b.loader.batch_sampler) - st.position, f"epoch {st.epoch + 1}",
-                   self.verbose)  # fmt: skip
+        bar = _Bar(len(b.loader.batch_sampler) - st.position, f"epoch {st.epoch + 1}", self.verbose)
         t0 = time.perf_counter()
         on_device = b.datasets["train"].on_device
         for batch in b.loader:
@@ -146,8 +152,11 @@ class Trainer:
             loss, stop = self._step(images, labels, scales, interrupt)
             step = st.position
             if not math.isfinite(loss):
-                kept = (f"{self.last} holds the last good epoch" if self.last.is_file()
-                        else "no epoch finished, so there is no checkpoint")  # fmt: skip
+                kept = (
+                    f"{self.last} holds the last good epoch"
+                    if self.last.is_file()
+                    else "no epoch finished, so there is no checkpoint"
+                )
                 raise FloatingPointError(
                     f"non-finite loss ({loss}) at epoch {st.epoch + 1} step {step + 1}; {kept}"
                 )
@@ -181,8 +190,9 @@ class Trainer:
         b = self.built
         if b.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        loss = train_step(self.net, images, labels, scales, b.optimizer, *self.losses,
-                          b.amp_dtype, b.scaler)  # fmt: skip
+        loss = train_step(
+            self.net, images, labels, scales, b.optimizer, *self.losses, b.amp_dtype, b.scaler
+        )
         # one host sync per step: the loss for the log, and the stop flag agreed by
         # every rank (a Ctrl-C reaches ranks at different steps)
         flags = torch.stack(
@@ -201,8 +211,9 @@ class Trainer:
             b.scheduler.step()
         verdict = torch.zeros(2, dtype=torch.float64)  # the score reaches metrics.json
         if self.main:
-            val = evaluate_split(cfg, b.model, b.datasets["gallery"], b.datasets["val"],
-                                 b.device, b.channels_last)  # fmt: skip
+            val = evaluate_split(
+                cfg, b.model, b.datasets["gallery"], b.datasets["val"], b.device, b.channels_last
+            )
             record = _epoch_record(st, val, cfg.eval.select)
             st.history.append(record)
             verdict[0], verdict[1] = float(record["val_score"] > st.best), record["val_score"]
@@ -255,12 +266,16 @@ class _Bar:
 def _epoch_record(st: TrainState, val: SplitMetrics, select: str) -> dict:
     knn, head = val.knn.pooled, val.head.pooled
     return {
-        "epoch": st.epoch, "loss": st.loss_sum / max(st.steps, 1),
-        "images_per_s": st.seen / max(st.seconds, 1e-9), "seconds": st.seconds,
+        "epoch": st.epoch,
+        "loss": st.loss_sum / max(st.steps, 1),
+        "images_per_s": st.seen / max(st.seconds, 1e-9),
+        "seconds": st.seconds,
         "val_score": val.predictor(select).pooled.patient_accuracy,
-        "val_patient_accuracy": knn.patient_accuracy, "val_accuracy": knn.accuracy,
-        "val_head_patient_accuracy": head.patient_accuracy, "val_head_accuracy": head.accuracy,
-    }  # fmt: skip
+        "val_patient_accuracy": knn.patient_accuracy,
+        "val_accuracy": knn.accuracy,
+        "val_head_patient_accuracy": head.patient_accuracy,
+        "val_head_accuracy": head.accuracy,
+    }
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -270,9 +285,11 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def _epoch_line(record: dict, cfg: Config, st: TrainState) -> str:
-    return (f"epoch {record['epoch'] + 1}/{cfg.optim.epochs}  loss {record['loss']:.4f}  "
-            f"val {cfg.eval.select} patient acc {record['val_score']:.3f} "
-            f"(kNN {record['val_patient_accuracy']:.3f}, head "
-            f"{record['val_head_patient_accuracy']:.3f}; best {st.best:.3f} at epoch "
-            f"{st.best_epoch + 1})  {record['images_per_s']:.0f} img/s  "
-            f"{record['seconds']:.1f} s")  # fmt: skip
+    return (
+        f"epoch {record['epoch'] + 1}/{cfg.optim.epochs}  loss {record['loss']:.4f}  "
+        f"val {cfg.eval.select} patient acc {record['val_score']:.3f} "
+        f"(kNN {record['val_patient_accuracy']:.3f}, head "
+        f"{record['val_head_patient_accuracy']:.3f}; best {st.best:.3f} at epoch "
+        f"{st.best_epoch + 1})  {record['images_per_s']:.0f} img/s  "
+        f"{record['seconds']:.1f} s"
+    )

@@ -151,8 +151,16 @@ def _train(cfg, out, root, resume, on_step, quiet, device):
     if not is_main_process():
         return None
     try:
-        return evaluate_run(out, root, device=device, cfg=cfg, model=built.model,
-                            bad_images=unreadable_images(built.datasets))  # fmt: skip
+        return evaluate_run(
+            out,
+            root,
+            device=device,
+            cfg=cfg,
+            model=built.model,
+            bad_images=unreadable_images(built.datasets),
+        )
     except OSError as e:  # a full disk, say: the training itself is safe in best.pt
-        raise OSError(f"{e}; training finished: once that is fixed, smse-metric evaluate "
-                      f"--run {out} finishes the evaluation") from e  # fmt: skip
+        raise OSError(
+            f"{e}; training finished: once that is fixed, smse-metric evaluate "
+            f"--run {out} finishes the evaluation"
+        ) from e

@@ -10,8 +10,19 @@ from smse_metric.recipes.histopathology.cli import main
 def test_cli_train_refuses_an_existing_run_and_checks_flags(root, tmp_path, capsys):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(config_to_toml(load_config("smse-pair", TINY)))
-    args = ["train", "--config", str(cfg), "--data", str(root), "--out", str(tmp_path / "run"),
-            "--epochs", "1", "--device", "cpu"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        str(cfg),
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert "| kNN | patient |" in capsys.readouterr().out
     assert main(args) == 2
@@ -31,8 +42,9 @@ def test_every_subcommand_has_help(command, capsys):
     assert e.value.code == 0 and f"usage: smse-metric {command}" in capsys.readouterr().out
 
 
-def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path, root, monkeypatch,
-                                                                capsys):  # fmt: skip
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(
+    tmp_path, root, monkeypatch, capsys
+):
     config = tmp_path / "tiny.toml"
     config.write_text(config_to_toml(load_config("smse-triplet", {**TINY, "optim": {"epochs": 1}})))
     from smse_metric.recipes.histopathology import trainer
@@ -46,8 +58,9 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path, root, 
         main(args)  # raised, not turned into exit 2
     monkeypatch.undo()
     too_many = tmp_path / "too-many.toml"
-    too_many.write_text(config.read_text().replace("classes_per_batch = 2",
-                                                   "classes_per_batch = 3"))  # fmt: skip
+    too_many.write_text(
+        config.read_text().replace("classes_per_batch = 2", "classes_per_batch = 3")
+    )
     assert main([*args[:2], str(too_many), *args[3:]]) == 2  # 2 classes in the data
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "[sampler]" in err

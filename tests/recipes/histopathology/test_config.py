@@ -9,8 +9,12 @@ from smse_metric.recipes.histopathology import PRESETS, config_to_toml, load_con
 def test_presets_load(name):
     cfg = load_config(name, {"data": {"synthetic": True}})
     assert cfg.data.synthetic and cfg.optim.epochs == 40
-    expected = {"smse-triplet": "triplet", "smse-triplet-small": "triplet", "smse-pair": "pair",
-                "baseline-ce": "none"}[name]  # fmt: skip
+    expected = {
+        "smse-triplet": "triplet",
+        "smse-triplet-small": "triplet",
+        "smse-pair": "pair",
+        "baseline-ce": "none",
+    }[name]
     assert cfg.loss.metric == expected
     if name == "baseline-ce":
         assert cfg.sampler.kind == "frequency" and cfg.loss.classification == "ce"
@@ -61,8 +65,10 @@ def test_bad_sources(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("key, value", [("optim.lr", float("nan")), ("loss.margin", float("inf")),
-                                        ("loss.gamma", float("-inf"))])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, value",
+    [("optim.lr", float("nan")), ("loss.margin", float("inf")), ("loss.gamma", float("-inf"))],
+)
 def test_non_finite_numbers_are_refused_naming_the_key(key, value):
     section, name = key.split(".")
     with pytest.raises(ValueError, match=rf"{key} must be a finite number"):

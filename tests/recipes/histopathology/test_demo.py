@@ -10,21 +10,25 @@ from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
 from smse_metric.recipes.histopathology.splits import load_splits
 
 
-def test_demo_compares_paired_replicates_with_a_confidence_interval(tmp_path, monkeypatch,
-                                                                    capsys):  # fmt: skip
+def test_demo_compares_paired_replicates_with_a_confidence_interval(tmp_path, monkeypatch, capsys):
     from smse_metric.recipes.histopathology import demo
     from smse_metric.recipes.histopathology.compare import paired_comparison
 
-    monkeypatch.setattr(demo, "DEMO_PATIENTS", {k: 2 * v for k, v in
-                                                demo.DEFAULT_PATIENTS.items()})  # fmt: skip
-    tiny = {**demo.DEMO_OVERRIDES, "optim": {**demo.DEMO_OVERRIDES["optim"], "epochs": 1},
-            "sampler": {"groups_per_class": 2}}  # fmt: skip
+    monkeypatch.setattr(demo, "DEMO_PATIENTS", {k: 2 * v for k, v in demo.DEFAULT_PATIENTS.items()})
+    tiny = {
+        **demo.DEMO_OVERRIDES,
+        "optim": {**demo.DEMO_OVERRIDES["optim"], "epochs": 1},
+        "sampler": {"groups_per_class": 2},
+    }
     monkeypatch.setattr(demo, "DEMO_OVERRIDES", tiny)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--device", "cpu", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
-    cells = [[v.strip() for v in r.strip("|").split("|")] for r in printed.splitlines()
-             if r.startswith("| ")]  # fmt: skip
+    cells = [
+        [v.strip() for v in r.strip("|").split("|")]
+        for r in printed.splitlines()
+        if r.startswith("| ")
+    ]
     rows = {c[0]: c for c in cells}
     summary = json.loads((out / "summary.json").read_text())
     runs = summary["runs"]
@@ -51,8 +55,9 @@ def test_the_demo_data_gives_every_replicate_at_least_40_test_patients(tmp_path)
     from smse_metric.recipes.histopathology import demo
     from smse_metric.recipes.histopathology.splits import split_sizes
 
-    root = make_synthetic_breakhis(tmp_path / "data", demo.DEMO_PATIENTS, seed=0, folds=5,
-                                   **demo.DEMO_DATA)  # fmt: skip
+    root = make_synthetic_breakhis(
+        tmp_path / "data", demo.DEMO_PATIENTS, seed=0, folds=5, **demo.DEMO_DATA
+    )
     for k in range(demo.DEMO_SEEDS):
         overrides = {key: dict(v) for key, v in demo.DEMO_OVERRIDES.items()}
         overrides["data"].update(path=str(root), fold=k + 1)

@@ -106,12 +106,15 @@ def test_shuffled_batches_shard_each_global_batch_across_ranks():
     assert list(ranks[1]) != batches[1]
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"rank": 2, "world_size": 2}, r"rank must be an integer in \[0, 2\)"),
-    ({"rank": -1, "world_size": 2}, "rank must be"),
-    ({"world_size": 0, "rank": 0}, "world_size must be a positive integer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"rank": 2, "world_size": 2}, r"rank must be an integer in \[0, 2\)"),
+        ({"rank": -1, "world_size": 2}, "rank must be"),
+        ({"world_size": 0, "rank": 0}, "world_size must be a positive integer"),
+    ],
+)
 def test_shuffled_batches_refuse_bad_arguments(kwargs, match):
     from smse_metric.recipes.histopathology.engine import ShuffledBatchSampler
 

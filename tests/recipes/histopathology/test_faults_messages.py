@@ -52,13 +52,16 @@ def test_a_person_reads_epochs_from_1_and_scores_at_full_precision(trained, caps
 
 @pytest.mark.parametrize(
     ("key", "value", "shown"),
-    [("optim", {"lr": 0.01}, "optim.lr 0.001 -> 0.01"),
-     ("model", {"embedding_dim": 8}, "model.embedding_dim 16 -> 8"),
-     ("data", {"image_size": [40, 40]}, "data.image_size [32, 32] -> [40, 40]"),
-     ("sampler", {"groups_per_class": 3}, "sampler.groups_per_class 2 -> 3")],
-)  # fmt: skip
-def test_resume_after_config_toml_changed_refuses_naming_the_keys(trained, tmp_path, key, value,
-                                                                 shown, capsys):  # fmt: skip
+    [
+        ("optim", {"lr": 0.01}, "optim.lr 0.001 -> 0.01"),
+        ("model", {"embedding_dim": 8}, "model.embedding_dim 16 -> 8"),
+        ("data", {"image_size": [40, 40]}, "data.image_size [32, 32] -> [40, 40]"),
+        ("sampler", {"groups_per_class": 3}, "sampler.groups_per_class 2 -> 3"),
+    ],
+)
+def test_resume_after_config_toml_changed_refuses_naming_the_keys(
+    trained, tmp_path, key, value, shown, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     cfg = load_config(run / "config.toml", {key: value})
@@ -104,8 +107,17 @@ def test_bad_weights_files_are_named_in_one_line(root, tmp_path, capsys):
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(config_to_toml(load_config("smse-triplet", ONE_EPOCH)))
     for name in _weights_files(tmp_path):
-        args = ["train", "--config", str(cfg), "--data", str(root), "--out",
-                str(tmp_path / "run"), "--weights", str(tmp_path / name)]  # fmt: skip
+        args = [
+            "train",
+            "--config",
+            str(cfg),
+            "--data",
+            str(root),
+            "--out",
+            str(tmp_path / "run"),
+            "--weights",
+            str(tmp_path / name),
+        ]
         assert main(args) == 2, name
         _one_line(capsys, f"weights file {tmp_path / name}")
         assert not (tmp_path / "run").exists()
@@ -195,8 +207,11 @@ def test_a_non_finite_loss_before_any_checkpoint_says_so(root, tmp_path, monkeyp
     cfg.write_text(config_to_toml(load_config("smse-triplet", ONE_EPOCH)))
     args = ["train", "--config", str(cfg), "--data", str(root), "--out", str(tmp_path / "r")]
     assert main(args) == 1
-    _one_line(capsys, "non-finite loss (nan) at epoch 1 step 1",
-              "no epoch finished, so there is no checkpoint")  # fmt: skip
+    _one_line(
+        capsys,
+        "non-finite loss (nan) at epoch 1 step 1",
+        "no epoch finished, so there is no checkpoint",
+    )
 
 
 def test_search_distances_are_never_negative(trained, monkeypatch):
@@ -219,8 +234,12 @@ def test_search_distances_are_never_negative(trained, monkeypatch):
 
 
 def test_demo_help_shows_a_plain_percent_sign():
-    out = subprocess.run([sys.executable, "-m", "smse_metric", "demo", "--help"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "smse_metric", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "95% confidence" in out.replace("\n", " ") and "%%" not in out
 
 
@@ -232,8 +251,9 @@ def test_knn_classifier_predict_before_fit_names_fit():
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "search"])
-def test_a_read_only_run_directory_is_one_line(trained, root, tmp_path, command, monkeypatch,
-                                               capsys):  # fmt: skip
+def test_a_read_only_run_directory_is_one_line(
+    trained, root, tmp_path, command, monkeypatch, capsys
+):
     """Tests run as root, whom permissions do not stop: every write the command makes
     fails as it would for a user."""
     run = tmp_path / "run"
@@ -256,8 +276,10 @@ def test_a_read_only_run_directory_is_one_line(trained, root, tmp_path, command,
     monkeypatch.setattr(os, "open", os_read_only)
     with np.load(run / "embeddings" / "test.npz") as f:
         query = str(f["paths"][0])
-    args = {"train": ["train", "--out", str(run), "--resume", "--epochs", "2"],
-            "evaluate": ["evaluate", "--run", str(run)],
-            "search": ["search", "--run", str(run), query]}[command]  # fmt: skip
+    args = {
+        "train": ["train", "--out", str(run), "--resume", "--epochs", "2"],
+        "evaluate": ["evaluate", "--run", str(run)],
+        "search": ["search", "--run", str(run), query],
+    }[command]
     assert main(args) in (1, 2)
     _one_line(capsys, str(run), "Permission denied")

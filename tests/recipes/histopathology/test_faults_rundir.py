@@ -28,8 +28,7 @@ BENIGN = Path("BreaKHis_v1/histology_slides/breast/benign")
 @pytest.fixture
 def data(tmp_path):
     path = tmp_path / "D"
-    make_synthetic_breakhis(path, images_per_magnification=1,
-                            image_size=(24, 16), seed=0)  # fmt: skip
+    make_synthetic_breakhis(path, images_per_magnification=1, image_size=(24, 16), seed=0)
     return path
 
 
@@ -48,8 +47,9 @@ def _snapshot(root):
     ("out", "marked", "overwrite"),
     [(BENIGN, True, False), (Path("BreaKHis_v1"), False, True), (Path("runs/a"), False, False)],
 )
-def test_a_run_inside_the_data_is_refused_marker_or_not(data, config, out, marked, overwrite,
-                                                        capsys):  # fmt: skip
+def test_a_run_inside_the_data_is_refused_marker_or_not(
+    data, config, out, marked, overwrite, capsys
+):
     before = _snapshot(data)
     if marked:
         (data / out / RUN_MARKER).write_text("")
@@ -159,11 +159,11 @@ def test_evaluate_on_other_data_is_refused_and_a_moved_copy_agrees_with_search(
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out)]) == 0
     capsys.readouterr()
-    saved = {n: (out / n).read_bytes() for n in ("metrics.json", "report.md",
-                                                  "embeddings/gallery.npz")}  # fmt: skip
+    saved = {
+        n: (out / n).read_bytes() for n in ("metrics.json", "report.md", "embeddings/gallery.npz")
+    }
     other = tmp_path / "other"
-    make_synthetic_breakhis(other,
-                            images_per_magnification=1, image_size=(24, 16), seed=1)  # fmt: skip
+    make_synthetic_breakhis(other, images_per_magnification=1, image_size=(24, 16), seed=1)
     assert main(["evaluate", "--run", str(out), "--data", str(other)]) == 2
     err = capsys.readouterr().err
     assert "is not the run's dataset" in err and len(err.strip().splitlines()) == 1
@@ -198,11 +198,13 @@ def test_data_at_the_filesystem_root_is_refused_before_any_walk(capsys):
     assert "refusing to scan /, the filesystem root" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_relative_cache_dir_is_stored_absolute_and_found_from_elsewhere(tmp_path, data,
-                                                                          monkeypatch):  # fmt: skip
+def test_a_relative_cache_dir_is_stored_absolute_and_found_from_elsewhere(
+    tmp_path, data, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("smse-triplet", {**ONE_EPOCH, "data": {**ONE_EPOCH["data"],
-                                                             "cache_dir": "cache"}})  # fmt: skip
+    cfg = load_config(
+        "smse-triplet", {**ONE_EPOCH, "data": {**ONE_EPOCH["data"], "cache_dir": "cache"}}
+    )
     train(cfg, tmp_path / "run", data, quiet=True)
     saved = load_config(tmp_path / "run" / "config.toml")
     assert saved.data.cache_dir == str(tmp_path / "cache")

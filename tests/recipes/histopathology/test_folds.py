@@ -30,8 +30,19 @@ def test_cli_trains_several_folds_and_reports_mean_and_std(root, tmp_path, capsy
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(config_to_toml(load_config("baseline-ce", TINY)))
     out = tmp_path / "folds"
-    args = ["train", "--config", str(cfg), "--data", str(root), "--out", str(out),
-            "--folds", "1-2", "--epochs", "1"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        str(cfg),
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--folds",
+        "1-2",
+        "--epochs",
+        "1",
+    ]
     assert main(args) == 0
     assert "kNN cross-magnification mean" in capsys.readouterr().out
     per_fold = [json.loads((out / f"fold{k}" / "metrics.json").read_text()) for k in (1, 2)]

@@ -42,8 +42,9 @@ def patient_balanced_accuracy(pred, labels, groups) -> float:
 @pytest.fixture(scope="module")
 def easy(tmp_path_factory):
     root = tmp_path_factory.mktemp("easy") / "data"
-    return make_synthetic_breakhis(root, {"A": 14, "MC": 14}, images_per_magnification=3,
-                                   image_size=(48, 32), seed=1)  # fmt: skip
+    return make_synthetic_breakhis(
+        root, {"A": 14, "MC": 14}, images_per_magnification=3, image_size=(48, 32), seed=1
+    )
 
 
 def test_the_controls_fail_the_threshold(easy):
@@ -54,8 +55,9 @@ def test_the_controls_fail_the_threshold(easy):
     for c in (0, 1):  # a constant model scores exactly chance
         assert patient_balanced_accuracy(np.full_like(labels, c), labels, groups) == 0.5
     rng = np.random.default_rng(0)  # a model of shuffled labels
-    shuffled = [patient_balanced_accuracy(rng.permutation(labels), labels, groups)
-                for _ in range(200)]  # fmt: skip
+    shuffled = [
+        patient_balanced_accuracy(rng.permutation(labels), labels, groups) for _ in range(200)
+    ]
     assert np.quantile(shuffled, 0.99) < THRESHOLD
     assert patient_balanced_accuracy(labels, labels, groups) == 1.0
 
@@ -63,8 +65,11 @@ def test_the_controls_fail_the_threshold(easy):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["smse-triplet", "baseline-ce"])
 def test_each_method_learns_the_easy_task(easy, tmp_path, method, device):
-    overrides = {**EASY, "data": {**EASY["data"], "path": str(easy)},
-                 "run": {**EASY["run"], "device": device}}  # fmt: skip
+    overrides = {
+        **EASY,
+        "data": {**EASY["data"], "path": str(easy)},
+        "run": {**EASY["run"], "device": device},
+    }
     cfg = load_config(method, overrides)
     out = tmp_path / "run"
     metrics = train(cfg, out, easy, quiet=True)

@@ -17,8 +17,15 @@ def _metrics():
     knn = evaluate_embeddings(emb, labels, groups, scales, k=3)
     head = evaluate_predictions(rng.integers(0, 2, 80), labels, groups, scales)
     splits = {"train": 60, "val": 10, "test": 80}
-    return RunMetrics(3, "validation knn patient accuracy", 0.875, SplitMetrics(knn, head),
-                      splits, {"images": 150}, [["x.png", "bad"]])  # fmt: skip
+    return RunMetrics(
+        3,
+        "validation knn patient accuracy",
+        0.875,
+        SplitMetrics(knn, head),
+        splits,
+        {"images": 150},
+        [["x.png", "bad"]],
+    )
 
 
 def test_metrics_json_round_trips(tmp_path):

@@ -41,12 +41,12 @@ def _intact(files):
     return all(f.is_file() for f in files)
 
 
-def test_overwrite_with_a_missing_data_dir_keeps_the_current_directory(tmp_path, monkeypatch,
-                                                                       config, capsys):  # fmt: skip
+def test_overwrite_with_a_missing_data_dir_keeps_the_current_directory(
+    tmp_path, monkeypatch, config, capsys
+):
     victims = _victims(tmp_path)
     monkeypatch.chdir(tmp_path)
-    args = ["train", "--config", str(config), "--data", "/nonexistent", "--out", ".",
-            "--overwrite"]  # fmt: skip
+    args = ["train", "--config", str(config), "--data", "/nonexistent", "--out", ".", "--overwrite"]
     assert main(args) == 2
     assert "--data /nonexistent is not a directory" in capsys.readouterr().err
     assert _intact(victims)
@@ -74,8 +74,7 @@ def test_out_that_is_or_holds_the_data_is_refused(tmp_path, config, where, capsy
     (data / RUN_MARKER).write_text("")  # even a marked one
     (data.parent / RUN_MARKER).write_text("")
     out = data if where == "data" else data.parent
-    args = ["train", "--config", str(config), "--data", str(data), "--out", str(out),
-            "--overwrite"]  # fmt: skip
+    args = ["train", "--config", str(config), "--data", str(data), "--out", str(out), "--overwrite"]
     assert main(args) == 2
     assert "is or holds the data" in capsys.readouterr().err
     assert _intact(images) and (data / "Folds.csv").is_file()
@@ -122,8 +121,9 @@ def test_a_marked_run_is_replaced_and_a_fresh_one_is_marked(tmp_path, config, da
     assert not (out / "stale.txt").exists() and (out / "metrics.json").is_file()
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, config, data,
-                                                                     monkeypatch):  # fmt: skip
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(
+    tmp_path, config, data, monkeypatch
+):
     from smse_metric.recipes.histopathology import trainer
 
     def broken(*args, **kwargs):

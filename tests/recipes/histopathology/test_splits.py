@@ -23,8 +23,11 @@ def test_fold_files_by_pattern_match_folds_csv(root, tmp_path):
     with open(root / "Folds.csv") as f:
         rows = list(csv.DictReader(f))
     for k in (1, 2):
-        lines = [f"{Path(r['filename']).name}|{r['mag']}|{k}|{r['grp']}"
-                 for r in rows if int(r["fold"]) == k]  # fmt: skip
+        lines = [
+            f"{Path(r['filename']).name}|{r['mag']}|{k}|{r['grp']}"
+            for r in rows
+            if int(r["fold"]) == k
+        ]
         (tmp_path / f"dsfold{k}.txt").write_text("\n".join(lines) + "\n")
     for k in (1, 2):
         csv_cfg = load_config("smse-triplet", {**TINY, "data": {**TINY["data"], "fold": k}})

@@ -23,8 +23,12 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys,
     reference = train(cfg, tmp_path / "straight", root, quiet=True)
 
     out = tmp_path / "interrupted"
-    child = subprocess.run([sys.executable, "-c", interrupt_script(root, out, (1, 1), workers)],
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", interrupt_script(root, out, (1, 1), workers)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == 130, child.stderr
     # the signal lands after step 1's callback: step 2 finishes, then the loop stops
     assert "interrupted at epoch 2 step 3" in child.stdout  # counted from 1, as printed
@@ -39,8 +43,9 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys,
     assert resumed.test == reference.test and resumed.best_epoch == reference.best_epoch
     timing = {"images_per_s", "seconds"}
     strip = [{k: v for k, v in h.items() if k not in timing} for h in history(out)]
-    assert strip == [{k: v for k, v in h.items() if k not in timing}
-                     for h in history(tmp_path / "straight")]  # fmt: skip
+    assert strip == [
+        {k: v for k, v in h.items() if k not in timing} for h in history(tmp_path / "straight")
+    ]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):

@@ -88,8 +88,10 @@ def test_subtype_task_trains_with_eight_classes(root, tmp_path):
     data = {**TINY["data"], "task": "subtype"}
     with pytest.raises(ValueError, match=r"at least 2 patients of each class.*A: 1 training"):
         load_splits(load_config("smse-triplet", {**TINY, "data": data}), root)
-    cfg = load_config("smse-triplet", {**TINY, "data": {**data, "small_validation": "warn"},
-                                       "optim": {"epochs": 1}})  # fmt: skip
+    cfg = load_config(
+        "smse-triplet",
+        {**TINY, "data": {**data, "small_validation": "warn"}, "optim": {"epochs": 1}},
+    )
     with pytest.warns(UserWarning, match="at least 2 patients of each class"):
         metrics = train(cfg, tmp_path / "run", root, quiet=True)
     head = metrics.test.head.pooled
@@ -98,13 +100,29 @@ def test_subtype_task_trains_with_eight_classes(root, tmp_path):
     assert "plots/confusion.png" in report
 
 
-def _torchrun(tmp_path, overrides: dict, nproc: int, *args: str, program=("-m", "smse_metric"),
-              timeout: int = 600) -> subprocess.CompletedProcess:  # fmt: skip
+def _torchrun(
+    tmp_path,
+    overrides: dict,
+    nproc: int,
+    *args: str,
+    program=("-m", "smse_metric"),
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=NPROC PROGRAM train --config <TINY + overrides> ARGS``."""
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(config_to_toml(load_config("smse-triplet", {**TINY, **overrides})))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *program, "train", "--config", str(cfg), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *program,
+        "train",
+        "--config",
+        str(cfg),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -133,8 +151,10 @@ def test_torchrun_with_a_decoded_cache_finishes_and_scores_as_one_process(root, 
     process gives the same checkpoint (the training itself differs from a 1-process run
     by design: each of W ranks takes its own batch, W batches a step)."""
     out = tmp_path / "ddp"
-    cached = {"data": {**TINY["data"], "cache_dir": str(tmp_path / "cache")},
-              "optim": {"epochs": 1}}  # fmt: skip
+    cached = {
+        "data": {**TINY["data"], "cache_dir": str(tmp_path / "cache")},
+        "optim": {"epochs": 1},
+    }
     child = _torchrun(tmp_path, cached, 2, "--data", str(root), "--out", str(out))
     assert child.returncode == 0, child.stderr[-3000:]
     ddp = json.loads((out / "metrics.json").read_text())
@@ -179,8 +199,17 @@ def test_a_hung_rank_ends_the_run_after_run_dist_timeout_naming_it(root, tmp_pat
     script = tmp_path / "hang.py"
     script.write_text(_HANG)
     hang = {"optim": {"epochs": 1}, "run": {**TINY["run"], "dist_timeout": 5.0}}
-    child = _torchrun(tmp_path, hang, 2, "--data", str(root), "--out", str(tmp_path / "ddp"),
-                      program=(str(script),), timeout=300)  # fmt: skip
+    child = _torchrun(
+        tmp_path,
+        hang,
+        2,
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "ddp"),
+        program=(str(script),),
+        timeout=300,
+    )
     assert child.returncode != 0
     line = [x for x in child.stderr.splitlines() if x.startswith("smse-metric train (rank 0)")]
     assert len(line) == 1 and "no answer from rank 1 within run.dist_timeout" in line[0], (

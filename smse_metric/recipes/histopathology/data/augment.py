@@ -47,9 +47,15 @@ def resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> 
     return out[0].clamp(0, 1)  # bicubic overshoots
 
 
-def draw_augmentation(g: torch.Generator, height: int, width: int, size: tuple[int, int],
-                      crop_scale: tuple[float, float], color: float,
-                      stain: float) -> torch.Tensor:  # fmt: skip
+def draw_augmentation(
+    g: torch.Generator,
+    height: int,
+    width: int,
+    size: tuple[int, int],
+    crop_scale: tuple[float, float],
+    color: float,
+    stain: float,
+) -> torch.Tensor:
     """The random record of one image of ``height`` x ``width``: [AUG_FIELDS] float64.
 
     The crop covers a fraction of the area drawn from ``crop_scale``; quarter turns are
@@ -95,8 +101,9 @@ def _jitter(img: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
     return img.clamp(0, 1)
 
 
-def apply_augmentation(img: torch.Tensor, aug: torch.Tensor, size: tuple[int, int],
-                       interpolation: str = "bilinear") -> torch.Tensor:  # fmt: skip
+def apply_augmentation(
+    img: torch.Tensor, aug: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear"
+) -> torch.Tensor:
     """One float image [3, h, w] in [0, 1] augmented by its record (CPU path)."""
     y0, x0, ch, cw, flip_w, flip_h, turns = (int(v) for v in aug[:7].tolist())
     img = resize(img[:, y0 : y0 + ch, x0 : x0 + cw], size, interpolation)
@@ -109,8 +116,9 @@ def apply_augmentation(img: torch.Tensor, aug: torch.Tensor, size: tuple[int, in
     return _jitter(img, aug)
 
 
-def augment_batch(images: torch.Tensor, aug: torch.Tensor, size: tuple[int, int],
-                  interpolation: str = "bilinear") -> torch.Tensor:  # fmt: skip
+def augment_batch(
+    images: torch.Tensor, aug: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear"
+) -> torch.Tensor:
     """A uint8 batch [B, 3, h, w] augmented by its records [B, AUG_FIELDS], on the
     batch's device: float [B, 3, H, W] in [0, 1].
 
@@ -136,10 +144,13 @@ def augment_batch(images: torch.Tensor, aug: torch.Tensor, size: tuple[int, int]
     odd = q.remainder(2)
     cos, sin = (1 - odd) * (1 - q), odd * (2 - q)
     sx, sy = (1 - 2 * flip_w) * cw / w, (1 - 2 * flip_h) * ch / h
-    theta = torch.stack([
-        torch.stack([sx * cos, -sx * sin, (2 * x0 + cw) / w - 1], 1),
-        torch.stack([sy * sin, sy * cos, (2 * y0 + ch) / h - 1], 1),
-    ], 1).to(x.dtype)  # fmt: skip
+    theta = torch.stack(
+        [
+            torch.stack([sx * cos, -sx * sin, (2 * x0 + cw) / w - 1], 1),
+            torch.stack([sy * sin, sy * cos, (2 * y0 + ch) / h - 1], 1),
+        ],
+        1,
+    ).to(x.dtype)
     grid = TF.affine_grid(theta, [b, 3, *size], align_corners=False)
     x = TF.grid_sample(x, grid, mode=interpolation, padding_mode="border", align_corners=False)
     return _jitter(x.clamp(0, 1), a)

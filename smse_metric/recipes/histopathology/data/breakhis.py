@@ -226,8 +226,9 @@ def _check_folders(path: Path, rec: BreakHisRecord) -> None:
             raise RecipeError(f"{path}: folder {part!r} contradicts subtype {rec.subtype}")
         m = re.fullmatch(r"(\d+)X", part, re.IGNORECASE)
         if m and int(m[1]) != rec.magnification:
-            raise RecipeError(f"{path}: folder {part!r} contradicts magnification "
-                             f"{rec.magnification}")  # fmt: skip
+            raise RecipeError(
+                f"{path}: folder {part!r} contradicts magnification {rec.magnification}"
+            )
         m = re.fullmatch(r"[A-Z]+_[BM]_([A-Z]+)_\d{2}-(\w+)", part, re.IGNORECASE)
         if m and (m[1].upper() != rec.subtype or m[2].upper() != rec.slide_id):
             raise RecipeError(f"{path}: patient folder {part!r} contradicts the file name")
@@ -277,8 +278,9 @@ def scan_breakhis(root: str | Path, group_by: str = "slide", dedupe: bool = True
     if not root.is_dir():
         raise RecipeError(f"{root} is not a directory")
     if root.resolve() == Path(root.resolve().anchor):  # a walk of every mounted disk
-        raise RecipeError(f"refusing to scan {root}, the filesystem root: give the dataset's "
-                          "directory")  # fmt: skip
+        raise RecipeError(
+            f"refusing to scan {root}, the filesystem root: give the dataset's directory"
+        )
     _check_subtype_folders(root)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
     if not files:

@@ -125,9 +125,14 @@ class DecodedCache:
         False
     """
 
-    def __init__(self, paths: Sequence[str], size: Sequence[int], directory: str | Path,
-                 read: Callable[[str], torch.Tensor],
-                 interpolation: str = "bilinear") -> None:  # fmt: skip
+    def __init__(
+        self,
+        paths: Sequence[str],
+        size: Sequence[int],
+        directory: str | Path,
+        read: Callable[[str], torch.Tensor],
+        interpolation: str = "bilinear",
+    ) -> None:
         self.size = (int(size[0]), int(size[1]))
         self.shape = (len(paths), 3, *self.size)
         directory = Path(directory)
@@ -153,11 +158,15 @@ class DecodedCache:
     def _check(self) -> None:
         size = self.path.stat().st_size
         if size != math.prod(self.shape):
-            raise RecipeError(f"{self.path} is not a cache of {self.shape} images "
-                              f"({size} bytes); remove it to rebuild it")  # fmt: skip
+            raise RecipeError(
+                f"{self.path} is not a cache of {self.shape} images "
+                f"({size} bytes); remove it to rebuild it"
+            )
         if file_digest(self.path) != self.digest_path.read_text().strip():
-            raise RecipeError(f"{self.path} is damaged (its digest differs from the one "
-                              "recorded when it was built); remove it to rebuild it")  # fmt: skip
+            raise RecipeError(
+                f"{self.path} is damaged (its digest differs from the one "
+                "recorded when it was built); remove it to rebuild it"
+            )
 
     def _build(self, paths: Sequence[str], interpolation: str, read) -> None:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
@@ -188,8 +197,10 @@ class DecodedCache:
             self._file, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115
             self._images = np.memmap(self._file, dtype=np.uint8, mode="r", shape=self.shape)
         if os.fstat(self._file.fileno()).st_size < math.prod(self.shape):
-            raise OSError(f"{self.path} is shorter than its {len(self)} images: it was "
-                          "truncated while in use; remove it and run again")  # fmt: skip
+            raise OSError(
+                f"{self.path} is shorter than its {len(self)} images: it was "
+                "truncated while in use; remove it and run again"
+            )
         return self._images
 
     def __getitem__(self, i: int) -> torch.Tensor:

@@ -101,8 +101,10 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator
         raise OSError(f"cannot read image {path}: {e}") from e
     with im:
         if im.width * im.height > max_pixels:
-            raise OSError(f"{path}: {im.width} x {im.height} pixels, over the limit of "
-                          f"{max_pixels} (data.max_image_pixels)")  # fmt: skip
+            raise OSError(
+                f"{path}: {im.width} x {im.height} pixels, over the limit of "
+                f"{max_pixels} (data.max_image_pixels)"
+            )
         yield im
 
 
@@ -170,8 +172,9 @@ def collate_records(items: Sequence[tuple]) -> torch.Tensor:
         >>> packed.shape, packed[:, :4].tolist()
         (torch.Size([2, 20]), [[7.0, 1.0, 30.0, 400.0], [2.0, 0.0, 31.0, 40.0]])
     """
-    meta = torch.tensor([[row, label, group, scale] for row, _, label, group, scale in items],
-                        dtype=torch.float64)  # fmt: skip
+    meta = torch.tensor(
+        [[row, label, group, scale] for row, _, label, group, scale in items], dtype=torch.float64
+    )
     return torch.cat([meta.reshape(len(items), 4), torch.stack([it[1] for it in items])], 1)
 
 
@@ -315,8 +318,11 @@ class BreakHisDataset(torch.utils.data.Dataset):
         self.std = None if std is None else tuple(float(v) for v in std)
         self.index, self.transform, self.task, self.seed = index, transform, task, int(seed)
         self.epoch = 0
-        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) \
-                or max_image_pixels < 1:  # fmt: skip
+        if (
+            isinstance(max_image_pixels, bool)
+            or not isinstance(max_image_pixels, int)
+            or max_image_pixels < 1
+        ):
             raise RecipeError(f"max_image_pixels must be a positive int, got {max_image_pixels!r}")
         self.max_pixels = max_image_pixels
         self.bad_images: list[tuple[str, str]] = []
@@ -336,8 +342,9 @@ class BreakHisDataset(torch.utils.data.Dataset):
         self.cache = None
         if cache_dir is not None:
             read = functools.partial(read_image, max_pixels=self.max_pixels)
-            self.cache = DecodedCache([index.paths[r] for r in rows], self.stored_size,
-                                      cache_dir, read, interpolation)  # fmt: skip
+            self.cache = DecodedCache(
+                [index.paths[r] for r in rows], self.stored_size, cache_dir, read, interpolation
+            )
         labels = index.label if task == "binary" else index.subtype
         self.labels = labels[rows]
         self.groups = index.group[rows]
@@ -364,8 +371,9 @@ class BreakHisDataset(torch.utils.data.Dataset):
             img = normalize_image(img, self.mean, self.std)
         return img
 
-    def device_batch(self, rows: torch.Tensor, aug: torch.Tensor,
-                     device: torch.device | str) -> torch.Tensor:  # fmt: skip
+    def device_batch(
+        self, rows: torch.Tensor, aug: torch.Tensor, device: torch.device | str
+    ) -> torch.Tensor:
         """With ``augment_on="device"``: the loader's ``rows`` [B] and records
         [B, AUG_FIELDS] as the finished batch on ``device``: the uint8 images gathered
         from the cache (into page-locked memory for a GPU), copied without blocking,

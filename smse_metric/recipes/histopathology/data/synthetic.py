@@ -57,8 +57,9 @@ _MORPHOLOGY = {
 _ZOOM = {40: 0.6, 100: 1.5, 200: 3.0, 400: 6.0}
 
 
-def _structures(rng: np.random.Generator, m: _Morphology, w: float, h: float,
-                density: float) -> np.ndarray:  # fmt: skip
+def _structures(
+    rng: np.random.Generator, m: _Morphology, w: float, h: float, density: float
+) -> np.ndarray:
     """Nucleus centres [n, 2] (tissue units) for a field of w x h units."""
     pad = 40.0
     n_struct = rng.poisson(4 * m.density * density * (w + 2 * pad) * (h + 2 * pad) / 1e4)
@@ -74,8 +75,11 @@ def _structures(rng: np.random.Generator, m: _Morphology, w: float, h: float,
             t = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 1)
             a = rng.uniform(0, np.pi)
             x, y = r * np.cos(t), squash * r * np.sin(t)
-            pts.append(np.stack([cx + x * np.cos(a) - y * np.sin(a),
-                                 cy + x * np.sin(a) + y * np.cos(a)], 1))  # fmt: skip
+            pts.append(
+                np.stack(
+                    [cx + x * np.cos(a) - y * np.sin(a), cy + x * np.sin(a) + y * np.cos(a)], 1
+                )
+            )
         elif m.layout == "spindle":
             pts.append(rng.normal([cx, cy], 6.0, size=(6, 2)))
         elif m.layout == "nests":
@@ -112,8 +116,9 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return (1 - fy) * ((1 - fx) * g00 + fx * g01) + fy * ((1 - fx) * g10 + fx * g11)
 
 
-def render(rng: np.random.Generator, subtype: str, stain: dict, magnification: int,
-           size: tuple[int, int]) -> np.ndarray:  # fmt: skip
+def render(
+    rng: np.random.Generator, subtype: str, stain: dict, magnification: int, size: tuple[int, int]
+) -> np.ndarray:
     """One H x W x 3 uint8 field of a subtype at a magnification."""
     m, zoom = _MORPHOLOGY[subtype], _ZOOM[magnification] * size[0] / 128
     w, h = size
@@ -216,8 +221,10 @@ def make_synthetic_breakhis(
         raise RecipeError(f"seed must be an integer >= 0, got {seed!r}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RecipeError(f"refusing to write the synthetic dataset into {out}: it is not a "
-                          "new or empty directory")  # fmt: skip
+        raise RecipeError(
+            f"refusing to write the synthetic dataset into {out}: it is not a "
+            "new or empty directory"
+        )
     rng = np.random.default_rng(seed)
     rows: list[tuple[str, str, int]] = []  # (relative path, subtype, magnification)
     patient_of: list[str] = []
@@ -229,9 +236,12 @@ def make_synthetic_breakhis(
             slide = f"{case}{['', 'AB', 'CD'][p % 3]}"
             stain = _patient_stain(rng)
             patient_dir = (
-                TREE / TUMOR_CLASSES[tumor_class == "M"] / "SOB" / folder
+                TREE
+                / TUMOR_CLASSES[tumor_class == "M"]
+                / "SOB"
+                / folder
                 / f"SOB_{tumor_class}_{subtype}_14-{slide}"
-            )  # fmt: skip
+            )
             for mag in MAGNIFICATIONS:
                 n = max(1, images_per_magnification + int(rng.integers(-1, 2)))
                 mag_dir = out / patient_dir / f"{mag}X"

@@ -16,10 +16,12 @@ from smse_metric.recipes.histopathology.data.augment import (
 
 
 def _records(n, h, w, size, crop_scale=(1.0, 1.0)):
-    return torch.stack([
-        draw_augmentation(torch.Generator().manual_seed(i), h, w, size, crop_scale, 0.15, 0.05)
-        for i in range(n)
-    ])  # fmt: skip
+    return torch.stack(
+        [
+            draw_augmentation(torch.Generator().manual_seed(i), h, w, size, crop_scale, 0.15, 0.05)
+            for i in range(n)
+        ]
+    )
 
 
 def test_a_record_follows_the_generator_in_a_fixed_order():
@@ -27,18 +29,27 @@ def test_a_record_follows_the_generator_in_a_fixed_order():
     scales, three shifts, three colour factors: one uniform draw each, in that order."""
     g = torch.Generator().manual_seed(7)
     r = [torch.rand((), generator=g).item() for _ in range(AUG_FIELDS)]
-    rec = draw_augmentation(torch.Generator().manual_seed(7), 100, 60, (32, 32), (0.5, 1.0),
-                            0.2, 0.1).tolist()  # fmt: skip
+    rec = draw_augmentation(
+        torch.Generator().manual_seed(7), 100, 60, (32, 32), (0.5, 1.0), 0.2, 0.1
+    ).tolist()
     frac = 0.5 + 0.5 * r[0]
     ch, cw = round(100 * frac**0.5), round(60 * frac**0.5)
-    assert rec[:7] == [int((100 - ch + 1) * r[1]), int((60 - cw + 1) * r[2]), ch, cw,
-                       float(r[3] < 0.5), float(r[4] < 0.5), int(4 * r[5])]  # fmt: skip
+    assert rec[:7] == [
+        int((100 - ch + 1) * r[1]),
+        int((60 - cw + 1) * r[2]),
+        ch,
+        cw,
+        float(r[3] < 0.5),
+        float(r[4] < 0.5),
+        int(4 * r[5]),
+    ]
     assert rec[7:10] == pytest.approx([0.9 + 0.2 * v for v in r[6:9]])
     assert rec[10:13] == pytest.approx([-0.1 + 0.2 * v for v in r[9:12]])
     assert rec[13:16] == pytest.approx([0.8 + 0.4 * v for v in r[12:15]])
     # a non-square size draws no quarter turn: the stain scales take its draw
-    flat = draw_augmentation(torch.Generator().manual_seed(7), 100, 60, (32, 48), (0.5, 1.0),
-                             0.2, 0.1).tolist()  # fmt: skip
+    flat = draw_augmentation(
+        torch.Generator().manual_seed(7), 100, 60, (32, 48), (0.5, 1.0), 0.2, 0.1
+    ).tolist()
     assert flat[6] == 0 and flat[7] == pytest.approx(0.9 + 0.2 * r[5])
 
 
@@ -55,8 +66,9 @@ def _scalar_draws(g, height, width, size, crop_scale, color, stain):
     turns = int(u(0, 4)) if size[0] == size[1] else 0
     rest = [u(1 - stain, 1 + stain) for _ in range(3)] + [u(-stain, stain) for _ in range(3)]
     rest += [u(1 - color, 1 + color) for _ in range(3)]
-    return torch.tensor([y0, x0, ch, cw, float(flip_w), float(flip_h), turns, *rest],
-                        dtype=torch.float64)  # fmt: skip
+    return torch.tensor(
+        [y0, x0, ch, cw, float(flip_w), float(flip_h), turns, *rest], dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("size", [(32, 32), (32, 48)])
@@ -83,8 +95,9 @@ def test_the_batch_path_equals_the_image_path_without_resampling(device, size):
     if size[0] == size[1]:
         assert set(aug[:, 6].tolist()) == {0, 1, 2, 3}
     assert set(aug[:, 4].tolist()) == {0, 1} and set(aug[:, 5].tolist()) == {0, 1}
-    want = torch.stack([apply_augmentation(images[i].float() / 255, aug[i], size)
-                        for i in range(24)])  # fmt: skip
+    want = torch.stack(
+        [apply_augmentation(images[i].float() / 255, aug[i], size) for i in range(24)]
+    )
     got = augment_batch(images.to(device), aug.to(device), size).cpu()
     torch.testing.assert_close(got, want, atol=3e-5, rtol=0)
 
@@ -94,13 +107,15 @@ def test_crops_resample_close_to_the_image_path(device):
     """With crops the batch path resamples without antialiasing: on a smooth image it
     stays within a few thousandths of the CPU path."""
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 31), torch.linspace(0, 1, 31), indexing="ij")
-    img = torch.stack([0.5 + 0.4 * torch.sin(3 * xx + yy), 0.5 + 0.4 * torch.cos(2 * yy),
-                       0.3 + 0.5 * xx * yy])  # fmt: skip
+    img = torch.stack(
+        [0.5 + 0.4 * torch.sin(3 * xx + yy), 0.5 + 0.4 * torch.cos(2 * yy), 0.3 + 0.5 * xx * yy]
+    )
     images = (img * 255).round().to(torch.uint8)[None].repeat(16, 1, 1, 1)
     for size in [(24, 24), (16, 28)]:
         aug = _records(16, 31, 31, size, crop_scale=(0.6, 1.0))
-        want = torch.stack([apply_augmentation(images[i].float() / 255, aug[i], size)
-                            for i in range(16)])  # fmt: skip
+        want = torch.stack(
+            [apply_augmentation(images[i].float() / 255, aug[i], size) for i in range(16)]
+        )
         got = augment_batch(images.to(device), aug.to(device), size).cpu()
         assert (got - want).abs().mean() < 2e-3 and (got - want).abs().max() < 0.02
 

@@ -118,8 +118,12 @@ def test_datasets_read_the_cache_and_augment_on_the_device(synth_index, tmp_path
     want = torch.stack([worker[i][0] for i in order])
     assert got.shape == want.shape and (got - want).abs().mean() < 0.03
     # the same images as augmenting each cached image on its own
-    one = torch.cat([device.device_transform(device.cache[i][None], batch[1][j : j + 1])
-                     for j, i in enumerate(order)])  # fmt: skip
+    one = torch.cat(
+        [
+            device.device_transform(device.cache[i][None], batch[1][j : j + 1])
+            for j, i in enumerate(order)
+        ]
+    )
     assert torch.equal(got, one)
     assert [int(v) for v in batch[2]] == [worker[i][1] for i in order]
     with pytest.raises(RecipeError, match="augment_on"):

@@ -12,8 +12,13 @@ from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
-    make_synthetic_breakhis(root, images_per_magnification=1, image_size=(40, 28), seed=1,
-                            patients_per_subtype={"A": 2, "F": 1, "DC": 2, "LC": 1})  # fmt: skip
+    make_synthetic_breakhis(
+        root,
+        images_per_magnification=1,
+        image_size=(40, 28),
+        seed=1,
+        patients_per_subtype={"A": 2, "F": 1, "DC": 2, "LC": 1},
+    )
     return scan_breakhis(root)
 
 
@@ -62,8 +67,9 @@ def test_a_corrupt_png_is_named_or_skipped_and_listed(index, tmp_path):
 
 def test_dataset_feeds_multiscale_batches(index):
     ds = BreakHisDataset(index, "eval", size=(16, 16))
-    sampler = MultiScaleBatchSampler(ds.labels, ds.groups, ds.scales, classes_per_batch=2,
-                                     groups_per_class=2)  # fmt: skip
+    sampler = MultiScaleBatchSampler(
+        ds.labels, ds.groups, ds.scales, classes_per_batch=2, groups_per_class=2
+    )
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
     images, labels, _, scales = next(iter(loader))
     assert images.shape == (16, 3, 16, 16)

@@ -16,8 +16,10 @@ from smse_metric.recipes.histopathology.data import (
 def test_dsfold_file_parses(tmp_path, synth):
     idx = scan_breakhis(synth)
     names = idx.names
-    rows = [f"{n}|{r.magnification}|1|{'test' if i % 3 == 0 else 'train'}"
-            for i, (n, r) in enumerate(zip(names, idx.records, strict=True))]  # fmt: skip
+    rows = [
+        f"{n}|{r.magnification}|1|{'test' if i % 3 == 0 else 'train'}"
+        for i, (n, r) in enumerate(zip(names, idx.records, strict=True))
+    ]
     rows += [f"{n}|{r.magnification}|2|train" for n, r in zip(names, idx.records, strict=True)]
     (tmp_path / "dsfold1.txt").write_text("\n".join(rows) + "\n")
     split = load_folds(tmp_path / "dsfold1.txt", 1)

@@ -42,8 +42,9 @@ def demo_set(tmp_path_factory):
 
 
 def test_generator_is_deterministic_for_a_seed(tmp_path):
-    kw = dict(images_per_magnification=1, image_size=(24, 16),
-              patients_per_subtype={"A": 1, "DC": 2})  # fmt: skip
+    kw = dict(
+        images_per_magnification=1, image_size=(24, 16), patients_per_subtype={"A": 1, "DC": 2}
+    )
     a = make_synthetic_breakhis(tmp_path / "a", seed=5, **kw)
     b = make_synthetic_breakhis(tmp_path / "b", seed=5, **kw)
     c = make_synthetic_breakhis(tmp_path / "c", seed=6, **kw)
@@ -61,8 +62,23 @@ def test_imbalance_is_shaped_like_breakhis(tmp_path):
 
 
 def test_cli_synth_writes_the_tree(tmp_path, capsys):
-    assert cli_main(["synth", str(tmp_path / "s"), "--seed", "2", "--images-per-magnification",
-                     "1", "--width", "24", "--height", "16"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "synth",
+                str(tmp_path / "s"),
+                "--seed",
+                "2",
+                "--images-per-magnification",
+                "1",
+                "--width",
+                "24",
+                "--height",
+                "16",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "images of 24 patients" in out and (tmp_path / "s" / "Folds.csv").is_file()
     assert cli_main(["synth", str(tmp_path / "x"), "--width", "4"]) == 2
@@ -84,8 +100,9 @@ def test_a_linear_probe_beats_chance_but_is_far_from_perfect(demo_set):
     for fold in range(1, 6):
         masks = idx.masks(load_folds(demo_set / "Folds.csv", fold))
         scaler = StandardScaler().fit(x[masks["train"]])
-        clf = LogisticRegression(max_iter=2000).fit(scaler.transform(x[masks["train"]]),
-                                                   y[masks["train"]])  # fmt: skip
+        clf = LogisticRegression(max_iter=2000).fit(
+            scaler.transform(x[masks["train"]]), y[masks["train"]]
+        )
         accs.append(clf.score(scaler.transform(x[masks["test"]]), y[masks["test"]]))
     chance = max(y.mean(), 1 - y.mean())
     # measured at seed 0: 0.666 against a majority rate of 0.609
