@@ -30,8 +30,8 @@ from benchmarks.bench_sampler import layout
 from benchmarks.common import machine, markdown_table, write_report
 from smse_metric import MultiScaleBatchSampler, ReinforcedFocalLoss, TripletMarginLoss
 from smse_metric.evaluation import evaluate_embeddings
-from smse_metric.recipes.histopathology.engine import LossGraphs, train_step
 from smse_metric.recipes.histopathology.models import EmbeddingNet
+from smse_metric.recipes.histopathology.step import LossGraphs, StepLoss, train_step
 
 BATCH = 32  # 2 classes x 4 patients x 4 magnifications, as the smse presets
 #: BreakHis binary: ~70 % of 7909 images train; 15 % of those validate
@@ -74,10 +74,12 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
         # as the DataLoader's pinned batches: the copy does not wait for the GPU
         return idx.pin_memory().to(device, non_blocking=True) if cuda else idx
 
+    ce_loss, smse_loss = StepLoss(ce), StepLoss(rfl, triplet)
+
     def ce_step():
         idx = on_device(torch.randint(0, n, (BATCH,), generator=gen))
         train_step(
-            models["ce"], images[idx], labels[idx], scales[idx], opts["ce"], ce, amp_dtype=amp
+            models["ce"], images[idx], labels[idx], scales[idx], opts["ce"], ce_loss, amp_dtype=amp
         )
 
     def next_batch() -> list[int]:
@@ -96,8 +98,7 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
             labels[idx],
             scales[idx],
             opts["smse"],
-            rfl,
-            triplet,
+            smse_loss,
             amp_dtype=amp,
         )
 
@@ -106,7 +107,7 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
         net = EmbeddingNet("resnet18", embedding_dim=DIM)
         models["graphed"] = net.to(device, memory_format=fmt)
         opts["graphed"] = torch.optim.Adam(models["graphed"].parameters(), 1e-3)
-        graphs = LossGraphs(rfl, triplet)
+        graphs = LossGraphs(smse_loss)
 
         def graphed_step():
             idx = on_device(torch.as_tensor(next_batch()))

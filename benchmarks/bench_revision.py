@@ -2,7 +2,7 @@
 one process (interleaved rounds, the best of each side's medians): a regression check
 that the machine's noise between two runs cannot fake or hide.
 
-python -m benchmarks.bench_revision --base 78cd6a1   # -> results/losses-vs-78cd6a1.md
+python -m benchmarks.bench_revision --base 78cd6a1   # -> history/losses-vs-78cd6a1.md
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per side")
     p.add_argument("--repeats", type=int, default=9, help="calls per median, at least")
     p.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
-    p.add_argument("--out", help="table path (default: results/losses-vs-<base>.md)")
+    p.add_argument("--out", help="table path (default: history/losses-vs-<base>.md)")
     args = p.parse_args(argv)
     cases = args.cases.split(",")
     for name in cases:
@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.repeats} calls (and at least 100 ms of calls), both sides in one "
         "process.\n\n" + markdown_table(head, rows) + "\n"
     )
-    return write_report(text, f"losses-vs-{args.base}", args.out)
+    # against an earlier revision: history, beside CHANGELOG.md, not a reference table
+    out = args.out or str(Path(__file__).parent / "history" / f"losses-vs-{args.base}.md")
+    return write_report(text, f"losses-vs-{args.base}", out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_with_grad", "gather_batch", "get_rank", "get_world_size", "is_main_process"]
+__all__ = [
+    "all_gather_with_grad",
+    "any_rank",
+    "barrier",
+    "gather_batch",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+]
 
 
 def _active() -> bool:
@@ -46,6 +54,37 @@ def is_main_process() -> bool:
         True
     """
     return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the default process group (nothing without one).
+
+    Examples:
+        >>> barrier()  # one process: returns at once
+    """
+    if _active():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on this or any other rank (a failure, an interrupt):
+    every rank learns it, so none waits in a collective for a rank that has left.
+    Without a process group: the flag itself.
+
+    Args:
+        flag: this rank's flag.
+
+    Examples:
+        >>> any_rank(False), any_rank(True)  # one process
+        (False, True)
+    """
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([float(flag)])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ import torch
 from ._sampler_plan import Layout
 from .distributed import get_rank, get_world_size
 
-__all__ = ["MultiScaleBatchSampler", "SamplerStats"]
+__all__ = ["MultiScaleBatchSampler", "SamplerStats", "ShuffledBatchSampler"]
 
 POLICIES = ("replace", "error")
 
@@ -113,6 +113,12 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def _nonnegative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _dist_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size is None:
         world_size = get_world_size()
@@ -128,7 +134,116 @@ def _dist_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(rank), world_size
 
 
-class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
+class _ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Epochs, positions and checkpoints shared by the batch samplers: a subclass sets
+    ``seed``, ``rank``, ``world_size``, ``epoch`` and ``_position`` and defines ``__len__``."""
+
+    seed: int
+    world_size: int
+    epoch: int
+    _position: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields (as DistributedSampler)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        if int(epoch) != self.epoch:
+            self.epoch, self._position = int(epoch), 0
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """Where this rank is: resume with `load_state_dict` on the same data.
+
+        Args:
+            consumed: batches of the current epoch the training loop has used. A
+                ``DataLoader`` with workers draws batches ahead of the loop (up to
+                ``num_workers * prefetch_factor``), so the sampler's own count of
+                batches it handed out runs ahead of what was trained on; pass the
+                loop's count to resume exactly where training stopped.
+        """
+        position = self._position if consumed is None else consumed
+        if (
+            isinstance(position, bool)
+            or not isinstance(position, int | np.integer)
+            or not (0 <= position <= len(self))
+        ):
+            raise ValueError(f"consumed must be an integer in [0, {len(self)}], got {position!r}")
+        return {
+            "epoch": self.epoch,
+            "position": int(position),
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_batches": len(self),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict` of a sampler over the same data and ranks."""
+        mine = {"seed": self.seed, "world_size": self.world_size, "num_batches": len(self)}
+        for key, value in mine.items():
+            if state.get(key, value if key != "num_batches" else None) != value:
+                raise ValueError(
+                    f"state_dict was saved with {key}={state.get(key)!r}, this sampler has "
+                    f"{value!r}"
+                )
+        position = state.get("position")
+        if not isinstance(position, int) or not 0 <= position <= len(self):
+            raise ValueError(f"state_dict position must be in [0, {len(self)}], got {position!r}")
+        self.epoch, self._position = int(state["epoch"]), position
+
+
+class ShuffledBatchSampler(_ResumableBatchSampler):
+    """Batches of a uniform shuffle (classes come as often as they occur), the
+    frequency-ordered alternative to `MultiScaleBatchSampler`, deterministic per
+    ``(seed, epoch)``, sharded by rank and resumable mid-epoch like it.
+
+    Global batch ``i`` is ``perm[i*B*W : (i+1)*B*W]`` and rank ``r`` takes its ``r``-th
+    slice of ``B``; the incomplete last global batch is dropped, so every rank steps
+    equally.
+
+    Args:
+        n: dataset size.
+        batch_size: images per rank and batch.
+        seed: seed of the shuffle.
+        rank: this process's rank (default: torch.distributed's, else 0).
+        world_size: ranks sharing each global batch (default: torch.distributed's, else 1).
+
+    Examples:
+        >>> s = ShuffledBatchSampler(10, batch_size=2, rank=1, world_size=2)
+        >>> len(s), [len(b) for b in s]
+        (2, [2, 2])
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.n = _nonnegative_int("n", n)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.seed = _nonnegative_int("seed", seed)
+        self.rank, self.world_size = _dist_default(rank, world_size)
+        self.epoch, self._position = 0, 0
+        if len(self) == 0:
+            raise ValueError(
+                f"{n} images make no full batch of {batch_size} x {self.world_size} ranks"
+            )
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        b, w = self.batch_size, self.world_size
+        while self._position < len(self):
+            start = self._position * b * w + self.rank * b
+            self._position += 1
+            yield perm[start : start + b].tolist()
+        self._position = 0
+
+
+class MultiScaleBatchSampler(_ResumableBatchSampler):
     """Batch sampler of ``classes_per_batch`` classes x ``groups_per_class`` groups x
     every scale x ``images_per_scale`` images.
 
@@ -186,13 +301,8 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(
                 f"small_group_policy must be one of {POLICIES}, got {small_group_policy!r}"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed, self.drop_last, self.small_group_policy = (
-            int(seed),
-            bool(drop_last),
-            small_group_policy,
-        )
+        self.seed = _nonnegative_int("seed", seed)
+        self.drop_last, self.small_group_policy = bool(drop_last), small_group_policy
         self.rank, self.world_size = _dist_default(rank, world_size)
 
         self.class_names, cls = np.unique(lab, return_inverse=True)
@@ -304,57 +414,7 @@ class MultiScaleBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield batch.tolist()
         self._position = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose plan the next iteration yields (as DistributedSampler)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
-        if int(epoch) != self.epoch:
-            self.epoch, self._position = int(epoch), 0
-
     @property
     def stats(self) -> SamplerStats:
         """Counts of the current epoch's plan (repeats, fillers, substitutions, drops)."""
         return self._epoch_plan()[1]
-
-    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
-        """Where this rank is: resume with `load_state_dict` on the same data.
-
-        Args:
-            consumed: batches of the current epoch the training loop has used. A
-                ``DataLoader`` with workers draws batches ahead of the loop (up to
-                ``num_workers * prefetch_factor``), so the sampler's own count of
-                batches it handed out runs ahead of what was trained on; pass the
-                loop's count to resume exactly where training stopped.
-        """
-        position = self._position if consumed is None else consumed
-        if (
-            isinstance(position, bool)
-            or not isinstance(position, int | np.integer)
-            or not (0 <= position <= len(self))
-        ):
-            raise ValueError(f"consumed must be an integer in [0, {len(self)}], got {position!r}")
-        return {
-            "epoch": self.epoch,
-            "position": int(position),
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "num_batches": len(self),
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "world_size", "num_batches"):
-            mine = (
-                self.seed
-                if key == "seed"
-                else self.world_size
-                if key == "world_size"
-                else len(self)
-            )
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"state_dict was saved with {key}={state.get(key)!r}, this sampler has {mine!r}"
-                )
-        position = state.get("position")
-        if not isinstance(position, int) or not 0 <= position <= len(self):
-            raise ValueError(f"state_dict position must be in [0, {len(self)}], got {position!r}")
-        self.epoch, self._position = int(state["epoch"]), position

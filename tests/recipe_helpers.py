@@ -12,7 +12,7 @@ from PIL import Image
 from smse_metric.evaluation import FaissIndex
 from smse_metric.recipes.histopathology import load_config
 from smse_metric.recipes.histopathology.build import resolve_inputs
-from smse_metric.recipes.histopathology.engine import TrainState
+from smse_metric.recipes.histopathology.checkpoint import TrainState
 
 TINY = {
     "data": {"synthetic": True, "image_size": [32, 32], "num_workers": 0, "val_fraction": 0.2},

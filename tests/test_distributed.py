@@ -96,18 +96,11 @@ def _images():
 
 def _one_step(model, images, labels, scales):
     from smse_metric import ReinforcedFocalLoss
-    from smse_metric.recipes.histopathology.engine import train_step
+    from smse_metric.recipes.histopathology.step import StepLoss, train_step
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    loss = train_step(
-        model,
-        images,
-        labels,
-        scales,
-        opt,
-        ReinforcedFocalLoss(),
-        TripletMarginLoss(0.5, cross_scale=True),
-    )
+    loss_fn = StepLoss(ReinforcedFocalLoss(), TripletMarginLoss(0.5, cross_scale=True))
+    loss = train_step(model, images, labels, scales, opt, loss_fn)
     return loss
 
 
@@ -151,8 +144,8 @@ def _cache_worker(rank: int, world: int, port: int, root: str, out: str) -> None
         data = {"path": root, "image_size": [16, 16], "num_workers": 0, "cache_dir": f"{out}/c"}
         cfg = load_config(overrides={"data": data})
         ds = make_datasets(cfg, load_splits(cfg, root))
-        built = [ds[name].cache.built for name in ("train", "gallery", "val", "test")]
-        image = ds["gallery"][0][0]
+        built = [getattr(ds, name).cache.built for name in ("train", "gallery", "val", "test")]
+        image = ds.gallery[0][0]
         torch.save({"built": torch.tensor(built), "image": image}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()

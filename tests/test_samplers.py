@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smse_metric import MultiScaleBatchSampler
+from smse_metric.samplers import ShuffledBatchSampler
 
 # BreakHis v1 (shared/BREAKHIS.md): subtype -> (patients, images at 40X, 100X, 200X, 400X)
 BREAKHIS = {
@@ -346,3 +347,33 @@ def test_resume_with_loader_workers_uses_the_consumed_count():
     assert used + rest == straight
     with pytest.raises(ValueError, match="consumed must be an integer"):
         s.state_dict(consumed=len(s) + 1)
+
+
+def test_shuffled_batches_shard_each_global_batch_across_ranks():
+    """Ranks take disjoint slices of each global batch, together every index of the
+    full batches once; the same (seed, epoch) gives the same batches, another epoch not."""
+    ranks = [ShuffledBatchSampler(50, 4, seed=3, rank=r, world_size=3) for r in range(3)]
+    assert all(len(s) == 4 for s in ranks)  # 50 // 12: the last 2 images are dropped
+    batches = [list(s) for s in ranks]
+    for step in range(4):
+        global_batch = [i for r in range(3) for i in batches[r][step]]
+        assert len(set(global_batch)) == 12
+    seen = sorted(i for b in batches for batch in b for i in batch)
+    assert len(seen) == 48 == len(set(seen)) and set(seen) <= set(range(50))
+    assert list(ShuffledBatchSampler(50, 4, seed=3, rank=1, world_size=3)) == batches[1]
+    ranks[1].set_epoch(1)
+    assert list(ranks[1]) != batches[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"rank": 2, "world_size": 2}, r"rank must be an integer in \[0, 2\)"),
+        ({"rank": -1, "world_size": 2}, "rank must be"),
+        ({"world_size": 0, "rank": 0}, "world_size must be a positive integer"),
+    ],
+)
+def test_shuffled_batches_refuse_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ShuffledBatchSampler(50, **{"batch_size": 4, **kwargs})

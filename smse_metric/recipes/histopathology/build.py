@@ -12,18 +12,19 @@ from torch.utils.data import DataLoader
 
 from smse_metric.distributed import get_rank, get_world_size
 from smse_metric.losses import ContrastiveLoss, FocalLoss, ReinforcedFocalLoss, TripletMarginLoss
-from smse_metric.samplers import MultiScaleBatchSampler
+from smse_metric.samplers import MultiScaleBatchSampler, ShuffledBatchSampler
 
 from .config import Config
 from .data.breakhis import class_names
 from .data.dataset import BreakHisDataset, collate_records
-from .engine import ShuffledBatchSampler
 from .errors import RecipeError
 from .models import EmbeddingNet
 from .splits import Splits
+from .step import LossFn, StepLoss, make_step_loss
 
 __all__ = [
     "Built",
+    "Datasets",
     "amp_setup",
     "build",
     "build_model",
@@ -115,18 +116,57 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
     )
 
 
+SPLIT_NAMES = ("train", "gallery", "val", "test")
+
+
+@dataclasses.dataclass
+class Datasets:
+    """A run's datasets (None where not made).
+
+    Attributes:
+        train: the training images, augmented.
+        gallery: the training images with the evaluation transform (the kNN gallery).
+        val: the validation patients' images.
+        test: the test patients' images.
+
+    Examples:
+        >>> Datasets().made()
+        {}
+    """
+
+    train: BreakHisDataset | None = None
+    gallery: BreakHisDataset | None = None
+    val: BreakHisDataset | None = None
+    test: BreakHisDataset | None = None
+
+    def made(self) -> dict[str, BreakHisDataset]:
+        """The datasets made, by split name."""
+        return {k: v for k in SPLIT_NAMES if (v := getattr(self, k)) is not None}
+
+    def bad_images(self) -> list[list[str]]:
+        """``[path, reason]`` of every image left out as unreadable, once each."""
+        seen: dict[str, str] = {}
+        for d in self.made().values():
+            for path, why in d.bad_images:
+                seen.setdefault(path, why)
+        return [[p, why] for p, why in seen.items()]
+
+
 def make_datasets(
-    cfg: Config, splits: Splits, collective: bool = True
-) -> dict[str, BreakHisDataset]:
-    """The run's datasets: ``train`` (augmented), and ``gallery`` (the training images),
-    ``val`` and ``test`` for evaluation, normalised as ``cfg.data`` says.
+    cfg: Config,
+    splits: Splits,
+    names: tuple[str, ...] = SPLIT_NAMES,
+    collective: bool = True,
+) -> Datasets:
+    """The run's datasets named in ``names``, normalised as ``cfg.data`` says.
 
     Args:
         cfg: the run's `Config` (``data.mean`` etc. resolved, see `resolve_inputs`).
         splits: the run's `Splits`.
+        names: which of ``train``, ``gallery``, ``val``, ``test`` to make.
         collective: every rank of a process group calls this together (rank 0 then
             builds a decoded cache first, the others wait for it); False for a call of
-            one rank alone, such as rank 0's final evaluation.
+            one rank alone.
 
     Examples:
         >>> import tempfile
@@ -138,38 +178,39 @@ def make_datasets(
         >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
         ...                                       "num_workers": 0}})
         >>> ds = make_datasets(cfg, load_splits(cfg, root))
-        >>> sorted(ds), len(ds["gallery"]) == len(ds["train"])
+        >>> sorted(ds.made()), len(ds.gallery) == len(ds.train)
         (['gallery', 'test', 'train', 'val'], True)
     """
-    size = tuple(cfg.data.image_size)
+    for name in names:
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"names: {name!r} is not one of {SPLIT_NAMES}")
+    d = cfg.data
+    checked: dict[str, str | None] = {}  # each image verified once for every dataset
+    rows = {"train": splits.train, "gallery": splits.train, "val": splits.val, "test": splits.test}
 
-    def make(mask, transform):
-        # device augmentation is the training transform's; evaluation images are finished
-        augment_on = cfg.data.augment_on if transform == "train" else "worker"
+    def make(name: str) -> BreakHisDataset:
+        transform = "train" if name == "train" else "eval"
         return BreakHisDataset(
-            splits.index.subset(mask),
+            splits.index.subset(rows[name]),
             transform,
-            size=size,
-            task=cfg.data.task,
+            size=tuple(d.image_size),
+            task=d.task,
             seed=cfg.run.seed,
-            skip_bad_images=cfg.data.skip_bad_images,
-            mean=cfg.data.mean,
-            std=cfg.data.std,
-            interpolation=cfg.data.interpolation or "bilinear",
-            cache_dir=cfg.data.cache_dir,
-            augment_on=augment_on,
-            max_image_pixels=cfg.data.max_image_pixels,
+            skip_bad_images=d.skip_bad_images,
+            mean=d.mean,
+            std=d.std,
+            interpolation=d.interpolation or "bilinear",
+            cache_dir=d.cache_dir,
+            # device augmentation is the training transform's; evaluation images are finished
+            augment_on=d.augment_on if transform == "train" else "worker",
+            max_image_pixels=d.max_image_pixels,
+            checked=checked,
         )
 
-    def every_split() -> dict[str, BreakHisDataset]:
-        return {
-            "train": make(splits.train, "train"),
-            "gallery": make(splits.train, "eval"),
-            "val": make(splits.val, "eval"),
-            "test": make(splits.test, "eval"),
-        }
+    def every_split() -> Datasets:
+        return Datasets(**{name: make(name) for name in names})
 
-    if cfg.data.cache_dir is None or get_world_size() == 1 or not collective:
+    if d.cache_dir is None or get_world_size() == 1 or not collective:
         return every_split()
     # under DDP rank 0 decodes the cache once; the other ranks then map its files, or
     # raise rank 0's error (waiting at a barrier, they would only see a lost peer or a
@@ -205,7 +246,7 @@ def eval_loader(cfg: Config, ds: BreakHisDataset) -> DataLoader:
         >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
         ...                                       "num_workers": 0}})
         >>> images, labels, patients, mags = next(iter(eval_loader(
-        ...     cfg, make_datasets(cfg, load_splits(cfg, root))["test"])))
+        ...     cfg, make_datasets(cfg, load_splits(cfg, root)).test)))
         >>> images.shape[1:]
         torch.Size([3, 16, 16])
     """
@@ -230,12 +271,12 @@ def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> 
         ...                                image_size=(32, 24))
         >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
         ...                                       "num_workers": 0}})
-        >>> loader = train_loader(cfg, make_datasets(cfg, load_splits(cfg, root))["train"])
+        >>> loader = train_loader(cfg, make_datasets(cfg, load_splits(cfg, root)).train)
         >>> len(next(iter(loader.batch_sampler)))  # 2 classes x 4 patients x 4 magnifications
         32
     """
-    if cfg.sampler.kind == "multiscale":
-        try:
+    try:
+        if cfg.sampler.kind == "multiscale":
             inner = MultiScaleBatchSampler(
                 ds.labels,
                 ds.groups,
@@ -245,10 +286,10 @@ def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> 
                 cfg.sampler.images_per_scale,
                 seed=cfg.run.seed,
             )
-        except ValueError as e:  # the [sampler] section does not fit the training data
-            raise RecipeError(f"[sampler] on the training split: {e}") from e
-    else:
-        inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
+        else:
+            inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
+    except ValueError as e:  # the [sampler] section does not fit the training data
+        raise RecipeError(f"[sampler] on the training split: {e}") from e
     # pinned pages let the batch's copy to a GPU overlap the step (non_blocking)
     return DataLoader(
         ds,
@@ -259,10 +300,9 @@ def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> 
     )
 
 
-def make_losses(
-    cfg: Config, class_counts: np.ndarray
-) -> tuple[torch.nn.Module | None, torch.nn.Module]:
-    """``(metric loss or None, classification loss)`` as ``cfg.loss`` says.
+def make_losses(cfg: Config, class_counts: np.ndarray) -> StepLoss:
+    """The step's loss as ``cfg.loss`` says: classification loss plus weighted metric
+    loss (none for the baseline).
 
     Args:
         cfg: the run's `Config`.
@@ -270,9 +310,9 @@ def make_losses(
 
     Examples:
         >>> from smse_metric.recipes.histopathology import load_config
-        >>> metric, cls = make_losses(load_config(overrides={"data": {"synthetic": True}}),
-        ...                           np.array([30, 70]))
-        >>> type(metric).__name__, type(cls).__name__
+        >>> loss = make_losses(load_config(overrides={"data": {"synthetic": True}}),
+        ...                    np.array([30, 70]))
+        >>> type(loss.metric_loss).__name__, type(loss.cls_loss).__name__
         ('TripletMarginLoss', 'ReinforcedFocalLoss')
     """
     lc = cfg.loss
@@ -291,7 +331,9 @@ def make_losses(
         cls = FocalLoss(lc.gamma)
     else:
         cls = torch.nn.CrossEntropyLoss()
-    return metric, cls
+    return StepLoss(
+        cls, metric, metric_weight=lc.metric_weight, cls_weight=lc.classification_weight
+    )
 
 
 def num_classes(cfg: Config) -> int:
@@ -368,11 +410,9 @@ class Built:
 
     Attributes:
         device: where the run trains.
-        datasets: ``train``, ``gallery`` (the training images, evaluation transform),
-            ``val`` and ``test`` datasets.
+        datasets: its `Datasets` (all four).
         model: the network, on ``device`` (channels-last on CUDA).
-        metric_loss: the metric loss, or None (the baseline).
-        cls_loss: the classification loss, on ``device``.
+        loss_fn: the step's loss (a `StepLoss`, or its CUDA-graph replay).
         optimizer: the optimiser over ``model``'s parameters.
         scheduler: the learning-rate schedule, or None.
         amp_dtype: the autocast dtype, or None.
@@ -381,14 +421,13 @@ class Built:
 
     Examples:
         >>> [f.name for f in dataclasses.fields(Built)][:4]
-        ['device', 'datasets', 'model', 'metric_loss']
+        ['device', 'datasets', 'model', 'loss_fn']
     """
 
     device: torch.device
-    datasets: dict[str, BreakHisDataset]
+    datasets: Datasets
     model: EmbeddingNet
-    metric_loss: torch.nn.Module | None
-    cls_loss: torch.nn.Module
+    loss_fn: LossFn
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     amp_dtype: torch.dtype | None
@@ -401,40 +440,32 @@ class Built:
         return self.device.type == "cuda"
 
 
-def build(cfg: Config, splits: Splits, device: torch.device) -> Built:
+def build(cfg: Config, splits: Splits, device: torch.device, model: EmbeddingNet) -> Built:
     """Every object a training run needs, from its validated config, once.
 
     Args:
         cfg: the run's validated `Config` (inputs resolved by `resolve_inputs`).
         splits: its patient splits.
         device: where to train (`device_of`).
+        model: the untrained network (`build_model`), moved to ``device`` here.
 
     Examples:
-        Built by `train` before the first step (tests/recipes/histopathology/test_training.py runs
-        it; skipped here because it needs a dataset on disk):
+        Built by `train` before the first step (tests/recipes/histopathology/test_training.py
+        runs it; skipped here because it needs a dataset on disk):
 
-        >>> built = build(cfg, load_splits(cfg, root), device_of(cfg))  # doctest: +SKIP
+        >>> built = build(cfg, splits, device_of(cfg), build_model(cfg))  # doctest: +SKIP
         >>> type(built.optimizer).__name__  # doctest: +SKIP
         'Adam'
     """
     datasets = make_datasets(cfg, splits)
-    model = build_model(cfg).to(device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    counts = np.bincount(datasets["train"].labels, minlength=num_classes(cfg))
-    metric_loss, cls_loss = make_losses(cfg, counts)
+    counts = np.bincount(datasets.train.labels, minlength=num_classes(cfg))
+    loss = make_losses(cfg, counts)
+    loss.cls_loss.to(device)
     optimizer, scheduler = make_optimizer(cfg, model)
     amp_dtype, scaler = amp_setup(cfg, device)
-    loader = train_loader(cfg, datasets["train"], pin_memory=device.type == "cuda")
-    return Built(
-        device,
-        datasets,
-        model,
-        metric_loss,
-        cls_loss.to(device),
-        optimizer,
-        scheduler,
-        amp_dtype,
-        scaler,
-        loader,
-    )
+    loader = train_loader(cfg, datasets.train, pin_memory=device.type == "cuda")
+    loss_fn = make_step_loss(loss, device, cfg.run.cuda_graphs)
+    return Built(device, datasets, model, loss_fn, optimizer, scheduler, amp_dtype, scaler, loader)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .data import make_synthetic_breakhis, scan_breakhis
 from .errors import RecipeError
 from .results import RunMetrics
+from .rundir import RunDir
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -36,7 +37,7 @@ def _summary(metrics: RunMetrics, out: Path) -> None:
     print("\n".join(results_table(metrics.test)))
     mean = format_score(metrics.test.knn.cross_magnification_mean)
     print(f"cross-magnification kNN mean: {mean}")
-    print(f"wrote {out} (report: {out / 'report.md'})")
+    print(f"wrote {out} (report: {RunDir(out).report})")
 
 
 def _parse_folds(spec: str) -> list[int]:
@@ -80,34 +81,8 @@ def _train_config(args: argparse.Namespace, folds: list[int] | None):
     return load_config(args.config or "smse-triplet", overrides)
 
 
-def _validate_run(cfg, folds: list[int] | None) -> None:
-    """Every check a run makes before it writes: data, splits and backbone."""
-    import dataclasses
-
-    from .build import resolve_inputs
-    from .splits import load_splits
-
-    resolve_inputs(cfg)  # builds the backbone: an unknown name or a failed download
-    if cfg.data.path is None:
-        return  # synthetic data is written by the run itself
-    for k in folds or [cfg.data.fold]:
-        load_splits(
-            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k)), cfg.data.path
-        )
-
-
 def _train(args: argparse.Namespace) -> int:
-    import contextlib
-
-    import torch.distributed as dist
-
-    from smse_metric.distributed import is_main_process
-
-    from . import load_config
-    from .build import device_of
-    from .engine import any_rank, init_distributed
-    from .rundir import lock_run_dir, open_run_dir
-    from .splits import data_root
+    from .launch import launch, resume_config
 
     out = Path(args.out).resolve()  # a symlink names the directory it points to
     folds = _parse_folds(args.folds) if args.folds else None
@@ -117,70 +92,14 @@ def _train(args: argparse.Namespace) -> int:
                 "--resume continues the run with its own config.toml and data; "
                 "drop --config, --data and --synthetic"
             )
-        runs = [out / f"fold{k}" for k in folds] if folds else [out]
-        saved = [r / "config.toml" for r in runs if (r / "config.toml").is_file()]
-        if not saved or (not folds and not (out / "checkpoints" / "last.pt").is_file()):
-            raise RecipeError(f"{out} has no checkpoints/last.pt to resume from")
-        overrides = {"optim": {"epochs": args.epochs}} if args.epochs else None
-        cfg = load_config(saved[0], overrides)
+        cfg = resume_config(out, folds, args.epochs)
     else:
         cfg = _train_config(args, folds)
-        _validate_run(cfg, folds)
-    # torchrun: rank 0 prepares, all wait
-    own_group = init_distributed(device_of(cfg).type, cfg.run.dist_timeout)
-    try:
-        with contextlib.ExitStack() as stack:
-            error = None
-            if is_main_process():
-                try:  # the lock (and, for a new run, the checks and the claim) on rank 0
-                    if args.resume:
-                        stack.enter_context(lock_run_dir(out))
-                    else:
-                        protected = [cfg.data.path] if cfg.data.path else []
-                        stack.enter_context(open_run_dir(out, args.overwrite, protected))
-                        if args.synthetic:
-                            make_synthetic_breakhis(data_root(cfg, out), seed=cfg.run.seed)
-                except RecipeError as e:
-                    error = e
-            if any_rank(error is not None):
-                if error is not None:
-                    raise error
-                return 2
-            _barrier()
-            return _train_folds(args, _shared_data(cfg, out, folds), out, folds)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
-
-
-def _shared_data(cfg, out: Path, folds: list[int] | None):
-    """Folds of a synthetic run share OUT/data; a single run finds it by itself."""
-    import dataclasses
-
-    if cfg.data.path is not None or not folds:
-        return cfg
-    return dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, path=str((out / "data").resolve()))
+    result = launch(
+        cfg, out, folds=folds, resume=args.resume, overwrite=args.overwrite, flag="--overwrite"
     )
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _train_folds(args: argparse.Namespace, cfg, out: Path, folds: list[int] | None) -> int:
-    from .folds import train_folds
-    from .training import train
-
-    if folds:
-        train_folds(cfg, out, folds, resume=args.resume)
-        return 0
-    metrics = train(cfg, out, resume=args.resume)
-    if metrics is not None:  # rank 0
-        _summary(metrics, out)
+    if isinstance(result, RunMetrics):  # one run, rank 0
+        _summary(result, out)
     return 0
 
 
@@ -204,9 +123,7 @@ def _search(args: argparse.Namespace) -> int:
     from .search import contact_sheet, search_run
 
     _check_device(args)
-    sheet = (
-        Path(args.sheet) if args.sheet else Path(args.run) / f"search-{Path(args.image).stem}.png"
-    )
+    sheet = Path(args.sheet) if args.sheet else RunDir(args.run).search_sheet(args.image)
     if not sheet.parent.is_dir():  # before the search, not after it
         raise RecipeError(f"--sheet {sheet}: the directory {sheet.parent} does not exist")
     found = search_run(args.run, args.image, args.k, device=args.device or "cpu", data=args.data)
@@ -239,7 +156,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(f"paired over {len(runs)} replicates (mean; difference = {'-'.join(runs[0])}):")
     print(comparison_table(summary["comparison"], runs))
-    print(f"\n{summary['seconds']:.0f} s wall time; summary: {out / 'summary.md'}")
+    print(f"\n{summary['seconds']:.0f} s wall time; summary: {RunDir(out).summary_md}")
     return 0
 
 
@@ -372,7 +289,7 @@ def _add_demo(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .engine import TrainingInterrupted
+    from .interrupt import TrainingInterrupted
 
     rank = os.environ.get("RANK")  # under torchrun: each rank's line says which it is
     where = f"smse-metric {args.command}" + (f" (rank {rank})" if rank else "")

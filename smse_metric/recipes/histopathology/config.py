@@ -128,7 +128,7 @@ class RunConfig:
     seed: int = 0
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     amp: bool = True
-    #: on one GPU, replay the step's losses from CUDA graphs (`engine.LossGraphs`)
+    #: on one GPU, replay the step's losses from CUDA graphs (`step.LossGraphs`)
     cuda_graphs: bool = True
     deterministic: bool = False
     #: seconds a rank waits in a collective (torchrun) before it stops with an error

@@ -24,6 +24,7 @@ from .data.synthetic import DEFAULT_PATIENTS
 from .errors import RecipeError
 from .report import LABELS, LEVELS, format_score
 from .results import PREDICTORS, RunMetrics, SplitMetrics
+from .rundir import RunDir
 
 __all__ = [
     "DEMO_METHODS",
@@ -227,8 +228,8 @@ def run_demo(
     if seeds < 2:
         raise RecipeError(f"seeds must be at least 2 for a confidence interval, got {seeds}")
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    root = out / "data"
+    out = RunDir(out_dir)
+    root = out.data
     if not (root / "Folds.csv").is_file():
         make_synthetic_breakhis(root, DEMO_PATIENTS, seed=0, folds=max(5, seeds), **DEMO_DATA)
     runs = []
@@ -245,12 +246,12 @@ def run_demo(
                 print(
                     f"replicate {k + 1}/{seeds}: {method} ({cfg.optim.epochs} epochs)", flush=True
                 )
-            results[method] = train(cfg, out / f"seed{k}" / method, root, quiet=True)
+            results[method] = train(cfg, out.replicate(k, method), root, quiet=True)
         runs.append(results)
     comparison = demo_comparison(runs)
     seconds = time.perf_counter() - t0
     summary = {"runs": runs, "comparison": comparison, "seconds": seconds}
-    (out / "summary.md").write_text(
+    out.summary_md.write_text(
         f"# Demo: SMSE vs a plain classifier, {seeds} paired replicates\n\n"
         + comparison_table(comparison, runs)
         + "\n\n## Replicate 1\n\n"
@@ -259,7 +260,7 @@ def run_demo(
         + demo_verdict(runs[0]).replace("\n", "\n\n")
         + "\n"
     )
-    (out / "summary.json").write_text(
+    out.summary_json.write_text(
         json.dumps(
             {
                 "comparison": comparison,

@@ -3,11 +3,14 @@ everything a finished run writes from its best checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from smse_metric.evaluation import (
     FaissIndex,
@@ -16,23 +19,37 @@ from smse_metric.evaluation import (
     make_index,
 )
 
-from .build import build_model, device_of, eval_loader, make_datasets, num_classes, resolve_inputs
+from .build import (
+    Datasets,
+    build_model,
+    device_of,
+    eval_loader,
+    make_datasets,
+    num_classes,
+    resolve_inputs,
+)
+from .checkpoint import TrainState, load_checkpoint
 from .config import Config, load_config
 from .data.dataset import BreakHisDataset
-from .engine import TrainState, embed, load_checkpoint
 from .errors import RecipeError
+from .lock import lock_run_dir
 from .models import EmbeddingNet
+from .report import read_history, write_report
 from .results import RunMetrics, SplitMetrics
-from .splits import data_root, load_splits
+from .rundir import RunDir
+from .saved import check_same_data, save_embeddings
+from .splits import Splits, data_root, load_splits
 
 __all__ = [
-    "check_same_data",
+    "Evaluation",
+    "LoadedRun",
+    "embed",
+    "evaluate_model",
     "evaluate_run",
     "evaluate_split",
-    "relocated",
-    "saved_root",
+    "load_run",
+    "save_evaluation",
     "split_reports",
-    "unreadable_images",
 ]
 
 
@@ -66,8 +83,8 @@ def evaluate_split(
         >>> s = load_splits(cfg, root)
         >>> ds = make_datasets(cfg, s)
         >>> cpu = torch.device("cpu")
-        >>> out = evaluate_split(cfg, build_model(cfg), ds["gallery"], ds["val"], cpu)
-        >>> out.knn.k, out.head.pooled.n == len(ds["val"])
+        >>> out = evaluate_split(cfg, build_model(cfg), ds.gallery, ds.val, cpu)
+        >>> out.knn.k, out.head.pooled.n == len(ds.val)
         (5, True)
     """
     g_emb, _ = embed(model, eval_loader(cfg, gallery), device, channels_last)
@@ -103,7 +120,7 @@ def split_reports(
         ...                                image_size=(32, 24))
         >>> cfg = load_config(overrides={"data": {"path": str(root)}})
         >>> ds = make_datasets(cfg, load_splits(cfg, root))
-        >>> g, q = ds["gallery"], ds["test"]
+        >>> g, q = ds.gallery, ds.test
         >>> out = split_reports(cfg, g, torch.randn(len(g), 4), q, torch.randn(len(q), 4),
         ...                     torch.zeros(len(q), dtype=torch.long))
         >>> out.head.pooled.recall  # the head said "benign" for all
@@ -128,209 +145,237 @@ def split_reports(
     return SplitMetrics(knn, head)
 
 
-def unreadable_images(ds: dict[str, BreakHisDataset]) -> list[list[str]]:
-    """``[path, reason]`` of every image the datasets left out as unreadable, once each.
+@dataclasses.dataclass
+class Evaluation:
+    """The test split scored by a model: its reports and the embeddings behind them.
 
-    Args:
-        ds: datasets by split name, as `make_datasets` returns them.
+    Attributes:
+        test: kNN and head reports of the test split.
+        gallery_emb: [G, D] the kNN gallery's embeddings (the training images).
+        test_emb: [Q, D] the test images' embeddings.
 
     Examples:
-        >>> class Fake:
-        ...     bad_images = [("a.png", "OSError: truncated")]
-        >>> unreadable_images({"train": Fake(), "gallery": Fake()})
-        [['a.png', 'OSError: truncated']]
+        >>> [f.name for f in dataclasses.fields(Evaluation)]
+        ['test', 'gallery_emb', 'test_emb']
     """
-    seen, out = set(), []
-    for d in ds.values():
-        for path, why in d.bad_images:
-            if path not in seen:
-                seen.add(path)
-                out.append([path, why])
-    return out
+
+    test: SplitMetrics
+    gallery_emb: torch.Tensor
+    test_emb: torch.Tensor
+
+    def test_points(self, test: BreakHisDataset) -> dict[str, np.ndarray]:
+        """The test images as the report's projection plots them."""
+        return {
+            "embeddings": self.test_emb.numpy(),
+            "labels": test.labels,
+            "magnifications": test.scales,
+        }
 
 
-def _save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset, root: Path) -> None:
-    """Written to a temporary file and renamed, so a full disk never leaves a partial one."""
-    idx = ds.index.subset(ds.rows)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    try:
-        np.savez(
-            tmp,
-            embeddings=emb.numpy().astype(np.float32),
-            labels=ds.labels,
-            subtypes=idx.subtype,
-            groups=np.array([idx.group_names[g] for g in idx.group], dtype=str),
-            magnifications=ds.scales,
-            paths=np.array([os.path.abspath(p) for p in ds.paths], dtype=str),
-            sizes=np.array([os.path.getsize(p) for p in ds.paths], dtype=np.int64),
-            root=np.array(os.path.abspath(root)),
-        )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def relocated(path: str | Path, old: Path, new: Path) -> Path:
-    """``path``, which lies under the data root ``old``, under the root ``new`` (the data
-    moved); a ValueError where it does not lie under ``old``.
+def evaluate_model(
+    cfg: Config,
+    model: EmbeddingNet,
+    gallery: BreakHisDataset,
+    test: BreakHisDataset,
+    device: torch.device,
+) -> Evaluation:
+    """Score ``test`` with ``model``: kNN over ``gallery`` and the head; nothing is
+    written (the core step that training and the ``evaluate`` command share).
 
     Args:
-        path: an image file as an embeddings file records it.
-        old: the root it was recorded under (`saved_root`).
-        new: where the data lies now.
+        cfg: the run's `Config`.
+        model: the network with the weights to score.
+        gallery: the kNN gallery (the training images, evaluation transform).
+        test: the test images.
+        device: where to embed.
 
     Examples:
-        >>> relocated("/data/a/b.png", Path("/data"), Path("/mnt/copy")).as_posix()
-        '/mnt/copy/a/b.png'
+        The step training and ``evaluate`` share (skipped here: it needs a trained model):
+
+        >>> ev = evaluate_model(cfg, model, ds.gallery, ds.test, device)  # doctest: +SKIP
+        >>> ev.test.knn.pooled.patient_accuracy  # doctest: +SKIP
+        0.8...
     """
-    return new / Path(os.path.abspath(path)).relative_to(os.path.abspath(old))
+    channels_last = device.type == "cuda"
+    g_emb, _ = embed(model, eval_loader(cfg, gallery), device, channels_last)
+    q_emb, q_pred = embed(model, eval_loader(cfg, test), device, channels_last)
+    return Evaluation(split_reports(cfg, gallery, g_emb, test, q_emb, q_pred), g_emb, q_emb)
 
 
-def saved_root(npz: str | Path, fallback: str | Path) -> Path:
-    """The data root an ``embeddings/*.npz`` was written from (``fallback``, made
-    absolute, for files written before the root was recorded).
+def run_metrics(
+    cfg: Config, ev: Evaluation, state: TrainState, splits: Splits, bad_images: list
+) -> RunMetrics:
+    """The run's `RunMetrics`: the test reports and how they were obtained."""
+    return RunMetrics(
+        best_epoch=state.best_epoch,
+        selected_on=f"validation {cfg.eval.select} patient accuracy",
+        best_val_score=state.best,
+        test=ev.test,
+        splits={k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
+        data=splits.index.report,
+        bad_images=bad_images,
+    )
+
+
+def save_evaluation(
+    run: RunDir,
+    metrics: RunMetrics,
+    ev: Evaluation,
+    datasets: Datasets,
+    root: Path,
+    metric: str,
+) -> None:
+    """Write ``metrics.json``, ``embeddings/{gallery,test}.npz`` (``gallery.npz`` is the
+    kNN gallery that ``search`` queries) and, where faiss is installed,
+    ``index/gallery.faiss`` (the same gallery as a FAISS index).
 
     Args:
-        npz: a run's ``embeddings/gallery.npz`` or ``test.npz``.
-        fallback: the run's data directory as its ``config.toml`` names it.
+        run: the run directory.
+        metrics: what `run_metrics` gave.
+        ev: what `evaluate_model` gave.
+        datasets: the gallery and test datasets it scored.
+        root: the data directory they were read from.
+        metric: the kNN metric (``eval.metric``).
 
     Examples:
-        >>> import tempfile
-        >>> f = Path(tempfile.mkdtemp()) / "old.npz"
-        >>> np.savez(f, paths=np.array(["/data/a.png"]))
-        >>> saved_root(f, "/data").as_posix()
-        '/data'
-    """
-    with np.load(npz, allow_pickle=False) as f:
-        return Path(str(f["root"]) if "root" in f.files else os.path.abspath(fallback))
+        After `evaluate_model` (skipped here: it needs a trained run):
 
-
-def check_same_data(run: Path, root: Path, recorded: Path) -> None:
-    """Refuse ``root`` unless it holds the run's evaluated images under the same names
-    and sizes as when they were embedded (a moved copy of the run's data passes; another
-    dataset does not), before anything is written.
-
-    Args:
-        run: the run directory (its ``embeddings/{test,gallery}.npz``, if written).
-        root: the data directory given now.
-        recorded: the run's data directory as its ``config.toml`` names it.
-
-    Raises:
-        RecipeError: an image is missing under ``root`` or has another size.
-
-    Examples:
-        >>> import tempfile
-        >>> run, old, new = (Path(tempfile.mkdtemp()) for _ in range(3))
-        >>> (run / "embeddings").mkdir()
-        >>> _ = (old / "a.png").write_bytes(b"12345")
-        >>> np.savez(run / "embeddings" / "test.npz", paths=np.array([str(old / "a.png")]),
-        ...          sizes=np.array([5]), root=np.array(str(old)))
-        >>> _ = (new / "a.png").write_bytes(b"123")  # another image under the same name
-        >>> try:
-        ...     check_same_data(run, new, old)
-        ... except RecipeError as e:
-        ...     print("a.png is missing or changed" in str(e))
+        >>> save_evaluation(run, metrics, ev, ds, root, cfg.eval.metric)  # doctest: +SKIP
+        >>> run.gallery_embeddings.is_file()  # doctest: +SKIP
         True
     """
-    for name in ("test", "gallery"):
-        npz = run / "embeddings" / f"{name}.npz"
-        if not npz.is_file():
-            continue
-        old = saved_root(npz, recorded)
-        with np.load(npz, allow_pickle=False) as f:
-            paths = f["paths"]
-            sizes = f["sizes"] if "sizes" in f.files else None
-        for i, p in enumerate(paths):
-            try:
-                new = relocated(str(p), old, root)
-            except ValueError:
-                new = root / Path(str(p)).name
-            rel = new.relative_to(root)
-            if not new.is_file() or (sizes is not None and new.stat().st_size != sizes[i]):
-                raise RecipeError(
-                    f"--data {root} does not hold the run's {name} images as they were "
-                    f"({rel} is missing or changed): it is not the run's dataset, so its "
-                    "results would be overwritten with another dataset's; train a new run "
-                    "on it instead"
-                )
+    run.embeddings.mkdir(exist_ok=True)
+    save_embeddings(run.gallery_embeddings, ev.gallery_emb, datasets.gallery, root)
+    save_embeddings(run.test_embeddings, ev.test_emb, datasets.test, root)
+    index = make_index(ev.gallery_emb, metric=metric, device="cpu")
+    if isinstance(index, FaissIndex):  # for FAISS users; search itself reads gallery.npz
+        run.index.parent.mkdir(exist_ok=True)
+        index.save(run.index)
+    metrics.save(run.metrics)
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A finished run read back: its config (inputs resolved), its network with the
+    selected weights, and the training state saved beside them.
+
+    Attributes:
+        cfg: the run's `Config`.
+        model: the network with ``best.pt``'s weights, on the device asked for, in eval mode.
+        state: the `TrainState` saved with ``best.pt``.
+
+    Examples:
+        >>> [f.name for f in dataclasses.fields(LoadedRun)]
+        ['cfg', 'model', 'state']
+    """
+
+    cfg: Config
+    model: EmbeddingNet
+    state: TrainState
+
+
+def load_run(run: RunDir, device: torch.device | str | None = None) -> LoadedRun:
+    """Load a run's ``config.toml`` and ``checkpoints/best.pt``: the network is built once
+    and its backbone's data config fills the config's empty input keys.
+
+    Args:
+        run: the run directory.
+        device: where to put the network (default: the config's ``run.device``).
+
+    Examples:
+        >>> import tempfile
+        >>> try:
+        ...     load_run(RunDir(tempfile.mkdtemp()))
+        ... except RecipeError as e:
+        ...     print("no config.toml" in str(e))
+        True
+    """
+    for need in (run.config, run.best):
+        if not need.is_file():
+            raise RecipeError(f"{run} has no {need.relative_to(run.path)}: train the run first")
+    cfg = load_config(run.config)
+    model = build_model(cfg)
+    cfg = resolve_inputs(cfg, model)
+    device = device_of(cfg) if device is None else torch.device(device)
+    state = load_checkpoint(run.best, device)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return LoadedRun(cfg, model, TrainState.from_checkpoint(state))
 
 
 def evaluate_run(
     run_dir: str | Path,
     root: str | Path | None = None,
     device: torch.device | str | None = None,
-    cfg: Config | None = None,
-    model: EmbeddingNet | None = None,
-    bad_images: list | None = None,
 ) -> RunMetrics:
-    """Evaluate a run's ``checkpoints/best.pt`` on its test patients and write
-    ``metrics.json``, ``embeddings/{gallery,test}.npz`` (``gallery.npz`` is the kNN
-    gallery that ``search`` queries), ``report.md`` with its plots and, where faiss is
-    installed, ``index/gallery.faiss`` (the same gallery as a FAISS index).
+    """The ``evaluate`` command: load a run (`load_run`), score its best checkpoint on
+    its test patients (`evaluate_model`), write what `save_evaluation` writes and render
+    ``report.md`` from the result.
 
     Args:
         run_dir: a run directory with ``config.toml`` and ``checkpoints/best.pt``.
         root: the data directory, if it moved since training (default: the config's).
         device: where to embed (default: the config's ``run.device``).
-        cfg: the run's config, when the caller has it (default: ``config.toml``).
-        model: a network to load ``best.pt`` into (default: built from the config).
-        bad_images: unreadable images already found, to list in the report.
 
     Examples:
-        Recompute a finished run's outputs (tests/recipes/histopathology/test_evaluate.py runs this;
-        skipped here because it needs a trained run):
+        Recompute a finished run's outputs (tests/recipes/histopathology/test_evaluate.py
+        runs this; skipped here because it needs a trained run):
 
         >>> metrics = evaluate_run("runs/example")  # doctest: +SKIP
         >>> metrics.test.knn.pooled.patient_accuracy  # doctest: +SKIP
         0.8...
     """
-    from .rundir import lock_run_dir
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise RecipeError(f"{run} has no config.toml: it is not a run directory")
+    with lock_run_dir(run.path):
+        loaded = load_run(run, device)
+        cfg = loaded.cfg
+        recorded = Path(os.path.abspath(data_root(cfg, run.path)))
+        root = recorded if root is None else Path(os.path.abspath(root))
+        if not root.is_dir():
+            raise RecipeError(f"the run's data {root} does not exist (moved? pass --data DIR)")
+        if root != recorded:
+            check_same_data(run, root, recorded)
+        splits = load_splits(cfg, root)
+        ds = make_datasets(cfg, splits, names=("gallery", "test"), collective=False)
+        device = next(loaded.model.parameters()).device
+        ev = evaluate_model(cfg, loaded.model, ds.gallery, ds.test, device)
+        metrics = run_metrics(cfg, ev, loaded.state, splits, ds.bad_images())
+        save_evaluation(run, metrics, ev, ds, root, cfg.eval.metric)
+        write_report(run, metrics, read_history(run.history), ev.test_points(ds.test))
+        return metrics
 
-    out = Path(run_dir)
-    if not (out / "config.toml").is_file():
-        raise RecipeError(f"{out} has no config.toml: it is not a run directory")
-    with lock_run_dir(out):
-        return _evaluate_run(out, root, device, cfg, model, bad_images)
 
+@torch.no_grad()
+def embed(
+    model: nn.Module, loader: Iterable, device: torch.device, channels_last: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Embeddings [N, D] (float32, CPU) and head predictions [N] of a loader, in order.
 
-def _evaluate_run(out, root, device, cfg, model, bad_images) -> RunMetrics:
-    from .report import write_report
+    Args:
+        model: a network returning ``(embeddings, logits)``.
+        loader: batches whose first item is the images.
+        device: where to run the network.
+        channels_last: feed images in channels-last memory format.
 
-    cfg = resolve_inputs(load_config(out / "config.toml")) if cfg is None else cfg
-    recorded = Path(os.path.abspath(data_root(cfg, out)))
-    root = recorded if root is None else Path(os.path.abspath(root))
-    if not root.is_dir():
-        raise RecipeError(f"the run's data {root} does not exist (moved? pass --data DIR)")
-    if root != recorded:
-        check_same_data(out, root, recorded)
-    device = device_of(cfg) if device is None else torch.device(device)
-    splits = load_splits(cfg, root)
-    ds = make_datasets(cfg, splits, collective=False)  # rank 0 alone, under DDP
-    model = build_model(cfg) if model is None else model
-    state = load_checkpoint(out / "checkpoints" / "best.pt", device)
-    model.load_state_dict(state["model"])
-    model.to(device)
-    channels_last = device.type == "cuda"
-    g_emb, _ = embed(model, eval_loader(cfg, ds["gallery"]), device, channels_last)
-    q_emb, q_pred = embed(model, eval_loader(cfg, ds["test"]), device, channels_last)
-    test = split_reports(cfg, ds["gallery"], g_emb, ds["test"], q_emb, q_pred)
-    train_state = TrainState.from_checkpoint(state)
-    metrics = RunMetrics(
-        best_epoch=train_state.best_epoch,
-        selected_on=f"validation {cfg.eval.select} patient accuracy",
-        best_val_score=train_state.best,
-        test=test,
-        splits={k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
-        data=splits.index.report,
-        bad_images=unreadable_images(ds) if bad_images is None else bad_images,
-    )
-    (out / "embeddings").mkdir(exist_ok=True)
-    _save_embeddings(out / "embeddings" / "gallery.npz", g_emb, ds["gallery"], root)
-    _save_embeddings(out / "embeddings" / "test.npz", q_emb, ds["test"], root)
-    index = make_index(g_emb, metric=cfg.eval.metric, device="cpu")
-    if isinstance(index, FaissIndex):  # for FAISS users; search itself reads gallery.npz
-        (out / "index").mkdir(exist_ok=True)
-        index.save(out / "index" / "gallery.faiss")
-    metrics.save(out / "metrics.json")
-    write_report(out)
-    return metrics
+    Examples:
+        >>> from smse_metric.recipes.histopathology.models import EmbeddingNet
+        >>> data = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16))
+        >>> emb, pred = embed(EmbeddingNet(embedding_dim=8), torch.utils.data.DataLoader(data),
+        ...                   torch.device("cpu"))
+        >>> emb.shape, pred.shape
+        (torch.Size([5, 8]), torch.Size([5]))
+    """
+    model.eval()
+    embs, preds = [], []
+    for images, *_ in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        emb, logits = model(images)
+        embs.append(emb.float().cpu())
+        preds.append(logits.argmax(1).cpu())
+    if not embs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(embs), torch.cat(preds)

@@ -1,75 +1,43 @@
-"""Several folds of one config: each trained into ``OUT/fold<k>``, then summarised as
-mean +- std over folds in ``OUT/folds.json`` and ``OUT/folds.md``."""
+"""The summary of a multi-fold run: mean +- std over folds in ``OUT/folds.json`` and
+``OUT/folds.md`` (the folds themselves are trained by `train_folds`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Sequence
-from pathlib import Path
 
-from smse_metric.distributed import is_main_process
-
-from .config import Config
 from .report import fold_summary, fold_table
 from .results import RunMetrics
-from .rundir import check_run_dir, clear_run_dir
-from .training import train
+from .rundir import RunDir
 
-__all__ = ["train_folds"]
+__all__ = ["write_fold_summary"]
 
 
-def train_folds(
-    cfg: Config, out_dir: str | Path, folds: Sequence[int], resume: bool = False
-) -> dict | None:
-    """Train ``cfg`` on each fold into ``out_dir/fold<k>`` and write the summary.
-
-    With ``resume``, finished folds (their ``metrics.json``) are kept, an interrupted
-    fold continues from its ``last.pt``, and the summary is rebuilt. A fold directory of
-    ours that never reached a checkpoint is started again. Under ``torchrun`` only rank 0
-    writes and returns the summary (other ranks return None).
+def write_fold_summary(run: RunDir, results: dict[int, RunMetrics], quiet: bool = False) -> dict:
+    """Write ``folds.json`` and ``folds.md`` of the folds' results; returns the summary.
 
     Args:
-        cfg: the validated `Config` shared by every fold (``data.fold`` is replaced).
-        out_dir: the parent run directory.
-        folds: fold numbers, from 1.
-        resume: continue an interrupted multi-fold run.
+        run: the parent run directory.
+        results: each fold's `RunMetrics`, by fold number.
+        quiet: print nothing (else the table and where it went).
 
     Returns:
-        What `fold_summary` gives (mean, std and values per metric), or None on other
-        ranks.
+        What `fold_summary` gives (mean, std and values per metric).
 
     Examples:
-        Five folds of the SMSE preset (skipped here: it trains five networks;
-        tests/recipes/histopathology/test_folds.py runs two folds):
+        Written by `train_folds` after the last fold (skipped here: it needs trained
+        folds; tests/recipes/histopathology/test_folds.py runs two):
 
-        >>> from smse_metric.recipes.histopathology import load_config
-        >>> cfg = load_config("smse-triplet", {"data": {"path": "/data/BreaKHis"}})
-        >>> summary = train_folds(cfg, "runs/smse", range(1, 6))  # doctest: +SKIP
+        >>> summary = write_fold_summary(RunDir("runs/smse"), results)  # doctest: +SKIP
     """
-    out = Path(out_dir)
-    results = {}
-    for k in folds:
-        run = out / f"fold{k}"
-        cfg_k = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fold=k))
-        if resume and (run / "metrics.json").is_file():
-            results[k] = RunMetrics.load(run / "metrics.json")
-            continue
-        resume_k = resume and (run / "checkpoints" / "last.pt").is_file()
-        if not resume_k and is_main_process() and check_run_dir(run, overwrite=False):
-            clear_run_dir(run)  # ours, started but never reached a checkpoint
-        print(f"fold {k}: {run}", flush=True)
-        results[k] = train(cfg_k, run, resume=resume_k)
-    if any(m is None for m in results.values()):
-        return None  # not rank 0
     summary = fold_summary(results)
     table = fold_table(summary)
-    (out / "folds.json").write_text(json.dumps(summary, indent=1))
-    (out / "folds.md").write_text(
+    run.folds_json.write_text(json.dumps(summary, indent=1))
+    run.folds_md.write_text(
         f"# Test accuracy over folds {', '.join(map(str, results))} (mean +- std)\n\n"
         + "\n".join(table)
         + "\n"
     )
-    print("\n".join(table))
-    print(f"wrote {out / 'folds.md'}")
+    if not quiet:
+        print("\n".join(table))
+        print(f"wrote {run.folds_md}")
     return summary

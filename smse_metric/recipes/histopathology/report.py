@@ -1,15 +1,16 @@
 """The Markdown report of a run directory, with its plots.
 
-``write_report(run_dir)`` reads what training and evaluation wrote (``metrics.json``,
-``history.jsonl``, ``embeddings/test.npz``) and writes ``report.md`` and
-``plots/*.png``: training curves, confusion matrices (pooled and per magnification,
-kNN and head), the cross-magnification heatmap and a 2-D projection of the test
-embeddings. Matplotlib runs headless (Agg); nothing is shown.
+``write_report(run_dir, metrics, history, test_points)`` renders a run's `RunMetrics`,
+its per-epoch history and its test embeddings as ``report.md`` and ``plots/*.png``:
+training curves, confusion matrices (pooled and per magnification, kNN and head), the
+cross-magnification heatmap and a 2-D projection of the test embeddings. Matplotlib
+runs headless (Agg); nothing is shown.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,14 @@ from smse_metric.evaluation import EvaluationReport
 from .data.breakhis import class_names
 from .errors import RecipeError
 from .results import PREDICTORS, RunMetrics, SplitMetrics
+from .rundir import RunDir
 
 __all__ = [
     "fold_summary",
     "fold_table",
     "format_score",
     "pca_2d",
+    "read_history",
     "results_table",
     "write_report",
 ]
@@ -259,7 +262,7 @@ def _plot_cross_magnification(knn: EvaluationReport, path: Path) -> None:
     plt.close(fig)
 
 
-def _projection(emb: dict, names: list[str], path: Path) -> None:
+def _projection(emb: Mapping[str, np.ndarray], names: list[str], path: Path) -> None:
     plt = _pyplot()
     xy = pca_2d(emb["embeddings"])
     labels, mags = emb["labels"], emb["magnifications"]
@@ -284,33 +287,50 @@ def _projection(emb: dict, names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: str | Path) -> Path:
+def read_history(path: str | Path) -> list[dict]:
+    """The per-epoch records of a ``history.jsonl`` (none if it is missing).
+
+    Args:
+        path: a run's ``history.jsonl``.
+
+    Examples:
+        >>> read_history("no/such/history.jsonl")
+        []
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def write_report(
+    run_dir: str | Path,
+    metrics: RunMetrics,
+    history: Sequence[dict] = (),
+    test_points: Mapping[str, np.ndarray] | None = None,
+) -> Path:
     """Write ``run_dir/report.md`` and ``run_dir/plots/*.png``; returns the report path.
 
     Args:
-        run_dir: a run directory with ``metrics.json``.
+        run_dir: the run directory.
+        metrics: the run's results.
+        history: its per-epoch records (training curves; none: no curves).
+        test_points: ``embeddings`` [N, D], ``labels`` [N] and ``magnifications`` [N] of
+            the test images (a 2-D projection; None: none).
 
     Examples:
-        Write ``report.md`` and ``plots/`` of a finished run (skipped here: it needs a run; the
-        recipe calls it and tests/recipes/histopathology/test_training.py checks every file):
+        Render a finished run's report (skipped here: it needs a run; the recipe calls it
+        and tests/recipes/histopathology/test_training.py checks every file):
 
-        >>> write_report("runs/example")  # doctest: +SKIP
+        >>> write_report("runs/example", metrics, history)  # doctest: +SKIP
         PosixPath('runs/example/report.md')
     """
-    run = Path(run_dir)
-    metrics = RunMetrics.load(run / "metrics.json")
+    run = RunDir(run_dir)
     test, knn = metrics.test, metrics.test.knn
     n_classes = len(knn.pooled.confusion)
     names = list(class_names("binary" if n_classes == 2 else "subtype"))
-    plots = run / "plots"
-    plots.mkdir(exist_ok=True)
-    history_path = run / "history.jsonl"
-    history = (
-        [json.loads(x) for x in history_path.read_text().splitlines() if x.strip()]
-        if history_path.is_file()
-        else []
-    )
-    lines = [f"# Run report: {run.name}", ""]
+    run.plots.mkdir(exist_ok=True)
+    lines = [f"# Run report: {run.path.name}", ""]
     lines += [
         f"Best epoch {metrics.best_epoch + 1} ({metrics.selected_on} "
         f"{format_score(metrics.best_val_score)}); images train / validation / test: "
@@ -332,15 +352,13 @@ def write_report(run_dir: str | Path) -> Path:
         "![confusion](plots/confusion.png)",
         "",
     ]
-    _plot_cross_magnification(knn, plots / "cross_magnification.png")
-    _confusions(test, names, plots / "confusion.png")
+    _plot_cross_magnification(knn, run.plot("cross_magnification"))
+    _confusions(test, names, run.plot("confusion"))
     if history:
-        _curves(history, plots / "curves.png")
+        _curves(list(history), run.plot("curves"))
         lines += ["## Training", "", "![curves](plots/curves.png)", ""]
-    emb_path = run / "embeddings" / "test.npz"
-    if emb_path.is_file():
-        with np.load(emb_path, allow_pickle=False) as emb:
-            _projection(dict(emb), names, plots / "projection.png")
+    if test_points is not None:
+        _projection(test_points, names, run.plot("projection"))
         lines += [
             "## Test embeddings",
             "",
@@ -354,6 +372,5 @@ def write_report(run_dir: str | Path) -> Path:
     lines.append(f"- unreadable images left out: {len(metrics.bad_images)}")
     lines += [f"  - `{p}`: {why}" for p, why in metrics.bad_images]
     lines.append("")
-    out = run / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    run.report.write_text("\n".join(lines))
+    return run.report

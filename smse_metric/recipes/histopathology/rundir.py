@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RecipeError
+from .lock import LOCK_FILE, lock_run_dir
 
 __all__ = [
     "DEMO_MARKER",
     "LOCK_FILE",
     "RUN_MARKER",
+    "RunDir",
     "check_data_apart",
     "check_run_dir",
     "claim_run_dir",
@@ -38,7 +40,70 @@ __all__ = [
 
 RUN_MARKER = ".smse-run"
 DEMO_MARKER = ".smse-demo"
-LOCK_FILE = ".smse-lock"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of a run directory, named once: no other module builds one.
+
+    Attributes:
+        path: the run directory.
+
+    Examples:
+        >>> run = RunDir("runs/a")
+        >>> run.best.as_posix(), run.fold(2).metrics.as_posix()
+        ('runs/a/checkpoints/best.pt', 'runs/a/fold2/metrics.json')
+    """
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def fold(self, k: int) -> RunDir:
+        """The run of fold ``k`` of a multi-fold run."""
+        return RunDir(self.path / f"fold{k}")
+
+    def replicate(self, seed: int, method: str) -> RunDir:
+        """The run of one demo replicate and method."""
+        return RunDir(self.path / f"seed{seed}" / method)
+
+    def plot(self, name: str) -> Path:
+        """A PNG of the report."""
+        return self.plots / f"{name}.png"
+
+    def search_sheet(self, image: str | Path) -> Path:
+        """The default contact sheet of ``search`` for a query image."""
+        return self.path / f"search-{Path(image).stem}.png"
+
+    marker = property(lambda self: self.path / RUN_MARKER, doc="the project's marker")
+    demo_marker = property(lambda self: self.path / DEMO_MARKER, doc="a demo's marker")
+    lock = property(lambda self: self.path / LOCK_FILE, doc="the lock of the writing command")
+    config = property(lambda self: self.path / "config.toml", doc="the resolved config")
+    history = property(lambda self: self.path / "history.jsonl", doc="one line per epoch")
+    checkpoints = property(lambda self: self.path / "checkpoints", doc="checkpoint folder")
+    last = property(lambda self: self.checkpoints / "last.pt", doc="where --resume starts")
+    best = property(lambda self: self.checkpoints / "best.pt", doc="the selected weights")
+    metrics = property(lambda self: self.path / "metrics.json", doc="the test results")
+    embeddings = property(lambda self: self.path / "embeddings", doc="embeddings folder")
+    gallery_embeddings = property(
+        lambda self: self.embeddings / "gallery.npz", doc="the kNN gallery search queries"
+    )
+    test_embeddings = property(lambda self: self.embeddings / "test.npz", doc="test images")
+    index = property(lambda self: self.path / "index" / "gallery.faiss", doc="FAISS gallery")
+    report = property(lambda self: self.path / "report.md", doc="the Markdown report")
+    plots = property(lambda self: self.path / "plots", doc="the report's PNGs")
+    data = property(lambda self: self.path / "data", doc="synthetic data of the run")
+    folds_json = property(lambda self: self.path / "folds.json", doc="fold summary")
+    folds_md = property(lambda self: self.path / "folds.md", doc="fold summary table")
+    summary_md = property(lambda self: self.path / "summary.md", doc="demo summary")
+    summary_json = property(lambda self: self.path / "summary.json", doc="demo summary data")
 
 
 def _contains(parent: Path, child: Path) -> bool:
@@ -66,7 +131,7 @@ def is_unfinished_run(path: str | Path) -> bool:
         True
     """
     path = Path(path)
-    return (path / RUN_MARKER).is_file() and not any(path.rglob("last.pt"))
+    return (path / RUN_MARKER).is_file() and not any(path.rglob(RunDir(path).last.name))
 
 
 def check_data_apart(out: str | Path, protected: Iterable[str | Path] = ()) -> None:
@@ -141,11 +206,11 @@ def check_run_dir(
     if marker == RUN_MARKER and is_unfinished_run(out):
         return True  # a run of ours that never saved a checkpoint: nothing to keep
     if not overwrite:
-        what = "an earlier run" if ours else "files"
-        raise RecipeError(
-            f"{out} holds {what}; pass {flag} to replace it"
-            + ("" if ours else " (only directories smse-metric created)")
-        )
+        if not ours:  # --overwrite would be refused too: say what to do instead
+            raise RecipeError(
+                f"{out} holds files smse-metric did not create; give a new or empty directory"
+            )
+        raise RecipeError(f"{out} holds an earlier run; pass {flag} to replace it")
     if not ours:
         raise RecipeError(
             f"refusing to replace {out}: it was not created by smse-metric (no {marker} file)"
@@ -180,86 +245,6 @@ def clear_run_dir(out: str | Path, marker: str = RUN_MARKER) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
-
-
-_held: dict[Path, int] = {}  # locks this process holds: the recipe nests them (CLI -> train)
-
-
-def _lock(fd: int) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-@contextmanager
-def lock_run_dir(out: str | Path) -> Iterator[Path]:
-    """Hold an exclusive lock on the run directory ``out`` (created if missing) for the
-    body; refuse with the holder's process id when another process holds it. Nested
-    calls in one process share the lock.
-
-    Args:
-        out: the run directory.
-
-    Raises:
-        RecipeError: another live process holds the lock, or ``out`` cannot be written.
-
-    Examples:
-        >>> import tempfile
-        >>> run = Path(tempfile.mkdtemp()) / "run"
-        >>> with lock_run_dir(run), lock_run_dir(run):  # nested: the same process
-        ...     (run / LOCK_FILE).is_file()
-        True
-    """
-    out = Path(out).resolve()
-    if out in _held:
-        _held[out] += 1
-        try:
-            yield out
-        finally:
-            _held[out] -= 1
-        return
-    path = out / LOCK_FILE
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not _lock(fd):
-                os.lseek(fd, 0, os.SEEK_SET)
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise RecipeError(
-                    f"{out} is in use by another smse-metric process "
-                    f"({holder}); wait for it to end or stop it"
-                )
-            try:  # the file we locked may have been removed by its last holder: retry
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    except PermissionError as e:
-        raise RecipeError(f"cannot write the run directory {out}: {e.strerror}") from e
-    _held[out] = 1
-    try:
-        yield out
-    finally:
-        del _held[out]
-        os.close(fd)  # closing releases the lock
 
 
 @contextmanager
@@ -297,7 +282,7 @@ def claim_run_dir(
     try:
         yield out
     except BaseException:
-        if not existed and not (out / "checkpoints" / "last.pt").is_file():
+        if not existed and not RunDir(out).last.is_file():
             shutil.rmtree(out, ignore_errors=True)
         elif existed and all(p.name in (marker, LOCK_FILE) for p in out.iterdir()):
             os.remove(out / marker)

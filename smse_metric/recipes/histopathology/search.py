@@ -17,10 +17,13 @@ from PIL import Image, ImageDraw
 
 from smse_metric.evaluation import make_index
 
-from .config import load_config
 from .data.breakhis import SUBTYPES, TUMOR_CLASSES
 from .data.dataset import eval_transform, normalize_image, read_image
 from .errors import RecipeError
+from .evaluate import load_run
+from .rundir import RunDir
+from .saved import relocated, saved_root
+from .splits import data_root
 
 __all__ = ["Neighbour", "contact_sheet", "search_run"]
 
@@ -81,21 +84,15 @@ def search_run(
         >>> for n in search_run("runs/example", "query.png", k=5):  # doctest: +SKIP
         ...     print(n.rank, round(n.distance, 3), n.patient, n.subtype, n.magnification)
     """
-    from .build import build_model, resolve_inputs
-    from .engine import load_checkpoint
-    from .evaluate import relocated, saved_root
-    from .splits import data_root
-
-    run = Path(run_dir)
+    run = RunDir(run_dir)
     if not isinstance(k, int) or k < 1:
         raise RecipeError(f"k must be a positive integer, got {k!r}")
-    for need in ("config.toml", "checkpoints/best.pt", "embeddings/gallery.npz"):
-        if not (run / need).is_file():
-            raise RecipeError(f"{run} has no {need}: train (or evaluate) the run first")
-    cfg = resolve_inputs(load_config(run / "config.toml"))
-    model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt", "cpu")["model"])
-    model.to(device).eval()
+    for need in (run.config, run.best, run.gallery_embeddings):
+        if not need.is_file():
+            what = need.relative_to(run.path)
+            raise RecipeError(f"{run} has no {what}: train (or evaluate) the run first")
+    loaded = load_run(run, device)
+    cfg, model = loaded.cfg, loaded.model
     try:
         img = read_image(image, cfg.data.max_image_pixels)
     except OSError as e:
@@ -104,7 +101,7 @@ def search_run(
     x = normalize_image(x, cfg.data.mean, cfg.data.std)
     with torch.no_grad():
         emb, _ = model(x[None].to(device))
-    with np.load(run / "embeddings" / "gallery.npz", allow_pickle=False) as meta:
+    with np.load(run.gallery_embeddings, allow_pickle=False) as meta:
         meta = {
             key: meta[key]
             for key in ("embeddings", "paths", "groups", "labels", "subtypes", "magnifications")
@@ -112,7 +109,7 @@ def search_run(
     index = make_index(meta["embeddings"], metric=cfg.eval.metric, device="cpu")
     dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
     if data is not None:  # the dataset moved: same tree under a new root
-        old = saved_root(run / "embeddings" / "gallery.npz", data_root(cfg, run))
+        old = saved_root(run.gallery_embeddings, data_root(cfg, run.path))
         new = Path(os.path.abspath(data))
         try:
             meta["paths"] = np.array([str(relocated(p, old, new)) for p in meta["paths"]])

@@ -58,7 +58,7 @@ def _folds_file(cfg: Config, root: Path) -> Path | None:
     return None
 
 
-def load_splits(cfg: Config, root: str | Path) -> Splits:
+def load_splits(cfg: Config, root: str | Path, index: BreakHisIndex | None = None) -> Splits:
     """Scan ``root``, keep the configured magnifications, and split patients: the fold
     file's train/test (``data.folds_file``, ``root/Folds.csv`` or
     ``root/dsfold<fold>.txt``) or, without one, `patient_split`; validation
@@ -67,6 +67,7 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
     Args:
         cfg: the run's validated `Config`.
         root: the BreakHis-layout data directory.
+        index: ``root`` as scanned already (several folds of one scan), or None.
 
     Examples:
         >>> import tempfile
@@ -80,7 +81,8 @@ def load_splits(cfg: Config, root: str | Path) -> Splits:
         >>> int(s.train.sum()) > int(s.val.sum()) > 0
         True
     """
-    index = scan_breakhis(root, group_by=cfg.data.group_by)
+    if index is None:
+        index = scan_breakhis(root, group_by=cfg.data.group_by)
     keep = np.isin(index.magnification, cfg.data.magnifications)
     folds = _folds_file(cfg, Path(root))
     if folds is not None:  # fold files list every magnification: match, then restrict

@@ -16,23 +16,18 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from smse_metric.distributed import get_world_size, is_main_process
+from smse_metric.distributed import any_rank, get_world_size, is_main_process
 
 from .build import Built
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import Config, check_resumable, config_to_toml
 from .data.dataset import split_records
-from .engine import (
-    Interrupt,
-    LossGraphs,
-    TrainingInterrupted,
-    TrainState,
-    any_rank,
-    load_checkpoint,
-    save_checkpoint,
-    train_step,
-)
+from .errors import RecipeError
 from .evaluate import evaluate_split
+from .interrupt import Interrupt, TrainingInterrupted
 from .results import SplitMetrics
+from .rundir import RunDir
+from .step import train_step
 
 __all__ = ["Trainer"]
 
@@ -43,7 +38,7 @@ class Trainer:
     Args:
         cfg: the run's validated `Config`.
         built: its objects, from `build`.
-        out: the run directory.
+        run: the run directory.
         on_step: called after every step with ``{epoch, step, loss}``.
         quiet: print nothing.
 
@@ -51,7 +46,7 @@ class Trainer:
         What `train` does (tests/recipes/histopathology/test_training.py runs it; skipped here: it
         trains a network):
 
-        >>> trainer = Trainer(cfg, build(cfg, splits, device), Path("runs/a"))  # doctest: +SKIP
+        >>> trainer = Trainer(cfg, built, RunDir("runs/a"))  # doctest: +SKIP
         >>> trainer.resume()  # doctest: +SKIP
         >>> trainer.fit().best_epoch  # doctest: +SKIP
         3
@@ -61,30 +56,21 @@ class Trainer:
         self,
         cfg: Config,
         built: Built,
-        out: Path,
+        run: RunDir,
         on_step: Callable[[dict], None] | None = None,
         quiet: bool = False,
     ) -> None:
-        self.cfg, self.built, self.out, self.on_step = cfg, built, Path(out), on_step
+        self.cfg, self.built, self.run, self.on_step = cfg, built, run, on_step
         self.state = TrainState()
         self.main, self.world = is_main_process(), get_world_size()
         self.verbose = self.main and not quiet
-        self.last = self.out / "checkpoints" / "last.pt"
+        self.last = run.last
         self.net = built.model
         if self.world > 1:
             if built.device.type == "cuda":
                 self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
             ids = [built.device.index] if built.device.type == "cuda" else None
             self.net = DDP(self.net, device_ids=ids)
-        lc = cfg.loss
-        self.losses: tuple = (
-            built.cls_loss,
-            built.metric_loss,
-            lc.metric_weight,
-            lc.classification_weight,
-        )
-        if cfg.run.cuda_graphs and built.device.type == "cuda" and self.world == 1:
-            self.losses = (LossGraphs(*self.losses), None, 1.0, 1.0)
 
     def checkpoint(self) -> dict:
         """What ``last.pt`` holds: weights, optimiser, schedule, scaler, RNG, the
@@ -110,7 +96,7 @@ class Trainer:
         b = self.built
         ckpt = load_checkpoint(self.last, b.device)
         if "config" in ckpt:
-            check_resumable(ckpt["config"], self.cfg, self.out / "config.toml")
+            check_resumable(ckpt["config"], self.cfg, self.run.config)
         self.state = TrainState.from_checkpoint(ckpt)
         b.model.load_state_dict(ckpt["model"])
         b.optimizer.load_state_dict(ckpt["optimizer"])
@@ -119,7 +105,10 @@ class Trainer:
         if b.scaler is not None and ckpt.get("scaler"):
             b.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"].cpu())
-        b.loader.batch_sampler.load_state_dict(ckpt["sampler"])
+        try:
+            b.loader.batch_sampler.load_state_dict(ckpt["sampler"])
+        except ValueError as e:  # the data or the ranks changed since the checkpoint
+            raise RecipeError(f"{self.last} does not fit this run's sampler: {e}") from e
 
     def fit(self) -> TrainState:
         """Train to the last epoch or an early stop.
@@ -142,11 +131,11 @@ class Trainer:
     def _epoch(self, interrupt: Interrupt) -> None:
         b, st = self.built, self.state
         self.net.train()
-        b.datasets["train"].set_epoch(st.epoch)
+        b.datasets.train.set_epoch(st.epoch)
         b.loader.batch_sampler.set_epoch(st.epoch)  # keeps a resumed position
         bar = _Bar(len(b.loader.batch_sampler) - st.position, f"epoch {st.epoch + 1}", self.verbose)
         t0 = time.perf_counter()
-        on_device = b.datasets["train"].on_device
+        on_device = b.datasets.train.on_device
         for batch in b.loader:
             images, labels, scales = self._inputs(batch, on_device)
             loss, stop = self._step(images, labels, scales, interrupt)
@@ -184,14 +173,14 @@ class Trainer:
             return tuple(t.to(dev, non_blocking=True) for t in (images, labels, scales))
         _, aug, labels, _, scales = split_records(batch.to(dev, non_blocking=True))
         rows = batch[:, 0].long()  # on the host, where the cache is read
-        return self.built.datasets["train"].device_batch(rows, aug, dev), labels, scales
+        return self.built.datasets.train.device_batch(rows, aug, dev), labels, scales
 
     def _step(self, images, labels, scales, interrupt: Interrupt) -> tuple[float, bool]:
         b = self.built
         if b.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         loss = train_step(
-            self.net, images, labels, scales, b.optimizer, *self.losses, b.amp_dtype, b.scaler
+            self.net, images, labels, scales, b.optimizer, b.loss_fn, b.amp_dtype, b.scaler
         )
         # one host sync per step: the loss for the log, and the stop flag agreed by
         # every rank (a Ctrl-C reaches ranks at different steps)
@@ -212,7 +201,7 @@ class Trainer:
         verdict = torch.zeros(2, dtype=torch.float64)  # the score reaches metrics.json
         if self.main:
             val = evaluate_split(
-                cfg, b.model, b.datasets["gallery"], b.datasets["val"], b.device, b.channels_last
+                cfg, b.model, b.datasets.gallery, b.datasets.val, b.device, b.channels_last
             )
             record = _epoch_record(st, val, cfg.eval.select)
             st.history.append(record)
@@ -231,7 +220,7 @@ class Trainer:
         if self.main:
             if st.best_epoch == finished:  # weights only: the optimiser state is in last.pt
                 best = {"model": b.model.state_dict(), "train_state": st.to_dict()}
-                save_checkpoint(self.out / "checkpoints" / "best.pt", best)
+                save_checkpoint(self.run.best, best)
             self._save_last()
             if self.verbose:
                 print(_epoch_line(st.history[-1], cfg, st), flush=True)
@@ -240,7 +229,7 @@ class Trainer:
         # the checkpoint first, then the history written from it: a kill between the two
         # leaves a history that the next --resume rewrites, never a duplicate epoch
         save_checkpoint(self.last, self.checkpoint())
-        _write_history(self.out / "history.jsonl", self.state.history)
+        _write_history(self.run.history, self.state.history)
 
 
 class _Bar:

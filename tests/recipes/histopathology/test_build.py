@@ -20,16 +20,19 @@ def test_pretrained_style_inputs_get_the_backbones_mean_and_std(root):
     assert resolve_inputs(load_config("smse-triplet", own)).data.std == [0.5] * 3  # key wins
     ds = make_datasets(cfg, load_splits(cfg, root))
     for name in ("train", "gallery", "val", "test"):
-        assert (ds[name].mean, ds[name].std) == (tuple(cfg.data.mean), tuple(cfg.data.std))
+        assert (getattr(ds, name).mean, getattr(ds, name).std) == (
+            tuple(cfg.data.mean),
+            tuple(cfg.data.std),
+        )
     # evaluation: exactly (resize(img) - mean) / std
-    img = read_image(ds["test"].paths[0])
+    img = read_image(ds.test.paths[0])
     want = eval_transform(tuple(cfg.data.image_size), "bicubic")(img, None)
     want = (want - torch.tensor(cfg.data.mean)[:, None, None]) / torch.tensor(cfg.data.std)[
         :, None, None
     ]
-    assert torch.allclose(ds["test"][0][0], want)
+    assert torch.allclose(ds.test[0][0], want)
     # training images are normalised alike: undoing it lands exactly in [0, 1]
-    batch = torch.stack([ds["train"][i][0] for i in range(16)])
+    batch = torch.stack([ds.train[i][0] for i in range(16)])
     pixels = (
         batch * torch.tensor(cfg.data.std)[:, None, None]
         + torch.tensor(cfg.data.mean)[:, None, None]

@@ -4,8 +4,8 @@ each recipe entry point raises it for bad input, and it is a ValueError."""
 import pytest
 
 from smse_metric.recipes.histopathology import load_config
+from smse_metric.recipes.histopathology.checkpoint import load_checkpoint
 from smse_metric.recipes.histopathology.data import load_folds, scan_breakhis
-from smse_metric.recipes.histopathology.engine import load_checkpoint
 from smse_metric.recipes.histopathology.errors import RecipeError
 from smse_metric.recipes.histopathology.results import RunMetrics
 from smse_metric.recipes.histopathology.search import search_run

@@ -159,7 +159,7 @@ def test_a_decompression_bomb_is_refused_as_a_query_and_skipped_in_the_data(
 def test_a_full_disk_leaves_no_partial_checkpoint_and_says_how_to_go_on(
     root, tmp_path, monkeypatch, capsys
 ):
-    from smse_metric.recipes.histopathology import engine
+    from smse_metric.recipes.histopathology import checkpoint
 
     real = torch.save
 
@@ -167,7 +167,7 @@ def test_a_full_disk_leaves_no_partial_checkpoint_and_says_how_to_go_on(
         real(obj, f, *args, **kwargs)  # a partial file, then torch's own error
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
 
-    monkeypatch.setattr(engine.torch, "save", full)
+    monkeypatch.setattr(checkpoint.torch, "save", full)
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(config_to_toml(load_config("smse-triplet", ONE_EPOCH)))
     out = tmp_path / "run"

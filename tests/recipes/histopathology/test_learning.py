@@ -10,8 +10,9 @@ from helpers import DEVICES
 from smse_metric import KNNClassifier
 from smse_metric.recipes.histopathology import load_config
 from smse_metric.recipes.histopathology.build import build_model, eval_loader, make_datasets
+from smse_metric.recipes.histopathology.checkpoint import load_checkpoint
 from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
-from smse_metric.recipes.histopathology.engine import embed, load_checkpoint
+from smse_metric.recipes.histopathology.evaluate import embed
 from smse_metric.recipes.histopathology.splits import load_splits
 from smse_metric.recipes.histopathology.training import train
 
@@ -49,7 +50,7 @@ def easy(tmp_path_factory):
 
 def test_the_controls_fail_the_threshold(easy):
     cfg = load_config("smse-triplet", {**EASY, "data": {**EASY["data"], "path": str(easy)}})
-    test = make_datasets(cfg, load_splits(cfg, easy))["test"]
+    test = make_datasets(cfg, load_splits(cfg, easy)).test
     labels, groups = test.labels, test.groups
     assert len(np.unique(groups)) >= 8 and set(labels.tolist()) == {0, 1}
     for c in (0, 1):  # a constant model scores exactly chance
@@ -81,13 +82,13 @@ def test_each_method_learns_the_easy_task(easy, tmp_path, method, device):
     model.load_state_dict(load_checkpoint(out / "checkpoints" / "best.pt")["model"])
     dev = torch.device(device)
     model.to(dev)
-    g_emb, _ = embed(model, eval_loader(cfg, ds["gallery"]), dev)
-    q_emb, head = embed(model, eval_loader(cfg, ds["test"]), dev)
+    g_emb, _ = embed(model, eval_loader(cfg, ds.gallery), dev)
+    q_emb, head = embed(model, eval_loader(cfg, ds.test), dev)
     if cfg.eval.select == "knn":
-        knn = KNNClassifier(k=cfg.eval.k, metric=cfg.eval.metric).fit(g_emb, ds["gallery"].labels)
+        knn = KNNClassifier(k=cfg.eval.k, metric=cfg.eval.metric).fit(g_emb, ds.gallery.labels)
         pred = knn.predict(q_emb)
     else:
         pred = head.numpy()
-    test = ds["test"]
+    test = ds.test
     score = patient_balanced_accuracy(pred, test.labels, test.groups)
     assert score >= THRESHOLD, (method, device, score, metrics.best_epoch)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from sklearn.decomposition import PCA
 
 from smse_metric.recipes.histopathology.report import fold_summary, pca_2d, write_report
+from smse_metric.recipes.histopathology.results import RunMetrics
 
 
 @given(st.integers(3, 40), st.integers(2, 9), st.integers(0, 2**16))
@@ -31,10 +32,33 @@ def test_pca_is_sign_stable_and_handles_one_dimension():
 
 
 def test_errors_name_the_problem(tmp_path):
+    metrics = tmp_path / "metrics.json"
     with pytest.raises(ValueError, match=r"no metrics\.json"):
-        write_report(tmp_path)
+        RunMetrics.load(metrics)
     with pytest.raises(ValueError, match="per_fold is empty"):
         fold_summary({})
-    (tmp_path / "metrics.json").write_text('{"best_epoch": 1}')  # an older or foreign file
+    metrics.write_text('{"best_epoch": 1}')  # an older or foreign file
     with pytest.raises(ValueError, match=r"not a metrics\.json of this version.*evaluate"):
-        write_report(tmp_path)
+        RunMetrics.load(metrics)
+
+
+def test_the_report_renders_the_metrics_it_is_given(run, tmp_path):
+    """From the object, not from files: the run's metrics with one number changed show
+    the changed number, and the projection is drawn only from test points given."""
+    import dataclasses
+
+    metrics = RunMetrics.load(run / "metrics.json")
+    metrics = dataclasses.replace(metrics, best_val_score=0.123456, bad_images=[["x.png", "bad"]])
+    path = write_report(tmp_path, metrics, history=[])
+    text = path.read_text()
+    assert "0.123" in text and "`x.png`: bad" in text
+    assert not (tmp_path / "plots" / "projection.png").exists()
+    assert not (tmp_path / "plots" / "curves.png").exists()
+    points = {
+        "embeddings": np.random.default_rng(0).random((6, 4)),
+        "labels": np.arange(6) % 2,
+        "magnifications": np.repeat([40, 100], 3),
+    }
+    write_report(tmp_path, metrics, [{"epoch": 0, "loss": 1.0}], points)
+    assert (tmp_path / "plots" / "projection.png").is_file()
+    assert (tmp_path / "plots" / "curves.png").is_file()

@@ -85,7 +85,7 @@ def test_a_directory_without_the_marker_is_never_replaced(tmp_path, config, data
     victims = _victims(out)
     args = ["train", "--config", str(config), "--data", str(data), "--out", str(out)]
     assert main(args) == 2
-    assert "holds files; pass --overwrite" in capsys.readouterr().err
+    assert "holds files smse-metric did not create" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 2
     assert "not created by smse-metric (no .smse-run file)" in capsys.readouterr().err
     assert _intact(victims)
@@ -103,7 +103,7 @@ def test_demo_refuses_the_current_directory_and_unmarked_ones(tmp_path, monkeypa
     (tmp_path / "old" / ".smse-run").write_text("")  # a run's marker is not a demo's
     (tmp_path / "old" / "notes.txt").write_text("mine")
     assert main(["demo", "--out", "old"]) == 2
-    assert "holds files; pass --overwrite" in capsys.readouterr().err
+    assert "holds files smse-metric did not create" in capsys.readouterr().err
     assert main(["demo", "--out", "old", "--overwrite"]) == 2
     assert "no .smse-demo file" in capsys.readouterr().err
     assert _intact([*victims, tmp_path / "old" / "notes.txt"])

@@ -52,7 +52,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path
     from smse_metric.recipes.histopathology import build, trainer
 
     cfg = load_config("smse-triplet", TINY)
-    train_set = build.make_datasets(cfg, load_splits(cfg, root))["train"]
+    train_set = build.make_datasets(cfg, load_splits(cfg, root)).train
     poison_at = len(build.train_loader(cfg, train_set)) + 2  # epoch 1, step 1
     real, calls = trainer.train_step, []
 

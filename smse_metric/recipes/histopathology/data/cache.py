@@ -218,7 +218,7 @@ class DecodedCache:
         out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.uint8, pin_memory=pin_memory)
         if len(idx):  # an empty cache file cannot be mapped
             images, dst = self._mapped(), out.numpy()
-            for j, r in enumerate(idx):  # row copies: 3x faster than np.take(..., out=)
+            for j, r in enumerate(idx):  # row copies beat np.take(..., out=) here
                 dst[j] = images[r]
         return out
 

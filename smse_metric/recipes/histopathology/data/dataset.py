@@ -73,6 +73,16 @@ def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 MAX_IMAGE_PIXELS = 89_478_485
 
 
+def _unreadable(path: str, max_pixels: int) -> str | None:
+    """Why ``path`` cannot be read as an image, or None when it can."""
+    try:
+        with open_image(path, max_pixels) as im:
+            im.verify()
+    except (OSError, SyntaxError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 @contextlib.contextmanager
 def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
     """``PIL.Image.open`` with a pixel limit checked on the header, before any decoding;
@@ -160,8 +170,8 @@ def collate_records(items: Sequence[tuple]) -> torch.Tensor:
     group, scale, then the record; integers below 2^53 are exact).
 
     One tensor per batch because every tensor a worker hands over travels through its
-    own shared-memory file: with the default collation's five a batch, 2 workers
-    delivered 3,941 images/s on a 2-core machine, packed 11,041 (`bench_data` at 9320b44).
+    own shared-memory file: the default collation's five a batch cost five files
+    (`bench_data` measures the loader).
 
     Args:
         items: the dataset's items of one batch.
@@ -262,6 +272,9 @@ class BreakHisDataset(torch.utils.data.Dataset):
             processes).
         max_image_pixels: larger images (width x height, read from the header) are
             unreadable: skipped and listed with ``skip_bad_images``, else an error.
+        checked: with ``skip_bad_images``, the verdicts of images checked already
+            (path -> None if readable, else the reason), shared by the datasets of one
+            run so that an image in several of them is opened once; filled here.
 
     Examples:
         >>> import tempfile
@@ -291,6 +304,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
         cache_dir: str | Path | None = None,
         augment_on: str = "worker",
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        checked: dict[str, str | None] | None = None,
     ) -> None:
         if task not in ("binary", "subtype"):
             raise RecipeError(f"task must be 'binary' or 'subtype', got {task!r}")
@@ -328,14 +342,16 @@ class BreakHisDataset(torch.utils.data.Dataset):
         self.bad_images: list[tuple[str, str]] = []
         rows = np.arange(len(index))
         if skip_bad_images:
+            checked = {} if checked is None else checked
             good = []
             for i in rows:
-                try:
-                    with open_image(index.paths[i], self.max_pixels) as im:
-                        im.verify()
+                path = index.paths[i]
+                if path not in checked:
+                    checked[path] = _unreadable(path, self.max_pixels)
+                if checked[path] is None:
                     good.append(i)
-                except (OSError, SyntaxError) as e:
-                    self.bad_images.append((index.paths[i], f"{type(e).__name__}: {e}"))
+                else:
+                    self.bad_images.append((path, checked[path]))
             rows = np.array(good, dtype=np.int64)
         self.rows = rows
         self.stored_size = cache_size(size, CROP_SCALE)

@@ -1,0 +1,35 @@
+"""What a machine collects: everything, except the parts whose extras are not installed
+there (listed below, with the modules they need). The library-only install (`make
+test-core`) therefore runs every test and doctest of the library without a hand-kept
+list of files: a new module is in unless it is declared here as needing an extra."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RECIPE = ("timm", "PIL", "matplotlib", "tqdm")
+#: path (relative to the repository, a folder or a file) -> the modules it needs
+NEEDS: dict[str, tuple[str, ...]] = {
+    "smse_metric/recipes": RECIPE,
+    "tests/recipes": RECIPE,
+    "tests/test_api_docs.py": RECIPE,  # documents the recipe's modules too
+    "tests/test_docs.py": (*RECIPE, "pytorch_metric_learning", "faiss"),
+    "tests/test_benchmarks.py": (*RECIPE, "pytorch_metric_learning", "sklearn"),
+    "smse_metric/pml.py": ("pytorch_metric_learning",),
+}
+
+
+def missing_extras(path: str, installed=lambda m: importlib.util.find_spec(m) is not None):
+    """The modules ``path`` needs that are not installed (empty: it is collected)."""
+    needs = [
+        m
+        for prefix, ms in NEEDS.items()
+        if path == prefix or path.startswith(prefix + "/")
+        for m in ms
+    ]
+    return sorted({m for m in needs if not installed(m)})
+
+
+collect_ignore = [str(ROOT / p) for p in NEEDS if missing_extras(p)]
