@@ -15,6 +15,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "smse_metric/recipes": RECIPE,
     "tests/recipes": RECIPE,
     "tests/test_api_docs.py": RECIPE,  # documents the recipe's modules too
+    "tests/recipe_helpers.py": RECIPE,
     "tests/test_docs.py": (*RECIPE, "pytorch_metric_learning", "faiss"),
     "tests/test_benchmarks.py": (*RECIPE, "pytorch_metric_learning", "sklearn"),
     "smse_metric/pml.py": ("pytorch_metric_learning",),
