@@ -34,3 +34,17 @@ def missing_extras(path: str, installed=lambda m: importlib.util.find_spec(m) is
 
 
 collect_ignore = [str(ROOT / p) for p in NEEDS if missing_extras(p)]
+
+#: doctests (by name) whose example needs an extra: skipped, with the reason, without it
+DOCTEST_NEEDS: dict[str, tuple[str, ...]] = {
+    "smse_metric.evaluation.index.FaissIndex": ("faiss",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        missing = [m for m in DOCTEST_NEEDS.get(item.name, ()) if not importlib.util.find_spec(m)]
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"its example needs {', '.join(missing)}"))
