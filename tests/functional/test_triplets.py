@@ -290,8 +290,10 @@ def _merged_by_rounding(emb: torch.Tensor, squared: bool) -> bool:
 def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy, path):
     """The fused selection follows the exact distances too: float32 and float64 select
     the same triplets on tight clusters. A triplet's term is about 1e-4 here, so one
-    differently selected triplet moves the sum by far more than the tolerance, which
-    allows for float32 rounding of the ~40 distances near 1 that enter the sum."""
+    differently selected triplet moves the sum by more than the tolerance, which allows
+    for float32 rounding of the distances and of the sum itself (up to ~65 for "all":
+    2.1e-7 relative at worst over 860 draws, so rtol 1e-6 keeps a 5x margin and stays
+    under one triplet's 1e-4)."""
     emb, labels = clusters(seed)
     # where two of an anchor's distances differ in float64 but round to one float32
     # (seed 1125: 0.61030445 and 0.61030448), float32 cannot tell which is larger, and
@@ -302,7 +304,7 @@ def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy,
         (got, g32), (want, g64) = (
             value_and_grad(lambda e: loss(e, labels), x) for x in (emb, emb.double())
         )
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
     if strategy == "batch_hard":  # the same chosen pairs: the same gradient
         torch.testing.assert_close(g32.double(), g64, rtol=2e-2, atol=1e-3)  # f32 directions
 
