@@ -37,7 +37,7 @@ def ours(x, y, g, n_queries):
     from smse_metric import evaluate_embeddings
 
     if n_queries == len(x):
-        r = evaluate_embeddings(x, y, k=K, exclude="self", metric="l2", ranking=False)
+        r = evaluate_embeddings(x, y, k=K, exclude="self", distance="l2", ranking=False)
         return r.pooled.accuracy
     # a subset of queries against the full gallery, each excluding itself (as a group)
     ids = np.arange(len(x))
@@ -47,7 +47,7 @@ def ours(x, y, g, n_queries):
         ids[:n_queries],
         k=K,
         exclude="group",
-        metric="l2",
+        distance="l2",
         ranking=False,
         gallery=(x, y, ids, None),
     )
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> str:
             f"Machine: {machine()}.",
             f"N random {D}-d float32 embeddings in {CLASSES} classes, queries = gallery, "
             f"leave-one-out, k = {K}, euclidean. Ours: `evaluate_embeddings(exclude='self', "
-            "metric='l2', ranking=False)` (kNN predictions, image/patient/balanced accuracy, "
+            "distance='l2', ranking=False)` (kNN predictions, image/patient/balanced accuracy, "
             "per-class scores, precision@1, recall@k). scikit-learn: "
             "`KNeighborsClassifier(algorithm='brute').kneighbors(n_neighbors=k+1)`, self dropped, "
             "majority vote. PML: `AccuracyCalculator(include=('precision_at_1',), k=k)`. "

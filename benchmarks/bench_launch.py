@@ -27,7 +27,10 @@ from smse_metric.functional import _small_batch as small_batch
 D = 128
 #: (name, loss): the recipe's loss first (cross-scale, squared, all triplets)
 LOSSES = [
-    ("recipe: all, squared, cross-scale", TripletMarginLoss(1.0, squared=True, cross_scale=True)),
+    (
+        "recipe: all, squared, cross-scale",
+        TripletMarginLoss(1.0, distance="squared_l2", cross_scale=True),
+    ),
     ("all", TripletMarginLoss(0.2)),
     ("semihard", TripletMarginLoss(0.2, triplets="semihard")),
     ("batch-hard", TripletMarginLoss(0.2, triplets="batch_hard")),

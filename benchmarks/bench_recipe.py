@@ -66,7 +66,7 @@ def step_times(size: int, steps: int, device: torch.device) -> dict[str, float]:
         torch.nn.CrossEntropyLoss(),
         ReinforcedFocalLoss.from_class_counts([700, 1300]).to(device),
     )
-    triplet = TripletMarginLoss(1.0, squared=True, cross_scale=True)
+    triplet = TripletMarginLoss(1.0, distance="squared_l2", cross_scale=True)
     amp = torch.bfloat16 if cuda else None
     gen = torch.Generator().manual_seed(0)
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as smf
+from ._checks import check_choice, resolve_distance
 from .functional import _common as common
 
 __all__ = ["ContrastiveLoss", "FocalLoss", "ReinforcedFocalLoss", "TripletMarginLoss"]
@@ -62,7 +63,7 @@ class ReinforcedFocalLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        common.check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
+        check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if not gamma >= 0:
@@ -84,7 +85,12 @@ class ReinforcedFocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return smf.reinforced_focal_loss(
-            logits, target, self.alpha, self.gamma, self.beta, self.reduction
+            logits,
+            target,
+            alpha=self.alpha,
+            gamma=self.gamma,
+            beta=self.beta,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
@@ -116,14 +122,16 @@ class FocalLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        common.check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
+        check_choice("reduction", reduction, smf.CLASS_REDUCTIONS)
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma, self.reduction = float(gamma), reduction
         self.register_buffer("weight", _class_weights(weight, "weight"))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return smf.focal_loss(logits, target, self.gamma, self.weight, self.reduction)
+        return smf.focal_loss(
+            logits, target, gamma=self.gamma, weight=self.weight, reduction=self.reduction
+        )
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, reduction={self.reduction!r}"
@@ -134,7 +142,7 @@ class _MetricLoss(nn.Module):
         self, margin: float, reduction: str, reductions, cross_scale: bool, signed: bool
     ) -> None:
         super().__init__()
-        common.check_choice("reduction", reduction, reductions)
+        check_choice("reduction", reduction, reductions)
         self.margin = common.check_margin("margin", margin, allow_negative=signed)
         self.reduction, self.cross_scale = reduction, bool(cross_scale)
         self._scale_checks = common.ScaleChecks(type(self).__name__)
@@ -184,14 +192,14 @@ class ContrastiveLoss(_MetricLoss):
         return smf.contrastive_loss(
             embeddings,
             labels,
-            self.margin,
-            self.reduction,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            scales,
-            ref_scales,
-            self.cross_scale,
+            margin=self.margin,
+            reduction=self.reduction,
+            indices_tuple=indices_tuple,
+            ref_emb=ref_emb,
+            ref_labels=ref_labels,
+            scales=scales,
+            ref_scales=ref_scales,
+            cross_scale=self.cross_scale,
         )
 
     def extra_repr(self) -> str:
@@ -203,15 +211,16 @@ class TripletMarginLoss(_MetricLoss):
 
     Args:
         margin: the margin.
-        squared: use squared euclidean distances (SMSE's form).
+        squared: the old spelling of ``distance="squared_l2"`` / ``"l2"``; deprecated,
+            warns.
         triplets: without an ``indices_tuple``, which triplets: ``"all"``,
             ``"semihard"``, ``"hard"`` (as PML's ``TripletMarginMiner``) or
             ``"batch_hard"``; computed without materialising triplets.
         reduction: ``"mean_nonzero"`` (PML's default), ``"mean"``, ``"sum"``.
         cross_scale: keep only positives whose scale differs from the anchor's.
-        distance: ``"l2"`` (default), ``"squared_l2"`` (``squared=True`` is its
-            shorthand) or ``"cosine"``: the cosine similarity with PML's margin
-            convention, ``relu(s(a,n) - s(a,p) + margin)``.
+        distance: ``"l2"`` (default), ``"squared_l2"`` (SMSE's form) or ``"cosine"``:
+            the cosine similarity with PML's margin convention,
+            ``relu(s(a,n) - s(a,p) + margin)``.
 
     Call:
         ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *,
@@ -230,7 +239,7 @@ class TripletMarginLoss(_MetricLoss):
     def __init__(
         self,
         margin: float = 1.0,
-        squared: bool = False,
+        squared: bool | None = None,
         triplets: str = "all",
         reduction: str = "mean_nonzero",
         cross_scale: bool = False,
@@ -238,9 +247,9 @@ class TripletMarginLoss(_MetricLoss):
     ) -> None:
         # a negative margin is PML's too: "hard" then keeps d(a,n) - d(a,p) <= margin
         super().__init__(margin, reduction, smf.TRIPLET_REDUCTIONS, cross_scale, signed=True)
-        common.check_choice("triplets", triplets, smf.FUSED_TRIPLETS)
-        common.resolve_distance(distance, squared)  # names a bad or conflicting choice now
-        self.squared, self.triplets, self.distance = bool(squared), triplets, distance
+        check_choice("triplets", triplets, smf.FUSED_TRIPLETS)
+        self.distance = resolve_distance(distance, "l2", squared=squared)
+        self.triplets = triplets
 
     def forward(
         self,
@@ -257,22 +266,20 @@ class TripletMarginLoss(_MetricLoss):
         return smf.triplet_margin_loss(
             embeddings,
             labels,
-            self.margin,
-            self.squared,
-            self.triplets,
-            self.reduction,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-            scales,
-            ref_scales,
-            self.cross_scale,
-            self.distance,
+            margin=self.margin,
+            triplets=self.triplets,
+            reduction=self.reduction,
+            indices_tuple=indices_tuple,
+            ref_emb=ref_emb,
+            ref_labels=ref_labels,
+            scales=scales,
+            ref_scales=ref_scales,
+            cross_scale=self.cross_scale,
+            distance=self.distance,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"margin={self.margin}, squared={self.squared}, triplets={self.triplets!r}, "
-            f"reduction={self.reduction!r}, cross_scale={self.cross_scale}, "
-            f"distance={self.distance!r}"
+            f"margin={self.margin}, distance={self.distance!r}, triplets={self.triplets!r}, "
+            f"reduction={self.reduction!r}, cross_scale={self.cross_scale}"
         )

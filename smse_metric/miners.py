@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as smf
+from ._checks import check_choice, positive_int, resolve_distance
 from .functional import _common as common
 
 __all__ = ["PairMiner", "TripletMiner"]
@@ -26,14 +27,13 @@ PAIR_STRATEGIES = ("all", "hard", "batch_hard")
 class _Miner(nn.Module):
     def __init__(self, strategy: str, choices, cross_scale: bool, chunk_size: int) -> None:
         super().__init__()
-        common.check_choice("strategy", strategy, choices)
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_choice("strategy", strategy, choices)
+        chunk_size = positive_int("chunk_size", chunk_size)
         self.strategy, self.cross_scale, self.chunk_size = strategy, bool(cross_scale), chunk_size
         self.num_non_finite = 0
         self._scale_checks = common.ScaleChecks(type(self).__name__)
 
-    def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric):
+    def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales):
         """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor
         chunk; pairs at a non-finite distance are in neither mask (and counted)."""
         self._scale_checks(scales, ref_scales, self.cross_scale)
@@ -56,7 +56,7 @@ class _Miner(nn.Module):
         for start in range(0, emb.shape[0], self.chunk_size):
             stop = min(start + self.chunk_size, emb.shape[0])
             with common.full_precision(emb.device):
-                dist = smf.pairwise_distances(emb[start:stop], ref, metric)
+                dist = smf.pairwise_distances(emb[start:stop], ref, distance=self.distance)
             pos, neg = common.block_masks(
                 labels,
                 ref_labels,
@@ -94,7 +94,8 @@ class TripletMiner(_Miner):
     Args:
         strategy: one of the above.
         margin: the triplet margin (use the loss's margin).
-        squared: shorthand for ``distance="squared_l2"`` (match ``TripletMarginLoss``).
+        squared: the old spelling of ``distance="squared_l2"`` / ``"l2"``; deprecated,
+            warns.
         cross_scale: positives must have a different scale from the anchor.
         max_triplets: keep at most this many: the most violating ones (largest
             ``d(a,p) - d(a,n)``), not a random sample; ``num_candidates`` records how many
@@ -122,19 +123,18 @@ class TripletMiner(_Miner):
         self,
         strategy: str = "all",
         margin: float = 1.0,
-        squared: bool = False,
+        squared: bool | None = None,
         cross_scale: bool = False,
         max_triplets: int | None = None,
         chunk_size: int = 1024,
         distance: str | None = None,
     ) -> None:
         super().__init__(strategy, smf.TRIPLET_STRATEGIES, cross_scale, chunk_size)
-        self.metric = common.resolve_distance(distance, squared)
-        self.distance = distance
-        if max_triplets is not None and (not isinstance(max_triplets, int) or max_triplets < 1):
-            raise ValueError(f"max_triplets must be None or a positive int, got {max_triplets!r}")
+        self.distance = resolve_distance(distance, "l2", squared=squared)
+        if max_triplets is not None:
+            max_triplets = positive_int("max_triplets", max_triplets)
         self.margin = common.check_margin("margin", margin, allow_negative=True)  # as PML
-        self.squared, self.max_triplets = bool(squared), max_triplets
+        self.max_triplets = max_triplets
         self.num_triplets = 0
         self.num_candidates = 0
 
@@ -149,12 +149,11 @@ class TripletMiner(_Miner):
         scales: Tensor | None = None,
         ref_scales: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        metric = self.metric
         dev = embeddings.device
         kept: list[tuple[Tensor, ...]] = []
         n_candidates = 0
         for start, dist, pos, neg in self._chunks(
-            embeddings, labels, scales, ref_emb, ref_labels, ref_scales, metric
+            embeddings, labels, scales, ref_emb, ref_labels, ref_scales
         ):
             if self.strategy == "batch_hard":
                 a, p, n = _batch_hard(dist, pos, neg)
@@ -197,9 +196,8 @@ class TripletMiner(_Miner):
 
     def extra_repr(self) -> str:
         return (
-            f"strategy={self.strategy!r}, margin={self.margin}, squared={self.squared}, "
-            f"cross_scale={self.cross_scale}, max_triplets={self.max_triplets}, "
-            f"distance={self.distance!r}"
+            f"strategy={self.strategy!r}, margin={self.margin}, distance={self.distance!r}, "
+            f"cross_scale={self.cross_scale}, max_triplets={self.max_triplets}"
         )
 
 
@@ -249,10 +247,10 @@ class PairMiner(_Miner):
         neg_margin: float = 1.0,
         cross_scale: bool = False,
         chunk_size: int = 1024,
-        distance: str | None = None,
+        distance: str = "l2",
     ) -> None:
         super().__init__(strategy, PAIR_STRATEGIES, cross_scale, chunk_size)
-        self.metric, self.distance = common.resolve_distance(distance, False), distance
+        self.distance = resolve_distance(distance, "l2")
         # thresholds as in PML's PairMarginMiner, whose own tests use a negative one
         self.pos_margin = common.check_margin("pos_margin", pos_margin, allow_negative=True)
         self.neg_margin = common.check_margin("neg_margin", neg_margin, allow_negative=True)
@@ -273,13 +271,13 @@ class PairMiner(_Miner):
         dev = embeddings.device
         parts: list[tuple[Tensor, ...]] = []
         for start, dist, pos, neg in self._chunks(
-            embeddings, labels, scales, ref_emb, ref_labels, ref_scales, self.metric
+            embeddings, labels, scales, ref_emb, ref_labels, ref_scales
         ):
             if self.strategy == "batch_hard":
                 a, p, n = _batch_hard(dist, pos, neg)
                 parts.append((a + start, p, a + start, n))
                 continue
-            if self.strategy == "hard" and self.metric == "cosine":  # s = 1 - d
+            if self.strategy == "hard" and self.distance == "cosine":  # s = 1 - d
                 pos &= 1 - dist < self.pos_margin
                 neg &= 1 - dist > self.neg_margin
             elif self.strategy == "hard":

@@ -39,7 +39,6 @@ except ImportError as e:  # the module is the [pml] extra's
     ) from e
 
 from .functional import triplet_margin_loss
-from .functional._common import DISTANCES
 from .functional.distances import gathered_distances
 from .miners import PairMiner, TripletMiner
 
@@ -181,7 +180,6 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
         super().__init__(**kwargs)
         self.margin, self.triplets_per_anchor = margin, triplets_per_anchor
         self.distance_name = distance_name(self.distance)
-        self.metric = DISTANCES[self.distance_name]
 
     def get_default_reducer(self):
         return reducers.AvgNonZeroReducer()
@@ -208,7 +206,7 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
         if len(a) == 0:
             return self.zero_losses()
         d_ap, d_an = gathered_distances(
-            emb, emb if same else ref, same, [(a, p), (a, n)], self.metric
+            emb, emb if same else ref, same, [(a, p), (a, n)], self.distance_name
         )
         losses = torch.relu(d_ap - d_an + self.margin)
         return {"loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}}
@@ -225,7 +223,7 @@ class TripletMarginLoss(pml_losses.BaseMetricLossFunction):
         value = triplet_margin_loss(
             emb,
             labels,
-            self.margin,
+            margin=self.margin,
             triplets="all",
             reduction=mode,
             ref_emb=ref,

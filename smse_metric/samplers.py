@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import check_choice, nonnegative_int, positive_int
 from ._sampler_plan import Layout
 from .distributed import get_rank, get_world_size
 
@@ -107,24 +108,12 @@ def _n(value: np.generic) -> str:
     return repr(value.item())
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _nonnegative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def _dist_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size is None:
         world_size = get_world_size()
     if rank is None:
         rank = get_rank()
-    world_size = _positive_int("world_size", world_size)
+    world_size = positive_int("world_size", world_size)
     if (
         isinstance(rank, bool)
         or not isinstance(rank, int | np.integer)
@@ -220,9 +209,9 @@ class ShuffledBatchSampler(_ResumableBatchSampler):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        self.n = _nonnegative_int("n", n)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.seed = _nonnegative_int("seed", seed)
+        self.n = nonnegative_int("n", n)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.seed = nonnegative_int("seed", seed)
         self.rank, self.world_size = _dist_default(rank, world_size)
         self.epoch, self._position = 0, 0
         if len(self) == 0:
@@ -294,14 +283,11 @@ class MultiScaleBatchSampler(_ResumableBatchSampler):
         lab = _as_array("labels", labels, None)
         grp = _as_array("groups", groups, len(lab))
         sc = _as_array("scales", scales, len(lab))
-        self.classes_per_batch = _positive_int("classes_per_batch", classes_per_batch)
-        self.groups_per_class = _positive_int("groups_per_class", groups_per_class)
-        self.images_per_scale = _positive_int("images_per_scale", images_per_scale)
-        if small_group_policy not in POLICIES:
-            raise ValueError(
-                f"small_group_policy must be one of {POLICIES}, got {small_group_policy!r}"
-            )
-        self.seed = _nonnegative_int("seed", seed)
+        self.classes_per_batch = positive_int("classes_per_batch", classes_per_batch)
+        self.groups_per_class = positive_int("groups_per_class", groups_per_class)
+        self.images_per_scale = positive_int("images_per_scale", images_per_scale)
+        check_choice("small_group_policy", small_group_policy, POLICIES)
+        self.seed = nonnegative_int("seed", seed)
         self.drop_last, self.small_group_policy = bool(drop_last), small_group_policy
         self.rank, self.world_size = _dist_default(rank, world_size)
 

@@ -78,7 +78,7 @@ def metric_losses():
         TripletMarginLoss(0.3, triplets="all"),
         TripletMarginLoss(0.3, triplets="semihard", reduction="mean"),
         TripletMarginLoss(0.3, triplets="hard", reduction="sum"),
-        TripletMarginLoss(0.3, squared=True, triplets="batch_hard"),
+        TripletMarginLoss(0.3, distance="squared_l2", triplets="batch_hard"),
         TripletMarginLoss(0.3, cross_scale=True),
         TripletMarginLoss(0.3, triplets="semihard", cross_scale=True, distance="cosine"),
         TripletMarginLoss(0.3, triplets="batch_hard", distance="cosine"),

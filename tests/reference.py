@@ -188,10 +188,17 @@ def rfl(logits, target, alpha, gamma, beta=None):
 # --------------------------------------------------------------------------- search
 
 
-def brute_neighbours(q, g, metric, k, q_groups=None, g_groups=None, self_ex=False):
+def _eval_distance(a, b, distance):
+    if distance == "cosine":
+        return 1 - a @ b
+    sq = ((a - b) ** 2).sum()
+    return sq if distance == "squared_l2" else np.sqrt(sq)
+
+
+def brute_neighbours(q, g, distance, k, q_groups=None, g_groups=None, self_ex=False):
     """Loop reference: distances in float64, ties by gallery index, exclusions applied."""
     q, g = q.astype(np.float64), g.astype(np.float64)
-    if metric == "cosine":
+    if distance == "cosine":
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
         g = g / np.linalg.norm(g, axis=1, keepdims=True)
     out = []
@@ -200,8 +207,7 @@ def brute_neighbours(q, g, metric, k, q_groups=None, g_groups=None, self_ex=Fals
         for j in range(len(g)):
             if (self_ex and i == j) or (q_groups is not None and q_groups[i] == g_groups[j]):
                 continue
-            d = 1 - q[i] @ g[j] if metric == "cosine" else np.linalg.norm(q[i] - g[j])
-            cand.append((d, j))
+            cand.append((_eval_distance(q[i], g[j], distance), j))
         cand.sort()
         out.append(cand[:k])
     return out
@@ -220,10 +226,10 @@ def brute_predict(neigh, g_labels, weights="uniform"):
     return np.array(pred)
 
 
-def brute_self_neighbours(x, k, metric, groups=None):
+def brute_self_neighbours(x, k, distance, groups=None):
     """k nearest other rows of every row (float64, ties by index), leave-one-group-out."""
     x = np.asarray(x, dtype=np.float64)
-    if metric == "cosine":
+    if distance == "cosine":
         x = x / np.linalg.norm(x, axis=1, keepdims=True)
     n = len(x)
     dist, ids = np.zeros((n, k)), np.zeros((n, k), dtype=np.int64)
@@ -232,8 +238,7 @@ def brute_self_neighbours(x, k, metric, groups=None):
         for j in range(n):
             if j == i or (groups is not None and groups[j] == groups[i]):
                 continue
-            d = 1 - x[i] @ x[j] if metric == "cosine" else np.sqrt(((x[i] - x[j]) ** 2).sum())
-            rows.append((d, j))
+            rows.append((_eval_distance(x[i], x[j], distance), j))
         rows.sort()
         dist[i] = [d for d, _ in rows[:k]]
         ids[i] = [j for _, j in rows[:k]]

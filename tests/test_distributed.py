@@ -135,7 +135,7 @@ def test_two_process_ddp_update_matches_one_process_on_the_global_batch(tmp_path
 
 def _cache_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     from smse_metric.recipes.histopathology import load_config
-    from smse_metric.recipes.histopathology.build import make_datasets
+    from smse_metric.recipes.histopathology.loaders import make_datasets
     from smse_metric.recipes.histopathology.splits import load_splits
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -170,8 +170,8 @@ def _failing_cache_worker(rank: int, world: int, port: int, root: str, out: str)
     import datetime
 
     from smse_metric.recipes.histopathology import load_config
-    from smse_metric.recipes.histopathology.build import make_datasets
     from smse_metric.recipes.histopathology.data.cache import DecodedCache
+    from smse_metric.recipes.histopathology.loaders import make_datasets
     from smse_metric.recipes.histopathology.splits import load_splits
 
     def full_disk(*args, **kwargs):

@@ -86,16 +86,20 @@ def test_pml_tuples_feed_our_losses_and_ours_feed_pml():
         lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, triplets="all"),
         lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, triplets="semihard", reduction="mean"),
         lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, triplets="hard"),
-        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, squared=True, triplets="batch_hard"),
+        lambda e, y, s: smf.triplet_margin_loss(
+            e, y, 0.5, distance="squared_l2", triplets="batch_hard"
+        ),
         lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, triplets="batch_hard", reduction="mean"),
-        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, squared=True, reduction="sum"),
+        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, distance="squared_l2", reduction="sum"),
         lambda e, y, s: smf.triplet_margin_loss(e, y, 0.5, scales=s, cross_scale=True),
         lambda e, y, s: smf.triplet_margin_loss(e, y, 0.2, triplets="semihard", distance="cosine"),
-        lambda e, y, s: smf.triplet_margin_loss(e, y, 0.2, False, "batch_hard", distance="cosine"),
+        lambda e, y, s: smf.triplet_margin_loss(
+            e, y, 0.2, triplets="batch_hard", distance="cosine"
+        ),
         lambda e, y, s: smf.contrastive_loss(e, y, 1.0),
         lambda e, y, s: smf.contrastive_loss(e, y, 1.0, scales=s, cross_scale=True),
         lambda e, y, s: smf.pairwise_distances(e).sum(),
-        lambda e, y, s: smf.pairwise_distances(e, metric="cosine").sum(),
+        lambda e, y, s: smf.pairwise_distances(e, distance="cosine").sum(),
     ],
 )
 @pytest.mark.parametrize("path", FUSED_PATHS)
@@ -319,9 +323,9 @@ def test_classification_losses_never_sync_with_the_host():
             "ref_emb",
         ),
         (
-            lambda: smf.pairwise_distances(torch.randn(3, 2), metric="manhattan"),
+            lambda: smf.pairwise_distances(torch.randn(3, 2), distance="manhattan"),
             ValueError,
-            "metric",
+            "distance",
         ),
     ],
 )
@@ -427,8 +431,8 @@ def _hessian_vector_product(loss, emb, labels, v):
     [
         (TripletMarginLoss(0.3, distance="cosine"), "sorted"),
         (TripletMarginLoss(0.3), "sorted"),
-        (TripletMarginLoss(0.3, squared=True), "small"),
-        (TripletMarginLoss(0.3, squared=True, triplets="batch_hard"), "small"),
+        (TripletMarginLoss(0.3, distance="squared_l2"), "small"),
+        (TripletMarginLoss(0.3, distance="squared_l2", triplets="batch_hard"), "small"),
     ],
     ids=repr,
 )

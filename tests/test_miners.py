@@ -28,7 +28,13 @@ def test_triplet_miner_equals_brute_force(
     n, n_classes, strategy, margin, squared, cross, chunk, seed
 ):
     emb, labels, scales = make_batch(n, 3, n_classes, n_scales=2, seed=seed)
-    miner = TripletMiner(strategy, margin, squared, cross_scale=cross, chunk_size=chunk)
+    miner = TripletMiner(
+        strategy,
+        margin,
+        distance="squared_l2" if squared else "l2",
+        cross_scale=cross,
+        chunk_size=chunk,
+    )
     got = miner(emb, labels, scales=scales)
     assert all(t.dtype == torch.long for t in got)
     want = ref.triplets(emb, labels, margin, strategy, squared, scales=scales, cross_scale=cross)
@@ -200,7 +206,7 @@ def test_float32_mines_what_float64_mines_on_near_ties(seed, squared, strategy):
     boundaries are decided by differences of 1e-4-scale distances, below the float32
     expansion's error; the float32 triplets equal those of the same points in float64."""
     emb, labels = clusters(seed)
-    miner = TripletMiner(strategy, margin=1e-4, squared=squared)
+    miner = TripletMiner(strategy, margin=1e-4, distance="squared_l2" if squared else "l2")
     got = set(zip(*[t.tolist() for t in miner(emb, labels)], strict=True))
     assert got == set(zip(*[t.tolist() for t in miner(emb.double(), labels)], strict=True))
 

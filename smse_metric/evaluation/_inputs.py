@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 
-METRICS = ("cosine", "l2")
 EXCLUDE = ("none", "self", "group")
 WEIGHTS = ("uniform", "distance")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,10 +33,10 @@ def as_float32(name: str, x: Any) -> np.ndarray:
     return arr
 
 
-def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+def prepare_vectors(x: np.ndarray, distance: str) -> np.ndarray:
     """Vectors as every index stores them: L2-normalised (a copy; zero rows stay zero)
-    for ``"cosine"``, unchanged for ``"l2"``."""
-    if metric != "cosine":
+    for ``"cosine"``, unchanged for ``"l2"`` and ``"squared_l2"``."""
+    if distance != "cosine":
         return x
     norm = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))[:, None]
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
@@ -55,11 +54,6 @@ def as_ids(name: str, y: Any, n: int) -> np.ndarray:
     if arr.dtype.kind == "f":
         raise TypeError(f"{name} must hold integers or strings, got {arr.dtype}")
     return arr
-
-
-def check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def import_faiss():

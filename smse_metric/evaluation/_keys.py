@@ -1,7 +1,7 @@
 """Internal: the exact neighbour order shared by the symmetric search and the torch index.
 
 Both compute similarities (larger is nearer) as one product ``a @ b.T``: for
-``"cosine"`` of L2-normalised rows, for ``"l2"`` of augmented rows
+``"cosine"`` of L2-normalised rows, for ``"l2"`` / ``"squared_l2"`` of augmented rows
 ``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2] = -d(i, j)^2 / 2``. A (similarity, id)
 pair becomes one int64 key whose descending order is (similarity descending, id
 ascending), so a plain ``topk`` of keys gives the k nearest with ties broken by index.
@@ -16,9 +16,9 @@ EMPTY = torch.iinfo(torch.int64).min  #: key of an empty slot
 LOW = (1 << 32) - 1
 
 
-def factors(x: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+def factors(x: Tensor, distance: str) -> tuple[Tensor, Tensor]:
     """(a, b) with ``a[i] . b[j]`` the similarity of rows i and j of ``x`` [N, D]."""
-    if metric == "cosine":
+    if distance == "cosine":
         x = torch.nn.functional.normalize(x, dim=1)
         return x, x
     half, ones = x.square().sum(1, keepdim=True) / 2, x.new_ones(x.shape[0], 1)
@@ -42,9 +42,13 @@ def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     return values.masked_fill(empty, float("-inf")), ids.masked_fill(empty, -1)
 
 
-def distances(keys: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """(distances, ids) of keys: ``1 - cos`` or the euclidean distance; empty slots
-    give (inf, -1)."""
+def distances(keys: Tensor, distance: str) -> tuple[Tensor, Tensor]:
+    """(distances, ids) of keys: ``1 - cos``, the euclidean distance or its square;
+    empty slots give (inf, -1)."""
     values, ids = decode_keys(keys)
-    dist = 1.0 - values if metric == "cosine" else (-2.0 * values).clamp_min(0).sqrt()
+    if distance == "cosine":
+        dist = 1.0 - values
+    else:
+        dist = (-2.0 * values).clamp_min(0)
+        dist = dist if distance == "squared_l2" else dist.sqrt()
     return dist.masked_fill(ids < 0, float("inf")), ids

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._inputs import BACKENDS, as_float32, as_ids, check_choice, has_faiss, import_faiss
+from .._checks import check_choice
+from ._inputs import BACKENDS, as_float32, as_ids, has_faiss, import_faiss
 
 __all__ = ["ClusteringMetrics", "kmeans", "mutual_information"]
 

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._inputs import DEVICES, EXCLUDE, as_float32, as_ids, check_choice, has_faiss
+from .._checks import check_choice, resolve_distance
+from ._inputs import DEVICES, EXCLUDE, as_float32, as_ids, has_faiss
 from .clustering import ClusteringMetrics, kmeans, mutual_information
 from .knn import KNNClassifier
 from .metrics import (
@@ -59,7 +60,7 @@ def evaluate_predictions(
         classes=table.tolist(),
         scales=[],
         k=None,
-        metric=None,
+        distance=None,
         exclude=None,
         pooled=classification_metrics(p, true, g, len(table)),
     )
@@ -109,7 +110,7 @@ def evaluate_embeddings(
     k: int = 5,
     exclude: str = "group",
     gallery: tuple | dict | None = None,
-    metric: str = "cosine",
+    distance: str | None = None,
     weights: str = "uniform",
     ranking: bool = True,
     retrieval_k: int | str | None = "max_bin_count",
@@ -118,6 +119,8 @@ def evaluate_embeddings(
     cross_magnification: bool = True,
     device: str = "auto",
     backend: str = "auto",
+    *,
+    metric: str | None = None,
 ) -> EvaluationReport:
     """kNN evaluation of embeddings: classification and retrieval, pooled and per scale,
     and the cross-magnification matrix.
@@ -132,7 +135,7 @@ def evaluate_embeddings(
         exclude: ``"group"`` (leave-one-patient-out), ``"self"`` or ``"none"``.
         gallery: None (the queries are their own gallery) or ``(embeddings, labels,
             groups, scales)`` / a dict with those keys (groups, scales may be None).
-        metric: see `KNNClassifier`.
+        distance: ``"cosine"`` (default), ``"l2"`` or ``"squared_l2"``; see `KNNClassifier`.
         weights: see `KNNClassifier`.
         device: see `KNNClassifier`.
         backend: see `KNNClassifier`.
@@ -147,6 +150,7 @@ def evaluate_embeddings(
             AMI (faiss k-means where faiss is installed, as PML; torch otherwise).
         cross_magnification: compute the matrix of kNN accuracy (query scale x gallery
             restricted to one scale); needs ``scales``.
+        metric: the old name of ``distance``; deprecated, warns.
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -154,10 +158,11 @@ def evaluate_embeddings(
         >>> y = np.repeat([0, 1], 20)
         >>> emb[y == 1] += 2
         >>> r = evaluate_embeddings(emb, y, groups=np.arange(40) // 4, scales=np.arange(40) % 2,
-        ...                         metric="l2")
+        ...                         distance="l2")
         >>> r.pooled.accuracy > 0.9
         True
     """
+    distance = resolve_distance(distance, "cosine", metric=metric)
     check_choice("exclude", exclude, EXCLUDE)
     check_choice("device", device, DEVICES)
     check_choice("average", average, ("query", "class"))
@@ -194,7 +199,7 @@ def evaluate_embeddings(
     classes = np.unique(np.concatenate([gy, qy]))
     _, g_codes = encode_ids("gallery labels", gy, len(gy), classes)
     _, q_codes = encode_ids("labels", qy, n, classes)
-    knn = KNNClassifier(k, metric, weights, device, backend=backend).fit(g_emb, gy, groups=ex_g)
+    knn = KNNClassifier(k, distance, weights, device, backend=backend).fit(g_emb, gy, groups=ex_g)
     n_rel = _relevant(knn, g_codes, q_codes, ex_q, knn_exclude, len(classes))
     unseen = np.bincount(g_codes, minlength=len(classes))[q_codes] == 0
     depth = _depth(retrieval_k, n_rel, len(g_emb)) if ranking else None
@@ -212,7 +217,7 @@ def evaluate_embeddings(
         classes=classes.tolist(),
         scales=[],
         k=k,
-        metric=metric,
+        distance=distance,
         exclude=exclude,
         pooled=pooled,
         retrieval=retrieval,
@@ -239,7 +244,7 @@ def evaluate_embeddings(
             ex_g,
             gs,
             knn_exclude,
-            KNNClassifier(k, metric, weights, device, backend=backend),
+            KNNClassifier(k, distance, weights, device, backend=backend),
             classes,
         )
         cells = np.array(report.cross_magnification, dtype=float)

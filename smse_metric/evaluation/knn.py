@@ -8,16 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_choice, positive_int, resolve_distance
 from ._inputs import (
     BACKENDS,
     CHUNK_ENTRIES,
     EXCLUDE,
-    METRICS,
     SYMMETRIC_MIN_ROWS,
     WEIGHTS,
     as_float32,
     as_ids,
-    check_choice,
     prepare_vectors,
 )
 from .index import make_index
@@ -38,7 +37,7 @@ class Neighbours:
         ids: [q, k] gallery row of each neighbour (``-1`` with ``inf``).
 
     Examples:
-        >>> knn = KNNClassifier(k=1, metric="l2").fit(np.array([[0.0], [1.0]]), [0, 1])
+        >>> knn = KNNClassifier(k=1, distance="l2").fit(np.array([[0.0], [1.0]]), [0, 1])
         >>> nb = next(knn.kneighbors_chunks(np.array([[0.9]])))
         >>> nb.rows, nb.ids.tolist()
         (slice(0, 1, None), [[1]])
@@ -54,20 +53,22 @@ class KNNClassifier:
 
     Args:
         k: neighbours that vote.
-        metric: ``"cosine"`` or ``"l2"``.
+        distance: ``"cosine"`` (default; ``1 - cos``), ``"l2"`` (euclidean) or
+            ``"squared_l2"`` (its square: the same neighbours).
         weights: ``"uniform"`` or ``"distance"`` (``1 / d``; a query at distance 0
             from some neighbours takes only those, as scikit-learn does).
         device: see [`make_index`][smse_metric.evaluation.make_index].
         index: see [`make_index`][smse_metric.evaluation.make_index].
         backend: ``"auto"`` (FAISS where it is installed and serves the device, else
             torch), ``"faiss"`` or ``"torch"``; see `make_index`.
+        metric: the old name of ``distance``; deprecated, warns.
 
     Ties: neighbours at equal distance are ordered by gallery index; classes with
     equal votes go to the smaller class index (scikit-learn's rule).
 
     Examples:
         >>> emb = np.array([[0.0, 1], [0, 2], [5, 5], [5, 6]], dtype="float32")
-        >>> knn = KNNClassifier(k=1, metric="l2").fit(emb, ["a", "a", "b", "b"], [1, 2, 3, 4])
+        >>> knn = KNNClassifier(k=1, distance="l2").fit(emb, ["a", "a", "b", "b"], [1, 2, 3, 4])
         >>> knn.predict(emb, query_groups=[1, 2, 3, 4], exclude="group").tolist()
         ['a', 'a', 'b', 'b']
     """
@@ -75,24 +76,29 @@ class KNNClassifier:
     def __init__(
         self,
         k: int = 5,
-        metric: str = "cosine",
+        distance: str | None = None,
         weights: str = "uniform",
         device: str = "auto",
         index: str = "flat",
         backend: str = "auto",
+        *,
+        metric: str | None = None,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        check_choice("metric", metric, METRICS)
+        self.k = positive_int("k", k)
+        self.distance = resolve_distance(distance, "cosine", metric=metric)
         check_choice("weights", weights, WEIGHTS)
-        self.k, self.metric, self.weights = int(k), metric, weights
+        self.weights = weights
         check_choice("backend", backend, BACKENDS)
         self.device, self.index_type, self.backend = device, index, backend
 
     def fit(self, embeddings: Any, labels: Any, groups: Any = None) -> KNNClassifier:
         """Index the gallery. ``groups`` (patients) enable ``exclude="group"``."""
         self.index_ = make_index(
-            embeddings, self.metric, self.device, self.index_type, self.backend
+            embeddings,
+            distance=self.distance,
+            device=self.device,
+            index=self.index_type,
+            backend=self.backend,
         )
         n = self.index_.ntotal
         self.classes_, self.labels_ = np.unique(as_ids("labels", labels, n), return_inverse=True)
@@ -163,7 +169,7 @@ class KNNClassifier:
         if extra is None and self._symmetric(q, qg, exclude):
             groups = self.groups_ if exclude == "group" else None
             dist, ids = symmetric_knn(
-                self.index_.vectors(), k, self.metric, groups, device=self.index_.device
+                self.index_.vectors(), k, self.distance, groups, device=self.index_.device
             )
             step = max(1, CHUNK_ENTRIES // k)
             for start in range(0, n_q, step):
@@ -213,7 +219,7 @@ class KNNClassifier:
             return False
         if exclude == "group" and not np.array_equal(qg, self.groups_):
             return False
-        return np.array_equal(prepare_vectors(q, self.metric), self.index_.vectors())
+        return np.array_equal(prepare_vectors(q, self.distance), self.index_.vectors())
 
     def votes(self, nb: Neighbours) -> np.ndarray:
         """[q, C] votes of a chunk's first ``k`` neighbours for each of ``classes_``

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .._checks import deprecated
 from ._inputs import as_ids
 from .clustering import ClusteringMetrics
 
@@ -112,7 +113,7 @@ class EvaluationReport:
         classes: the class labels, in the order of per-class lists.
         scales: the magnifications present, in the order of ``per_scale``.
         k: neighbours per query (None for a classifier's predictions).
-        metric: ``"cosine"`` or ``"l2"`` (None for predictions).
+        distance: ``"cosine"``, ``"l2"`` or ``"squared_l2"`` (None for predictions).
         exclude: ``"none"``, ``"self"`` or ``"group"`` (None for predictions).
         pooled: classification metrics over every query.
         per_scale: classification metrics of each magnification's queries.
@@ -143,7 +144,7 @@ class EvaluationReport:
     classes: list
     scales: list
     k: int | None
-    metric: str | None
+    distance: str | None
     exclude: str | None
     pooled: ClassificationMetrics
     per_scale: dict[str, ClassificationMetrics] = field(default_factory=dict)
@@ -164,6 +165,12 @@ class EvaluationReport:
         """`to_dict` as JSON text; ``kwargs`` go to ``json.dumps``."""
         return json.dumps(self.to_dict(), **kwargs)
 
+    @property
+    def metric(self) -> str | None:
+        """The old name of `distance`; deprecated, warns."""
+        deprecated("EvaluationReport.metric", "EvaluationReport.distance", 2)
+        return self.distance
+
     @classmethod
     def from_dict(cls, d: dict) -> EvaluationReport:
         """The report that `to_dict` wrote (e.g. read back from a JSON file).
@@ -173,7 +180,9 @@ class EvaluationReport:
         """
         retrieval, clustering = d.get("retrieval"), d.get("clustering")
         return cls(
-            **{k: d[k] for k in ("classes", "scales", "k", "metric", "exclude")},
+            **{k: d[k] for k in ("classes", "scales", "k", "exclude")},
+            # reports written before the one distance vocabulary call it "metric"
+            distance=d["distance"] if "distance" in d else d["metric"],
             pooled=ClassificationMetrics(**d["pooled"]),
             per_scale={s: ClassificationMetrics(**m) for s, m in d.get("per_scale", {}).items()},
             retrieval=None if retrieval is None else RetrievalMetrics(**retrieval),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import resolve_distance
 from ._keys import EMPTY, LOW, distances, factors, order_keys
 
 __all__ = ["symmetric_knn"]
@@ -142,10 +143,12 @@ def _bar(state: Tensor, pad: int) -> Tensor:
 def symmetric_knn(
     x: np.ndarray | Tensor,
     k: int,
-    metric: str = "cosine",
+    distance: str | None = None,
     groups: np.ndarray | None = None,
     block: int | None = None,
     device: str | torch.device | None = None,
+    *,
+    metric: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest other rows of every row of ``x``, exactly.
 
@@ -153,7 +156,8 @@ def symmetric_knn(
         x: [N, D] float32 embeddings, numpy or torch on any device; for ``"cosine"``
             they are L2-normalised here.
         k: neighbours per row; every row needs at least k usable others.
-        metric: ``"cosine"`` (distance ``1 - cos``) or ``"l2"`` (euclidean).
+        distance: ``"cosine"`` (default; ``1 - cos``), ``"l2"`` (euclidean) or
+            ``"squared_l2"`` (its square: the same neighbours).
         groups: [N] group of each row; rows of a row's own group are excluded
             (leave-one-group-out). Without it only the row itself is excluded.
         block: rows per block (a multiple of 32); default `default_block`: 2048 on
@@ -162,20 +166,20 @@ def symmetric_knn(
             distances order by index on every device, but a GPU's float32 products
             round differently from the CPU's: neighbours one ulp apart on one device
             may tie on the other and swap (seen on an H100 at N = 10^5).
+        metric: the old name of ``distance``; deprecated, warns.
 
     Returns:
         ``(dist, ids)``, two [N, k] arrays ordered by distance, then index.
 
     Examples:
         >>> x = np.array([[0.0], [1.0], [3.0], [7.0]], dtype="float32")
-        >>> dist, ids = symmetric_knn(x, k=2, metric="l2")
+        >>> dist, ids = symmetric_knn(x, k=2, distance="l2")
         >>> ids.tolist(), dist[:, 0].tolist()
         ([[1, 2], [0, 2], [1, 0], [2, 1]], [1.0, 1.0, 2.0, 4.0])
-        >>> symmetric_knn(x, k=1, metric="l2", groups=np.array([0, 0, 1, 1]))[1].ravel().tolist()
+        >>> symmetric_knn(x, k=1, distance="l2", groups=np.array([0, 0, 1, 1]))[1].ravel().tolist()
         [2, 2, 1, 1]
     """
-    if metric not in ("cosine", "l2"):
-        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+    distance = resolve_distance(distance, "cosine", metric=metric)
     if isinstance(x, torch.Tensor):
         dev = torch.device(device) if device is not None else x.device
         x = x.detach().to(dev, torch.float32)
@@ -192,7 +196,7 @@ def symmetric_knn(
     perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
     orig = torch.from_numpy(perm.astype(np.int64)).to(dev)
     xp = x if groups is None else x[orig]  # without groups the order is the identity
-    a, b = factors(xp, metric)
+    a, b = factors(xp, distance)
     g = None if groups is None else torch.from_numpy(np.asarray(groups)[perm]).to(dev)
     state = torch.full((n, k), EMPTY, dtype=torch.int64, device=dev)
     bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
@@ -227,5 +231,5 @@ def symmetric_knn(
             _merge(state, cols + t, keys)
     out = torch.empty_like(state)
     out[orig] = state  # back to the input's row order
-    dist, ids = distances(out, metric)
+    dist, ids = distances(out, distance)
     return dist.cpu().numpy(), ids.cpu().numpy()

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._inputs import CHUNK_ENTRIES, DEVICES, METRICS, as_float32, check_choice, prepare_vectors
+from .._checks import check_choice, resolve_distance
+from ._inputs import CHUNK_ENTRIES, DEVICES, as_float32, prepare_vectors
 from ._keys import distances, factors, order_keys
 
 __all__ = ["TorchIndex"]
@@ -24,26 +25,35 @@ class TorchIndex:
 
     Args:
         embeddings: [G, D] gallery, numpy or torch on any device (copied once).
-        metric: ``"cosine"`` (distance ``1 - cos``) or ``"l2"`` (euclidean).
+        distance: ``"cosine"`` (default; ``1 - cos``), ``"l2"`` (euclidean) or
+            ``"squared_l2"`` (its square: the same neighbours).
         device: ``"auto"`` (where the embeddings are), ``"cpu"`` or ``"cuda"``.
+        metric: the old name of ``distance``; deprecated, warns.
 
     Examples:
-        >>> idx = TorchIndex(np.eye(3, dtype="float32"), metric="l2")
+        >>> idx = TorchIndex(np.eye(3, dtype="float32"), distance="l2")
         >>> dist, ids = idx.search(np.array([[1.0, 0, 0], [0, 0, 0]], dtype="float32"), k=2)
         >>> ids.tolist()
         [[0, 1], [0, 1]]
     """
 
-    def __init__(self, embeddings: Any, metric: str = "cosine", device: str = "auto") -> None:
-        check_choice("metric", metric, METRICS)
+    def __init__(
+        self,
+        embeddings: Any,
+        distance: str | None = None,
+        device: str = "auto",
+        *,
+        metric: str | None = None,
+    ) -> None:
+        distance = resolve_distance(distance, "cosine", metric=metric)
         check_choice("device", device, DEVICES)
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no GPU")
         self.device = "cuda" if device == "cuda" or (device == "auto" and on_cuda) else "cpu"
-        self._gallery = prepare_vectors(as_float32("embeddings", embeddings), metric)
-        self.metric, (self.ntotal, self.dim) = metric, self._gallery.shape
-        self._b = factors(torch.from_numpy(self._gallery).to(self.device), metric)[1]
+        self._gallery = prepare_vectors(as_float32("embeddings", embeddings), distance)
+        self.distance, (self.ntotal, self.dim) = distance, self._gallery.shape
+        self._b = factors(torch.from_numpy(self._gallery).to(self.device), distance)[1]
 
     def vectors(self) -> np.ndarray:
         """[G, D] float32 gallery as stored (L2-normalised for ``"cosine"``)."""
@@ -57,18 +67,18 @@ class TorchIndex:
             queries: [Q, D] numpy or torch.
             k: neighbours per query.
         """
-        q = prepare_vectors(as_float32("queries", queries), self.metric)
+        q = prepare_vectors(as_float32("queries", queries), self.distance)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the gallery {self.dim}")
         k, n_q = int(k), q.shape[0]
         kk = min(k, self.ntotal)
-        a = factors(torch.from_numpy(q).to(self.device), self.metric)[0]
+        a = factors(torch.from_numpy(q).to(self.device), self.distance)[0]
         ids = torch.arange(self.ntotal, device=self.device)
         dist = np.full((n_q, k), np.inf, dtype=np.float32)
         out = np.full((n_q, k), -1, dtype=np.int64)
         step = max(1, CHUNK_ENTRIES // self.ntotal)
         for s in range(0, n_q, step):
             keys = order_keys(a[s : s + step] @ self._b.T, ids).topk(kk, dim=1).values
-            d, i = distances(keys, self.metric)
+            d, i = distances(keys, self.distance)
             dist[s : s + step, :kk], out[s : s + step, :kk] = d.cpu().numpy(), i.cpu().numpy()
         return dist, out

@@ -18,9 +18,9 @@ Examples:
     >>> loss.backward()
 """
 
+from .._checks import DISTANCES, deprecated
 from ._common import (
     CLASS_REDUCTIONS,
-    DISTANCE_METRICS,
     FUSED_TRIPLETS,
     PAIR_REDUCTIONS,
     TRIPLET_REDUCTIONS,
@@ -33,7 +33,7 @@ from .triplets import triplet_margin_loss, triplet_windows
 
 __all__ = [
     "CLASS_REDUCTIONS",
-    "DISTANCE_METRICS",
+    "DISTANCES",
     "FUSED_TRIPLETS",
     "PAIR_REDUCTIONS",
     "TRIPLET_REDUCTIONS",
@@ -47,3 +47,11 @@ __all__ = [
     "triplet_margin_loss",
     "triplet_windows",
 ]
+
+
+def __getattr__(name: str):
+    # the release before `distance=` exported its values under this name
+    if name == "DISTANCE_METRICS":
+        deprecated("smse_metric.functional.DISTANCE_METRICS", "smse_metric.functional.DISTANCES", 2)
+        return ("euclidean", "squared_euclidean", "cosine")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

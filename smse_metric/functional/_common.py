@@ -14,11 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-DISTANCE_METRICS = ("euclidean", "squared_euclidean", "cosine")
-#: ``distance=`` names (PML's LpDistance, LpDistance(power=2), CosineSimilarity) -> metric
-DISTANCES = {"l2": "euclidean", "squared_l2": "squared_euclidean", "cosine": "cosine"}
-
-
 #: Triplet selections shared by the fused loss and [`TripletMiner`][smse_metric.TripletMiner].
 TRIPLET_STRATEGIES = ("all", "semihard", "hard", "easy", "batch_hard")
 
@@ -61,11 +56,6 @@ def acc_dtype(x: Tensor) -> torch.dtype:
 def checking_values(t: Tensor) -> bool:
     """Value checks (ranges) only where they cost no device sync and no graph break."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_margin(name: str, value: object, allow_negative: bool = False) -> float:
@@ -330,16 +320,3 @@ def _exact_pick(x: Tensor, ref: Tensor, mask: Tensor, largest: bool) -> Tensor:
         d.masked_fill_(~mask[s : s + step], float("-inf") if largest else float("inf"))
         out[s : s + step] = d.argmax(1) if largest else d.argmin(1)
     return out
-
-
-def resolve_distance(distance: str | None, squared: bool) -> str:
-    """The `pairwise_distances` metric of a ``distance=`` / ``squared=`` pair: ``squared``
-    is the shorthand for ``distance="squared_l2"``, the default is ``"l2"``."""
-    if distance is None:
-        return "squared_euclidean" if squared else "euclidean"
-    check_choice("distance", distance, tuple(DISTANCES))
-    if squared and distance != "squared_l2":
-        raise ValueError(
-            f"squared=True is the shorthand for distance='squared_l2', got distance={distance!r}"
-        )
-    return DISTANCES[distance]

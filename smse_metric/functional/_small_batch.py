@@ -12,7 +12,7 @@ distances at these sizes), with no host synchronisation and static shapes, so a 
 step that uses them can be captured in a CUDA graph.
 
 Used for at most `SMALL_BATCH` embeddings against themselves (`SMALL_BATCH_CPU` for the
-triplet windows on the CPU), with any metric (the contrastive loss is euclidean); larger
+triplet windows on the CPU), with any distance (the contrastive loss is euclidean); larger
 batches and reference sets take the sorted, blocked path. Cosine distances are
 ``|n_i - n_j|^2 / 2`` of the unit rows ``n = x / |x|``: squared euclidean ones in ``n``,
 whose gradient goes back through the normalisation in closed form too.
@@ -45,7 +45,7 @@ if max(SMALL_BATCH, SMALL_BATCH_CPU) ** 2 > DIRECT_ENTRIES:
 
 
 #: d dist / d x_i = FACTOR * (x_i - x_j) * weight (cosine: with n in place of x)
-_FACTOR = {"euclidean": 1.0, "squared_euclidean": 2.0, "cosine": 1.0}
+_FACTOR = {"l2": 1.0, "squared_l2": 2.0, "cosine": 1.0}
 
 
 def uses_small_batch(emb: Tensor, same: bool, cubic: bool = False) -> bool:
@@ -55,13 +55,13 @@ def uses_small_batch(emb: Tensor, same: bool, cubic: bool = False) -> bool:
     return same and len(emb) <= limit
 
 
-def _distances(x: Tensor, metric: str, rounded: bool = True):
+def _distances(x: Tensor, distance: str, rounded: bool = True):
     """The batch's distances as the miners compute them, and for cosine ``(n, |x|)``,
     the unit rows in ``x``'s dtype and the [B, 1] norms, else None. Euclidean distances
     stay in float64 unless ``rounded``; cosine ones are always rounded to ``x``'s
     dtype, as the sorted path chooses on them."""
-    if metric != "cosine":
-        return direct_distances(x, metric == "squared_euclidean", rounded=rounded), None
+    if distance != "cosine":
+        return direct_distances(x, distance == "squared_l2", rounded=rounded), None
     xn, norm = unit_rows(x.to(acc_dtype(x)))
     return cosine_distances(xn, None, x.dtype), (xn.to(x.dtype), norm.to(x.dtype))
 
@@ -75,10 +75,10 @@ def _masks(labels: Tensor, scales: Tensor | None, d: Tensor) -> tuple[Tensor, Te
     return d_neg, eq & (scales[:, None] != scales)  # the diagonal has equal scales
 
 
-def _weights(coef: Tensor, d: Tensor, metric: str) -> Tensor:
+def _weights(coef: Tensor, d: Tensor, distance: str) -> Tensor:
     """d dist / d x_i = FACTOR (x_i - x_j) * weight: the euclidean distance divides by d
     and is given gradient 0 where d = 0 (duplicates)."""
-    if metric != "euclidean":
+    if distance != "l2":
         return coef
     return torch.nan_to_num(coef / d, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -89,7 +89,7 @@ def _finish(
     count: Tensor | int | None,
     x: Tensor,
     weights: Tensor,
-    metric: str,
+    distance: str,
     unit: tuple[Tensor, Tensor] | None = None,
     symmetric: bool = False,
 ) -> Tensor:
@@ -97,8 +97,8 @@ def _finish(
     sum). ``weights``: the gradient of ``total`` w.r.t. the distances, passed through
     `_weights`; ``unit``: cosine's unit rows and norms (`_distances`); ``symmetric``:
     the weights are symmetric."""
-    f = _FACTOR[metric]
-    ctx.factor, ctx.symmetric, ctx.metric = (2 * f if symmetric else f), symmetric, metric
+    f = _FACTOR[distance]
+    ctx.factor, ctx.symmetric, ctx.distance = (2 * f if symmetric else f), symmetric, distance
     saved = (x, weights) if unit is None else (*unit, weights)
     if isinstance(count, Tensor):
         denom = count.clamp_min(1)
@@ -116,19 +116,19 @@ def _backward(ctx, grad: Tensor, n_other: int) -> tuple[Tensor | None, ...]:
     w.r.t. the unit rows ``n``, and through ``n = x / |x|`` it loses its component
     along ``n`` and is divided by ``|x|`` (``F.normalize``'s gradient, exact for rows
     longer than its 1e-12 floor and for zero rows)."""
-    if torch.is_grad_enabled() and ctx.metric != "squared_euclidean":
+    if torch.is_grad_enabled() and ctx.distance != "squared_l2":
         # the weights (1 / d) and the unit rows were computed here, not by autograd:
         # their derivatives would be missing, so refuse rather than return a wrong one
         raise RuntimeError(
-            f"second derivatives of the launch-light {ctx.metric} losses (batches of at "
+            f"second derivatives of the launch-light {ctx.distance} losses (batches of at "
             f"most {SMALL_BATCH} against themselves) are not implemented; use the "
             "squared euclidean distance, or mine the tuples and pass indices_tuple"
         )
     # indexing only: dynamo (torch 2.11) cannot trace list.pop on the saved tensors
     saved = ctx.saved_tensors
     x = saved[0]
-    first = 2 if ctx.metric == "cosine" else 1
-    norm = saved[1] if ctx.metric == "cosine" else None
+    first = 2 if ctx.distance == "cosine" else 1
+    norm = saved[1] if ctx.distance == "cosine" else None
     w = saved[first]
     denom = saved[first + 1 :]
     scale = grad / denom[0] if denom else grad if ctx.scale is None else grad * ctx.scale
@@ -145,9 +145,9 @@ class _Triplets(torch.autograd.Function):
     """Every selected triplet of the batch on one [B, P, N] comparison."""
 
     @staticmethod
-    def forward(ctx, x, labels, scales, margin, strategy, metric, reduction):
+    def forward(ctx, x, labels, scales, margin, strategy, distance, reduction):
         inf = float("inf")
-        d, unit = _distances(x, metric)
+        d, unit = _distances(x, distance)
         d_neg, pos = _masks(labels, scales, d)
         # d(a,n) < d(a,p) + margin, with the bound rounded as the sorted path and the
         # miner round it (its sign is exact); -inf where (a, p, n) is no triplet
@@ -169,7 +169,7 @@ class _Triplets(torch.autograd.Function):
         coef = k_pos - carrying.sum(1, dtype=x.dtype)  # supports: positives, negatives
         if reduction == "mean_nonzero":
             count = k_pos.sum()
-        return _finish(ctx, terms.sum(), count, x, _weights(coef, d, metric), metric, unit)
+        return _finish(ctx, terms.sum(), count, x, _weights(coef, d, distance), distance, unit)
 
     @staticmethod
     def backward(ctx, grad):
@@ -182,8 +182,8 @@ class _BatchHard(torch.autograd.Function):
     loss on the rounded distances."""
 
     @staticmethod
-    def forward(ctx, x, labels, scales, margin, metric, reduction):
-        d64, unit = _distances(x, metric, rounded=False)
+    def forward(ctx, x, labels, scales, margin, distance, reduction):
+        d64, unit = _distances(x, distance, rounded=False)
         d_neg, pos = _masks(labels, scales, d64)
         # one max over [farthest positive, closest negative negated]
         picked, picks = torch.stack([torch.where(pos, d64, -float("inf")), -d_neg], 1).max(2)
@@ -200,11 +200,11 @@ class _BatchHard(torch.autograd.Function):
         # d total / d d(a,p*) = +carrying, / d d(a,n*) = -carrying: [c, -c] / [d, -d]
         signs = (
             torch.cat([carrying, -carrying], 1)
-            if metric != "euclidean"
+            if distance != "l2"
             else (torch.nan_to_num(carrying / picked, nan=0.0, posinf=0.0, neginf=0.0))
         )
         weights = torch.zeros_like(d64, dtype=x.dtype).scatter_(1, picks, signs)
-        return _finish(ctx, terms.sum(), count, x, weights, metric, unit)
+        return _finish(ctx, terms.sum(), count, x, weights, distance, unit)
 
     @staticmethod
     def backward(ctx, grad):
@@ -236,9 +236,7 @@ class _Contrastive(torch.autograd.Function):
             count = len(x) * (len(x) - 1)  # every ordered pair is a positive or a negative
         else:  # the positives and the negatives
             count = torch.where(eq, pos, True).sum(dtype=x.dtype)
-        return _finish(
-            ctx, total, count, x, _weights(g, d, "euclidean"), "euclidean", symmetric=True
-        )
+        return _finish(ctx, total, count, x, _weights(g, d, "l2"), "l2", symmetric=True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -251,15 +249,15 @@ def small_triplet_loss(
     scales: Tensor | None,
     margin: float,
     strategy: str,
-    metric: str,
+    distance: str,
     reduction: str,
 ) -> Tensor:
     """The fused triplet loss of ``x`` [B, D] against itself; ``scales``: the cross-scale
     rule's magnifications, or None; ``strategy``: ``"batch_hard"`` or a window;
-    ``metric``: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``."""
+    ``distance``: ``"l2"``, ``"squared_l2"`` or ``"cosine"``."""
     if strategy == "batch_hard":
-        return _BatchHard.apply(x, labels, scales, margin, metric, reduction)
-    return _Triplets.apply(x, labels, scales, margin, strategy, metric, reduction)
+        return _BatchHard.apply(x, labels, scales, margin, distance, reduction)
+    return _Triplets.apply(x, labels, scales, margin, strategy, distance, reduction)
 
 
 def small_contrastive_loss(

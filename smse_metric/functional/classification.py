@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._checks import check_choice
 from ._common import (
     CLASS_REDUCTIONS,
-    check_choice,
     check_float_matrix,
     check_int_vector,
     checking_values,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import DISTANCES, check_choice, resolve_distance
 from ._common import (
-    DISTANCE_METRICS,
     acc_dtype,
     block_masks,
-    check_choice,
     check_float_matrix,
     full_precision,
     row_blocks,
@@ -191,13 +190,17 @@ def self_distances(x: Tensor, symmetric_grad: bool = False) -> Tensor:
         return _Distance.apply(upcast(x), None, False, symmetric_grad)
 
 
-def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclidean") -> Tensor:
+def pairwise_distances(
+    x: Tensor, y: Tensor | None = None, distance: str | None = None, *, metric: str | None = None
+) -> Tensor:
     """Distance matrix between the rows of ``x`` [N, D] and ``y`` [M, D] (default: ``x``).
 
     Args:
         x: [N, D] floating tensor.
         y: [M, D] floating tensor, or None for ``x`` against itself.
-        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``).
+        distance: ``"l2"`` (default), ``"squared_l2"`` or ``"cosine"`` (``1 - cos``).
+        metric: the old name of ``distance`` (with the old values ``"euclidean"``,
+            ``"squared_euclidean"``); deprecated, warns.
 
     Returns:
         [N, M] tensor in float32 for half inputs, otherwise in the input dtype, equal to
@@ -212,7 +215,7 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
         1.4142
     """
     check_float_matrix("x", x)
-    check_choice("metric", metric, DISTANCE_METRICS)
+    distance = resolve_distance(distance, "l2", metric=metric)
     same = y is None
     if y is None:
         y = x
@@ -222,8 +225,8 @@ def pairwise_distances(x: Tensor, y: Tensor | None = None, metric: str = "euclid
             raise ValueError(f"y has dimension {y.shape[1]} but x has {x.shape[1]}")
     with full_precision(x.device):
         x, y = upcast(x), upcast(y.to(x.device))
-        if metric != "cosine":
-            return _Distance.apply(x, None if same else y, metric == "squared_euclidean")
+        if distance != "cosine":
+            return _Distance.apply(x, None if same else y, distance == "squared_l2")
         # 1 - cos = |x/|x| - y/|y||^2 / 2, not 1 - x.y, which cancels for close points:
         # normalised in float64, then as accurate as the euclidean distances
         return _Cosine.apply(x, None if same else y)
@@ -236,7 +239,7 @@ def _safe_sqrt(sq: Tensor) -> Tensor:
 
 
 def gathered_distances(
-    emb: Tensor, ref: Tensor, same: bool, index_pairs: list[tuple[Tensor, Tensor]], metric: str
+    emb: Tensor, ref: Tensor, same: bool, index_pairs: list[tuple[Tensor, Tensor]], distance: str
 ) -> list[Tensor]:
     """d(emb[i], ref[j]) for each (i, j) index pair, by whichever needs less memory:
     gathering rows (D floats per pair) or one distance matrix (what PML always does).
@@ -246,17 +249,17 @@ def gathered_distances(
         ref: [R, D] reference (``emb`` itself when ``same``).
         same: whether ``ref`` is ``emb``.
         index_pairs: ``(i, j)`` index tensors into ``emb`` and ``ref``.
-        metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``).
+        distance: ``"l2"``, ``"squared_l2"`` or ``"cosine"`` (``1 - cos``).
 
     Examples:
         >>> x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-        >>> gathered_distances(x, x, True, [(torch.tensor([0]), torch.tensor([1]))], "euclidean")
+        >>> gathered_distances(x, x, True, [(torch.tensor([0]), torch.tensor([1]))], "l2")
         [tensor([5.])]
     """
-    check_choice("metric", metric, DISTANCE_METRICS)
+    check_choice("distance", distance, DISTANCES)
     n_pairs = sum(i.numel() for i, _ in index_pairs)
     if n_pairs * emb.shape[1] <= emb.shape[0] * ref.shape[0]:
-        if metric == "cosine":  # 1 - cos = |x/|x| - y/|y||^2 / 2
+        if distance == "cosine":  # 1 - cos = |x/|x| - y/|y||^2 / 2
             emb, ref = (
                 torch.nn.functional.normalize(emb, dim=1),
                 torch.nn.functional.normalize(ref, dim=1),
@@ -267,13 +270,13 @@ def gathered_distances(
             sq = (diff * diff).sum(1)
             out.append(
                 {
-                    "euclidean": _safe_sqrt,
-                    "squared_euclidean": lambda v: v,
+                    "l2": _safe_sqrt,
+                    "squared_l2": lambda v: v,
                     "cosine": lambda v: v / 2,
-                }[metric](sq)
+                }[distance](sq)
             )
         return out
-    mat = pairwise_distances(emb, None if same else ref, metric)
+    mat = pairwise_distances(emb, None if same else ref, distance)
     return [mat[i, j] for i, j in index_pairs]
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_choice
 from ._common import (
     PAIR_REDUCTIONS,
     acc_dtype,
     block_masks,
-    check_choice,
     check_indices,
     full_precision,
     metric_inputs,
@@ -93,7 +93,7 @@ def contrastive_loss(
         )
         if a1.shape != p.shape or a2.shape != n.shape:
             raise ValueError("indices_tuple: a1/p and a2/n must have equal lengths")
-        d_pos, d_neg = gathered_distances(emb, ref, same, [(a1, p), (a2, n)], "euclidean")
+        d_pos, d_neg = gathered_distances(emb, ref, same, [(a1, p), (a2, n)], "l2")
         pos_terms = 0.5 * d_pos.square()
         if cross_scale:
             pos_terms = torch.where(scales[a1] != ref_scales[p], pos_terms, 0)

@@ -6,20 +6,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_choice, resolve_distance
 from ._common import (
     FUSED_TRIPLETS,
     TRIPLET_REDUCTIONS,
     TRIPLET_STRATEGIES,
     acc_dtype,
     block_masks,
-    check_choice,
     check_indices,
     full_precision,
     hardest,
     hardest_float32,
     metric_inputs,
     reduce_terms,
-    resolve_distance,
     row_blocks,
 )
 from ._small_batch import small_triplet_loss, uses_small_batch
@@ -168,7 +167,7 @@ def _triplet_block(
     positive (a prefix of the sorted negatives minus another), ``w[a, n]`` per
     negative (a suffix of the sorted positives minus another: the bounds grow with
     ``d_ap``). Both sides compare the same rounded bounds, so the counts agree. Every
-    metric's distances are non-negative (cosine's are ``|x/|x| - y/|y||^2 / 2``), so
+    distance here is non-negative (cosine's are ``|x/|x| - y/|y||^2 / 2``), so
     both sides come from one sort (`_one_sort`, `_merged_all`).
     """
     if strategy == "all" and not need_sel:
@@ -237,7 +236,7 @@ def triplet_margin_loss(
     embeddings: Tensor,
     labels: Tensor,
     margin: float = 1.0,
-    squared: bool = False,
+    squared: bool | None = None,
     triplets: str = "all",
     reduction: str = "mean_nonzero",
     indices_tuple: tuple[Tensor, Tensor, Tensor] | None = None,
@@ -262,7 +261,8 @@ def triplet_margin_loss(
         embeddings: [B, D] embeddings.
         labels: [B] integer labels.
         margin: the margin.
-        squared: shorthand for ``distance="squared_l2"`` (the SMSE form).
+        squared: the old spelling of ``distance="squared_l2"`` / ``"l2"``; deprecated,
+            warns.
         triplets: without ``indices_tuple``, the selection: ``"all"``, ``"semihard"``,
             ``"hard"`` or ``"batch_hard"`` (above).
         reduction: ``"mean_nonzero"`` (mean over triplets with positive loss, PML's
@@ -273,9 +273,10 @@ def triplet_margin_loss(
         scales: [B] magnification ids of the embeddings.
         ref_scales: [R] magnification ids of ``ref_emb``.
         cross_scale: only positives at a different scale from the anchor count.
-        distance: ``"l2"`` (default), ``"squared_l2"`` or ``"cosine"``: the cosine
-            similarity with PML's margin convention, ``relu(s(a,n) - s(a,p) + margin)``
-            (computed as ``1 - s``, which gives the same differences and selections).
+        distance: ``"l2"`` (default), ``"squared_l2"`` (the SMSE form) or ``"cosine"``:
+            the cosine similarity with PML's margin convention,
+            ``relu(s(a,n) - s(a,p) + margin)`` (computed as ``1 - s``, which gives the same
+            differences and selections).
 
     Returns:
         A scalar; a graph-connected zero when no triplet applies.
@@ -287,7 +288,7 @@ def triplet_margin_loss(
     """
     check_choice("reduction", reduction, TRIPLET_REDUCTIONS)
     check_choice("triplets", triplets, FUSED_TRIPLETS)
-    metric = resolve_distance(distance, squared)
+    distance = resolve_distance(distance, "l2", squared=squared)
     x = metric_inputs(embeddings, labels, ref_emb, ref_labels, scales, ref_scales, cross_scale)
     emb, ref, same, labels, ref_labels = x.emb, x.ref, x.same, x.labels, x.ref_labels
     scales, ref_scales = x.scales, x.ref_scales
@@ -303,7 +304,7 @@ def triplet_margin_loss(
             )
             if not a.shape == p.shape == n.shape:
                 raise ValueError("indices_tuple: a, p and n must have equal lengths")
-            d_ap, d_an = gathered_distances(emb, ref, same, [(a, p), (a, n)], metric)
+            d_ap, d_an = gathered_distances(emb, ref, same, [(a, p), (a, n)], distance)
             terms = torch.relu(d_ap - d_an + margin)
             if cross_scale:
                 keep = scales[a] != ref_scales[p]
@@ -317,32 +318,30 @@ def triplet_margin_loss(
         if emb.shape[0] == 0 or ref.shape[0] == 0:  # no triplet: the connected zero
             return (emb.sum() + ref.sum()) * 0.0
         if uses_small_batch(emb, same, cubic=triplets != "batch_hard"):
-            return small_triplet_loss(emb, labels, scales, margin, triplets, metric, reduction)
+            return small_triplet_loss(emb, labels, scales, margin, triplets, distance, reduction)
         if triplets == "batch_hard":
             return _batch_hard_loss(
-                emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction
+                emb, ref, labels, ref_labels, scales, ref_scales, same, margin, distance, reduction
             )
-        dist = pairwise_distances(emb, None if same else ref, metric)
+        dist = pairwise_distances(emb, None if same else ref, distance)
         return _fused_triplet_loss(
             dist, labels, ref_labels, scales, ref_scales, same, margin, triplets, reduction
         )
 
 
 def _batch_hard_loss(
-    emb, ref, labels, ref_labels, scales, ref_scales, same, margin, metric, reduction
+    emb, ref, labels, ref_labels, scales, ref_scales, same, margin, distance, reduction
 ):
     """Per anchor with a positive and a negative: relu(farthest positive - closest
     negative + margin). The choice needs every distance, the gradient only 2B of
     them: choose without autograd, then differentiate just the chosen pairs. The choice
     compares squared distances: the same order as the distances, without the roots."""
-    choose_by = "cosine" if metric == "cosine" else "squared_euclidean"
+    choose_by = "cosine" if distance == "cosine" else "squared_l2"
     picks, chosen = [], []  # chosen: cosine's values in the matrix that chose them
     with torch.no_grad():
         # blocks of 2^22 entries keep the temporaries in cache; the choice is per row
         eager_cpu = emb.is_cpu and not torch.compiler.is_compiling()
-        float32_first = (
-            eager_cpu and choose_by == "squared_euclidean" and emb.dtype == torch.float32
-        )
+        float32_first = eager_cpu and choose_by == "squared_l2" and emb.dtype == torch.float32
         for start, stop in row_blocks(len(emb), len(ref), 1 << 22):
             e = emb[start:stop].detach()
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
@@ -350,7 +349,7 @@ def _batch_hard_loss(
             pick = hardest_float32(e, ref.detach(), pos, neg) if float32_first else None
             if pick is None:
                 d = pairwise_distances(e, ref.detach(), choose_by)
-                far = torch.where(pos, d, -torch.inf) if metric == "cosine" else None
+                far = torch.where(pos, d, -torch.inf) if distance == "cosine" else None
                 pick = hardest(d, pos, neg)  # d is overwritten off the negatives
                 if far is not None:
                     chosen.append([far.gather(1, pick[1][:, None]), d.gather(1, pick[2][:, None])])
@@ -358,7 +357,7 @@ def _batch_hard_loss(
         valid, pos_idx, neg_idx = (torch.cat(t) for t in zip(*picks, strict=True))
     anchors = torch.arange(len(emb), device=emb.device)
     d_ap, d_an = gathered_distances(
-        emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], metric
+        emb, ref, same, [(anchors, pos_idx), (anchors, neg_idx)], distance
     )
     if chosen:
         # the values of the matrix that chose, as the launch-light path and the miners

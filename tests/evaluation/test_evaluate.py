@@ -23,10 +23,10 @@ def test_torch_inputs_on_any_device_equal_numpy():
 
 def test_per_scale_and_cross_magnification_matrix_equal_brute_force():
     emb, y, g, s = knn_data(n=90, seed=6)
-    r = evaluate_embeddings(emb, y, g, s, k=3, metric="l2")
+    r = evaluate_embeddings(emb, y, g, s, k=3, distance="l2")
     for name, m in r.per_scale.items():
         sel = s == int(name)
-        knn = KNNClassifier(k=3, metric="l2").fit(emb, y, groups=g)
+        knn = KNNClassifier(k=3, distance="l2").fit(emb, y, groups=g)
         pred = knn.predict(emb[sel], g[sel], exclude="group")
         assert m.accuracy == pytest.approx((pred == y[sel]).mean())
     for a, qa in enumerate(r.scales):
@@ -44,7 +44,7 @@ def test_separate_gallery_excludes_the_query_patient():
     emb, y, g, s = knn_data(n=100, seed=7)
     q, gal = slice(0, 30), slice(30, None)
     r = evaluate_embeddings(
-        emb[q], y[q], g[q], s[q], k=3, metric="l2", gallery=(emb[gal], y[gal], g[gal], s[gal])
+        emb[q], y[q], g[q], s[q], k=3, distance="l2", gallery=(emb[gal], y[gal], g[gal], s[gal])
     )
     neigh = brute_neighbours(emb[q], emb[gal], "l2", 3, g[q], g[gal])
     assert r.pooled.accuracy == pytest.approx((brute_predict(neigh, y[gal]) == y[q]).mean())
@@ -55,7 +55,7 @@ def test_separate_gallery_excludes_the_query_patient():
         None,
         None,
         k=3,
-        metric="l2",
+        distance="l2",
         gallery={"embeddings": emb[gal], "labels": y[gal]},
     )
     neigh = brute_neighbours(emb[q], emb[gal], "l2", 3)
@@ -82,7 +82,7 @@ def test_separate_gallery_excludes_the_query_patient():
             "self",
         ),
         (lambda e, y, g: KNNClassifier(k=0), ValueError, "k must be"),
-        (lambda e, y, g: KNNClassifier(metric="dot"), ValueError, "metric"),
+        (lambda e, y, g: KNNClassifier(distance="dot"), ValueError, "distance"),
         (
             lambda e, y, g: KNNClassifier().fit(e, y).predict(e, exclude="group"),
             ValueError,

@@ -22,15 +22,15 @@ def test_ivf_index_runs_and_agrees_mostly():
 
 
 @needs_faiss
-@pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_torch_and_faiss_backends_give_the_same_report(metric):
+@pytest.mark.parametrize("distance", ["cosine", "l2", "squared_l2"])
+def test_torch_and_faiss_backends_give_the_same_report(distance):
     emb, y, g, s = knn_data(n=300, seed=12)
-    faiss_r = evaluate_embeddings(emb, y, g, s, k=5, metric=metric, backend="faiss")
-    torch_r = evaluate_embeddings(emb, y, g, s, k=5, metric=metric, backend="torch")
+    faiss_r = evaluate_embeddings(emb, y, g, s, k=5, distance=distance, backend="faiss")
+    torch_r = evaluate_embeddings(emb, y, g, s, k=5, distance=distance, backend="torch")
     assert_close_reports(torch_r.to_dict(), faiss_r.to_dict())
     q = knn_data(n=50, seed=13)[0]
-    a = make_index(emb, metric, backend="faiss").search(q, 9)[1]
-    b = make_index(emb, metric, backend="torch").search(q, 9)[1]
+    a = make_index(emb, distance, backend="faiss").search(q, 9)[1]
+    b = make_index(emb, distance, backend="torch").search(q, 9)[1]
     np.testing.assert_array_equal(a, b)
 
 

@@ -15,18 +15,18 @@ from smse_metric.evaluation import knn as ev
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", ["cosine", "l2", "squared_l2"])
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
 @pytest.mark.parametrize("exclude", ["none", "self", "group"])
-def test_knn_equals_brute_force(metric, weights, exclude, backend):
+def test_knn_equals_brute_force(distance, weights, exclude, backend):
     emb, y, g, _ = knn_data()
-    knn = KNNClassifier(k=5, metric=metric, weights=weights, backend=backend)
+    knn = KNNClassifier(k=5, distance=distance, weights=weights, backend=backend)
     knn.fit(emb, y, groups=g)
     got = knn.predict(emb, query_groups=g, exclude=exclude)
     neigh = brute_neighbours(
         emb,
         emb,
-        metric,
+        distance,
         5,
         q_groups=g if exclude == "group" else None,
         g_groups=g,
@@ -37,9 +37,9 @@ def test_knn_equals_brute_force(metric, weights, exclude, backend):
     assert ids.tolist() == [[j for _, j in row] for row in neigh]
 
 
-@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
-def test_knn_equals_sklearn_brute(metric, weights):
+def test_knn_equals_sklearn_brute(distance, weights):
     KNeighborsClassifier = pytest.importorskip("sklearn.neighbors").KNeighborsClassifier
     emb, y, _, _ = knn_data(seed=1)
     q = knn_data(n=50, seed=2)[0]
@@ -47,10 +47,10 @@ def test_knn_equals_sklearn_brute(metric, weights):
         7,
         weights=weights,
         algorithm="brute",
-        metric="cosine" if metric == "cosine" else "euclidean",
+        metric="cosine" if distance == "cosine" else "euclidean",
     )
     sk.fit(emb, y)
-    ours = KNNClassifier(k=7, metric=metric, weights=weights).fit(emb, y)
+    ours = KNNClassifier(k=7, distance=distance, weights=weights).fit(emb, y)
     np.testing.assert_array_equal(ours.predict(q), sk.predict(q))
     np.testing.assert_allclose(ours.predict_proba(q), sk.predict_proba(q), atol=1e-5)
 

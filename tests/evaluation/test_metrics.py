@@ -57,7 +57,7 @@ def assert_equal_to_pml(ours: RetrievalMetrics, theirs: dict, classes=None, scor
 
 
 def ours(emb, y, **kwargs):
-    kwargs = {"k": 1, "metric": "l2", "clustering": False, **kwargs}
+    kwargs = {"k": 1, "distance": "l2", "clustering": False, **kwargs}
     return evaluate_embeddings(emb, y, **kwargs)
 
 
@@ -218,7 +218,7 @@ def test_retrieval_metrics_by_hand():
     # 1-D points; classes a a b b; leave-one-out
     emb = np.array([[0.0], [1.0], [1.5], [10.0]], dtype=np.float32)
     y = np.array([0, 0, 1, 1])
-    r = evaluate_embeddings(emb, y, k=1, exclude="self", metric="l2", cross_magnification=False)
+    r = evaluate_embeddings(emb, y, k=1, exclude="self", distance="l2", cross_magnification=False)
     # nearest: 0->1 (hit), 1->2 (miss), 2->1 (miss), 3->2 (hit)
     assert r.retrieval.precision_at_1 == 0.5
     # R = 1 for everyone: AP = hit at rank 1

@@ -15,12 +15,13 @@ from smse_metric import (
 )
 from smse_metric.evaluation import knn as ev
 from smse_metric.evaluation import symmetric, symmetric_knn
+from smse_metric.functional import DISTANCES
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", ["cosine", "l2", "squared_l2"])
 @pytest.mark.parametrize("exclude", ["self", "group"])
-def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, metric, exclude, backend):
+def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, distance, exclude, backend):
     rng = np.random.default_rng(3)
     n = 5000  # above SYMMETRIC_MIN_ROWS and over several 2048-row blocks
     y = rng.integers(0, 5, n)
@@ -28,10 +29,10 @@ def test_symmetric_leave_one_out_equals_the_index_search(monkeypatch, metric, ex
     g, s = rng.integers(0, 300, n), rng.integers(0, 4, n)
 
     def run():
-        knn = KNNClassifier(k=7, metric=metric, backend=backend).fit(x, y, g)
+        knn = KNNClassifier(k=7, distance=distance, backend=backend).fit(x, y, g)
         chunks = list(knn.kneighbors_chunks(x, g, exclude))
         report = evaluate_embeddings(
-            x, y, g, s, k=7, exclude=exclude, metric=metric, ranking=False, backend=backend
+            x, y, g, s, k=7, exclude=exclude, distance=distance, ranking=False, backend=backend
         )
         return np.concatenate([c.ids for c in chunks]), report.to_dict()
 
@@ -91,7 +92,7 @@ def test_many_blocks_and_a_ragged_last_block():
 
 def test_bad_input():
     x = np.zeros((4, 2), dtype=np.float32)
-    with pytest.raises(ValueError, match="metric"):
+    with pytest.raises(ValueError, match="distance"):
         symmetric_knn(x, 1, "dot")
     with pytest.raises(ValueError, match="k must be"):
         symmetric_knn(x, 4)
@@ -115,10 +116,10 @@ def test_collapsed_embeddings_are_exact_ties_by_index(case, grouped):
         "2-D zeros": np.zeros((700, 2)),
     }[case].astype(np.float32)
     groups = rng.integers(0, 60, 700) if grouped else None
-    for metric in ("l2",) if case == "2-D zeros" else ("l2", "cosine"):  # cosine of 0: none
+    for distance in ("l2", "squared_l2") if case == "2-D zeros" else DISTANCES:  # cosine of 0: none
         for k, block in ((5, 64), (2, 128)):
-            dist, ids = symmetric_knn(x, k, metric, groups, block=block)
-            ref_d, ref_i = brute_self_neighbours(x, k, metric, groups)
+            dist, ids = symmetric_knn(x, k, distance, groups, block=block)
+            ref_d, ref_i = brute_self_neighbours(x, k, distance, groups)
             np.testing.assert_array_equal(ids, ref_i)
             np.testing.assert_allclose(dist, ref_d, atol=1e-6)
 
@@ -139,7 +140,7 @@ def test_the_search_runs_where_the_embeddings_are_with_the_same_neighbours(devic
     monkeypatch.setattr(ev, "symmetric_knn", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     monkeypatch.setattr(ev, "SYMMETRIC_MIN_ROWS", 100)
     xt = torch.from_numpy(x).to(device)
-    knn = KNNClassifier(k=6, metric="l2", backend="torch").fit(xt, groups % 3, groups)
+    knn = KNNClassifier(k=6, distance="l2", backend="torch").fit(xt, groups % 3, groups)
     ids = np.concatenate([c.ids for c in knn.kneighbors_chunks(xt, groups, "group")])
     assert calls and str(calls[0]["device"]) == device  # the symmetric search, on the device
     np.testing.assert_array_equal(ids, brute_self_neighbours(x, 6, "l2", groups)[1])

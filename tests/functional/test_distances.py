@@ -11,19 +11,19 @@ from smse_metric import functional as smf
 from smse_metric.functional.distances import gathered_distances
 
 
-@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("distance", ["l2", "squared_l2", "cosine"])
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_pairwise_distances_equal_loops(metric, with_ref):
+def test_pairwise_distances_equal_loops(distance, with_ref):
     x, _, _ = make_batch(7, 3, 2, normalize=False, seed=1)
     y = make_batch(5, 3, 2, normalize=False, seed=2)[0] if with_ref else None
-    d = smf.pairwise_distances(x, y, metric)
+    d = smf.pairwise_distances(x, y, distance)
     other = x if y is None else y
     for i in range(len(x)):
         for j in range(len(other)):
-            if metric == "cosine":
+            if distance == "cosine":
                 want = 1 - torch.dot(x[i], other[j]) / (x[i].norm() * other[j].norm())
             else:
-                want = ref.dist(x[i], other[j], squared=metric == "squared_euclidean")
+                want = ref.dist(x[i], other[j], squared=distance == "squared_l2")
             assert abs(float(d[i, j]) - float(want)) < 1e-9
 
 
@@ -32,7 +32,7 @@ def test_self_distance_diagonal_is_exactly_zero_in_float32():
     d = smf.pairwise_distances(x)
     assert torch.equal(torch.diagonal(d), torch.zeros(64))
     assert torch.equal(
-        torch.diagonal(smf.pairwise_distances(x, metric="squared_euclidean")), torch.zeros(64)
+        torch.diagonal(smf.pairwise_distances(x, distance="squared_l2")), torch.zeros(64)
     )
 
 
@@ -103,9 +103,9 @@ def test_tuple_distances_by_rows_equal_by_matrix(squared, same):
     emb, _, _ = make_batch(10, 3, 2, seed=22)
     ref_emb = emb if same else make_batch(10, 3, 2, seed=23)[0]
     i, j = torch.tensor([0, 1, 2, 7]), torch.tensor([3, 4, 2, 9])
-    metric = "squared_euclidean" if squared else "euclidean"
-    rows = gathered_distances(emb, ref_emb, same, [(i, j)], metric)[0]  # 4 x 3 <= 100
-    big = gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], metric)[0]
+    distance = "squared_l2" if squared else "l2"
+    rows = gathered_distances(emb, ref_emb, same, [(i, j)], distance)[0]  # 4 x 3 <= 100
+    big = gathered_distances(emb, ref_emb, same, [(i.repeat(30), j.repeat(30))], distance)[0]
     torch.testing.assert_close(rows, big[:4])
     want = torch.stack([ref.dist(emb[a], ref_emb[b], squared) for a, b in zip(i, j, strict=True)])
     torch.testing.assert_close(rows, want)
@@ -119,35 +119,38 @@ def test_duplicate_embeddings_have_zero_gradient_between_them():
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-def _direct(x, y, metric):
+def _direct(x, y, distance):
     """The distance by direct difference, in float64, as the reference."""
     x, y = x.double(), y.double()
-    if metric == "cosine":
+    if distance == "cosine":
         x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
     sq = (x[:, None, :] - y[None, :, :]).square().sum(-1)
-    return {"euclidean": sq.sqrt(), "squared_euclidean": sq, "cosine": sq / 2}[metric]
+    return {"l2": sq.sqrt(), "squared_l2": sq, "cosine": sq / 2}[distance]
 
 
 @given(seed=st.integers(0, 2**16), d=st.sampled_from([2, 16, 128]), with_ref=st.booleans())
-@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
-def test_float32_distances_of_close_points_equal_the_direct_difference(metric, seed, d, with_ref):
+@pytest.mark.parametrize("distance", ["l2", "squared_l2", "cosine"])
+def test_float32_distances_of_close_points_equal_the_direct_difference(distance, seed, d, with_ref):
     """Within float32 rounding of the exact value (a few ulps), where the float32
     expansion |x|^2 + |y|^2 - 2x.y is off by ~1e-7 absolute, i.e. by 100 % and more.
     Values below the float64 accumulation's own bound (~1e-15 absolute on squares) may
     differ by that bound."""
     x, _ = clusters(seed, n=10, d=d)
     y = clusters(seed + 1, n=10, d=d)[0] if with_ref else None
-    got = smf.pairwise_distances(x, y, metric).double()
-    want = _direct(x, x if y is None else y, metric)
-    atol = 1e-8 if metric == "euclidean" else 1e-15  # sqrt of the squares' bound
+    got = smf.pairwise_distances(x, y, distance).double()
+    want = _direct(x, x if y is None else y, distance)
+    atol = 1e-8 if distance == "l2" else 1e-15  # sqrt of the squares' bound
     torch.testing.assert_close(got, want, rtol=4 * 2**-24, atol=atol)
 
 
-@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
-def test_duplicates_are_exactly_zero_in_float32(metric):
+@pytest.mark.parametrize("distance", ["l2", "squared_l2", "cosine"])
+def test_duplicates_are_exactly_zero_in_float32(distance):
     x = torch.nn.functional.normalize(torch.randn(64, 128), dim=1)
     x[10], x[40] = x[3], x[3]
-    for d in (smf.pairwise_distances(x, None, metric), smf.pairwise_distances(x[:20], x, metric)):
+    for d in (
+        smf.pairwise_distances(x, None, distance),
+        smf.pairwise_distances(x[:20], x, distance),
+    ):
         assert d[3, 10] == 0 and d[3, 40] == 0 and d[10, 3] == 0 and d.diagonal()[:20].eq(0).all()
         assert (d[3][[i for i in range(64) if i not in (3, 10, 40)]] > 0).all()
 
@@ -158,10 +161,10 @@ def test_duplicates_are_exactly_zero_in_float32(metric):
     dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
     with_ref=st.booleans(),
 )
-@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
-def test_distances_are_never_negative(metric, seed, n, dtype, with_ref):
+@pytest.mark.parametrize("distance", ["l2", "squared_l2", "cosine"])
+def test_distances_are_never_negative(distance, seed, n, dtype, with_ref):
     """The fused triplet losses sort distances by their bit patterns, which order as the
-    values only for non-negative floats: every metric must give >= 0 (cosine too: it is
+    values only for non-negative floats: every distance must give >= 0 (cosine too: it is
     computed as ``|x/|x| - y/|y||^2 / 2``, never as ``1 - cos``), on near-duplicates,
     opposite rows and zero rows, at both sizes of the distance computation."""
     g = torch.Generator().manual_seed(seed)
@@ -172,22 +175,22 @@ def test_distances_are_never_negative(metric, seed, n, dtype, with_ref):
     x = x + 1e-7 * torch.randn(n, 16, generator=g, dtype=torch.float64)
     x[torch.rand(n, generator=g) < 0.1] = 0
     x = x.to(dtype)
-    d = smf.pairwise_distances(x, x.flip(0) if with_ref else None, metric)
+    d = smf.pairwise_distances(x, x.flip(0) if with_ref else None, distance)
     assert not d.isnan().any()
     assert (d >= 0).all()
 
 
 @pytest.mark.parametrize("n", [8, 200])  # direct differences, then the float64 expansion
-@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("distance", ["l2", "squared_l2", "cosine"])
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
-def test_a_non_finite_row_has_no_finite_distance_and_leaves_the_others_exact(metric, n, value):
+def test_a_non_finite_row_has_no_finite_distance_and_leaves_the_others_exact(distance, n, value):
     """The expansion's snap to 0 scales with the row norms: an infinite norm once snapped
     every distance of an infinite row to 0, so miners took it for a duplicate."""
     x = torch.nn.functional.normalize(torch.randn(n, 16, dtype=torch.float64), dim=1)
     x[5] = x[2]
-    clean = smf.pairwise_distances(x, None, metric)
+    clean = smf.pairwise_distances(x, None, distance)
     x[1] = value
-    d = smf.pairwise_distances(x, None, metric)
+    d = smf.pairwise_distances(x, None, distance)
     assert not d[1].isfinite().any() and not d[:, 1].isfinite().any()
     keep = [i for i in range(n) if i != 1]
     assert torch.equal(d[keep][:, keep], clean[keep][:, keep])  # the snap of the others holds

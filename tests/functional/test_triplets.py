@@ -35,7 +35,14 @@ def test_fused_triplet_equals_naive_loop(strategy, reduction, squared, path):
     margin = 0.3 if not squared else 0.5
     with fused_path(path):
         assert_same(
-            lambda e: smf.triplet_margin_loss(e, labels, margin, squared, strategy, reduction),
+            lambda e: smf.triplet_margin_loss(
+                e,
+                labels,
+                margin,
+                distance="squared_l2" if squared else "l2",
+                triplets=strategy,
+                reduction=reduction,
+            ),
             lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, squared),
             emb,
         )
@@ -56,10 +63,12 @@ def test_fused_triplet_on_exact_ties_equals_naive_loop(seed, strategy, reduction
     emb = torch.randint(-2, 3, (14, 2), generator=g).double()
     labels = torch.randint(0, 3, (14,), generator=g)
     with fused_path(path):
-        got = smf.triplet_margin_loss(emb, labels, margin, True, strategy, reduction)
+        got = smf.triplet_margin_loss(
+            emb, labels, margin, distance="squared_l2", triplets=strategy, reduction=reduction
+        )
     want = ref.triplet_loss(emb, labels, margin, strategy, reduction, squared=True)
     assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-12)
-    a, p, n = TripletMiner(strategy, margin, squared=True)(emb, labels)
+    a, p, n = TripletMiner(strategy, margin, distance="squared_l2")(emb, labels)
     assert sorted(zip(a.tolist(), p.tolist(), n.tolist(), strict=True)) == sorted(
         ref.triplets(emb, labels, margin, strategy, squared=True)
     )
@@ -115,7 +124,9 @@ def test_fused_triplet_in_anchor_blocks_equals_one_block(strategy, reduction, mo
 
     def loss(e):
         with fused_path("sorted"):
-            return smf.triplet_margin_loss(e, labels, 0.3, False, strategy, reduction, **kw)
+            return smf.triplet_margin_loss(
+                e, labels, 0.3, triplets=strategy, reduction=reduction, **kw
+            )
 
     one = value_and_grad(loss, emb)
     monkeypatch.setattr(common, "BLOCK_ENTRIES", 50)  # blocks of 2 anchors
@@ -132,7 +143,9 @@ def test_fused_triplet_cross_scale_and_ref_emb(strategy):
         ref_emb=r_emb, ref_labels=r_labels, scales=scales, ref_scales=r_scales, cross_scale=True
     )
     assert_same(
-        lambda e: smf.triplet_margin_loss(e, labels, 0.4, False, strategy, "mean", **kw),
+        lambda e: smf.triplet_margin_loss(
+            e, labels, 0.4, triplets=strategy, reduction="mean", **kw
+        ),
         lambda e: ref.triplet_loss(e, labels, 0.4, strategy, "mean", **kw),
         emb,
     )
@@ -158,7 +171,13 @@ def test_fused_triplet_property_matches_naive(
     with fused_path(path):
         assert_same(
             lambda e: smf.triplet_margin_loss(
-                e, labels, margin, squared, strategy, reduction, **kw
+                e,
+                labels,
+                margin,
+                distance="squared_l2" if squared else "l2",
+                triplets=strategy,
+                reduction=reduction,
+                **kw,
             ),
             lambda e: ref.triplet_loss(e, labels, margin, strategy, reduction, squared, **kw),
             emb,
@@ -243,8 +262,6 @@ def test_every_distance_matches_pml(strategy, distance):
 def test_distance_choices_are_checked():
     with pytest.raises(ValueError, match="distance must be one of"):
         TripletMarginLoss(distance="dot")
-    with pytest.raises(ValueError, match="squared=True is the shorthand"):
-        TripletMarginLoss(squared=True, distance="cosine")
     with pytest.raises(ValueError, match="distance must be one of"):
         TripletMiner(distance="manhattan")
 
@@ -274,9 +291,9 @@ def test_mined_triplets_with_cross_scale_drop_same_scale_positives():
 def _merged_by_rounding(emb: torch.Tensor, squared: bool) -> bool:
     """Whether some anchor has two distances that differ in float64 and are equal in
     float32."""
-    metric = "squared_euclidean" if squared else "euclidean"
-    d32 = smf.pairwise_distances(emb, metric=metric)
-    d64 = smf.pairwise_distances(emb.double(), metric=metric)
+    distance = "squared_l2" if squared else "l2"
+    d32 = smf.pairwise_distances(emb, distance=distance)
+    d64 = smf.pairwise_distances(emb.double(), distance=distance)
     same32 = d32[:, :, None] == d32[:, None, :]
     return bool((same32 & (d64[:, :, None] != d64[:, None, :])).any())
 
@@ -299,7 +316,9 @@ def test_float32_fused_loss_equals_float64_on_near_ties(seed, squared, strategy,
     # (seed 1125: 0.61030445 and 0.61030448), float32 cannot tell which is larger, and
     # semihard's d(a,p) < d(a,n) or hard's d(a,n) <= d(a,p) may decide otherwise
     assume(strategy in ("all", "batch_hard") or not _merged_by_rounding(emb, squared))
-    loss = TripletMarginLoss(1e-4, squared=squared, triplets=strategy, reduction="sum")
+    loss = TripletMarginLoss(
+        1e-4, distance="squared_l2" if squared else "l2", triplets=strategy, reduction="sum"
+    )
     with fused_path(path):
         (got, g32), (want, g64) = (
             value_and_grad(lambda e: loss(e, labels), x) for x in (emb, emb.double())

@@ -8,14 +8,21 @@ import math
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .config import Config, toml_value, upgrade_keys
 from .errors import RecipeError
 
-__all__ = ["TrainState", "load_checkpoint", "save_checkpoint"]
+__all__ = ["RESUMABLE", "TrainState", "check_resumable", "load_checkpoint", "save_checkpoint"]
 
 
 @dataclasses.dataclass
@@ -145,3 +152,55 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise RecipeError(f"{path} is not a checkpoint of smse-metric (no model weights)")
     return state
+
+
+#: keys a resumed run may change: more epochs, and where or how it runs (device, data
+#: moved, cache, loader workers, process-group timeout); any other change would make the
+#: resumed run another training than the checkpoint's
+RESUMABLE = (
+    "optim.epochs",
+    "run.device",
+    "run.dist_timeout",
+    "data.path",
+    "data.cache_dir",
+    "data.num_workers",
+)
+
+
+def _shown(v: Any) -> str:
+    return "(unset)" if v is None else toml_value(v)
+
+
+def check_resumable(saved: str, cfg: Config, where: str | Path = "config.toml") -> None:
+    """Refuse to resume when ``cfg`` differs from the checkpoint's config (``saved``, as
+    `config_to_toml` wrote it) in a key outside `RESUMABLE`, naming each changed key.
+
+    Args:
+        saved: the checkpoint's config as TOML.
+        cfg: the config the resumed run would use.
+        where: the file named in the message.
+
+    Examples:
+        >>> from smse_metric.recipes.histopathology.config import config_to_toml, load_config
+        >>> old = load_config("smse-pair", {"data": {"synthetic": True}})
+        >>> new = load_config("smse-pair", {"data": {"synthetic": True}, "optim": {"lr": 0.01}})
+        >>> try:
+        ...     check_resumable(config_to_toml(old), new)
+        ... except RecipeError as e:
+        ...     print(str(e).split(";")[0])
+        config.toml changed since the checkpoint: optim.lr 0.001 -> 0.01
+    """
+    before = upgrade_keys(tomllib.loads(saved), None)
+    changed = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = before.get(section, {}).get(key)
+            if name not in RESUMABLE and old != value:
+                changed.append(f"{name} {_shown(old)} -> {_shown(value)}")
+    if changed:
+        raise RecipeError(
+            f"{where} changed since the checkpoint: {', '.join(changed)}; --resume continues "
+            "the same training: restore these keys or train a new run (only "
+            f"{', '.join(RESUMABLE)} may change)"
+        )

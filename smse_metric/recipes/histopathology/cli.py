@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -294,7 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = os.environ.get("RANK")  # under torchrun: each rank's line says which it is
     where = f"smse-metric {args.command}" + (f" (rank {rank})" if rank else "")
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            # a config file's old keys are the CLI user's to fix: shown, not ignored
+            warnings.filterwarnings("default", category=DeprecationWarning, module=r".*\.toml\Z")
+            return args.func(args)
     except RecipeError as e:  # the user's input, named in one line; anything else is a bug
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2

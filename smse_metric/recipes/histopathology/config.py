@@ -10,12 +10,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from smse_metric.evaluation._inputs import EXCLUDE
+from smse_metric.functional import DISTANCES, FUSED_TRIPLETS
+
+from .data.augment import INTERPOLATIONS
 from .data.breakhis import MAGNIFICATIONS
 from .errors import RecipeError
+from .factories import CLASSIFICATION_LOSSES, METRIC_DISTANCES, METRIC_LOSSES, OPTIMIZERS, SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,12 +30,11 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "PRESETS",
-    "RESUMABLE",
     "Config",
-    "check_resumable",
     "config_to_toml",
     "load_config",
     "preset_path",
+    "toml_value",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -60,9 +65,7 @@ class DataConfig:
     #: resolved when the run starts and written to the run's config.toml
     mean: list[float] | None = None
     std: list[float] | None = None
-    interpolation: str | None = field(
-        default=None, metadata={"choices": ("bilinear", "bicubic", "nearest")}
-    )
+    interpolation: str | None = field(default=None, metadata={"choices": INTERPOLATIONS})
     #: decoded-image cache: every image once as uint8 at the training size plus the crop
     #: margin, memory-mapped from a file in this directory (built on first use, rebuilt
     #: when the files change); empty: decode every image each time
@@ -96,14 +99,14 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    metric: str = field(default="triplet", metadata={"choices": ("triplet", "pair", "none")})
-    triplets: str = field(
-        default="all", metadata={"choices": ("all", "semihard", "hard", "batch_hard")}
-    )
+    metric: str = field(default="triplet", metadata={"choices": tuple(METRIC_LOSSES)})
+    triplets: str = field(default="all", metadata={"choices": FUSED_TRIPLETS})
     cross_scale: bool = True
     margin: float = 1.0
-    squared: bool = True
-    classification: str = field(default="rfl", metadata={"choices": ("rfl", "focal", "ce")})
+    #: the metric loss's distance; empty: its own (triplet: "squared_l2", SMSE's form;
+    #: pair: "l2", the only one it is defined on)
+    distance: str | None = field(default=None, metadata={"choices": DISTANCES})
+    classification: str = field(default="rfl", metadata={"choices": tuple(CLASSIFICATION_LOSSES)})
     alpha: float = 2.0
     gamma: float = 1.5
     beta_from_counts: bool = True
@@ -113,10 +116,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = field(default="adam", metadata={"choices": ("adam", "adamw", "sgd")})
+    name: str = field(default="adam", metadata={"choices": tuple(OPTIMIZERS)})
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = field(default="step", metadata={"choices": ("step", "cosine", "none")})
+    schedule: str = field(default="step", metadata={"choices": tuple(SCHEDULES)})
     step_size: int = 8
     step_gamma: float = 0.1
     epochs: int = 40
@@ -138,8 +141,8 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     k: int = 5
-    exclude: str = field(default="group", metadata={"choices": ("group", "self", "none")})
-    metric: str = field(default="cosine", metadata={"choices": ("cosine", "l2")})
+    exclude: str = field(default="group", metadata={"choices": EXCLUDE})
+    distance: str = field(default="cosine", metadata={"choices": DISTANCES})
     #: model selection on validation patient accuracy of kNN or of the classifier head
     select: str = field(default="knn", metadata={"choices": ("knn", "head")})
 
@@ -155,7 +158,7 @@ class Config:
         loss: ``[loss]``: metric loss, selection, margin, classification loss, weights.
         optim: ``[optim]``: optimiser, learning rate, schedule, epochs, early stopping.
         run: ``[run]``: seed, device, mixed precision, determinism.
-        eval: ``[eval]``: kNN k, exclusion, metric, and the predictor selected on.
+        eval: ``[eval]``: kNN k, exclusion, distance, and the predictor selected on.
 
     Examples:
         >>> cfg = Config()  # every default; load_config() validates
@@ -266,8 +269,52 @@ def _validate(cfg: Config) -> None:
         raise RecipeError('data.augment_on = "device" reads its images from data.cache_dir: set it')
     if cfg.data.std is not None and min(cfg.data.std) <= 0:
         raise RecipeError(f"data.std must be positive, got {cfg.data.std}")
+    usable = METRIC_DISTANCES[cfg.loss.metric]
+    if cfg.loss.distance is not None and cfg.loss.distance not in usable:
+        raise RecipeError(
+            f"loss.distance = {cfg.loss.distance!r} has no {cfg.loss.metric} loss: "
+            f"use one of {list(usable)} or leave it empty"
+        )
     if cfg.data.path is None and not cfg.data.synthetic:
         raise RecipeError("data.path is empty: give a BreakHis directory or set data.synthetic")
+
+
+#: keys of the previous release -> (new key, new value of an old value, the old type)
+_RENAMED = {
+    ("loss", "squared"): ("distance", lambda v: "squared_l2" if v else "l2", bool),
+    ("eval", "metric"): ("distance", lambda v: v, str),
+}
+
+
+def upgrade_keys(raw: dict, where: str | None) -> dict:
+    """``raw`` with the previous release's keys under their new names. Each old key
+    warns with a DeprecationWarning: attributed to the TOML file ``where``, or to the
+    caller of `load_config` for ``where="overrides"``; ``None`` is silent. An old and a
+    new key that disagree are an error."""
+    for (section, old), (new, convert, kind) in _RENAMED.items():
+        values = raw.get(section)
+        if not isinstance(values, dict) or old not in values:
+            continue
+        value = values.pop(old)
+        if not isinstance(value, kind):
+            raise RecipeError(f"{section}.{old} must be a {kind.__name__}, got {value!r}")
+        value = convert(value)
+        if values.get(new, value) != value:
+            raise RecipeError(
+                f"{section}.{old} and {section}.{new} disagree ({value!r} against "
+                f"{values[new]!r}): give {section}.{new} alone"
+            )
+        values[new] = value
+        if where is not None:
+            message = (
+                f"config key {section}.{old} is deprecated and will be removed in the next "
+                f"release; use {section}.{new} = {toml_value(value)}"
+            )
+            if where == "overrides":  # 1: here, 2: load_config, 3: its caller
+                warnings.warn(message, DeprecationWarning, stacklevel=3)
+            else:
+                warnings.warn_explicit(message, DeprecationWarning, where, 0)
+    return raw
 
 
 def load_config(source: str | Path | None = None, overrides: dict | None = None) -> Config:
@@ -299,8 +346,10 @@ def load_config(source: str | Path | None = None, overrides: dict | None = None)
                 raw = tomllib.load(f)
             except tomllib.TOMLDecodeError as e:
                 raise RecipeError(f"{path} is not valid TOML: {e}") from e
+    upgrade_keys(raw, str(path) if source is not None else None)
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update(values)
+    upgrade_keys(raw, "overrides")
     sections = [f.name for f in fields(Config)]
     unknown = set(raw) - set(sections)
     if unknown:
@@ -320,13 +369,22 @@ def preset_path(name: str) -> Path:
     return CONFIG_DIR / f"{name}.toml"
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A value as TOML text (``None`` has none: leave its key out).
+
+    Args:
+        v: a bool, number, string or list of those.
+
+    Examples:
+        >>> toml_value([224, 224]), toml_value("squared_l2"), toml_value(True)
+        ('[224, 224]', '"squared_l2"', 'true')
+    """
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -345,57 +403,6 @@ def config_to_toml(cfg: Config) -> str:
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
         lines.append("")
     return "\n".join(lines)
-
-
-#: keys a resumed run may change: more epochs, and where or how it runs (device, data
-#: moved, cache, loader workers, process-group timeout); any other change would make the
-#: resumed run another training than the checkpoint's
-RESUMABLE = (
-    "optim.epochs",
-    "run.device",
-    "run.dist_timeout",
-    "data.path",
-    "data.cache_dir",
-    "data.num_workers",
-)
-
-
-def _shown(v: Any) -> str:
-    return "(unset)" if v is None else _toml_value(v)
-
-
-def check_resumable(saved: str, cfg: Config, where: str | Path = "config.toml") -> None:
-    """Refuse to resume when ``cfg`` differs from the checkpoint's config (``saved``, as
-    `config_to_toml` wrote it) in a key outside `RESUMABLE`, naming each changed key.
-
-    Args:
-        saved: the checkpoint's config as TOML.
-        cfg: the config the resumed run would use.
-        where: the file named in the message.
-
-    Examples:
-        >>> old = load_config("smse-pair", {"data": {"synthetic": True}})
-        >>> new = load_config("smse-pair", {"data": {"synthetic": True}, "optim": {"lr": 0.01}})
-        >>> try:
-        ...     check_resumable(config_to_toml(old), new)
-        ... except RecipeError as e:
-        ...     print(str(e).split(";")[0])
-        config.toml changed since the checkpoint: optim.lr 0.001 -> 0.01
-    """
-    before = tomllib.loads(saved)
-    changed = []
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            old = before.get(section, {}).get(key)
-            if name not in RESUMABLE and old != value:
-                changed.append(f"{name} {_shown(old)} -> {_shown(value)}")
-    if changed:
-        raise RecipeError(
-            f"{where} changed since the checkpoint: {', '.join(changed)}; --resume continues "
-            "the same training: restore these keys or train a new run (only "
-            f"{', '.join(RESUMABLE)} may change)"
-        )

@@ -19,19 +19,12 @@ from smse_metric.evaluation import (
     make_index,
 )
 
-from .build import (
-    Datasets,
-    build_model,
-    device_of,
-    eval_loader,
-    make_datasets,
-    num_classes,
-    resolve_inputs,
-)
+from .build import build_model, device_of, num_classes, resolve_inputs
 from .checkpoint import TrainState, load_checkpoint
 from .config import Config, load_config
 from .data.dataset import BreakHisDataset
 from .errors import RecipeError
+from .loaders import Datasets, eval_loader, make_datasets
 from .lock import lock_run_dir
 from .models import EmbeddingNet
 from .report import read_history, write_report
@@ -87,8 +80,8 @@ def evaluate_split(
         >>> out.knn.k, out.head.pooled.n == len(ds.val)
         (5, True)
     """
-    g_emb, _ = embed(model, eval_loader(cfg, gallery), device, channels_last)
-    q_emb, q_pred = embed(model, eval_loader(cfg, queries), device, channels_last)
+    g_emb, _ = embed(model, eval_loader(gallery, cfg.data.num_workers), device, channels_last)
+    q_emb, q_pred = embed(model, eval_loader(queries, cfg.data.num_workers), device, channels_last)
     return split_reports(cfg, gallery, g_emb, queries, q_emb, q_pred)
 
 
@@ -136,11 +129,11 @@ def split_reports(
         k=cfg.eval.k,
         exclude=cfg.eval.exclude,
         gallery=(g_emb, g.labels, g.groups, g.scales),
-        metric=cfg.eval.metric,
+        distance=cfg.eval.distance,
         ranking=False,
     )
     head = evaluate_predictions(
-        q_pred.numpy(), q.labels, q.groups, q.scales, classes=np.arange(num_classes(cfg))
+        q_pred.numpy(), q.labels, q.groups, q.scales, classes=np.arange(num_classes(cfg.data.task))
     )
     return SplitMetrics(knn, head)
 
@@ -197,18 +190,19 @@ def evaluate_model(
         0.8...
     """
     channels_last = device.type == "cuda"
-    g_emb, _ = embed(model, eval_loader(cfg, gallery), device, channels_last)
-    q_emb, q_pred = embed(model, eval_loader(cfg, test), device, channels_last)
+    g_emb, _ = embed(model, eval_loader(gallery, cfg.data.num_workers), device, channels_last)
+    q_emb, q_pred = embed(model, eval_loader(test, cfg.data.num_workers), device, channels_last)
     return Evaluation(split_reports(cfg, gallery, g_emb, test, q_emb, q_pred), g_emb, q_emb)
 
 
 def run_metrics(
-    cfg: Config, ev: Evaluation, state: TrainState, splits: Splits, bad_images: list
+    select: str, ev: Evaluation, state: TrainState, splits: Splits, bad_images: list
 ) -> RunMetrics:
-    """The run's `RunMetrics`: the test reports and how they were obtained."""
+    """The run's `RunMetrics`: the test reports and how they were obtained (``select``:
+    ``eval.select``, the predictor the best epoch was selected on)."""
     return RunMetrics(
         best_epoch=state.best_epoch,
-        selected_on=f"validation {cfg.eval.select} patient accuracy",
+        selected_on=f"validation {select} patient accuracy",
         best_val_score=state.best,
         test=ev.test,
         splits={k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
@@ -223,7 +217,7 @@ def save_evaluation(
     ev: Evaluation,
     datasets: Datasets,
     root: Path,
-    metric: str,
+    distance: str,
 ) -> None:
     """Write ``metrics.json``, ``embeddings/{gallery,test}.npz`` (``gallery.npz`` is the
     kNN gallery that ``search`` queries) and, where faiss is installed,
@@ -235,19 +229,19 @@ def save_evaluation(
         ev: what `evaluate_model` gave.
         datasets: the gallery and test datasets it scored.
         root: the data directory they were read from.
-        metric: the kNN metric (``eval.metric``).
+        distance: the kNN distance (``eval.distance``).
 
     Examples:
         After `evaluate_model` (skipped here: it needs a trained run):
 
-        >>> save_evaluation(run, metrics, ev, ds, root, cfg.eval.metric)  # doctest: +SKIP
+        >>> save_evaluation(run, metrics, ev, ds, root, cfg.eval.distance)  # doctest: +SKIP
         >>> run.gallery_embeddings.is_file()  # doctest: +SKIP
         True
     """
     run.embeddings.mkdir(exist_ok=True)
     save_embeddings(run.gallery_embeddings, ev.gallery_emb, datasets.gallery, root)
     save_embeddings(run.test_embeddings, ev.test_emb, datasets.test, root)
-    index = make_index(ev.gallery_emb, metric=metric, device="cpu")
+    index = make_index(ev.gallery_emb, distance=distance, device="cpu")
     if isinstance(index, FaissIndex):  # for FAISS users; search itself reads gallery.npz
         run.index.parent.mkdir(exist_ok=True)
         index.save(run.index)
@@ -296,7 +290,7 @@ def load_run(run: RunDir, device: torch.device | str | None = None) -> LoadedRun
     cfg = load_config(run.config)
     model = build_model(cfg)
     cfg = resolve_inputs(cfg, model)
-    device = device_of(cfg) if device is None else torch.device(device)
+    device = device_of(cfg.run.device) if device is None else torch.device(device)
     state = load_checkpoint(run.best, device)
     model.load_state_dict(state["model"])
     model.to(device).eval()
@@ -331,7 +325,7 @@ def evaluate_run(
     with lock_run_dir(run.path):
         loaded = load_run(run, device)
         cfg = loaded.cfg
-        recorded = Path(os.path.abspath(data_root(cfg, run.path)))
+        recorded = Path(os.path.abspath(data_root(cfg.data.path, run.path)))
         root = recorded if root is None else Path(os.path.abspath(root))
         if not root.is_dir():
             raise RecipeError(f"the run's data {root} does not exist (moved? pass --data DIR)")
@@ -341,8 +335,8 @@ def evaluate_run(
         ds = make_datasets(cfg, splits, names=("gallery", "test"), collective=False)
         device = next(loaded.model.parameters()).device
         ev = evaluate_model(cfg, loaded.model, ds.gallery, ds.test, device)
-        metrics = run_metrics(cfg, ev, loaded.state, splits, ds.bad_images())
-        save_evaluation(run, metrics, ev, ds, root, cfg.eval.metric)
+        metrics = run_metrics(cfg.eval.select, ev, loaded.state, splits, ds.bad_images())
+        save_evaluation(run, metrics, ev, ds, root, cfg.eval.distance)
         write_report(run, metrics, read_history(run.history), ev.test_points(ds.test))
         return metrics
 

@@ -48,7 +48,7 @@ def fit_run(
     """
     cfg = inputs.config(fold, run)
     splits = inputs.splits(fold)
-    device = device_of(cfg)
+    device = device_of(cfg.run.device)
     built = build(cfg, splits, device, inputs.new_model())
     if is_main_process():
         if not quiet:
@@ -68,8 +68,10 @@ def fit_run(
         built.model.load_state_dict(best["model"])
         ds = built.datasets
         ev = evaluate_model(cfg, built.model, ds.gallery, ds.test, device)
-        metrics = run_metrics(cfg, ev, TrainState.from_checkpoint(best), splits, ds.bad_images())
-        save_evaluation(run, metrics, ev, ds, inputs.root, cfg.eval.metric)
+        metrics = run_metrics(
+            cfg.eval.select, ev, TrainState.from_checkpoint(best), splits, ds.bad_images()
+        )
+        save_evaluation(run, metrics, ev, ds, inputs.root, cfg.eval.distance)
         write_report(run, metrics, trainer.state.history, ev.test_points(ds.test))
     except OSError as e:  # a full disk, say: the training itself is safe in best.pt
         raise OSError(

@@ -95,7 +95,7 @@ def resolve(cfg: Config, run: RunDir, root: str | Path | None = None) -> Inputs:
         ('runs/a/data', [0.485, 0.456, 0.406])
     """
     generated = root is None and cfg.data.path is None
-    root = data_root(cfg, run.path) if root is None else Path(root)
+    root = data_root(cfg.data.path, run.path) if root is None else Path(root)
     d = cfg.data
     if root.resolve() != run.data.resolve():  # config.toml must name the data
         d = dataclasses.replace(d, path=str(root.resolve()))

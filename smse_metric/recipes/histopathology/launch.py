@@ -155,7 +155,7 @@ def launch(
     ):  # every check that needs the data, before anything is written
         for k in folds or [inputs.cfg.data.fold]:
             inputs.splits(k)
-    own_group = init_distributed(device_of(inputs.cfg).type, inputs.cfg.run.dist_timeout)
+    own_group = init_distributed(device_of(inputs.cfg.run.device).type, inputs.cfg.run.dist_timeout)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with _own_run_dir(run, inputs, resume, overwrite, flag):

@@ -335,7 +335,7 @@ def write_report(
         f"Best epoch {metrics.best_epoch + 1} ({metrics.selected_on} "
         f"{format_score(metrics.best_val_score)}); images train / validation / test: "
         f"{metrics.splits['train']} / {metrics.splits['val']} / {metrics.splits['test']}. "
-        f"kNN: k = {knn.k}, {knn.metric}, exclude = {knn.exclude}, "
+        f"kNN: k = {knn.k}, {knn.distance}, exclude = {knn.exclude}, "
         "gallery = the training images.",
         "",
         "## Test accuracy",

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 from smse_metric.evaluation import make_index
 
 from .data.breakhis import SUBTYPES, TUMOR_CLASSES
-from .data.dataset import eval_transform, normalize_image, read_image
+from .data.dataset import eval_transform, normalize_image
+from .data.images import read_image
 from .errors import RecipeError
 from .evaluate import load_run
 from .rundir import RunDir
@@ -106,10 +107,10 @@ def search_run(
             key: meta[key]
             for key in ("embeddings", "paths", "groups", "labels", "subtypes", "magnifications")
         }
-    index = make_index(meta["embeddings"], metric=cfg.eval.metric, device="cpu")
+    index = make_index(meta["embeddings"], distance=cfg.eval.distance, device="cpu")
     dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
     if data is not None:  # the dataset moved: same tree under a new root
-        old = saved_root(run.gallery_embeddings, data_root(cfg, run.path))
+        old = saved_root(run.gallery_embeddings, data_root(cfg.data.path, run.path))
         new = Path(os.path.abspath(data))
         try:
             meta["paths"] = np.array([str(relocated(p, old, new)) for p in meta["paths"]])

@@ -156,20 +156,17 @@ def split_sizes(splits: Splits) -> str:
     return ", ".join(parts)
 
 
-def data_root(cfg: Config, run_dir: str | Path) -> Path:
+def data_root(path: str | None, run_dir: str | Path) -> Path:
     """The data a run trains on: ``data.path``, or ``RUN_DIR/data`` for synthetic runs.
 
     Args:
-        cfg: the run's validated `Config`.
+        path: ``data.path`` (None for synthetic data).
         run_dir: the run directory (synthetic data lives in ``run_dir/data``).
 
     Examples:
-        >>> from smse_metric.recipes.histopathology import load_config
-        >>> synthetic = load_config(overrides={"data": {"synthetic": True}})
-        >>> data_root(synthetic, "runs/a").as_posix()
+        >>> data_root(None, "runs/a").as_posix()
         'runs/a/data'
-        >>> real = load_config(overrides={"data": {"path": "/data/BreaKHis"}})
-        >>> data_root(real, "runs/a").as_posix()
+        >>> data_root("/data/BreaKHis", "runs/a").as_posix()
         '/data/BreaKHis'
     """
-    return Path(cfg.data.path) if cfg.data.path else Path(run_dir) / "data"
+    return Path(path) if path else Path(run_dir) / "data"

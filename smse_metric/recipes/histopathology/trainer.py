@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from smse_metric.distributed import any_rank, get_world_size, is_main_process
 
 from .build import Built
-from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .config import Config, check_resumable, config_to_toml
+from .checkpoint import TrainState, check_resumable, load_checkpoint, save_checkpoint
+from .config import Config, config_to_toml
 from .data.dataset import split_records
 from .errors import RecipeError
 from .evaluate import evaluate_split

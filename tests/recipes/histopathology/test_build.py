@@ -9,8 +9,9 @@ from smse_metric.recipes.histopathology.splits import load_splits
 
 
 def test_pretrained_style_inputs_get_the_backbones_mean_and_std(root):
-    from smse_metric.recipes.histopathology.build import make_datasets
-    from smse_metric.recipes.histopathology.data.dataset import eval_transform, read_image
+    from smse_metric.recipes.histopathology.data.dataset import eval_transform
+    from smse_metric.recipes.histopathology.data.images import read_image
+    from smse_metric.recipes.histopathology.loaders import make_datasets
 
     cfg = resolve_inputs(load_config("smse-triplet", {**TINY, "model": {"pretrained": False}}))
     assert cfg.data.mean == [0.485, 0.456, 0.406] and cfg.data.std == [0.229, 0.224, 0.225]

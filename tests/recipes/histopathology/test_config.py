@@ -94,3 +94,83 @@ def test_the_small_preset_is_smse_triplet_on_the_small_cnn():
     full = load_config("smse-triplet", {"data": {"synthetic": True}})
     assert (small.model.backbone, small.data.image_size) == ("smse-cnn", [96, 96])
     assert small.loss == full.loss and small.optim == full.optim and small.sampler == full.sampler
+
+
+OLD_AND_NEW = [
+    (
+        "[loss]\nsquared = true\n",
+        '[loss]\ndistance = "squared_l2"\n',
+        'loss.distance = "squared_l2"',
+    ),
+    ("[loss]\nsquared = false\n", '[loss]\ndistance = "l2"\n', 'loss.distance = "l2"'),
+    ('[eval]\nmetric = "l2"\n', '[eval]\ndistance = "l2"\n', 'eval.distance = "l2"'),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "named"), OLD_AND_NEW)
+def test_a_config_file_with_an_old_key_loads_the_same_and_warns_at_the_file(
+    tmp_path, old, new, named
+):
+    base = "[data]\nsynthetic = true\n"
+    (tmp_path / "old.toml").write_text(base + old)
+    (tmp_path / "new.toml").write_text(base + new)
+    with pytest.warns(DeprecationWarning, match="deprecated") as caught:
+        got = load_config(tmp_path / "old.toml")
+    assert len(caught) == 1 and named in str(caught[0].message)
+    assert caught[0].filename == str(tmp_path / "old.toml")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert got == load_config(tmp_path / "new.toml")
+
+
+def test_old_keys_in_overrides_warn_at_the_caller_and_disagreeing_keys_are_refused():
+    with pytest.warns(DeprecationWarning, match=r"use eval\.distance") as caught:
+        cfg = load_config(overrides={"data": {"synthetic": True}, "eval": {"metric": "l2"}})
+    assert cfg.eval.distance == "l2" and caught[0].filename == __file__
+    with pytest.raises(ValueError, match=r"loss\.squared and loss\.distance disagree"):
+        load_config(
+            overrides={"data": {"synthetic": True}, "loss": {"squared": True, "distance": "l2"}}
+        )
+    with pytest.raises(ValueError, match=r"loss\.squared must be a bool"):
+        load_config(overrides={"data": {"synthetic": True}, "loss": {"squared": "yes"}})
+
+
+def test_a_run_saved_with_the_old_keys_resumes_under_the_new_ones():
+    from smse_metric.recipes.histopathology.checkpoint import check_resumable
+
+    cfg = load_config("smse-triplet", {"data": {"synthetic": True}})
+    saved = config_to_toml(cfg).replace('distance = "squared_l2"', "squared = true")
+    saved = saved.replace('distance = "cosine"', 'metric = "cosine"')
+    assert "squared = true" in saved and 'metric = "cosine"' in saved
+    check_resumable(saved, cfg)  # no change: no error, no warning
+
+
+def test_the_cli_shows_a_config_files_old_key(tmp_path):
+    """DeprecationWarnings are hidden by default; the CLI shows those of the user's file."""
+    import subprocess
+    import sys
+
+    (tmp_path / "old.toml").write_text("[loss]\nsquared = true\n")
+    (tmp_path / "empty").mkdir()  # the config is read, then the data refused
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smse_metric",
+            "train",
+            "--config",
+            str(tmp_path / "old.toml"),
+            "--data",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert "config key loss.squared is deprecated" in out.stderr, out.stderr
+    assert 'use loss.distance = "squared_l2"' in out.stderr

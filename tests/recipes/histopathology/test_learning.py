@@ -9,10 +9,11 @@ from helpers import DEVICES
 
 from smse_metric import KNNClassifier
 from smse_metric.recipes.histopathology import load_config
-from smse_metric.recipes.histopathology.build import build_model, eval_loader, make_datasets
+from smse_metric.recipes.histopathology.build import build_model
 from smse_metric.recipes.histopathology.checkpoint import load_checkpoint
 from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
 from smse_metric.recipes.histopathology.evaluate import embed
+from smse_metric.recipes.histopathology.loaders import eval_loader, make_datasets
 from smse_metric.recipes.histopathology.splits import load_splits
 from smse_metric.recipes.histopathology.training import train
 
@@ -82,10 +83,10 @@ def test_each_method_learns_the_easy_task(easy, tmp_path, method, device):
     model.load_state_dict(load_checkpoint(out / "checkpoints" / "best.pt")["model"])
     dev = torch.device(device)
     model.to(dev)
-    g_emb, _ = embed(model, eval_loader(cfg, ds.gallery), dev)
-    q_emb, head = embed(model, eval_loader(cfg, ds.test), dev)
+    g_emb, _ = embed(model, eval_loader(ds.gallery), dev)
+    q_emb, head = embed(model, eval_loader(ds.test), dev)
     if cfg.eval.select == "knn":
-        knn = KNNClassifier(k=cfg.eval.k, metric=cfg.eval.metric).fit(g_emb, ds.gallery.labels)
+        knn = KNNClassifier(k=cfg.eval.k, distance=cfg.eval.distance).fit(g_emb, ds.gallery.labels)
         pred = knn.predict(q_emb)
     else:
         pred = head.numpy()

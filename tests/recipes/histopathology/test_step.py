@@ -25,7 +25,7 @@ def _head_losses(device: str = "cpu"):
     from smse_metric import ReinforcedFocalLoss, TripletMarginLoss
 
     rfl = ReinforcedFocalLoss.from_class_counts([700, 1300]).to(device)
-    triplet = TripletMarginLoss(1.0, squared=True, cross_scale=True)
+    triplet = TripletMarginLoss(1.0, distance="squared_l2", cross_scale=True)
     return StepLoss(rfl, triplet, metric_weight=0.5, cls_weight=2.0)
 
 

@@ -49,11 +49,11 @@ def test_ctrl_c_saves_and_resume_reaches_the_same_result(root, tmp_path, capsys,
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):
-    from smse_metric.recipes.histopathology import build, trainer
+    from smse_metric.recipes.histopathology import loaders, trainer
 
     cfg = load_config("smse-triplet", TINY)
-    train_set = build.make_datasets(cfg, load_splits(cfg, root)).train
-    poison_at = len(build.train_loader(cfg, train_set)) + 2  # epoch 1, step 1
+    train_set = loaders.make_datasets(cfg, load_splits(cfg, root)).train
+    poison_at = len(loaders.train_loader(cfg, train_set)) + 2  # epoch 1, step 1
     real, calls = trainer.train_step, []
 
     def poisoned(*args, **kwargs):

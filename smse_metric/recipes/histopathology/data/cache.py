@@ -115,7 +115,7 @@ class DecodedCache:
     Examples:
         >>> import tempfile
         >>> from PIL import Image
-        >>> from smse_metric.recipes.histopathology.data.dataset import read_image
+        >>> from smse_metric.recipes.histopathology.data.images import read_image
         >>> d = Path(tempfile.mkdtemp())
         >>> Image.new("RGB", (8, 6), (255, 0, 0)).save(d / "a.png")
         >>> cache = DecodedCache([str(d / "a.png")], (4, 4), d / "cache", read=read_image)

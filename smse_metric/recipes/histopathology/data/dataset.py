@@ -6,15 +6,12 @@ Transforms are plain torch (no torchvision needed): resize, random crop, flips,
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import RecipeError
 from .augment import (
@@ -26,16 +23,14 @@ from .augment import (
 )
 from .breakhis import BreakHisIndex
 from .cache import DecodedCache, cache_size
+from .images import MAX_IMAGE_PIXELS, read_image, unreadable
 
 __all__ = [
     "INTERPOLATIONS",
-    "MAX_IMAGE_PIXELS",
     "BreakHisDataset",
     "collate_records",
     "eval_transform",
     "normalize_image",
-    "open_image",
-    "read_image",
     "split_records",
     "train_transform",
 ]
@@ -66,80 +61,6 @@ def normalize_image(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
     s = torch.as_tensor(std, dtype=img.dtype, device=img.device).reshape(3, 1, 1)
     return (img - m) / s
-
-
-#: PIL's own warning threshold: a larger image is refused before it is decoded (a 92 KB
-#: PNG can hold 95 megapixels, 3.3 GB once decoded)
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-def _unreadable(path: str, max_pixels: int) -> str | None:
-    """Why ``path`` cannot be read as an image, or None when it can."""
-    try:
-        with open_image(path, max_pixels) as im:
-            im.verify()
-    except (OSError, SyntaxError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-@contextlib.contextmanager
-def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
-    """``PIL.Image.open`` with a pixel limit checked on the header, before any decoding;
-    an OSError names a file PIL cannot open or one over the limit.
-
-    Args:
-        path: an image file.
-        max_pixels: the largest width x height accepted (``data.max_image_pixels``).
-
-    Examples:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "a.png"
-        >>> Image.new("RGB", (50, 40)).save(path)
-        >>> try:
-        ...     with open_image(path, max_pixels=1000):
-        ...         pass
-        ... except OSError as e:
-        ...     print(str(e).split(": ", 1)[1])
-        50 x 40 pixels, over the limit of 1000 (data.max_image_pixels)
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
-            im = Image.open(path)
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from e
-    with im:
-        if im.width * im.height > max_pixels:
-            raise OSError(
-                f"{path}: {im.width} x {im.height} pixels, over the limit of "
-                f"{max_pixels} (data.max_image_pixels)"
-            )
-        yield im
-
-
-def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """An image file as RGB float [3, H, W] in [0, 1]; an OSError names a bad file, or
-    one over ``max_pixels`` (refused before decoding).
-
-    Args:
-        path: an image file PIL can open.
-        max_pixels: the largest width x height accepted.
-
-    Examples:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "a.png"
-        >>> Image.new("RGB", (5, 4), (255, 0, 0)).save(path)
-        >>> img = read_image(path)
-        >>> img.shape, img[:, 0, 0].tolist()
-        (torch.Size([3, 4, 5]), [1.0, 0.0, 0.0])
-    """
-    with open_image(path, max_pixels) as im:
-        try:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
 def eval_transform(
@@ -347,7 +268,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
             for i in rows:
                 path = index.paths[i]
                 if path not in checked:
-                    checked[path] = _unreadable(path, self.max_pixels)
+                    checked[path] = unreadable(path, self.max_pixels)
                 if checked[path] is None:
                     good.append(i)
                 else:

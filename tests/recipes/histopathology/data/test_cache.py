@@ -14,9 +14,9 @@ from smse_metric.recipes.histopathology.data.cache import DecodedCache, cache_si
 from smse_metric.recipes.histopathology.data.dataset import (
     BreakHisDataset,
     collate_records,
-    read_image,
     split_records,
 )
+from smse_metric.recipes.histopathology.data.images import read_image
 from smse_metric.recipes.histopathology.errors import RecipeError
 
 

@@ -1,0 +1,203 @@
+"""A run's datasets and their loaders: the four splits' datasets, made once and
+verified once (`make_datasets`), and the training and evaluation loaders."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.utils.data import DataLoader
+
+from smse_metric.distributed import get_rank, get_world_size
+from smse_metric.samplers import MultiScaleBatchSampler, ShuffledBatchSampler
+
+from .config import Config
+from .data.dataset import BreakHisDataset, collate_records
+from .errors import RecipeError
+from .splits import Splits
+
+__all__ = ["SPLIT_NAMES", "Datasets", "eval_loader", "make_datasets", "train_loader"]
+
+
+SPLIT_NAMES = ("train", "gallery", "val", "test")
+
+
+@dataclasses.dataclass
+class Datasets:
+    """A run's datasets (None where not made).
+
+    Attributes:
+        train: the training images, augmented.
+        gallery: the training images with the evaluation transform (the kNN gallery).
+        val: the validation patients' images.
+        test: the test patients' images.
+
+    Examples:
+        >>> Datasets().made()
+        {}
+    """
+
+    train: BreakHisDataset | None = None
+    gallery: BreakHisDataset | None = None
+    val: BreakHisDataset | None = None
+    test: BreakHisDataset | None = None
+
+    def made(self) -> dict[str, BreakHisDataset]:
+        """The datasets made, by split name."""
+        return {k: v for k in SPLIT_NAMES if (v := getattr(self, k)) is not None}
+
+    def bad_images(self) -> list[list[str]]:
+        """``[path, reason]`` of every image left out as unreadable, once each."""
+        seen: dict[str, str] = {}
+        for d in self.made().values():
+            for path, why in d.bad_images:
+                seen.setdefault(path, why)
+        return [[p, why] for p, why in seen.items()]
+
+
+def make_datasets(
+    cfg: Config,
+    splits: Splits,
+    names: tuple[str, ...] = SPLIT_NAMES,
+    collective: bool = True,
+) -> Datasets:
+    """The run's datasets named in ``names``, normalised as ``cfg.data`` says.
+
+    Args:
+        cfg: the run's `Config` (``data.mean`` etc. resolved, see `resolve_inputs`).
+        splits: the run's `Splits`.
+        names: which of ``train``, ``gallery``, ``val``, ``test`` to make.
+        collective: every rank of a process group calls this together (rank 0 then
+            builds a decoded cache first, the others wait for it); False for a call of
+            one rank alone.
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.splits import load_splits
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
+        ...                                       "num_workers": 0}})
+        >>> ds = make_datasets(cfg, load_splits(cfg, root))
+        >>> sorted(ds.made()), len(ds.gallery) == len(ds.train)
+        (['gallery', 'test', 'train', 'val'], True)
+    """
+    for name in names:
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"names: {name!r} is not one of {SPLIT_NAMES}")
+    d = cfg.data
+    checked: dict[str, str | None] = {}  # each image verified once for every dataset
+    rows = {"train": splits.train, "gallery": splits.train, "val": splits.val, "test": splits.test}
+
+    def make(name: str) -> BreakHisDataset:
+        transform = "train" if name == "train" else "eval"
+        return BreakHisDataset(
+            splits.index.subset(rows[name]),
+            transform,
+            size=tuple(d.image_size),
+            task=d.task,
+            seed=cfg.run.seed,
+            skip_bad_images=d.skip_bad_images,
+            mean=d.mean,
+            std=d.std,
+            interpolation=d.interpolation or "bilinear",
+            cache_dir=d.cache_dir,
+            # device augmentation is the training transform's; evaluation images are finished
+            augment_on=d.augment_on if transform == "train" else "worker",
+            max_image_pixels=d.max_image_pixels,
+            checked=checked,
+        )
+
+    def every_split() -> Datasets:
+        return Datasets(**{name: make(name) for name in names})
+
+    if d.cache_dir is None or get_world_size() == 1 or not collective:
+        return every_split()
+    # under DDP rank 0 decodes the cache once; the other ranks then map its files, or
+    # raise rank 0's error (waiting at a barrier, they would only see a lost peer or a
+    # timeout)
+    first, failure = None, [None]
+    if get_rank() == 0:
+        try:
+            first = every_split()
+        except Exception as e:
+            failure = [f"{type(e).__name__}: {e}"]
+            torch.distributed.broadcast_object_list(failure, src=0)
+            raise
+    torch.distributed.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RecipeError(f"rank 0 could not build the decoded cache: {failure[0]}")
+    return first if first is not None else every_split()
+
+
+def eval_loader(ds: BreakHisDataset, num_workers: int = 0) -> DataLoader:
+    """Batches of 64 in order.
+
+    Args:
+        ds: the dataset to read.
+        num_workers: loader worker processes (``data.num_workers``).
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.splits import load_splits
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
+        ...                                       "num_workers": 0}})
+        >>> images, labels, patients, mags = next(iter(eval_loader(
+        ...     make_datasets(cfg, load_splits(cfg, root)).test)))
+        >>> images.shape[1:]
+        torch.Size([3, 16, 16])
+    """
+    return DataLoader(ds, batch_size=64, shuffle=False, num_workers=num_workers)
+
+
+def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> DataLoader:
+    """Training batches: multi-scale (classes x patients x magnifications) or
+    frequency-ordered, per ``sampler.kind``, resumable mid-epoch.
+
+    Args:
+        cfg: the run's `Config`.
+        ds: the training dataset.
+        pin_memory: batches in page-locked memory (for a GPU).
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> from smse_metric.recipes.histopathology.data import make_synthetic_breakhis
+        >>> from smse_metric.recipes.histopathology.splits import load_splits
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> cfg = load_config(overrides={"data": {"path": str(root), "image_size": [16, 16],
+        ...                                       "num_workers": 0}})
+        >>> loader = train_loader(cfg, make_datasets(cfg, load_splits(cfg, root)).train)
+        >>> len(next(iter(loader.batch_sampler)))  # 2 classes x 4 patients x 4 magnifications
+        32
+    """
+    try:
+        if cfg.sampler.kind == "multiscale":
+            inner = MultiScaleBatchSampler(
+                ds.labels,
+                ds.groups,
+                ds.scales,
+                cfg.sampler.classes_per_batch,
+                cfg.sampler.groups_per_class,
+                cfg.sampler.images_per_scale,
+                seed=cfg.run.seed,
+            )
+        else:
+            inner = ShuffledBatchSampler(len(ds), cfg.sampler.batch_size, seed=cfg.run.seed)
+    except ValueError as e:  # the [sampler] section does not fit the training data
+        raise RecipeError(f"[sampler] on the training split: {e}") from e
+    # pinned pages let the batch's copy to a GPU overlap the step (non_blocking)
+    return DataLoader(
+        ds,
+        batch_sampler=inner,
+        num_workers=cfg.data.num_workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_records if ds.on_device else None,
+    )
