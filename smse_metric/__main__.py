@@ -2,6 +2,6 @@
 
 import sys
 
-from .recipes.histopathology.cli import main
+from ._launcher import main
 
 sys.exit(main())

@@ -28,19 +28,48 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: the pytorch-metric-learning versions the adapters are tested with (the [pml] extra's)
+SUPPORTED_PML = ">=2.0,<3"
+
+
+def check_pml_version(version: str) -> None:
+    """Raise an ImportError naming `SUPPORTED_PML` unless ``version`` is a 2.x release
+    (3.0 removed ``utils.loss_and_miner_utils``, which these adapters use).
+
+    Args:
+        version: ``pytorch_metric_learning.__version__``.
+
+    Examples:
+        >>> check_pml_version("2.9.0")
+        >>> try:
+        ...     check_pml_version("3.0.0")
+        ... except ImportError as e:
+        ...     print(str(e).split(":")[0])
+        smse_metric.pml supports pytorch-metric-learning>=2.0,<3, found 3.0.0
+    """
+    if version.split(".")[0] != "2":
+        raise ImportError(
+            f"smse_metric.pml supports pytorch-metric-learning{SUPPORTED_PML}, found "
+            f"{version}: pip install 'smse-metric[pml]'"
+        )
+
+
 try:
-    from pytorch_metric_learning import distances, reducers
-    from pytorch_metric_learning import losses as pml_losses
-    from pytorch_metric_learning import miners as pml_miners
-    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    import pytorch_metric_learning
 except ImportError as e:  # the module is the [pml] extra's
     raise ImportError(
         "smse_metric.pml needs pytorch-metric-learning: pip install 'smse-metric[pml]'"
     ) from e
+check_pml_version(pytorch_metric_learning.__version__)
 
-from .functional import triplet_margin_loss
-from .functional.distances import gathered_distances
-from .miners import PairMiner, TripletMiner
+from pytorch_metric_learning import distances, reducers  # noqa: E402
+from pytorch_metric_learning import losses as pml_losses  # noqa: E402
+from pytorch_metric_learning import miners as pml_miners  # noqa: E402
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu  # noqa: E402
+
+from .functional import triplet_margin_loss  # noqa: E402
+from .functional.distances import gathered_distances  # noqa: E402
+from .miners import PairMiner, TripletMiner  # noqa: E402
 
 __all__ = ["PairMarginMiner", "TripletMarginLoss", "TripletMarginMiner"]
 

@@ -59,3 +59,36 @@ def test_no_module_imports_another_modules_private_names():
                     and a.name not in internal
                 ]
     assert not offenders, offenders
+
+
+def _console(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_the_console_script_says_its_version_from_the_library_alone():
+    import smse_metric
+
+    out = _console(
+        "import sys; sys.modules['PIL'] = None\n"  # as without the [recipe] extra
+        "from smse_metric._launcher import main\n"
+        "rc = main(['--version'])\n"
+        "assert 'smse_metric.recipes' not in sys.modules\n"
+        "sys.exit(rc)"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"smse-metric {smse_metric.__version__} (torch ")
+
+
+def test_the_console_script_without_the_recipe_extra_is_one_line_naming_it():
+    out = _console(
+        "import sys; sys.modules['PIL'] = None\n"
+        "from smse_metric._launcher import main\n"
+        "sys.exit(main(['train', '--help']))"
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "smse-metric: the command line needs the [recipe] extra (PIL is missing): "
+        "pip install 'smse-metric[recipe]'"
+    ]

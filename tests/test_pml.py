@@ -237,3 +237,18 @@ def test_pml_triplet_margin_loss_case(dtype):
     for loss_fn, want in cases:
         got = loss_fn(emb.clone().requires_grad_(), labels)
         assert float(got.detach()) == pytest.approx(float(want), abs=tol)
+
+
+def test_an_untested_pml_major_version_is_named_at_import(monkeypatch):
+    """The [pml] extra pins >=2.0,<3; a 3.x found anyway is one line naming the range,
+    not an AttributeError deep in the adapters."""
+    import importlib
+    import sys
+
+    import pytorch_metric_learning
+
+    assert pytorch_metric_learning.__version__.split(".")[0] == "2"  # the tested range
+    monkeypatch.setattr(pytorch_metric_learning, "__version__", "3.0.0")
+    monkeypatch.delitem(sys.modules, "smse_metric.pml")
+    with pytest.raises(ImportError, match=r"pytorch-metric-learning>=2\.0,<3, found 3\.0\.0"):
+        importlib.import_module("smse_metric.pml")

@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smse-metric",
         description="Multi-scale similarity embeddings for histopathology (SMSE).",
     )
+    from smse_metric._launcher import version_line
+
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_synth, _add_train, _add_evaluate, _add_search, _add_demo):
         add(sub)
