@@ -18,6 +18,7 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 docs: install
 	$(PY) docs/scripts/plot_rfl.py

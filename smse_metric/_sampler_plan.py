@@ -25,17 +25,17 @@ class Layout:
 
     def __init__(
         self,
-        cls,
-        scl,
-        grp_id,
-        group_class,
-        n_classes,
-        n_scales,
-        groups_per_class,
-        images_per_scale,
-        classes_per_batch,
-        batch_size,
-    ):
+        cls: np.ndarray,
+        scl: np.ndarray,
+        grp_id: np.ndarray,
+        group_class: np.ndarray,
+        n_classes: int,
+        n_scales: int,
+        groups_per_class: int,
+        images_per_scale: int,
+        classes_per_batch: int,
+        batch_size: int,
+    ) -> None:
         n_groups = len(group_class)
         self.n_images, self.n_classes, self.n_scales = len(cls), n_classes, n_scales
         self.groups_per_class, self.images_per_scale = groups_per_class, images_per_scale
@@ -72,7 +72,9 @@ class Layout:
         active = np.bincount(visits, minlength=visits.max() + 1)[::-1].cumsum()[::-1][1:]
         return int((-(-active // self.groups_per_class)).sum())
 
-    def class_slots(self, rng: np.random.Generator, c: int, n: int):
+    def class_slots(
+        self, rng: np.random.Generator, c: int, n: int
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """``n`` slots [n, G] of (group, visit) for class c: its rounds first (every visit
         of every group), then random slots. Visit -1 means "any visit" (a filler)."""
         G = self.groups_per_class
@@ -149,7 +151,9 @@ class Layout:
             table[:, M:] = cand
         return table.reshape(-1, C), rounds * n_fill
 
-    def plan(self, seed: int, epoch: int, world_size: int, drop_last: bool):
+    def plan(
+        self, seed: int, epoch: int, world_size: int, drop_last: bool
+    ) -> tuple[np.ndarray, dict[str, int]]:
         """One epoch's global batches [n, batch_size] and the counts of `SamplerStats`."""
         rng = np.random.default_rng([seed, epoch])
         G, S, K = self.groups_per_class, self.n_scales, self.images_per_scale

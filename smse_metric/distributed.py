@@ -7,6 +7,8 @@ rank that produced each embedding.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -105,7 +107,8 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     """
     if get_world_size() == 1:
         return x
-    return _AllGather.apply(x)
+    out: Tensor = _AllGather.apply(x)
+    return out
 
 
 class _AllGather(torch.autograd.Function):
@@ -113,7 +116,7 @@ class _AllGather(torch.autograd.Function):
     own ``torch.distributed.nn.functional.all_gather`` is deprecated)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         world, rank = get_world_size(), get_rank()
         ctx.rows, ctx.rank = x.shape[0], rank
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -121,7 +124,7 @@ class _AllGather(torch.autograd.Function):
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # gloo has no reduce_scatter: sum all, keep this rank's rows
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]

@@ -9,6 +9,7 @@ cross-scale positives; classification losses like ``nn.CrossEntropyLoss``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +74,11 @@ class ReinforcedFocalLoss(nn.Module):
 
     @classmethod
     def from_class_counts(
-        cls, counts: Tensor | Sequence[int], alpha: float = 2.0, gamma: float = 1.5, **kwargs
+        cls,
+        counts: Tensor | Sequence[int],
+        alpha: float = 2.0,
+        gamma: float = 1.5,
+        **kwargs: Any,
     ) -> ReinforcedFocalLoss:
         """Weights from class frequencies, the paper's ``beta_c = 1 - n_c / N``."""
         c = torch.as_tensor(counts, dtype=torch.float64)
@@ -139,7 +144,12 @@ class FocalLoss(nn.Module):
 
 class _MetricLoss(nn.Module):
     def __init__(
-        self, margin: float, reduction: str, reductions, cross_scale: bool, signed: bool
+        self,
+        margin: float,
+        reduction: str,
+        reductions: Sequence[str],
+        cross_scale: bool,
+        signed: bool,
     ) -> None:
         super().__init__()
         check_choice("reduction", reduction, reductions)

@@ -12,6 +12,8 @@ index tuples needs one host sync per chunk; mining is not a fused hot path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -24,8 +26,15 @@ __all__ = ["PairMiner", "TripletMiner"]
 PAIR_STRATEGIES = ("all", "hard", "batch_hard")
 
 
+Chunk = tuple[int, Tensor, Tensor, Tensor]
+
+
 class _Miner(nn.Module):
-    def __init__(self, strategy: str, choices, cross_scale: bool, chunk_size: int) -> None:
+    distance: str
+
+    def __init__(
+        self, strategy: str, choices: Sequence[str], cross_scale: bool, chunk_size: int
+    ) -> None:
         super().__init__()
         check_choice("strategy", strategy, choices)
         chunk_size = positive_int("chunk_size", chunk_size)
@@ -33,7 +42,15 @@ class _Miner(nn.Module):
         self.num_non_finite = 0
         self._scale_checks = common.ScaleChecks(type(self).__name__)
 
-    def _chunks(self, embeddings, labels, scales, ref_emb, ref_labels, ref_scales):
+    def _chunks(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        scales: Tensor | None,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+        ref_scales: Tensor | None,
+    ) -> Iterator[Chunk]:
         """Yield (row offset, distances [c, R], positive mask, negative mask) per anchor
         chunk; pairs at a non-finite distance are in neither mask (and counted)."""
         self._scale_checks(scales, ref_scales, self.cross_scale)
@@ -71,13 +88,13 @@ class _Miner(nn.Module):
             yield start, dist, pos & finite, neg & finite
 
 
-def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor):
+def _batch_hard(dist: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     valid, hardest_pos, hardest_neg = common.hardest(dist, pos, neg)
     anchors = valid.nonzero().squeeze(1)
     return anchors, hardest_pos[anchors], hardest_neg[anchors]
 
 
-def _empty(device) -> Tensor:
+def _empty(device: torch.device) -> Tensor:
     return torch.empty(0, dtype=torch.long, device=device)
 
 
@@ -172,7 +189,7 @@ class TripletMiner(_Miner):
         self.num_triplets = a.shape[0]
         return a, p, n
 
-    def _windows(self, dist: Tensor, pos: Tensor, neg: Tensor):
+    def _windows(self, dist: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sorted_neg, order = torch.where(neg, dist, float("inf")).sort(dim=1)
         lo, hi = smf.triplet_windows(sorted_neg, dist, self.margin, self.strategy)
         pa, pp = pos.nonzero(as_tuple=True)
@@ -185,9 +202,9 @@ class TripletMiner(_Miner):
         rank = torch.arange(len(pair), device=pair.device).add_(shift[pair])
         return a, pp[pair], order[a, rank]
 
-    def _most_violating(self, kept):
+    def _most_violating(self, kept: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         a, p, n, v = _cat(kept)
-        if a.shape[0] <= self.max_triplets:
+        if self.max_triplets is None or a.shape[0] <= self.max_triplets:
             return a, p, n, v
         # A stable sort makes the cut deterministic among equal violations.
         top = torch.sort(v, descending=True, stable=True).indices[: self.max_triplets]
@@ -201,7 +218,7 @@ class TripletMiner(_Miner):
         )
 
 
-def _cat(parts):
+def _cat(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
     if len(parts) == 1:
         return parts[0]
     return tuple(torch.cat(t) for t in zip(*parts, strict=True))
@@ -286,9 +303,9 @@ class PairMiner(_Miner):
             a1, p = pos.nonzero(as_tuple=True)
             a2, n = neg.nonzero(as_tuple=True)
             parts.append((a1 + start, p, a2 + start, n))
-        out = _cat(parts) if parts else (_empty(dev),) * 4
-        self.num_pos_pairs, self.num_neg_pairs = out[0].shape[0], out[2].shape[0]
-        return out
+        a1, p, a2, n = _cat(parts) if parts else (_empty(dev),) * 4
+        self.num_pos_pairs, self.num_neg_pairs = a1.shape[0], a2.shape[0]
+        return a1, p, a2, n
 
     def extra_repr(self) -> str:
         return (

@@ -132,6 +132,9 @@ class _ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
     epoch: int
     _position: int
 
+    def __len__(self) -> int:
+        raise NotImplementedError  # batches per epoch on this rank: the subclass's
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order the next iteration yields (as DistributedSampler)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
@@ -268,9 +271,9 @@ class MultiScaleBatchSampler(_ResumableBatchSampler):
 
     def __init__(
         self,
-        labels: Sequence | np.ndarray | torch.Tensor,
-        groups: Sequence | np.ndarray | torch.Tensor,
-        scales: Sequence | np.ndarray | torch.Tensor,
+        labels: Sequence[Any] | np.ndarray | torch.Tensor,
+        groups: Sequence[Any] | np.ndarray | torch.Tensor,
+        scales: Sequence[Any] | np.ndarray | torch.Tensor,
         classes_per_batch: int,
         groups_per_class: int,
         images_per_scale: int = 1,

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> tuple[str, ...]:
     # the release before `distance=` exported its values under this name
     if name == "DISTANCE_METRICS":
         deprecated("smse_metric.functional.DISTANCE_METRICS", "smse_metric.functional.DISTANCES", 2)

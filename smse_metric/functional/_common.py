@@ -194,7 +194,15 @@ def metric_inputs(
     )
 
 
-def block_masks(labels, ref_labels, scales, ref_scales, same, start, stop):
+def block_masks(
+    labels: Tensor,
+    ref_labels: Tensor,
+    scales: Tensor | None,
+    ref_scales: Tensor | None,
+    same: bool,
+    start: int,
+    stop: int,
+) -> tuple[Tensor, Tensor]:
     """(pos, neg) for anchors ``start:stop`` against every reference.
 
     ``scales`` (None: no cross-scale rule) restricts positives to other scales;

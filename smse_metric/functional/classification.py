@@ -20,7 +20,9 @@ from ._common import (
 __all__ = ["focal_loss", "reinforced_focal_loss"]
 
 
-def _class_inputs(logits: Tensor, target: Tensor, weight: Tensor | None, weight_name: str):
+def _class_inputs(
+    logits: Tensor, target: Tensor, weight: Tensor | Sequence[float] | None, weight_name: str
+) -> tuple[Tensor, Tensor | None]:
     check_float_matrix("logits", logits)
     target = check_int_vector("target", target, logits.shape[0], "logits", logits.device)
     n_classes = logits.shape[1]

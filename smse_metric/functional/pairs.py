@@ -95,7 +95,7 @@ def contrastive_loss(
             raise ValueError("indices_tuple: a1/p and a2/n must have equal lengths")
         d_pos, d_neg = gathered_distances(emb, ref, same, [(a1, p), (a2, n)], "l2")
         pos_terms = 0.5 * d_pos.square()
-        if cross_scale:
+        if cross_scale and scales is not None and ref_scales is not None:  # set: checked
             pos_terms = torch.where(scales[a1] != ref_scales[p], pos_terms, 0)
             n_pos = (scales[a1] != ref_scales[p]).sum()
         else:
