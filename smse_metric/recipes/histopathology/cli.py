@@ -22,10 +22,15 @@ def _synth(args: argparse.Namespace) -> int:
         image_size=(args.width, args.height),
         seed=args.seed,
     )
-    report = scan_breakhis(out).report
+    index = scan_breakhis(out)
+    report = index.report
     print(f"wrote {report['images']} images of {report['groups']} patients to {out}")
     print("per subtype: " + ", ".join(f"{k} {v}" for k, v in report["per_subtype"].items()))
     print(f"folds: {out / 'Folds.csv'}")
+    if args.manifest:
+        from .data.manifest import write_manifest
+
+        print(f"manifest: {write_manifest(index, out / 'manifest.csv', task=args.manifest)}")
     return 0
 
 
@@ -187,6 +192,12 @@ def _add_synth(sub) -> None:
     synth.add_argument("--images-per-magnification", type=int, default=4)
     synth.add_argument("--width", type=int, default=128)
     synth.add_argument("--height", type=int, default=84)
+    synth.add_argument(
+        "--manifest",
+        choices=("subtype", "binary"),
+        help="also write OUT_DIR/manifest.csv (path, label, group, scale) with the subtype "
+        "or benign/malignant as the label",
+    )
     synth.set_defaults(func=_synth)
 
 

@@ -64,3 +64,18 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(
     assert main([*args[:2], str(too_many), *args[3:]]) == 2  # 2 classes in the data
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "[sampler]" in err
+
+
+def test_synth_writes_a_manifest_beside_its_tree_on_request(tmp_path, capsys):
+    from smse_metric.recipes.histopathology.data import scan_breakhis
+    from smse_metric.recipes.histopathology.data.manifest import read_manifest
+
+    out = tmp_path / "data"
+    size = ["--images-per-magnification", "1", "--width", "32", "--height", "24"]
+    assert main(["synth", str(out), *size, "--manifest", "binary"]) == 0
+    assert f"manifest: {out / 'manifest.csv'}" in capsys.readouterr().out
+    m = read_manifest(out / "manifest.csv")
+    assert m.class_names == ("benign", "malignant")
+    assert len(m) == len(scan_breakhis(out))  # the manifest is beside the tree, not in it
+    assert main(["synth", str(tmp_path / "plain"), *size]) == 0
+    assert not (tmp_path / "plain" / "manifest.csv").exists()
