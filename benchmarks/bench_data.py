@@ -81,11 +81,11 @@ def per_core(root: Path, size: int, n: int, rounds: int, cache_dir: Path) -> lis
 def _opening(cache, index, cache_dir: Path, size) -> list[str]:
     """A built cache opened as a new process opens it: the content digest of every
     image file (the key) and of the cache file itself, with no remembered digest."""
-    from smse_metric.recipes.histopathology.data import cache as cache_module
+    from smse_metric.recipes.histopathology.data import rowfile
 
     best = float("inf")
     for _ in range(3):
-        cache_module._digests.clear()  # noqa: SLF001 - a new process remembers none
+        rowfile._digests.clear()  # noqa: SLF001 - a new process remembers none
         t0 = time.perf_counter()
         BreakHisDataset(index, "train", size=size, seed=0, cache_dir=cache_dir)
         best = min(best, time.perf_counter() - t0)
@@ -108,7 +108,8 @@ def read_cost(cache, b: int, rounds: int) -> list[list[str]]:
 
     mapped = np.memmap(cache.path, dtype=np.uint8, mode="r", shape=cache.shape)
     unchecked = copy.copy(cache)
-    unchecked._mapped = lambda: mapped  # noqa: SLF001 - the same gather, no length check
+    unchecked.rows = copy.copy(cache.rows)
+    unchecked.rows.mapped = lambda: mapped  # the same gather, no length check
     rows = np.random.default_rng(0).permutation(len(cache))[:b]
     fd = os.open(cache.path, os.O_RDONLY)
     size = mapped[0].nbytes

@@ -170,7 +170,7 @@ def _failing_cache_worker(rank: int, world: int, port: int, root: str, out: str)
     import datetime
 
     from smse_metric.recipes.histopathology import load_config
-    from smse_metric.recipes.histopathology.data.cache import DecodedCache
+    from smse_metric.recipes.histopathology.data.rowfile import RowFile
     from smse_metric.recipes.histopathology.loaders import make_datasets
     from smse_metric.recipes.histopathology.splits import load_splits
 
@@ -178,7 +178,7 @@ def _failing_cache_worker(rank: int, world: int, port: int, root: str, out: str)
         raise OSError("No space left on device")
 
     if rank == 0:  # rank 0 alone decodes, and fails
-        DecodedCache._build = full_disk
+        RowFile.write = full_disk
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # without the failure passed on, rank 1 would wait out this timeout at the barrier
     dist.init_process_group(

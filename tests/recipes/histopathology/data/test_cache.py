@@ -17,6 +17,7 @@ from smse_metric.recipes.histopathology.data.dataset import (
     split_records,
 )
 from smse_metric.recipes.histopathology.data.images import read_image
+from smse_metric.recipes.histopathology.data.rowfile import RowFile
 from smse_metric.recipes.histopathology.errors import RecipeError
 
 
@@ -65,7 +66,7 @@ def test_a_cache_travels_to_worker_processes_without_its_mapping(tmp_path):
     cache = DecodedCache(_pngs(tmp_path), (8, 10), tmp_path / "c", read=read_image)
     first = cache[0]
     clone = pickle.loads(pickle.dumps(cache))
-    assert clone._images is None and torch.equal(clone[0], first)
+    assert clone.rows._rows is None and torch.equal(clone[0], first)
 
 
 def test_an_empty_split_gives_an_empty_cache(tmp_path):
@@ -184,6 +185,6 @@ def test_an_unusable_cache_dir_is_refused_in_one_line(tmp_path, fault, monkeypat
         def denied(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(DecodedCache, "_build", denied)
+        monkeypatch.setattr(RowFile, "write", denied)
     with pytest.raises(RecipeError, match=rf"data.cache_dir {where} cannot hold the decoded"):
         DecodedCache(paths, (8, 10), where, read=read_image)
