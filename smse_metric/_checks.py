@@ -56,7 +56,6 @@ def resolve_distance(
     *,
     squared: bool | None = None,
     metric: str | None = None,
-    choices: Sequence[str] = DISTANCES,
     stacklevel: int = 3,
 ) -> str:
     """The ``distance=`` name of a call that may use an older spelling.
@@ -79,7 +78,7 @@ def resolve_distance(
         deprecated(f"squared={bool(squared)}", f"distance={new!r}", stacklevel)
         distance = _same("squared", new, distance)
     distance = default if distance is None else distance
-    check_choice("distance", distance, choices)
+    check_choice("distance", distance, DISTANCES)
     return distance
 
 

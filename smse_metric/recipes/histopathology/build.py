@@ -171,6 +171,7 @@ def build_model(cfg: Config) -> EmbeddingNet:
         num_classes(cfg.data.task),
         cfg.model.normalize,
         cfg.model.weights,
+        freeze_backbone=cfg.model.freeze_backbone,
     )
 
 
@@ -190,7 +191,8 @@ def make_optimizer(
         >>> type(opt).__name__, type(sched).__name__
         ('Adam', 'StepLR')
     """
-    optimizer = OPTIMIZERS[oc.name](model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # a frozen backbone's: none
+    optimizer = OPTIMIZERS[oc.name](trained, lr=oc.lr, weight_decay=oc.weight_decay)
     return optimizer, SCHEDULES[oc.schedule](optimizer, oc)
 
 

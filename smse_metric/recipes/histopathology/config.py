@@ -95,6 +95,9 @@ class ModelConfig:
     weights: str | None = None
     embedding_dim: int = 128
     normalize: bool = True
+    #: train the embedding and classifier heads only: the backbone keeps its weights and
+    #: normalisation statistics (eval mode) and runs without autograd
+    freeze_backbone: bool = False
 
 
 @dataclass

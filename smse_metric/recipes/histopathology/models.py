@@ -143,6 +143,9 @@ class EmbeddingNet(nn.Module):
         normalize: L2-normalise the embeddings.
         weights: a local ``.safetensors`` / ``.pt`` file to load into the backbone
             instead of downloading.
+        freeze_backbone: train the heads only: the backbone's parameters do not require
+            gradients, it stays in eval mode (its normalisation statistics and dropout
+            fixed) and runs under ``torch.no_grad``.
 
     Examples:
         >>> net = EmbeddingNet("resnet18", embedding_dim=64, num_classes=2)
@@ -159,6 +162,7 @@ class EmbeddingNet(nn.Module):
         num_classes: int = 2,
         normalize: bool = True,
         weights: str | Path | None = None,
+        freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
         import timm
@@ -195,9 +199,26 @@ class EmbeddingNet(nn.Module):
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.embed = nn.Linear(width, embedding_dim)
         self.head = nn.Linear(embedding_dim, num_classes)
+        self.freeze_backbone = bool(freeze_backbone)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> EmbeddingNet:
+        super().train(mode)
+        if self.freeze_backbone:  # a frozen backbone's batch norm keeps its statistics
+            self.backbone.eval()
+        return self
+
+    def features(self, x: Tensor) -> Tensor:
+        """The backbone's pooled features [B, F] (without autograd when frozen)."""
+        if self.freeze_backbone:
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
 
     def embed_only(self, x: Tensor) -> Tensor:
-        z = self.embed(self.backbone(x))
+        z = self.embed(self.features(x))
         return nn.functional.normalize(z, dim=1) if self.normalize else z
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

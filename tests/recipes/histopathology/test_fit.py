@@ -20,3 +20,22 @@ def test_a_run_reports_from_what_it_computed_not_from_its_files(tmp_path, root, 
     assert run.report.is_file() and run.plot("projection").is_file()
     assert run.metrics.is_file() and run.gallery_embeddings.is_file()
     assert f"{metrics.test.knn.pooled.accuracy:.3f}"[:4] in run.report.read_text()
+
+
+def test_a_frozen_backbone_run_trains_the_heads_only(tmp_path, root):
+    """model.freeze_backbone: the selected weights hold the backbone the run started
+    from (the seeded build), batch-norm statistics included, and other heads."""
+    import torch
+
+    from smse_metric.recipes.histopathology.checkpoint import load_checkpoint
+
+    run = RunDir(tmp_path / "run")
+    model = {**TINY["model"], "freeze_backbone": True}
+    cfg = load_config("smse-triplet", {**TINY, "model": model, "optim": {"epochs": 1}})
+    inputs = resolve(cfg, run, root)
+    start = {k: v.clone() for k, v in inputs.new_model().state_dict().items()}
+    assert fit_run(inputs, run, fold=1, quiet=True) is not None
+    best = load_checkpoint(run.best)["model"]
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(best[k], start[k]) for k in backbone)
+    assert not torch.equal(best["embed.weight"], start["embed.weight"])

@@ -82,3 +82,33 @@ def test_unknown_backbone_and_bad_sizes():
         EmbeddingNet("resnet_does_not_exist")
     with pytest.raises(ValueError, match="embedding_dim"):
         EmbeddingNet("resnet18", embedding_dim=0)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "smse-cnn"])
+def test_a_frozen_backbone_keeps_its_weights_and_statistics_and_the_heads_learn(backbone):
+    from smse_metric.recipes.histopathology import load_config
+    from smse_metric.recipes.histopathology.build import make_optimizer
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(backbone, embedding_dim=8, num_classes=2, freeze_backbone=True).train()
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}  # + BN statistics
+    heads = [p.clone() for p in (*net.embed.parameters(), *net.head.parameters())]
+    assert not net.backbone.training and net.embed.training  # train() keeps it in eval
+    grads = []
+    net.backbone.register_forward_hook(lambda m, i, out: grads.append(out.requires_grad))
+    optimizer, _ = make_optimizer(load_config(overrides={"data": {"synthetic": True}}).optim, net)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in (*net.embed.parameters(), *net.head.parameters())
+    }
+    for _ in range(2):
+        _, logits = net(torch.randn(4, 3, 32, 32))
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert grads == [False, False]  # no autograd graph through the backbone
+    for k, v in net.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = (*net.embed.parameters(), *net.head.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(after, heads, strict=True))
+    thawed = EmbeddingNet(backbone, embedding_dim=8, num_classes=2).train()
+    assert thawed.backbone.training and all(p.requires_grad for p in thawed.parameters())
