@@ -250,10 +250,10 @@ def build(cfg: Config, splits: Splits, device: torch.device, model: EmbeddingNet
         >>> type(built.optimizer).__name__  # doctest: +SKIP
         'Adam'
     """
-    datasets = make_datasets(cfg, splits)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    datasets = make_datasets(cfg, splits, model=model)  # a frozen backbone fills its cache
     counts = np.bincount(datasets.train.labels, minlength=num_classes(cfg.data.task))
     loss = make_losses(cfg.loss, counts)
     loss.cls_loss.to(device)

@@ -74,6 +74,9 @@ class DataConfig:
     #: drawn augmentation, and whole batches are read from the cache and augmented on the
     #: model's device
     augment_on: str = field(default="worker", metadata={"choices": ("worker", "device")})
+    #: with model.freeze_backbone: fixed views (flips, rotations) of each training image
+    #: whose features are cached; an epoch draws one per image (1: the images as they are)
+    feature_views: int = 1
     #: larger images (width x height, from the file's header) are unreadable: refused
     #: before decoding, skipped and listed like any unreadable image
     max_image_pixels: int = 89_478_485
@@ -198,6 +201,7 @@ _AT_LEAST = {
     "eval.k": 1,
     "data.min_val_patients_per_class": 0,
     "data.max_image_pixels": 1,
+    "data.feature_views": 1,
 }
 _POSITIVE = {"optim.lr", "loss.alpha", "optim.step_gamma", "run.dist_timeout"}
 
@@ -270,6 +274,8 @@ def _validate(cfg: Config) -> None:
         raise RecipeError("data.mean and data.std must be given together")
     if cfg.data.augment_on == "device" and cfg.data.cache_dir is None:
         raise RecipeError('data.augment_on = "device" reads its images from data.cache_dir: set it')
+    if cfg.data.feature_views > 8:
+        raise RecipeError(f"data.feature_views must be at most 8, got {cfg.data.feature_views}")
     if cfg.data.std is not None and min(cfg.data.std) <= 0:
         raise RecipeError(f"data.std must be positive, got {cfg.data.std}")
     usable = METRIC_DISTANCES[cfg.loss.metric]

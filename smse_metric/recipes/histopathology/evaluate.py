@@ -332,7 +332,9 @@ def evaluate_run(
         if root != recorded:
             check_same_data(run, root, recorded)
         splits = load_splits(cfg, root)
-        ds = make_datasets(cfg, splits, names=("gallery", "test"), collective=False)
+        ds = make_datasets(
+            cfg, splits, names=("gallery", "test"), collective=False, model=loaded.model
+        )
         device = next(loaded.model.parameters()).device
         ev = evaluate_model(cfg, loaded.model, ds.gallery, ds.test, device)
         metrics = run_metrics(cfg.eval.select, ev, loaded.state, splits, ds.bad_images())
@@ -365,7 +367,7 @@ def embed(
     embs, preds = [], []
     for images, *_ in loader:
         images = images.to(device, non_blocking=True)
-        if channels_last:
+        if channels_last and images.ndim == 4:  # not cached features [B, F]
             images = images.contiguous(memory_format=torch.channels_last)
         emb, logits = model(images)
         embs.append(emb.float().cpu())

@@ -4,6 +4,7 @@ verified once (`make_datasets`), and the training and evaluation loaders."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,10 +14,25 @@ from smse_metric.samplers import MultiScaleBatchSampler, ShuffledBatchSampler
 
 from .config import Config
 from .data.dataset import BreakHisDataset, collate_records
+from .data.features import (
+    FeatureCache,
+    FeatureDataset,
+    default_cache_dir,
+    feature_key,
+    module_digest,
+)
 from .errors import RecipeError
+from .models import EmbeddingNet
 from .splits import Splits
 
-__all__ = ["SPLIT_NAMES", "Datasets", "eval_loader", "make_datasets", "train_loader"]
+__all__ = [
+    "SPLIT_NAMES",
+    "Datasets",
+    "eval_loader",
+    "make_datasets",
+    "train_loader",
+    "with_features",
+]
 
 
 SPLIT_NAMES = ("train", "gallery", "val", "test")
@@ -60,8 +76,11 @@ def make_datasets(
     splits: Splits,
     names: tuple[str, ...] = SPLIT_NAMES,
     collective: bool = True,
+    model: EmbeddingNet | None = None,
 ) -> Datasets:
-    """The run's datasets named in ``names``, normalised as ``cfg.data`` says.
+    """The run's datasets named in ``names``, normalised as ``cfg.data`` says; with
+    ``model.freeze_backbone`` and the ``model`` given, of the backbone's cached features
+    (`with_features`).
 
     Args:
         cfg: the run's `Config` (``data.mean`` etc. resolved, see `resolve_inputs`).
@@ -70,6 +89,8 @@ def make_datasets(
         collective: every rank of a process group calls this together (rank 0 then
             builds a decoded cache first, the others wait for it); False for a call of
             one rank alone.
+        model: the run's network, on its device (its frozen backbone fills the feature
+            cache), or None for image datasets.
 
     Examples:
         >>> import tempfile
@@ -91,8 +112,11 @@ def make_datasets(
     checked: dict[str, str | None] = {}  # each image verified once for every dataset
     rows = {"train": splits.train, "gallery": splits.train, "val": splits.val, "test": splits.test}
 
+    frozen = cfg.model.freeze_backbone and model is not None
+
     def make(name: str) -> BreakHisDataset:
-        transform = "train" if name == "train" else "eval"
+        # a frozen backbone's features are of the images as they are, not augmented
+        transform = "train" if name == "train" and not frozen else "eval"
         return BreakHisDataset(
             splits.index.subset(rows[name]),
             transform,
@@ -103,7 +127,7 @@ def make_datasets(
             mean=d.mean,
             std=d.std,
             interpolation=d.interpolation or "bilinear",
-            cache_dir=d.cache_dir,
+            cache_dir=None if frozen else d.cache_dir,
             # device augmentation is the training transform's; evaluation images are finished
             augment_on=d.augment_on if transform == "train" else "worker",
             max_image_pixels=d.max_image_pixels,
@@ -113,6 +137,8 @@ def make_datasets(
     def every_split() -> Datasets:
         return Datasets(**{name: make(name) for name in names})
 
+    if frozen:
+        return with_features(cfg, every_split(), model)
     if d.cache_dir is None or get_world_size() == 1 or not collective:
         return every_split()
     # under DDP rank 0 decodes the cache once; the other ranks then map its files, or
@@ -130,6 +156,50 @@ def make_datasets(
     if failure[0] is not None:
         raise RecipeError(f"rank 0 could not build the decoded cache: {failure[0]}")
     return first if first is not None else every_split()
+
+
+def with_features(cfg: Config, images: Datasets, model: EmbeddingNet) -> Datasets:
+    """``images`` (evaluation transform) as datasets of ``model``'s frozen-backbone
+    features, computed once per image and view into a `FeatureCache` under
+    ``data.cache_dir`` (default `default_cache_dir`): the training and gallery images
+    share one file of ``data.feature_views`` views, validation and test images keep one
+    view. The key holds the backbone's actual weights (`module_digest`), its input size
+    and normalisation, so every run, fold and method with the same backbone and images
+    reads the same features.
+
+    Args:
+        cfg: the run's `Config`.
+        images: the run's image datasets (made with the evaluation transform).
+        model: the network with the frozen backbone, on its device.
+    """
+    d = cfg.data
+    device = next(model.parameters()).device
+    key = {
+        **feature_key(
+            cfg.model.backbone,
+            None,
+            d.image_size,
+            d.mean,
+            d.std,
+            d.interpolation or "bilinear",
+        ),
+        "state": module_digest(model.backbone),
+    }
+    directory = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    out = Datasets()
+    for name, ds in images.made().items():
+        pos = {p: i for i, p in enumerate(ds.paths)}
+        cache = FeatureCache(
+            ds.paths,
+            lambda p, ds=ds, pos=pos: ds[pos[p]][0],
+            lambda x: model.features(x.to(device)),
+            model.embed.in_features,
+            directory,
+            key,
+            views=d.feature_views if name in ("train", "gallery") else 1,
+        )
+        setattr(out, name, FeatureDataset(ds, cache, train=name == "train", seed=cfg.run.seed))
+    return out
 
 
 def eval_loader(ds: BreakHisDataset, num_workers: int = 0) -> DataLoader:

@@ -218,7 +218,9 @@ class EmbeddingNet(nn.Module):
         return self.backbone(x)
 
     def embed_only(self, x: Tensor) -> Tensor:
-        z = self.embed(self.features(x))
+        """Embeddings of images [B, 3, H, W], or of the backbone's features [B, F]
+        already computed (a frozen backbone's, from the feature cache)."""
+        z = self.embed(x if x.ndim == 2 else self.features(x))
         return nn.functional.normalize(z, dim=1) if self.normalize else z
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

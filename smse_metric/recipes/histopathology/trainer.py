@@ -177,7 +177,7 @@ class Trainer:
 
     def _step(self, images, labels, scales, interrupt: Interrupt) -> tuple[float, bool]:
         b = self.built
-        if b.channels_last:
+        if b.channels_last and images.ndim == 4:  # not cached features [B, F]
             images = images.contiguous(memory_format=torch.channels_last)
         loss = train_step(
             self.net, images, labels, scales, b.optimizer, b.loss_fn, b.amp_dtype, b.scaler

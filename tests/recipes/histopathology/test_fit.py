@@ -39,3 +39,39 @@ def test_a_frozen_backbone_run_trains_the_heads_only(tmp_path, root):
     backbone = [k for k in start if k.startswith("backbone.")]
     assert backbone and all(torch.equal(best[k], start[k]) for k in backbone)
     assert not torch.equal(best["embed.weight"], start["embed.weight"])
+
+
+def test_a_frozen_backbone_runs_once_per_image_and_view_across_epochs_and_runs(
+    tmp_path, root, monkeypatch
+):
+    """With model.freeze_backbone the features come from the cache: the backbone sees
+    each training image once per view and each validation and test image once, over
+    two epochs; a second run of the same backbone on the same images runs it not at all."""
+    from smse_metric.recipes.histopathology.models import EmbeddingNet
+
+    seen = []
+    real = EmbeddingNet.features
+
+    def counting(self, x):
+        seen.append(len(x))
+        return real(self, x)
+
+    monkeypatch.setattr(EmbeddingNet, "features", counting)
+    data = {**TINY["data"], "cache_dir": str(tmp_path / "cache"), "feature_views": 3}
+    model = {**TINY["model"], "freeze_backbone": True}
+    cfg = load_config("smse-triplet", {**TINY, "data": data, "model": model})
+    run = RunDir(tmp_path / "run")
+    inputs = resolve(cfg, run, root)
+    metrics = fit_run(inputs, run, fold=1, quiet=True)
+    s = inputs.splits(1)
+    assert sum(seen) == 3 * int(s.train.sum()) + int(s.val.sum()) + int(s.test.sum())
+    sizes = {k: int(getattr(s, k).sum()) for k in ("train", "val", "test")}
+    assert metrics.splits == sizes and run.report.is_file()
+    seen.clear()
+    again = RunDir(tmp_path / "again")
+    assert fit_run(resolve(cfg, again, root), again, fold=1, quiet=True) is not None
+    assert seen == []
+    from smse_metric.recipes.histopathology.evaluate import evaluate_run
+
+    # the evaluate command reads the same features: the same test scores, no forward
+    assert evaluate_run(run.path).test == metrics.test and seen == []

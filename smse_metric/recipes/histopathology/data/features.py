@@ -24,7 +24,15 @@ from torch import Tensor
 from ..errors import RecipeError
 from .rowfile import RowFile, file_digest
 
-__all__ = ["VIEWS", "FeatureCache", "apply_view", "feature_key"]
+__all__ = [
+    "VIEWS",
+    "FeatureCache",
+    "FeatureDataset",
+    "apply_view",
+    "default_cache_dir",
+    "feature_key",
+    "module_digest",
+]
 
 #: bump when the stored layout or the key changes: old files are then not used
 FORMAT = 1
@@ -197,3 +205,95 @@ class FeatureCache:
         if len(v) and (v.min() < 0 or v.max() >= self.shape[1]):
             raise IndexError(f"views must lie in [0, {self.shape[1]}), got {v.tolist()}")
         return feats[torch.arange(len(feats)), v]
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """An image dataset's items with the images replaced by their cached backbone
+    features: ``(features [F] float32, label, group, scale)``. A training dataset draws
+    one of the cached views per image and epoch (seeded, like the image augmentation);
+    an evaluation dataset takes the images as they are (the first view).
+
+    Args:
+        images: the image dataset (its evaluation transform: what the cache holds); its
+            labels, groups, scales, paths and left-out images are this dataset's.
+        cache: the `FeatureCache` of ``images.paths``, in order.
+        train: draw a random view per image and epoch.
+        seed: the draws' seed.
+
+    Examples:
+        >>> import tempfile
+        >>> from smse_metric.recipes.histopathology.data import (
+        ...     make_synthetic_breakhis, scan_breakhis)
+        >>> from smse_metric.recipes.histopathology.data.dataset import BreakHisDataset
+        >>> root = make_synthetic_breakhis(tempfile.mkdtemp(), images_per_magnification=1,
+        ...                                image_size=(32, 24))
+        >>> images = BreakHisDataset(scan_breakhis(root), "eval", size=(8, 8))
+        >>> key = feature_key("mean-rgb", None, (8, 8), None, None, "bilinear")
+        >>> cache = FeatureCache(images.paths, lambda p: images[images.paths.index(p)][0],
+        ...                      lambda x: x.mean(dim=(2, 3)), 3, root / "f", key, views=2)
+        >>> ds = FeatureDataset(images, cache, train=True)
+        >>> features, label, group, scale = ds[0]
+        >>> features.shape, scale in (40, 100, 200, 400)
+        (torch.Size([3]), True)
+    """
+
+    def __init__(self, images: Any, cache: FeatureCache, train: bool, seed: int = 0) -> None:
+        if len(cache) != len(images):
+            raise ValueError(f"the cache holds {len(cache)} rows, the dataset {len(images)}")
+        self.images, self.cache, self.train, self.seed = images, cache, bool(train), int(seed)
+        self.labels, self.groups, self.scales = images.labels, images.groups, images.scales
+        self.bad_images = images.bad_images
+        self.on_device = False  # features need no device augmentation
+        self.epoch = 0
+
+    @property
+    def index(self) -> Any:
+        return self.images.index
+
+    @property
+    def rows(self) -> Any:
+        return self.images.rows
+
+    @property
+    def paths(self) -> Sequence[str]:
+        return self.images.paths
+
+    def describe_bad_images(self) -> str:
+        return self.images.describe_bad_images()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int, int]:
+        view = 0
+        if self.train and self.cache.shape[1] > 1:
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            view = int(rng.integers(self.cache.shape[1]))
+        features = self.cache.gather([int(i)], [view])[0]
+        return features, int(self.labels[i]), int(self.groups[i]), int(self.scales[i])
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """BLAKE2b (128 bits) of a module's state (names, dtypes, shapes and values): the
+    weights a backbone actually has, whether pretrained, loaded from a file or seeded.
+
+    Examples:
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> module_digest(a) == module_digest(a), module_digest(a) == module_digest(b)
+        (True, False)
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, value in sorted(module.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Where features are kept without ``data.cache_dir``: ``$XDG_CACHE_HOME/smse-metric``
+    (default ``~/.cache/smse-metric``), shared by every run of the machine's user."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smse-metric"
