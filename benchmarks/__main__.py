@@ -10,6 +10,7 @@ from pathlib import Path
 from benchmarks import (
     bench_data,
     bench_eval,
+    bench_frozen,
     bench_launch,
     bench_losses,
     bench_recipe,
@@ -23,6 +24,7 @@ BENCHES = {
     "eval": bench_eval,
     "recipe": bench_recipe,
     "data": bench_data,
+    "frozen": bench_frozen,
 }
 
 
