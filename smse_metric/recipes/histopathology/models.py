@@ -131,6 +131,23 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> dict[str, list
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
 
 
+#: huggingface_hub's errors for a repository that needs access the caller lacks (a gated
+#: model without a token, or without its terms accepted)
+_HUB_REFUSALS = ("GatedRepoError", "RepositoryNotFoundError")
+
+
+def _refused_by_hub(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from is the Hub refusing access."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if type(e).__name__ in _HUB_REFUSALS or status in (401, 403):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class EmbeddingNet(nn.Module):
     """``x -> (embeddings [B, embedding_dim], logits [B, num_classes])``.
 
@@ -185,6 +202,13 @@ class EmbeddingNet(nn.Module):
             except Exception as e:
                 if not pretrained:
                     raise
+                if _refused_by_hub(e):
+                    raise RecipeError(
+                        f"the Hugging Face Hub refused {backbone!r} ({type(e).__name__}): a "
+                        "gated model needs its terms accepted on the Hub and a token in "
+                        "HF_TOKEN (or a login with the Hub's command line); or pass "
+                        "--weights FILE (a local .safetensors / .pt)"
+                    ) from e
                 # one line the CLI can print: what failed and what to do instead
                 raise RecipeError(
                     f"could not download pretrained weights for {backbone!r} "

@@ -112,3 +112,27 @@ def test_a_frozen_backbone_keeps_its_weights_and_statistics_and_the_heads_learn(
     assert all(not torch.equal(a, b) for a, b in zip(after, heads, strict=True))
     thawed = EmbeddingNet(backbone, embedding_dim=8, num_classes=2).train()
     assert thawed.backbone.training and all(p.requires_grad for p in thawed.parameters())
+
+
+@pytest.mark.parametrize("refusal", ["GatedRepoError", "RepositoryNotFoundError", "status 401"])
+def test_a_gated_hub_model_without_a_token_names_hf_token_and_weights(monkeypatch, refusal):
+    import timm
+
+    class Response:
+        status_code = 401
+
+    class HubError(Exception):
+        response = Response() if refusal == "status 401" else None
+
+    HubError.__name__ = refusal if refusal != "status 401" else "HfHubHTTPError"
+
+    def gated(*args, **kwargs):
+        try:
+            raise HubError("Access to model MahmoodLab/UNI is restricted")
+        except HubError as inner:  # as timm raises it: from within its own handling
+            raise RuntimeError("could not load") from inner
+
+    monkeypatch.setattr(timm, "create_model", gated)
+    with pytest.raises(ValueError, match=r"HF_TOKEN.*--weights FILE") as e:
+        EmbeddingNet("hf-hub:MahmoodLab/UNI", pretrained=True)
+    assert "\n" not in str(e.value) and "'hf-hub:MahmoodLab/UNI'" in str(e.value)
