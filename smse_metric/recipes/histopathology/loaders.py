@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -111,6 +112,7 @@ def make_datasets(
     d = cfg.data
     checked: dict[str, str | None] = {}  # each image verified once for every dataset
     rows = {"train": splits.train, "gallery": splits.train, "val": splits.val, "test": splits.test}
+    rows["every"] = np.ones(len(splits.index), dtype=bool)  # a frozen backbone's cache
 
     frozen = cfg.model.freeze_backbone and model is not None
 
@@ -138,7 +140,7 @@ def make_datasets(
         return Datasets(**{name: make(name) for name in names})
 
     if frozen:
-        return with_features(cfg, every_split(), model)
+        return with_features(cfg, every_split(), make("every"), model)
     if d.cache_dir is None or get_world_size() == 1 or not collective:
         return every_split()
     # under DDP rank 0 decodes the cache once; the other ranks then map its files, or
@@ -158,18 +160,20 @@ def make_datasets(
     return first if first is not None else every_split()
 
 
-def with_features(cfg: Config, images: Datasets, model: EmbeddingNet) -> Datasets:
+def with_features(
+    cfg: Config, images: Datasets, every: BreakHisDataset, model: EmbeddingNet
+) -> Datasets:
     """``images`` (evaluation transform) as datasets of ``model``'s frozen-backbone
-    features, computed once per image and view into a `FeatureCache` under
-    ``data.cache_dir`` (default `default_cache_dir`): the training and gallery images
-    share one file of ``data.feature_views`` views, validation and test images keep one
-    view. The key holds the backbone's actual weights (`module_digest`), its input size
-    and normalisation, so every run, fold and method with the same backbone and images
-    reads the same features.
+    features: one `FeatureCache` of every image of the data (``every``), computed once per
+    image and each of ``data.feature_views`` views under ``data.cache_dir`` (default
+    `default_cache_dir`). Its key holds the images, the backbone's actual weights
+    (`module_digest`), input size and normalisation, and no split: every run, fold and
+    method with the same backbone and data reads the same features.
 
     Args:
         cfg: the run's `Config`.
         images: the run's image datasets (made with the evaluation transform).
+        every: every image of the data, with the evaluation transform.
         model: the network with the frozen backbone, on its device.
     """
     d = cfg.data
@@ -185,20 +189,21 @@ def with_features(cfg: Config, images: Datasets, model: EmbeddingNet) -> Dataset
         ),
         "state": module_digest(model.backbone),
     }
-    directory = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    paths = list(every.paths)
+    pos = {p: i for i, p in enumerate(paths)}
+    cache = FeatureCache(
+        paths,
+        lambda p: every[pos[p]][0],
+        lambda x: model.features(x.to(device)),
+        model.embed.in_features,
+        Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
+        key,
+        views=d.feature_views,
+    )
     out = Datasets()
     for name, ds in images.made().items():
-        pos = {p: i for i, p in enumerate(ds.paths)}
-        cache = FeatureCache(
-            ds.paths,
-            lambda p, ds=ds, pos=pos: ds[pos[p]][0],
-            lambda x: model.features(x.to(device)),
-            model.embed.in_features,
-            directory,
-            key,
-            views=d.feature_views if name in ("train", "gallery") else 1,
-        )
-        setattr(out, name, FeatureDataset(ds, cache, train=name == "train", seed=cfg.run.seed))
+        rows = [pos[p] for p in ds.paths]
+        setattr(out, name, FeatureDataset(ds, cache, rows, name == "train", cfg.run.seed))
     return out
 
 

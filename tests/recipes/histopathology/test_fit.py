@@ -44,9 +44,9 @@ def test_a_frozen_backbone_run_trains_the_heads_only(tmp_path, root):
 def test_a_frozen_backbone_runs_once_per_image_and_view_across_epochs_and_runs(
     tmp_path, root, monkeypatch
 ):
-    """With model.freeze_backbone the features come from the cache: the backbone sees
-    each training image once per view and each validation and test image once, over
-    two epochs; a second run of the same backbone on the same images runs it not at all."""
+    """With model.freeze_backbone the features come from one cache of the data: the
+    backbone sees each image once per view over two epochs; a second run of the same
+    backbone on the same images runs it not at all, nor does another fold."""
     from smse_metric.recipes.histopathology.models import EmbeddingNet
 
     seen = []
@@ -64,12 +64,14 @@ def test_a_frozen_backbone_runs_once_per_image_and_view_across_epochs_and_runs(
     inputs = resolve(cfg, run, root)
     metrics = fit_run(inputs, run, fold=1, quiet=True)
     s = inputs.splits(1)
-    assert sum(seen) == 3 * int(s.train.sum()) + int(s.val.sum()) + int(s.test.sum())
+    assert sum(seen) == 3 * len(s.index) == 3 * int((s.train | s.val | s.test).sum())
     sizes = {k: int(getattr(s, k).sum()) for k in ("train", "val", "test")}
     assert metrics.splits == sizes and run.report.is_file()
     seen.clear()
     again = RunDir(tmp_path / "again")
     assert fit_run(resolve(cfg, again, root), again, fold=1, quiet=True) is not None
+    other = RunDir(tmp_path / "fold2")
+    assert fit_run(resolve(cfg, other, root), other, fold=2, quiet=True) is not None
     assert seen == []
     from smse_metric.recipes.histopathology.evaluate import evaluate_run
 

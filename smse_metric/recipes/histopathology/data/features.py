@@ -216,7 +216,8 @@ class FeatureDataset(torch.utils.data.Dataset):
     Args:
         images: the image dataset (its evaluation transform: what the cache holds); its
             labels, groups, scales, paths and left-out images are this dataset's.
-        cache: the `FeatureCache` of ``images.paths``, in order.
+        cache: a `FeatureCache` holding these images (and maybe others).
+        rows: the cache row of each of ``images``' items.
         train: draw a random view per image and epoch.
         seed: the draws' seed.
 
@@ -231,15 +232,27 @@ class FeatureDataset(torch.utils.data.Dataset):
         >>> key = feature_key("mean-rgb", None, (8, 8), None, None, "bilinear")
         >>> cache = FeatureCache(images.paths, lambda p: images[images.paths.index(p)][0],
         ...                      lambda x: x.mean(dim=(2, 3)), 3, root / "f", key, views=2)
-        >>> ds = FeatureDataset(images, cache, train=True)
+        >>> ds = FeatureDataset(images, cache, range(len(images)), train=True)
         >>> features, label, group, scale = ds[0]
         >>> features.shape, scale in (40, 100, 200, 400)
         (torch.Size([3]), True)
     """
 
-    def __init__(self, images: Any, cache: FeatureCache, train: bool, seed: int = 0) -> None:
-        if len(cache) != len(images):
-            raise ValueError(f"the cache holds {len(cache)} rows, the dataset {len(images)}")
+    def __init__(
+        self,
+        images: Any,
+        cache: FeatureCache,
+        rows: Sequence[int],
+        train: bool,
+        seed: int = 0,
+    ) -> None:
+        self.cache_rows = np.asarray(rows, dtype=np.int64)
+        if len(self.cache_rows) != len(images):
+            raise ValueError(f"rows has {len(self.cache_rows)} entries, the dataset {len(images)}")
+        if len(self.cache_rows) and not 0 <= self.cache_rows.min() <= self.cache_rows.max() < len(
+            cache
+        ):
+            raise ValueError(f"rows must lie in [0, {len(cache)}), the cache's rows")
         self.images, self.cache, self.train, self.seed = images, cache, bool(train), int(seed)
         self.labels, self.groups, self.scales = images.labels, images.groups, images.scales
         self.bad_images = images.bad_images
@@ -265,14 +278,14 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.cache_rows)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int, int]:
         view = 0
         if self.train and self.cache.shape[1] > 1:
             rng = np.random.default_rng([self.seed, self.epoch, int(i)])
             view = int(rng.integers(self.cache.shape[1]))
-        features = self.cache.gather([int(i)], [view])[0]
+        features = self.cache.gather([int(self.cache_rows[i])], [view])[0]
         return features, int(self.labels[i]), int(self.groups[i]), int(self.scales[i])
 
 
