@@ -151,10 +151,22 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import comparison_table, demo_table, run_demo
     from .rundir import DEMO_MARKER, check_run_dir, claim_run_dir
 
+    if (args.pretrained or args.weights) and not args.frozen:
+        raise RecipeError(
+            "--pretrained and --weights choose a frozen backbone's weights: add --frozen"
+        )
     out = Path(args.out)
     replace = check_run_dir(out, args.overwrite, marker=DEMO_MARKER)
     with claim_run_dir(out, replace, marker=DEMO_MARKER):
-        summary = run_demo(out, epochs=args.epochs, seeds=args.seeds, device=args.device or "auto")
+        summary = run_demo(
+            out,
+            epochs=args.epochs,
+            seeds=args.seeds,
+            device=args.device or "auto",
+            frozen=args.frozen,
+            pretrained=args.pretrained,
+            weights=args.weights,
+        )
     runs = summary["runs"]
     print()
     print("replicate 1 of", len(runs))
@@ -299,6 +311,16 @@ def _add_demo(sub) -> None:
     )
     de.add_argument("--device", choices=("auto", "cpu", "cuda"))
     de.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
+    de.add_argument(
+        "--frozen",
+        metavar="BACKBONE",
+        help="compare SMSE's heads with a linear probe on this backbone's frozen features "
+        "(computed once, shared by every replicate and method)",
+    )
+    de.add_argument(
+        "--pretrained", action="store_true", help="with --frozen: the backbone's own weights"
+    )
+    de.add_argument("--weights", help="with --frozen: a local weights file for the backbone")
     de.set_defaults(func=_demo)
 
 

@@ -104,6 +104,7 @@ class RunDir:
     folds_md = property(lambda self: self.path / "folds.md", doc="fold summary table")
     summary_md = property(lambda self: self.path / "summary.md", doc="demo summary")
     summary_json = property(lambda self: self.path / "summary.json", doc="demo summary data")
+    features = property(lambda self: self.path / "features", doc="a demo's feature cache")
 
 
 def _contains(parent: Path, child: Path) -> bool:

@@ -67,3 +67,38 @@ def test_the_demo_data_gives_every_replicate_at_least_40_test_patients(tmp_path)
         val = splits.index.label[splits.val]
         for c in (0, 1):  # validation: at least 2 patients of each class
             assert len(np.unique(splits.index.group[splits.val][val == c])) >= 2
+
+
+def test_the_frozen_demo_compares_heads_on_features_computed_once(tmp_path, monkeypatch, capsys):
+    """demo --frozen: both methods on one frozen backbone's cached features (the SMSE
+    heads against a linear probe), the backbone run once per image and replicate (its
+    seeded random weights differ per replicate), shared by the two methods."""
+    from smse_metric.recipes.histopathology import demo
+    from smse_metric.recipes.histopathology.data import scan_breakhis
+    from smse_metric.recipes.histopathology.models import EmbeddingNet
+
+    monkeypatch.setattr(demo, "DEMO_PATIENTS", {k: 2 * v for k, v in demo.DEFAULT_PATIENTS.items()})
+    tiny = {
+        **demo.DEMO_OVERRIDES,
+        "optim": {**demo.DEMO_OVERRIDES["optim"], "epochs": 2},
+        "sampler": {"groups_per_class": 2},
+    }
+    monkeypatch.setattr(demo, "DEMO_OVERRIDES", tiny)
+    seen = []
+    real = EmbeddingNet.features
+    monkeypatch.setattr(EmbeddingNet, "features", lambda s, x: seen.append(len(x)) or real(s, x))
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--device", "cpu", "--seeds", "2", "--frozen", "smse-cnn"]
+    assert main(args) == 0
+    assert sum(seen) == 2 * len(scan_breakhis(out / "data"))
+    assert "linear probe on frozen smse-cnn" in (out / "summary.md").read_text()
+    comparison = json.loads((out / "summary.json").read_text())["comparison"]
+    verdict = comparison["pooled patient accuracy"]["verdict"]
+    assert f"| {verdict}" in capsys.readouterr().out  # printed from paired replicates
+    probe = load_config(out / "seed0" / "baseline-ce" / "config.toml")
+    smse = load_config(out / "seed1" / "smse-triplet" / "config.toml")
+    assert probe.model.freeze_backbone and not probe.model.normalize
+    assert smse.model.freeze_backbone and smse.model.normalize
+    assert probe.data.cache_dir == smse.data.cache_dir == str(out / "features")
+    assert main(["demo", "--out", str(tmp_path / "x"), "--pretrained"]) == 2
+    assert "add --frozen" in capsys.readouterr().err
