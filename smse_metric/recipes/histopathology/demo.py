@@ -205,7 +205,19 @@ def frozen_overrides(backbone: str, pretrained: bool, weights: str | None, cache
     or loaded weights; seeded random weights otherwise, which differ per replicate), the
     SMSE heads against a linear probe: the baseline's embedding and classifier layers
     without the normalisation between them, one linear map of the features (eva's
-    protocol: frozen backbone, linear head)."""
+    protocol: frozen backbone, linear head).
+
+    Args:
+        backbone: the frozen backbone's name (timm, ``hf-hub:`` or ``smse-cnn``).
+        pretrained: load the backbone's own pretrained weights.
+        weights: a local weights file for the backbone, or None.
+        cache: where the features are kept.
+
+    Examples:
+        >>> o = frozen_overrides("smse-cnn", False, None, Path("runs/demo/features"))
+        >>> o["model"]["freeze_backbone"], o["baseline-ce"]["model"]["normalize"]
+        (True, False)
+    """
     return {
         "model": {
             "backbone": backbone,
