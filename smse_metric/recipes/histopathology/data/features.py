@@ -196,15 +196,15 @@ class FeatureCache:
     ) -> Tensor:
         """float32 features [B, F] of ``rows``, each under its view in ``views`` (default:
         the first view, the images as they are)."""
-        feats = self.rows.gather(rows).float()  # [B, V, F]
+        feats = self.rows.gather(rows)  # [B, V, F], float16 or float32
         if views is None:
-            return feats[:, 0]
+            return feats[:, 0].float()
         v = torch.as_tensor(views, dtype=torch.int64)
         if v.shape != (len(feats),):
             raise ValueError(f"views must hold one view per row, got shape {tuple(v.shape)}")
         if len(v) and (v.min() < 0 or v.max() >= self.shape[1]):
             raise IndexError(f"views must lie in [0, {self.shape[1]}), got {v.tolist()}")
-        return feats[torch.arange(len(feats)), v]
+        return feats[torch.arange(len(feats)), v].float()  # the chosen views only
 
 
 class FeatureDataset(torch.utils.data.Dataset):

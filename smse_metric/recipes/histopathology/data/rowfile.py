@@ -82,6 +82,7 @@ class RowFile:
             np.dtype(dtype),
             what,
         )
+        self.torch_dtype = torch.from_numpy(np.zeros(0, dtype=self.dtype)).dtype
         self.digest_path = self.path.with_name(self.path.name + ".b2")
         self.nbytes = math.prod(self.shape) * self.dtype.itemsize
         self._file = None
@@ -152,8 +153,9 @@ class RowFile:
             raise ValueError(f"rows must be one-dimensional, got shape {idx.shape}")
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"rows must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
-        dtype = torch.from_numpy(np.zeros(0, dtype=self.dtype)).dtype
-        out = torch.empty((len(idx), *self.shape[1:]), dtype=dtype, pin_memory=pin_memory)
+        out = torch.empty(
+            (len(idx), *self.shape[1:]), dtype=self.torch_dtype, pin_memory=pin_memory
+        )
         if len(idx):  # an empty file cannot be mapped
             mapped, dst = self.mapped(), out.numpy()
             for j, r in enumerate(idx):  # row copies beat np.take(..., out=) here
