@@ -13,6 +13,8 @@ from smse_metric.evaluation import FaissIndex
 from smse_metric.recipes.histopathology import load_config
 from smse_metric.recipes.histopathology.build import resolve_inputs
 from smse_metric.recipes.histopathology.checkpoint import TrainState
+from smse_metric.recipes.histopathology.data.breakhis import SUBTYPES
+from smse_metric.recipes.histopathology.splits import MALIGNANT
 
 TINY = {
     "data": {"synthetic": True, "image_size": [32, 32], "num_workers": 0, "val_fraction": 0.2},
@@ -70,7 +72,9 @@ def check_run(run, cfg):
     saved = load_config(run / "config.toml")
     assert Path(saved.data.path).is_dir()
     saved.data.path = cfg.data.path
-    assert saved == resolve_inputs(cfg)  # the backbone's normalisation, recorded
+    assert saved.data.classes == list(SUBTYPES) and saved.data.positive_classes == MALIGNANT
+    saved.data.classes, saved.data.positive_classes = cfg.data.classes, cfg.data.positive_classes
+    assert saved == resolve_inputs(cfg)  # the backbone's normalisation and classes, recorded
 
 
 def interrupt_script(root, out, interrupt_at, workers=0):

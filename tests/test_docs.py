@@ -79,3 +79,19 @@ def test_the_strict_docs_build_fails_on_one_broken_reference(tmp_path):
     assert broken.returncode != 0
     log = broken.stdout + broken.stderr
     assert "no_such_symbol" in log and "Aborted" in log
+
+
+def test_the_foundation_model_table_is_the_one_the_recipe_uses():
+    """docs/howto/backbones.md's table of timm arguments and pooling, row by row, against
+    `models.FOUNDATION_MODELS` (what an empty model.backbone_kwargs / pool becomes)."""
+    import tomllib
+
+    from smse_metric.recipes.histopathology.models import FOUNDATION_MODELS
+
+    text = (ROOT / "docs" / "howto" / "backbones.md").read_text()
+    rows = re.findall(r"^\| [^|]+ \| `(hf-hub:[^`]+)` \| `(\{.*?\})` \| `\"(\w+)\"` \|", text, re.M)
+    assert len(rows) == len(FOUNDATION_MODELS)
+    for name, kwargs, pool in rows:
+        want_kwargs, want_pool = FOUNDATION_MODELS[name]
+        documented = tomllib.loads(f"k = {kwargs}")["k"]
+        assert documented == pytest.approx(want_kwargs) and pool == want_pool, name

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import Config, LossConfig, OptimConfig
+from .config import Config, DataConfig, LossConfig, OptimConfig
 from .data.breakhis import class_names
 from .errors import RecipeError
 from .factories import (
@@ -83,7 +83,8 @@ def amp_setup(
 def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
     """``cfg`` with ``data.mean``, ``data.std`` and ``data.interpolation`` filled from the
     backbone's data config where the config leaves them empty (a key set in the config
-    wins), so that training, evaluation and search normalise alike.
+    wins), and ``model.backbone_kwargs`` / ``model.pool`` as the network was built, so
+    that training, evaluation and search build and normalise alike.
 
     Args:
         cfg: the run's validated `Config`.
@@ -96,11 +97,18 @@ def resolve_inputs(cfg: Config, model: EmbeddingNet | None = None) -> Config:
         ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     """
     d = cfg.data
+    model = model or build_model(cfg)
+    cfg = dataclasses.replace(  # what the network was built with, for evaluate and search
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, backbone_kwargs=dict(model.backbone_kwargs), pool=model.pool
+        ),
+    )
     if d.mean is not None and d.interpolation is not None:
         return cfg
     from .models import backbone_data_config
 
-    own = backbone_data_config((model or build_model(cfg)).backbone)
+    own = backbone_data_config(model.backbone)
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(
@@ -137,17 +145,22 @@ def make_losses(lc: LossConfig, class_counts: np.ndarray) -> StepLoss:
     )
 
 
-def num_classes(task: str) -> int:
-    """2 for the binary task, 8 for subtypes.
+def num_classes(d: DataConfig) -> int:
+    """The classifier's classes: 2 for the binary task, else the data's classes
+    (``data.classes``; empty, as before a run resolves it: BreakHis's eight subtypes).
 
     Args:
-        task: ``data.task``.
+        d: the run's ``cfg.data``.
 
     Examples:
-        >>> num_classes("subtype")
+        >>> from smse_metric.recipes.histopathology import load_config
+        >>> num_classes(load_config(overrides={"data": {"synthetic": True,
+        ...                                             "task": "subtype"}}).data)
         8
     """
-    return len(class_names(task))
+    if d.task == "subtype" and d.classes:
+        return len(d.classes)
+    return len(class_names(d.task))
 
 
 def build_model(cfg: Config) -> EmbeddingNet:
@@ -168,10 +181,12 @@ def build_model(cfg: Config) -> EmbeddingNet:
         cfg.model.backbone,
         cfg.model.pretrained,
         cfg.model.embedding_dim,
-        num_classes(cfg.data.task),
+        num_classes(cfg.data),
         cfg.model.normalize,
         cfg.model.weights,
         freeze_backbone=cfg.model.freeze_backbone,
+        backbone_kwargs=cfg.model.backbone_kwargs,
+        pool=cfg.model.pool,
     )
 
 
@@ -254,7 +269,7 @@ def build(cfg: Config, splits: Splits, device: torch.device, model: EmbeddingNet
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     datasets = make_datasets(cfg, splits, model=model)  # a frozen backbone fills its cache
-    counts = np.bincount(datasets.train.labels, minlength=num_classes(cfg.data.task))
+    counts = np.bincount(datasets.train.labels, minlength=num_classes(cfg.data))
     loss = make_losses(cfg.loss, counts)
     loss.cls_loss.to(device)
     optimizer, scheduler = make_optimizer(cfg.optim, model)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import make_synthetic_breakhis, scan_breakhis
+from .data.manifest import is_manifest
 from .errors import RecipeError
 from .results import RunMetrics
 from .rundir import RunDir
@@ -79,11 +80,19 @@ def _train_config(args: argparse.Namespace, folds: list[int] | None):
     if args.synthetic:
         overrides["data"]["synthetic"] = True
     elif args.data:
-        if not Path(args.data).is_dir():
-            raise RecipeError(f"--data {args.data} is not a directory")
-        overrides["data"]["path"] = str(Path(args.data).resolve())
-    else:
-        raise RecipeError("give --data DIR (a BreakHis directory) or --synthetic")
+        data = Path(args.data)
+        if is_manifest(data) and not data.is_file():
+            raise RecipeError(f"--data {args.data}: no such manifest")
+        if not is_manifest(data) and not data.is_dir():
+            raise RecipeError(
+                f"--data {args.data} is neither a directory nor a manifest (.csv, .parquet)"
+            )
+        overrides["data"]["path"] = str(data.resolve())
+    elif not args.config:  # a config may name its data.path
+        raise RecipeError(
+            "give --data DIR (a BreakHis directory), --data FILE.csv (a manifest), "
+            "--synthetic, or a --config that names its data.path"
+        )
     return load_config(args.config or "smse-triplet", overrides)
 
 
@@ -221,11 +230,15 @@ def _add_train(sub) -> None:
     )
     tr.add_argument(
         "--config",
-        help="a preset (smse-triplet [default], smse-triplet-small, smse-pair, baseline-ce) "
-        "or a TOML file",
+        help="a preset (smse-triplet [default], smse-triplet-small, smse-pair, baseline-ce, "
+        "smse-frozen) or a TOML file",
     )
     src = tr.add_mutually_exclusive_group()
-    src.add_argument("--data", help="BreakHis-layout directory")
+    src.add_argument(
+        "--data",
+        help="a BreakHis-layout directory, or a manifest (.csv; .parquet with pyarrow) with "
+        "the columns path, label, group, scale and optionally split or fold",
+    )
     src.add_argument(
         "--synthetic",
         action="store_true",

@@ -19,9 +19,10 @@ from smse_metric.evaluation._inputs import EXCLUDE
 from smse_metric.functional import DISTANCES, FUSED_TRIPLETS
 
 from .data.augment import INTERPOLATIONS
-from .data.breakhis import MAGNIFICATIONS
+from .data.manifest import COLUMNS, OPTIONAL_COLUMNS
 from .errors import RecipeError
 from .factories import CLASSIFICATION_LOSSES, METRIC_DISTANCES, METRIC_LOSSES, OPTIMIZERS, SCHEDULES
+from .models import POOLS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,15 +39,27 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRESETS = ("smse-triplet", "smse-triplet-small", "smse-pair", "baseline-ce")
+PRESETS = ("smse-triplet", "smse-triplet-small", "smse-pair", "baseline-ce", "smse-frozen")
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None  #: BreakHis root; None with synthetic = true
+    #: a BreakHis directory or a manifest (.csv, .parquet); None with synthetic = true
+    path: str | None = None
     synthetic: bool = False
     task: str = field(default="binary", metadata={"choices": ("binary", "subtype")})
-    magnifications: list[int] = field(default_factory=lambda: list(MAGNIFICATIONS))
+    #: the scales (magnifications) to use; empty: every scale of the data
+    magnifications: list[int] = field(default_factory=list)
+    #: a manifest's own names of our columns, e.g. {path = "file", group = "slide_id"}
+    columns: dict[str, str] = field(default_factory=dict)
+    #: a manifest row whose file is missing: "error", or "skip" (counted and listed)
+    missing_files: str = field(default="error", metadata={"choices": ("error", "skip")})
+    #: the data's classes (the subtype task's labels, in order); empty: from the data,
+    #: written to the run's config.toml when it starts
+    classes: list[str] = field(default_factory=list)
+    #: the binary task's label 1: these classes (BreakHis: the malignant subtypes; a
+    #: two-class manifest: its second class); empty: that default, written when it starts
+    positive_classes: list[str] = field(default_factory=list)
     group_by: str = field(default="slide", metadata={"choices": ("slide", "case")})
     fold: int = 1
     #: Folds.csv or dsfold{fold}.txt ({fold} is replaced); default: <path>/Folds.csv,
@@ -101,6 +114,14 @@ class ModelConfig:
     #: train the embedding and classifier heads only: the backbone keeps its weights and
     #: normalisation statistics (eval mode) and runs without autograd
     freeze_backbone: bool = False
+    #: more arguments of timm.create_model, e.g. {init_values = 1e-5} (UNI); a string
+    #: for a *_layer argument names a class of timm.layers or torch.nn; empty: the
+    #: model card's for the foundation models of models.FOUNDATION_MODELS, else none
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: "backbone": its pooled output; "cls_mean": a vision transformer's class token
+    #: next to the mean of its patch tokens (Virchow's tile embedding); empty: the
+    #: foundation model's (models.FOUNDATION_MODELS), else "backbone"
+    pool: str | None = field(default=None, metadata={"choices": POOLS})
 
 
 @dataclass
@@ -186,6 +207,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+MANIFEST_COLUMNS = COLUMNS + OPTIONAL_COLUMNS
 #: integer keys with a lower bound, and number keys that must be positive
 _AT_LEAST = {
     "data.fold": 1,
@@ -219,6 +241,10 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{key} must be a list, got {value!r}")
         return [_check_value(f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} must be a table, got {value!r}")
+        return {k: _check_value(f"{key}.{k}", v, args[1], {}) for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{key} must be true or false, got {value!r}")
@@ -257,10 +283,17 @@ def _build(cls, values: dict, prefix: str):
 
 def _validate(cfg: Config) -> None:
     mags = cfg.data.magnifications
-    if not mags or len(set(mags)) != len(mags) or not set(mags) <= set(MAGNIFICATIONS):
-        raise RecipeError(
-            f"data.magnifications must be distinct values of {MAGNIFICATIONS}: {mags}"
-        )
+    if len(set(mags)) != len(mags) or min(mags, default=1) < 0:
+        raise RecipeError(f"data.magnifications must be distinct non-negative integers: {mags}")
+    for name in ("classes", "positive_classes"):
+        values = getattr(cfg.data, name)
+        if len(set(values)) != len(values) or "" in values:
+            raise RecipeError(f"data.{name} must be distinct non-empty names: {values}")
+    for key in cfg.data.columns:
+        if key not in MANIFEST_COLUMNS:
+            raise RecipeError(
+                f"data.columns.{key}: not a manifest column (ours: {', '.join(MANIFEST_COLUMNS)})"
+            )
     if len(cfg.data.image_size) != 2 or min(cfg.data.image_size) < 16:
         raise RecipeError(f"data.image_size must be [height, width], >= 16: {cfg.data.image_size}")
     for key in ("val_fraction", "test_fraction"):
@@ -285,7 +318,9 @@ def _validate(cfg: Config) -> None:
             f"use one of {list(usable)} or leave it empty"
         )
     if cfg.data.path is None and not cfg.data.synthetic:
-        raise RecipeError("data.path is empty: give a BreakHis directory or set data.synthetic")
+        raise RecipeError(
+            "data.path is empty: give a BreakHis directory or a manifest, or set data.synthetic"
+        )
 
 
 #: keys of the previous release -> (new key, new value of an old value, the old type)
@@ -382,7 +417,7 @@ def toml_value(v: Any) -> str:
     """A value as TOML text (``None`` has none: leave its key out).
 
     Args:
-        v: a bool, number, string or list of those.
+        v: a bool, number, string, or a list or table of those.
 
     Examples:
         >>> toml_value([224, 224]), toml_value("squared_l2"), toml_value(True)
@@ -394,6 +429,9 @@ def toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        pairs = (f"{toml_value(str(k))} = {toml_value(x)}" for k, x in v.items())
+        return "{" + ", ".join(pairs) + "}"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -23,6 +23,7 @@ from .build import build_model, device_of, num_classes, resolve_inputs
 from .checkpoint import TrainState, load_checkpoint
 from .config import Config, load_config
 from .data.dataset import BreakHisDataset
+from .data.manifest import data_folder
 from .errors import RecipeError
 from .loaders import Datasets, eval_loader, make_datasets
 from .lock import lock_run_dir
@@ -133,7 +134,7 @@ def split_reports(
         ranking=False,
     )
     head = evaluate_predictions(
-        q_pred.numpy(), q.labels, q.groups, q.scales, classes=np.arange(num_classes(cfg.data.task))
+        q_pred.numpy(), q.labels, q.groups, q.scales, classes=np.arange(num_classes(cfg.data))
     )
     return SplitMetrics(knn, head)
 
@@ -196,17 +197,20 @@ def evaluate_model(
 
 
 def run_metrics(
-    select: str, ev: Evaluation, state: TrainState, splits: Splits, bad_images: list
+    select: str, ev: Evaluation, state: TrainState, splits: Splits, bad_images: list, task: str
 ) -> RunMetrics:
     """The run's `RunMetrics`: the test reports and how they were obtained (``select``:
-    ``eval.select``, the predictor the best epoch was selected on)."""
+    ``eval.select``, the predictor the best epoch was selected on; the data report names
+    the ``task``'s classes)."""
+    index = splits.index
+    names = index.label_names if task == "binary" else index.subtype_names
     return RunMetrics(
         best_epoch=state.best_epoch,
         selected_on=f"validation {select} patient accuracy",
         best_val_score=state.best,
         test=ev.test,
         splits={k: int(getattr(splits, k).sum()) for k in ("train", "val", "test")},
-        data=splits.index.report,
+        data={**index.report, "class_names": list(names)},
         bad_images=bad_images,
     )
 
@@ -327,18 +331,20 @@ def evaluate_run(
         cfg = loaded.cfg
         recorded = Path(os.path.abspath(data_root(cfg.data.path, run.path)))
         root = recorded if root is None else Path(os.path.abspath(root))
-        if not root.is_dir():
+        if not root.exists():
             raise RecipeError(f"the run's data {root} does not exist (moved? pass --data DIR)")
         if root != recorded:
-            check_same_data(run, root, recorded)
+            check_same_data(run, data_folder(root), data_folder(recorded))
         splits = load_splits(cfg, root)
         ds = make_datasets(
             cfg, splits, names=("gallery", "test"), collective=False, model=loaded.model
         )
         device = next(loaded.model.parameters()).device
         ev = evaluate_model(cfg, loaded.model, ds.gallery, ds.test, device)
-        metrics = run_metrics(cfg.eval.select, ev, loaded.state, splits, ds.bad_images())
-        save_evaluation(run, metrics, ev, ds, root, cfg.eval.distance)
+        metrics = run_metrics(
+            cfg.eval.select, ev, loaded.state, splits, ds.bad_images(), cfg.data.task
+        )
+        save_evaluation(run, metrics, ev, ds, data_folder(root), cfg.eval.distance)
         write_report(run, metrics, read_history(run.history), ev.test_points(ds.test))
         return metrics
 

@@ -10,6 +10,7 @@ from smse_metric.distributed import is_main_process
 from .build import build, device_of
 from .checkpoint import TrainState, load_checkpoint
 from .config import config_to_toml
+from .data.manifest import data_folder
 from .evaluate import evaluate_model, run_metrics, save_evaluation
 from .inputs import Inputs
 from .report import write_report
@@ -69,9 +70,14 @@ def fit_run(
         ds = built.datasets
         ev = evaluate_model(cfg, built.model, ds.gallery, ds.test, device)
         metrics = run_metrics(
-            cfg.eval.select, ev, TrainState.from_checkpoint(best), splits, ds.bad_images()
+            cfg.eval.select,
+            ev,
+            TrainState.from_checkpoint(best),
+            splits,
+            ds.bad_images(),
+            cfg.data.task,
         )
-        save_evaluation(run, metrics, ev, ds, inputs.root, cfg.eval.distance)
+        save_evaluation(run, metrics, ev, ds, data_folder(inputs.root), cfg.eval.distance)
         write_report(run, metrics, trainer.state.history, ev.test_points(ds.test))
     except OSError as e:  # a full disk, say: the training itself is safe in best.pt
         raise OSError(

@@ -12,10 +12,12 @@ import torch
 
 from .build import build_model, resolve_inputs
 from .config import Config
-from .data import BreakHisIndex, scan_breakhis
+from .data import BreakHisIndex
+from .data.breakhis import MAGNIFICATIONS, SUBTYPES
+from .errors import RecipeError
 from .models import EmbeddingNet
 from .rundir import RunDir
-from .splits import Splits, data_root, load_splits
+from .splits import MALIGNANT, Splits, data_root, default_positive, load_splits, scan_data
 
 __all__ = ["Inputs", "resolve"]
 
@@ -29,6 +31,7 @@ class Inputs:
             backbone's ``mean`` / ``std`` / ``interpolation`` filled where empty.
         root: the data directory (synthetic runs: ``RUN/data``, written at the claim).
         generated: whether the run writes its data itself (synthetic: no data named).
+        scanned: the data's records, once scanned (`scan_data`).
 
     Examples:
         >>> from smse_metric.recipes.histopathology import load_config
@@ -43,7 +46,7 @@ class Inputs:
     # the network built to resolve the inputs, the generator after it, the scan
     _model: EmbeddingNet | None = dataclasses.field(default=None, init=False, repr=False)
     _rng: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
-    _index: BreakHisIndex | None = dataclasses.field(default=None, init=False, repr=False)
+    scanned: BreakHisIndex | None = dataclasses.field(default=None, repr=False)
 
     def config(self, fold: int, run: RunDir | None = None) -> Config:
         """The config of fold ``fold``, as ``run``'s ``config.toml`` holds it: naming the
@@ -55,9 +58,16 @@ class Inputs:
 
     def splits(self, fold: int) -> Splits:
         """Fold ``fold``'s patient splits; the data is scanned on the first call only."""
-        if self._index is None:
-            self._index = scan_breakhis(self.root, group_by=self.cfg.data.group_by)
-        return load_splits(self.config(fold), self.root, self._index)
+        if self.scanned is None:
+            self.scanned = scan_data(self.cfg.data, self.root)
+        return load_splits(self.config(fold), self.root, self.scanned)
+
+    def data_paths(self) -> list[Path]:
+        """What a run directory must keep apart from (`check_data_apart`): the data
+        directory; for a manifest, the manifest and every folder holding its images."""
+        if self.scanned is None or not self.root.is_file():
+            return [self.root]
+        return [self.root, *sorted({Path(p).parent for p in self.scanned.paths})]
 
     def keep_model(self, model: EmbeddingNet) -> None:
         """Hand ``model``, just built from ``run.seed``, to the first `new_model` call,
@@ -78,9 +88,11 @@ class Inputs:
 
 def resolve(cfg: Config, run: RunDir, root: str | Path | None = None) -> Inputs:
     """Resolve ``cfg`` for a run into ``run`` on the data ``root`` (default: the
-    config's ``data.path``, or ``RUN/data`` for synthetic data), building the network
-    once (an unknown backbone, a failed download or a bad ``--weights`` file fails here,
-    before anything is written).
+    config's ``data.path``, or ``RUN/data`` for synthetic data): the data is scanned
+    (its classes and the binary task's positive ones go into ``data.classes`` /
+    ``data.positive_classes``) and the network built once, so that a bad manifest, an
+    unknown backbone, a failed download or a bad ``--weights`` file fails here, before
+    anything is written.
 
     Args:
         cfg: the validated config.
@@ -101,9 +113,22 @@ def resolve(cfg: Config, run: RunDir, root: str | Path | None = None) -> Inputs:
         d = dataclasses.replace(d, path=str(root.resolve()))
     if d.cache_dir is not None:  # evaluate, run from elsewhere, finds the same cache
         d = dataclasses.replace(d, cache_dir=os.path.abspath(d.cache_dir))
+    index = None
+    if generated:  # written at the claim: the synthetic BreakHis's classes
+        classes, positive = list(SUBTYPES), MALIGNANT
+        if not set(d.magnifications) <= set(MAGNIFICATIONS):
+            raise RecipeError(
+                f"data.magnifications: the synthetic data has {list(MAGNIFICATIONS)}, "
+                f"not {d.magnifications}"
+            )
+    else:
+        index = scan_data(d, root)
+        classes = list(index.subtype_names)
+        positive = d.positive_classes or default_positive(index, d.task)
+    d = dataclasses.replace(d, classes=classes, positive_classes=list(positive))
     cfg = dataclasses.replace(cfg, data=d)
     torch.manual_seed(cfg.run.seed)  # the weights training starts from
     model = build_model(cfg)
-    inputs = Inputs(resolve_inputs(cfg, model), root, generated)
+    inputs = Inputs(resolve_inputs(cfg, model), root, generated, index)
     inputs.keep_model(model)
     return inputs

@@ -90,7 +90,7 @@ def _own_run_dir(
     # the data is the run's own only where this launch writes it, or wrote it before
     generate = inputs.generated and not resume
     own = generate or (resume and inputs.root.resolve() == run.data.resolve())
-    protected = [] if own else [inputs.root]
+    protected = [] if own else inputs.data_paths()
     with contextlib.ExitStack() as stack:
         error = None
         if is_main_process():

@@ -188,6 +188,9 @@ def with_features(
             d.interpolation or "bilinear",
         ),
         "state": module_digest(model.backbone),
+        # what the weights do not show: layers without parameters, the pooling
+        "backbone_kwargs": {k: str(v) for k, v in sorted(model.backbone_kwargs.items())},
+        "pool": model.pool,
     }
     paths = list(every.paths)
     pos = {p: i for i, p in enumerate(paths)}

@@ -8,16 +8,88 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import RecipeError
 
-__all__ = ["EmbeddingNet", "SmallCNN", "backbone_data_config", "load_backbone_weights"]
+__all__ = [
+    "FOUNDATION_MODELS",
+    "POOLS",
+    "EmbeddingNet",
+    "SmallCNN",
+    "backbone_data_config",
+    "layer_kwargs",
+    "load_backbone_weights",
+]
 
 #: backbones of this project (no timm name); everything else is created by timm
 LOCAL_BACKBONES = ("smse-cnn",)
+#: what the embedding head reads: the backbone's own pooled output, or (transformers)
+#: the class token next to the mean of the patch tokens (Virchow's tile embedding)
+POOLS = ("backbone", "cls_mean")
+#: pathology foundation models whose layers differ from their architecture's default:
+#: the ``timm.create_model`` arguments and pooling their model cards give, used where
+#: ``model.backbone_kwargs`` / ``model.pool`` are empty (and written to the run's config)
+FOUNDATION_MODELS: dict[str, tuple[dict[str, Any], str]] = {
+    "hf-hub:MahmoodLab/uni": ({"init_values": 1e-5, "dynamic_img_size": True}, "backbone"),
+    "hf-hub:MahmoodLab/UNI2-h": (
+        {
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "no_embed_class": True,
+            "mlp_layer": "SwiGLUPacked",
+            "act_layer": "SiLU",
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+        "backbone",
+    ),
+    "hf-hub:bioptimus/H-optimus-0": (
+        {"init_values": 1e-5, "dynamic_img_size": False},
+        "backbone",
+    ),
+    "hf-hub:paige-ai/Virchow2": ({"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}, "cls_mean"),
+}
+
+
+def layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``model.backbone_kwargs`` for ``timm.create_model``: a string given for a
+    ``*_layer`` argument names a class of ``timm.layers`` or ``torch.nn``
+    (``mlp_layer = "SwiGLUPacked"``, ``act_layer = "SiLU"``), so that a TOML file can
+    build the foundation models whose layers differ from their architecture's default.
+
+    Args:
+        kwargs: keyword arguments of ``timm.create_model``.
+
+    Raises:
+        RecipeError: naming the key, for a layer name neither module has.
+
+    Examples:
+        >>> kwargs = layer_kwargs({"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"})
+        >>> kwargs["mlp_layer"].func.__name__, kwargs["act_layer"]
+        ('GluMlp', <class 'torch.nn.modules.activation.SiLU'>)
+    """
+    import timm.layers
+
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if key.endswith("_layer") and isinstance(value, str):
+            found = getattr(timm.layers, value, None) or getattr(nn, value, None)
+            if not callable(found):
+                raise RecipeError(
+                    f"model.backbone_kwargs.{key}: {value!r} is not a layer of timm.layers "
+                    "or torch.nn"
+                )
+            out[key] = found
+    return out
 
 
 class SmallCNN(nn.Module):
@@ -163,6 +235,12 @@ class EmbeddingNet(nn.Module):
         freeze_backbone: train the heads only: the backbone's parameters do not require
             gradients, it stays in eval mode (its normalisation statistics and dropout
             fixed) and runs under ``torch.no_grad``.
+        backbone_kwargs: more keyword arguments of ``timm.create_model`` (`layer_kwargs`
+            turns layer names into classes), e.g. ``{"init_values": 1e-5}`` for UNI;
+            None or empty: those of `FOUNDATION_MODELS` for a model it names, else none.
+        pool: ``"backbone"`` (its pooled output) or ``"cls_mean"``: a vision
+            transformer's class token concatenated with the mean of its patch tokens;
+            None: `FOUNDATION_MODELS`'s for a model it names, else ``"backbone"``.
 
     Examples:
         >>> net = EmbeddingNet("resnet18", embedding_dim=64, num_classes=2)
@@ -180,6 +258,8 @@ class EmbeddingNet(nn.Module):
         normalize: bool = True,
         weights: str | Path | None = None,
         freeze_backbone: bool = False,
+        backbone_kwargs: dict[str, Any] | None = None,
+        pool: str | None = None,
     ) -> None:
         super().__init__()
         import timm
@@ -188,7 +268,20 @@ class EmbeddingNet(nn.Module):
             raise RecipeError(
                 f"embedding_dim and num_classes must be >= 1, got {embedding_dim}, {num_classes}"
             )
+        known_kwargs, known_pool = FOUNDATION_MODELS.get(backbone, ({}, "backbone"))
+        #: the backbone's arguments and pooling as used (a run's config records them)
+        self.backbone_kwargs: dict[str, Any] = dict(backbone_kwargs or known_kwargs)
+        pool = known_pool if pool is None else pool
+        if pool not in POOLS:
+            raise RecipeError(f"model.pool must be one of {list(POOLS)}, got {pool!r}")
+        extra = layer_kwargs(self.backbone_kwargs)
+        if pool == "cls_mean":
+            extra["global_pool"] = ""  # every token out; pooled in `features`
         if backbone in LOCAL_BACKBONES:
+            if extra:
+                raise RecipeError(
+                    f"backbone {backbone!r} takes no model.backbone_kwargs nor model.pool"
+                )
             if pretrained:
                 raise RecipeError(f"backbone {backbone!r} has no pretrained weights")
             self.backbone = SmallCNN()
@@ -198,7 +291,11 @@ class EmbeddingNet(nn.Module):
             )
         else:
             try:
-                self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0)
+                self.backbone = timm.create_model(
+                    backbone, pretrained=pretrained, num_classes=0, **extra
+                )
+            except TypeError as e:  # an argument the architecture does not take
+                raise RecipeError(f"model.backbone_kwargs for {backbone!r}: {e}") from e
             except Exception as e:
                 if not pretrained:
                     raise
@@ -221,6 +318,16 @@ class EmbeddingNet(nn.Module):
         self.normalize = normalize
         # the pooled output size: models with a pre-logits layer report it apart
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.pool = pool
+        if pool == "cls_mean":
+            prefix = getattr(self.backbone, "num_prefix_tokens", None)
+            if not prefix:
+                raise RecipeError(
+                    f'model.pool = "cls_mean" needs a vision transformer with a class '
+                    f"token; {backbone!r} has none"
+                )
+            self.prefix_tokens = int(prefix)
+            width = 2 * self.backbone.num_features
         self.embed = nn.Linear(width, embedding_dim)
         self.head = nn.Linear(embedding_dim, num_classes)
         self.freeze_backbone = bool(freeze_backbone)
@@ -238,8 +345,14 @@ class EmbeddingNet(nn.Module):
         """The backbone's pooled features [B, F] (without autograd when frozen)."""
         if self.freeze_backbone:
             with torch.no_grad():
-                return self.backbone(x)
-        return self.backbone(x)
+                return self._pooled(x)
+        return self._pooled(x)
+
+    def _pooled(self, x: Tensor) -> Tensor:
+        out = self.backbone(x)
+        if self.pool == "cls_mean":  # tokens [B, T, F]: class, registers, patches
+            out = torch.cat([out[:, 0], out[:, self.prefix_tokens :].mean(1)], dim=1)
+        return out
 
     def embed_only(self, x: Tensor) -> Tensor:
         """Embeddings of images [B, 3, H, W], or of the backbone's features [B, F]

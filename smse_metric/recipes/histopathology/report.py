@@ -327,8 +327,10 @@ def write_report(
     """
     run = RunDir(run_dir)
     test, knn = metrics.test, metrics.test.knn
-    n_classes = len(knn.pooled.confusion)
-    names = list(class_names("binary" if n_classes == 2 else "subtype"))
+    n_classes = len(knn.pooled.confusion)  # a metrics.json of before class names were kept
+    names = metrics.data.get("class_names") or list(
+        class_names("binary" if n_classes == 2 else "subtype")
+    )
     run.plots.mkdir(exist_ok=True)
     lines = [f"# Run report: {run.path.name}", ""]
     lines += [
@@ -368,7 +370,12 @@ def write_report(
             "",
         ]
     lines += ["## Data", ""]
-    lines += [f"- {k}: {v}" for k, v in metrics.data.items() if not isinstance(v, dict)]
+    shown = {k: v for k, v in metrics.data.items() if k != "rows_skipped"}
+    lines += [f"- {k}: {v}" for k, v in shown.items() if not isinstance(v, dict | list)]
+    lines.append(f"- classes: {', '.join(names)}")
+    if "rows_skipped" in metrics.data:  # a manifest's rows whose files are missing
+        lines.append(f"- manifest rows left out: {metrics.data['rows_skipped']}")
+        lines += [f"  - {row}" for row in metrics.data.get("skipped_rows", [])]
     lines.append(f"- unreadable images left out: {len(metrics.bad_images)}")
     lines += [f"  - `{p}`: {why}" for p, why in metrics.bad_images]
     lines.append("")

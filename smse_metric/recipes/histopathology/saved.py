@@ -19,8 +19,8 @@ __all__ = ["check_same_data", "relocated", "save_embeddings", "saved_root"]
 
 def save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset, root: Path) -> None:
     """Write ``emb`` with the metadata of the images of ``ds`` (absolute paths, sizes,
-    patients, labels, magnifications) and the data ``root``; written to a temporary file
-    and renamed, so a full disk never leaves a partial one.
+    patients, labels, classes and their names, magnifications) and the data ``root``;
+    written to a temporary file and renamed, so a full disk never leaves a partial one.
 
     Args:
         path: the ``.npz`` to write.
@@ -41,6 +41,9 @@ def save_embeddings(path: Path, emb: torch.Tensor, ds: BreakHisDataset, root: Pa
             embeddings=emb.numpy().astype(np.float32),
             labels=ds.labels,
             subtypes=idx.subtype,
+            binary=idx.label,
+            subtype_names=np.array(idx.subtype_names, dtype=str),
+            label_names=np.array(idx.label_names, dtype=str),
             groups=np.array([idx.group_names[g] for g in idx.group], dtype=str),
             magnifications=ds.scales,
             paths=np.array([os.path.abspath(p) for p in ds.paths], dtype=str),

@@ -20,6 +20,7 @@ from smse_metric.evaluation import make_index
 from .data.breakhis import SUBTYPES, TUMOR_CLASSES
 from .data.dataset import eval_transform, normalize_image
 from .data.images import read_image
+from .data.manifest import data_folder
 from .errors import RecipeError
 from .evaluate import load_run
 from .rundir import RunDir
@@ -38,9 +39,9 @@ class Neighbour:
         distance: distance to the query (cosine: 1 - similarity; l2: euclidean).
         path: the gallery image file.
         patient: its patient (slide or case) id.
-        label: ``benign`` or ``malignant``.
-        subtype: its subtype code.
-        magnification: 40, 100, 200 or 400.
+        label: its binary label's name (BreakHis: ``benign`` or ``malignant``).
+        subtype: its class (BreakHis: the subtype code).
+        magnification: its scale (BreakHis: 40, 100, 200 or 400).
 
     Examples:
         >>> n = Neighbour(1, 0.12, "a.png", "22549AB", "benign", "A", 40)
@@ -52,7 +53,7 @@ class Neighbour:
     distance: float
     path: str
     patient: str
-    label: str  #: benign / malignant
+    label: str
     subtype: str
     magnification: int
 
@@ -103,15 +104,12 @@ def search_run(
     with torch.no_grad():
         emb, _ = model(x[None].to(device))
     with np.load(run.gallery_embeddings, allow_pickle=False) as meta:
-        meta = {
-            key: meta[key]
-            for key in ("embeddings", "paths", "groups", "labels", "subtypes", "magnifications")
-        }
+        meta = {key: meta[key] for key in meta.files}
     index = make_index(meta["embeddings"], distance=cfg.eval.distance, device="cpu")
     dist, ids = index.search(emb.float().cpu(), min(k, index.ntotal))
     if data is not None:  # the dataset moved: same tree under a new root
-        old = saved_root(run.gallery_embeddings, data_root(cfg.data.path, run.path))
-        new = Path(os.path.abspath(data))
+        old = saved_root(run.gallery_embeddings, data_folder(data_root(cfg.data.path, run.path)))
+        new = Path(os.path.abspath(data_folder(data)))
         try:
             meta["paths"] = np.array([str(relocated(p, old, new)) for p in meta["paths"]])
         except ValueError as e:
@@ -119,20 +117,34 @@ def search_run(
                 f"the run's gallery paths do not lie under its data {old}; "
                 f"re-run smse-metric evaluate --run {run} --data {new}"
             ) from e
-    codes = list(SUBTYPES)
+    classes, binary, binary_names = _class_columns(meta)
     return [
         Neighbour(
             rank + 1,
             max(float(d), 0.0),  # 1 - cos rounds to -0.000 for a duplicate
             str(meta["paths"][i]),
             str(meta["groups"][i]),
-            TUMOR_CLASSES[SUBTYPES[codes[int(meta["subtypes"][i])]][0] == "M"],
-            codes[int(meta["subtypes"][i])],
+            binary_names[int(binary[i])],
+            classes[int(meta["subtypes"][i])],
             int(meta["magnifications"][i]),
         )
         for rank, (d, i) in enumerate(zip(dist[0], ids[0], strict=True))
         if i >= 0
     ]
+
+
+def _class_columns(meta: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, list[str]]:
+    """(class names, binary label per row, binary names) of a gallery file; one written
+    before they were kept holds BreakHis's."""
+    if "subtype_names" in meta:
+        return (
+            [str(c) for c in meta["subtype_names"]],
+            meta["binary"],
+            [str(c) for c in meta["label_names"]],
+        )
+    codes = list(SUBTYPES)
+    malignant = np.array([SUBTYPES[c][0] == "M" for c in codes])
+    return codes, malignant[meta["subtypes"]].astype(np.int64), list(TUMOR_CLASSES)
 
 
 def contact_sheet(

@@ -14,6 +14,7 @@ def test_presets_load(name):
         "smse-triplet-small": "triplet",
         "smse-pair": "pair",
         "baseline-ce": "none",
+        "smse-frozen": "triplet",
     }[name]
     assert cfg.loss.metric == expected
     if name == "baseline-ce":
@@ -42,7 +43,10 @@ def test_round_trip_through_toml(tmp_path):
         ({"optim": {"epochs": 2.5}}, r"optim\.epochs must be an integer"),
         ({"optim": {"lr": -1}}, r"optim\.lr must be positive"),
         ({"run": {"amp": "yes"}}, r"run\.amp must be true or false"),
-        ({"data": {"magnifications": [40, 50]}}, r"data\.magnifications"),
+        ({"data": {"magnifications": [40, 40]}}, r"data\.magnifications"),
+        ({"data": {"columns": {"slide": "group"}}}, r"data\.columns\.slide"),
+        ({"data": {"columns": {"group": 3}}}, r"data\.columns\.group must be a string"),
+        ({"data": {"classes": ["a", "a"]}}, r"data\.classes"),
         ({"data": {"image_size": [8, 8]}}, r"data\.image_size"),
         ({"data": {"val_fraction": 1.5}}, r"data\.val_fraction"),
         ({"data": {"synthetic": False}}, r"data\.path is empty"),

@@ -1,5 +1,7 @@
 """One run from resolved inputs to its report, handing objects on (nothing read back)."""
 
+import json
+
 from recipe_helpers import TINY
 
 from smse_metric.recipes.histopathology import load_config, results
@@ -77,3 +79,31 @@ def test_a_frozen_backbone_runs_once_per_image_and_view_across_epochs_and_runs(
 
     # the evaluate command reads the same features: the same test scores, no forward
     assert evaluate_run(run.path).test == metrics.test and seen == []
+
+
+def test_the_frozen_preset_trains_from_the_cli_on_a_small_vit(tmp_path):
+    """smse-frozen with its backbone swapped for a random ViT (no download): the run's
+    config.toml keeps the backbone arguments and the pooling, and evaluate reads them."""
+    from smse_metric.recipes.histopathology import config_to_toml
+    from smse_metric.recipes.histopathology.cli import main
+    from smse_metric.recipes.histopathology.evaluate import evaluate_run
+
+    kwargs = {"img_size": 32, "patch_size": 8, "init_values": 1e-5, "reg_tokens": 2}
+    model = {
+        "backbone": "vit_tiny_patch16_224",
+        "pretrained": False,
+        "backbone_kwargs": kwargs,
+        "pool": "cls_mean",
+        "embedding_dim": 16,
+    }
+    data = {**TINY["data"], "cache_dir": str(tmp_path / "cache"), "feature_views": 2}
+    cfg = load_config("smse-frozen", {**TINY, "data": data, "model": model})
+    assert cfg.model.freeze_backbone
+    config = tmp_path / "frozen.toml"
+    config.write_text(config_to_toml(cfg))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--synthetic", "--out", str(out)]) == 0
+    saved = load_config(out / "config.toml")
+    assert saved.model.backbone_kwargs == kwargs and saved.model.pool == "cls_mean"
+    metrics = RunDir(out).metrics.read_text()
+    assert evaluate_run(out).to_dict()["test"] == json.loads(metrics)["test"]

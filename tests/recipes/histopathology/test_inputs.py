@@ -32,7 +32,7 @@ def test_the_first_network_is_the_resolved_one_later_ones_start_alike(tmp_path, 
 
 
 def test_several_folds_scan_the_data_once(tmp_path, root, monkeypatch):
-    from smse_metric.recipes.histopathology import inputs as module
+    from smse_metric.recipes.histopathology import splits as module
 
     calls = []
     scan = module.scan_breakhis

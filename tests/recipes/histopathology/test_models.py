@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from smse_metric.recipes.histopathology.errors import RecipeError
 from smse_metric.recipes.histopathology.models import EmbeddingNet, load_backbone_weights
 
 
@@ -136,3 +137,78 @@ def test_a_gated_hub_model_without_a_token_names_hf_token_and_weights(monkeypatc
     with pytest.raises(ValueError, match=r"HF_TOKEN.*--weights FILE") as e:
         EmbeddingNet("hf-hub:MahmoodLab/UNI", pretrained=True)
     assert "\n" not in str(e.value) and "'hf-hub:MahmoodLab/UNI'" in str(e.value)
+
+
+VIT = {"img_size": 32, "patch_size": 8}  # vit_tiny at 32 px: a ViT in milliseconds
+
+
+def test_backbone_kwargs_build_layers_named_in_a_config():
+    """UNI2-h / Virchow2-style arguments from TOML: layer names become timm / torch
+    classes; a name neither has, or an argument the architecture refuses, is one line."""
+    kwargs = {**VIT, "mlp_layer": "SwiGLUPacked", "act_layer": "SiLU", "reg_tokens": 2}
+    net = EmbeddingNet("vit_tiny_patch16_224", embedding_dim=8, backbone_kwargs=kwargs)
+    mlp = net.backbone.blocks[0].mlp
+    assert type(mlp).__name__ == "GluMlp" and isinstance(mlp.act, torch.nn.SiLU)
+    assert net.backbone.num_prefix_tokens == 3  # the class token and two registers
+    with pytest.raises(RecipeError, match=r"model\.backbone_kwargs\.mlp_layer: 'NoSuch'"):
+        EmbeddingNet("vit_tiny_patch16_224", backbone_kwargs={"mlp_layer": "NoSuch"})
+    with pytest.raises(RecipeError, match=r"model\.backbone_kwargs for 'resnet18'"):
+        EmbeddingNet("resnet18", backbone_kwargs={"reg_tokens": 2})
+    with pytest.raises(RecipeError, match=r"takes no model\.backbone_kwargs"):
+        EmbeddingNet("smse-cnn", backbone_kwargs={"img_size": 32})
+
+
+def test_cls_mean_pool_is_the_class_token_next_to_the_mean_patch_token():
+    net = EmbeddingNet(
+        "vit_tiny_patch16_224",
+        embedding_dim=8,
+        backbone_kwargs={**VIT, "reg_tokens": 4},
+        pool="cls_mean",
+        freeze_backbone=True,
+    )
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = net.backbone.forward_features(x)  # [B, 1 + 4 + 16, 192]
+    assert tokens.shape == (3, 21, 192)
+    for b in range(3):  # a naive loop: token 0, then the mean of tokens 5..20
+        patch_mean = sum(tokens[b, t] for t in range(5, 21)) / 16
+        want = torch.cat([tokens[b, 0], patch_mean])
+        torch.testing.assert_close(net.features(x)[b], want, rtol=1e-5, atol=1e-6)
+    assert net.embed.in_features == 384 and net(x)[0].shape == (3, 8)
+    with pytest.raises(RecipeError, match="needs a vision transformer with a class token"):
+        EmbeddingNet("resnet18", pool="cls_mean")
+
+
+def test_a_known_foundation_model_gets_its_model_cards_arguments(monkeypatch):
+    """Virchow2 by name: timm is asked with its card's layers and every token out, the
+    heads read class token + patch mean, and the run's config records both (a stand-in
+    ViT is built instead of downloading)."""
+    import timm
+
+    from smse_metric.recipes.histopathology import load_config
+    from smse_metric.recipes.histopathology.build import build_model, resolve_inputs
+    from smse_metric.recipes.histopathology.models import FOUNDATION_MODELS
+
+    asked = []
+    real = timm.create_model
+
+    def stand_in(name, **kwargs):
+        asked.append((name, kwargs))
+        return real("vit_tiny_patch16_224", **{**kwargs, **VIT, "reg_tokens": 4})
+
+    monkeypatch.setattr(timm, "create_model", stand_in)
+    name = "hf-hub:paige-ai/Virchow2"
+    cfg = load_config(overrides={"data": {"synthetic": True}, "model": {"backbone": name}})
+    net = build_model(cfg)
+    (called, kwargs), card = asked[0], FOUNDATION_MODELS[name][0]
+    assert called == name and kwargs["global_pool"] == ""
+    assert {k: kwargs[k] for k in card if k not in ("mlp_layer", "act_layer")} == {
+        k: v for k, v in card.items() if k not in ("mlp_layer", "act_layer")
+    }
+    assert isinstance(net.backbone.blocks[0].mlp.act, torch.nn.SiLU) and net.pool == "cls_mean"
+    resolved = resolve_inputs(cfg, net)
+    assert resolved.model.backbone_kwargs == card and resolved.model.pool == "cls_mean"
+    own = {"backbone": name, "backbone_kwargs": {"init_values": 1e-5}, "pool": "backbone"}
+    cfg = load_config(overrides={"data": {"synthetic": True}, "model": own})
+    assert build_model(cfg).pool == "backbone"  # the config's own arguments win
+    assert asked[-1][1]["init_values"] == 1e-5 and "mlp_layer" not in asked[-1][1]

@@ -48,7 +48,7 @@ def test_overwrite_with_a_missing_data_dir_keeps_the_current_directory(
     monkeypatch.chdir(tmp_path)
     args = ["train", "--config", str(config), "--data", "/nonexistent", "--out", ".", "--overwrite"]
     assert main(args) == 2
-    assert "--data /nonexistent is not a directory" in capsys.readouterr().err
+    assert "--data /nonexistent is neither a directory nor a manifest" in capsys.readouterr().err
     assert _intact(victims)
 
 

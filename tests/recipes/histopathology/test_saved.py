@@ -27,7 +27,14 @@ class _Images:
         n = len(names)
         self.rows = np.arange(n)
         self.labels, self.scales = np.arange(n) % 2, np.full(n, 40)
-        sub = SimpleNamespace(subtype=np.zeros(n, int), group=np.arange(n), group_names=names)
+        sub = SimpleNamespace(
+            subtype=np.zeros(n, int),
+            label=np.zeros(n, int),
+            group=np.arange(n),
+            group_names=names,
+            subtype_names=("A",),
+            label_names=("benign", "malignant"),
+        )
         self.index = SimpleNamespace(subset=lambda rows: sub)
 
 

@@ -9,6 +9,7 @@ be compared exactly, never by substring.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -132,24 +133,28 @@ def parse_breakhis_filename(name: str | Path) -> BreakHisRecord:
 
 @dataclass
 class BreakHisIndex:
-    """Images found by `scan_breakhis`, one row each (numpy arrays of length N).
+    """The recipe's images, one row each (numpy arrays of length N): found by
+    `scan_breakhis`, or a manifest's rows (`Manifest.index`).
 
-    ``label`` is binary (0 benign, 1 malignant); ``subtype`` indexes
-    ``subtype_names``; ``group`` indexes ``group_names`` (slides or cases);
+    ``label`` is binary (BreakHis: 0 benign, 1 malignant); ``subtype`` indexes
+    ``subtype_names`` (the classes: BreakHis's subtype codes, or a manifest's labels);
+    ``group`` indexes ``group_names`` (slides, cases or a manifest's groups);
     ``report`` says what the scan found, dropped and why.
 
     Attributes:
         paths: image file paths, one per row.
-        records: the parsed file name of each row (`BreakHisRecord`).
-        label: [N] binary label, 0 benign, 1 malignant.
+        records: the parsed file name of each row (`BreakHisRecord`; a manifest's: none).
+        label: [N] binary label (BreakHis: 0 benign, 1 malignant).
         subtype: [N] index into ``subtype_names``.
         group: [N] index into ``group_names`` (a slide or a case).
-        magnification: [N] 40, 100, 200 or 400.
+        magnification: [N] the scale (BreakHis: 40, 100, 200 or 400).
         group_names: the patient id of each group index.
-        group_by: ``"slide"`` or ``"case"``: what a group is.
+        group_by: ``"slide"`` or ``"case"`` (BreakHis), ``"group"`` (a manifest).
         label_names: names of the binary labels.
-        subtype_names: codes of the eight subtypes, in index order.
+        subtype_names: the classes, in index order (BreakHis: the eight subtype codes).
         report: what the scan found, dropped and why (counts, the duplicated patient).
+        split: [N] a manifest's ``"train"`` / ``"val"`` / ``"test"`` column, or None.
+        fold: [N] a manifest's fold column, or None.
 
     Examples:
         >>> import tempfile
@@ -176,6 +181,8 @@ class BreakHisIndex:
     label_names: tuple[str, ...] = ("benign", "malignant")
     subtype_names: tuple[str, ...] = tuple(SUBTYPES)
     report: dict = field(default_factory=dict)
+    split: np.ndarray | None = None
+    fold: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -187,17 +194,40 @@ class BreakHisIndex:
     def subset(self, mask_or_indices) -> BreakHisIndex:
         """The rows selected by a boolean mask or an index array (groups keep their ids)."""
         idx = np.arange(len(self))[np.asarray(mask_or_indices)]
-        return BreakHisIndex(
+        return dataclasses.replace(
+            self,
             paths=[self.paths[i] for i in idx],
-            records=[self.records[i] for i in idx],
+            records=[self.records[i] for i in idx] if self.records else [],
             label=self.label[idx],
             subtype=self.subtype[idx],
             group=self.group[idx],
             magnification=self.magnification[idx],
-            group_names=self.group_names,
-            group_by=self.group_by,
             report=dict(self.report),
+            split=None if self.split is None else self.split[idx],
+            fold=None if self.fold is None else self.fold[idx],
         )
+
+    def with_positive(self, classes: list[str] | tuple[str, ...]) -> BreakHisIndex:
+        """The index with binary ``label`` 1 for the rows of ``classes`` (names of
+        ``subtype_names``), 0 for the others; raises naming an unknown class.
+
+        Args:
+            classes: the classes of label 1 (``data.positive_classes``).
+
+        Examples:
+            >>> idx = BreakHisIndex(["a", "b", "c"], [], np.zeros(3, int), np.array([0, 4, 2]),
+            ...                     np.zeros(3, int), np.full(3, 40), ["p"], "slide")
+            >>> idx.with_positive(["DC", "PT"]).label.tolist()  # codes 4 and 2
+            [0, 1, 1]
+        """
+        unknown = sorted(set(classes) - set(self.subtype_names))
+        if unknown:
+            raise RecipeError(
+                f"data.positive_classes: {unknown[0]!r} is not a class of the data "
+                f"(classes: {', '.join(self.subtype_names)})"
+            )
+        positive = np.isin(np.asarray(self.subtype_names), list(classes))
+        return dataclasses.replace(self, label=positive[self.subtype].astype(np.int64))
 
     def masks(self, split: dict[str, set[str]]) -> dict[str, np.ndarray]:
         """Boolean masks from a fold split (``{"train": {file names}, ...}``), as

@@ -21,10 +21,23 @@ import numpy as np
 from ..errors import RecipeError
 from .breakhis import BreakHisIndex
 
-__all__ = ["COLUMNS", "SPLIT_VALUES", "Manifest", "read_manifest", "write_manifest"]
+__all__ = [
+    "COLUMNS",
+    "OPTIONAL_COLUMNS",
+    "SPLIT_VALUES",
+    "Manifest",
+    "data_folder",
+    "is_manifest",
+    "read_manifest",
+    "write_manifest",
+]
 
 #: the columns every manifest has (under these names or mapped by ``columns=``)
 COLUMNS = ("path", "label", "group", "scale")
+#: the columns a manifest may have: a fixed split or cross-validation folds
+OPTIONAL_COLUMNS = ("split", "fold")
+#: the binary task's label names on a manifest (label 1: ``data.positive_classes``)
+BINARY_NAMES = ("negative", "positive")
 #: the values of an optional ``split`` column
 SPLIT_VALUES = ("train", "val", "test")
 
@@ -74,6 +87,87 @@ class Manifest:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def scale_values(self) -> np.ndarray:
+        """[N] each row's scale as an integer: the scale itself where every scale is a
+        non-negative integer (magnifications), else its index into ``scale_names``."""
+        if all(v.isdigit() for v in self.scale_names):
+            return np.array([int(v) for v in self.scale_names], dtype=np.int64)[self.scale]
+        return self.scale.copy()
+
+    def index(self) -> BreakHisIndex:
+        """The rows as the recipe's records (a `BreakHisIndex`: classes in ``subtype``,
+        groups, integer scales in ``magnification``, binary ``label`` 0 until
+        `BreakHisIndex.with_positive` names the positive classes).
+
+        Examples:
+            >>> import tempfile
+            >>> d = Path(tempfile.mkdtemp())
+            >>> for name in ("a.png", "b.png"):
+            ...     _ = (d / name).write_bytes(b"")
+            >>> _ = (d / "m.csv").write_text("path,label,group,scale\\na.png,tumour,s1,20\\n"
+            ...                              "b.png,normal,s2,5\\n")
+            >>> idx = read_manifest(d / "m.csv").index().with_positive(["tumour"])
+            >>> idx.subtype_names, idx.label.tolist(), idx.magnification.tolist()
+            (('normal', 'tumour'), [1, 0], [20, 5])
+        """
+        n = len(self)
+        report: dict[str, Any] = {
+            "manifest": str(self.source),
+            "images": n,
+            "rows_skipped": len(self.skipped),
+            "groups": len(self.group_names),
+            "group_by": "group",
+            "per_class": {c: int((self.label == i).sum()) for i, c in enumerate(self.class_names)},
+            "scales": ", ".join(self.scale_names),
+        }
+        if self.skipped:
+            report["skipped_rows"] = [f"line {line}: {why}" for line, why in self.skipped]
+        return BreakHisIndex(
+            paths=list(self.paths),
+            records=[],
+            label=np.zeros(n, dtype=np.int64),
+            subtype=self.label.copy(),
+            group=self.group.copy(),
+            magnification=self.scale_values(),
+            group_names=list(self.group_names),
+            group_by="group",
+            label_names=BINARY_NAMES,
+            subtype_names=self.class_names,
+            report=report,
+            split=None if self.split is None else self.split.copy(),
+            fold=None if self.fold is None else self.fold.copy(),
+        )
+
+
+def is_manifest(path: str | Path) -> bool:
+    """Whether ``path`` names a manifest (a ``.csv`` or ``.parquet`` file) rather than a
+    directory of images.
+
+    Args:
+        path: ``--data`` / ``data.path``.
+
+    Examples:
+        >>> is_manifest("tiles/manifest.csv"), is_manifest("BreaKHis_v1")
+        (True, False)
+    """
+    return Path(path).suffix.lower() in (".csv", ".parquet")
+
+
+def data_folder(path: str | Path) -> Path:
+    """The folder of a run's data: the directory itself, or a manifest's folder (what
+    saved embeddings record as the data root, so that a moved copy is found again).
+
+    Args:
+        path: ``data.path``: a directory or a manifest.
+
+    Examples:
+        >>> data_folder("/data/tiles/manifest.csv").as_posix()
+        '/data/tiles'
+        >>> data_folder("/data/BreaKHis").as_posix()
+        '/data/BreaKHis'
+    """
+    return Path(path).parent if is_manifest(path) else Path(path)
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -152,7 +246,7 @@ def read_manifest(
         raise ValueError(f"missing_files must be 'error' or 'skip', got {missing_files!r}")
     if not source.is_file():
         raise RecipeError(f"manifest {source} does not exist")
-    names = {key: key for key in (*COLUMNS, "split", "fold")} | dict(columns or {})
+    names = {key: key for key in (*COLUMNS, *OPTIONAL_COLUMNS)} | dict(columns or {})
     header, rows = _read_rows(source)
     for key in COLUMNS:
         if names[key] not in header:
@@ -160,7 +254,7 @@ def read_manifest(
                 f"{source}: no column {names[key]!r} (the {key} of each image; columns: "
                 f"{', '.join(header)}); map another column with data.columns"
             )
-    has = {key: names[key] in header for key in ("split", "fold")}
+    has = {key: names[key] in header for key in OPTIONAL_COLUMNS}
     if has["split"] and has["fold"]:
         raise RecipeError(f"{source}: give a split or a fold column, not both")
     kept: list[tuple[int, dict[str, str], str]] = []
