@@ -1,4 +1,5 @@
-"""Internal: the exact neighbour order shared by the symmetric search and the torch index.
+"""Internal: the exact neighbour order shared by the symmetric search, the torch index
+and the sharded search.
 
 Both compute similarities (larger is nearer) as one product ``a @ b.T``: for
 ``"cosine"`` of L2-normalised rows, for ``"l2"`` / ``"squared_l2"`` of augmented rows
@@ -14,6 +15,25 @@ from torch import Tensor
 
 EMPTY = torch.iinfo(torch.int64).min  #: key of an empty slot
 LOW = (1 << 32) - 1
+#: products are taken between row counts padded to a multiple of this: BLAS kernels
+#: round an entry alike whatever the two matrices' sizes and the entry's place then
+#: (not for a single row or a few columns, which take other code paths), so that the
+#: flat, symmetric and sharded searches compute every similarity bit for bit alike
+ROWS = 32
+
+
+def pad_rows(x: Tensor) -> Tensor:
+    """``x`` [n, d] with zero rows up to a positive multiple of `ROWS` (``x`` itself
+    where it has one)."""
+    n = x.shape[0]
+    pad = max(ROWS, -(-n // ROWS) * ROWS) - n
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def similarity(a: Tensor, b: Tensor, n_b: int) -> Tensor:
+    """[n_a, n_b] similarities ``a @ b.T`` of ``a`` [n_a, d] and the first ``n_b`` rows
+    of ``b`` (already padded by `pad_rows`), in the one arithmetic every search uses."""
+    return (pad_rows(a) @ b.T)[: a.shape[0], :n_b]
 
 
 def factors(x: Tensor, distance: str) -> tuple[Tensor, Tensor]:

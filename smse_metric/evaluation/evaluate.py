@@ -73,13 +73,18 @@ def evaluate_predictions(
     return report
 
 
-def _gallery(gallery, n_queries: int, dim: int):
+def _gallery(gallery, n_queries: int, dim: int | None, empty_ok: bool = False):
     if isinstance(gallery, dict):
         gallery = tuple(gallery.get(key) for key in ("embeddings", "labels", "groups", "scales"))
     if not isinstance(gallery, tuple | list) or len(gallery) != 4:
         raise ValueError("gallery must be (embeddings, labels, groups, scales) or a dict of those")
-    emb = as_float32("gallery embeddings", gallery[0])
-    if emb.shape[1] != dim:
+    if empty_ok:  # a rank's shard
+        from .sharded import local_vectors
+
+        emb = local_vectors("gallery embeddings", gallery[0])
+    else:
+        emb = as_float32("gallery embeddings", gallery[0])
+    if dim is not None and len(emb) and emb.shape[1] != dim:
         raise ValueError(f"gallery has dimension {emb.shape[1]}, the embeddings {dim}")
     n = len(emb)
     y = as_ids("gallery labels", gallery[1], n)
@@ -120,6 +125,8 @@ def evaluate_embeddings(
     device: str = "auto",
     backend: str = "auto",
     *,
+    distributed: bool = False,
+    process_group: Any = None,
     metric: str | None = None,
 ) -> EvaluationReport:
     """kNN evaluation of embeddings: classification and retrieval, pooled and per scale,
@@ -150,6 +157,14 @@ def evaluate_embeddings(
             AMI (faiss k-means where faiss is installed, as PML; torch otherwise).
         cross_magnification: compute the matrix of kNN accuracy (query scale x gallery
             restricted to one scale); needs ``scales``.
+        distributed: every rank of a ``torch.distributed`` process group passes its own
+            shard of the queries (and of the gallery), any size, even empty, and every
+            rank gets the report of the union: the one a single process gives for the
+            shards concatenated in rank order with ``backend="torch"``. Gallery shards
+            travel one at a time (`KNNClassifier`'s ``distributed``); only metadata
+            and per-query results are gathered, except that ``clustering`` gathers the
+            queries on rank 0 (turn it off at scale). A collective: every rank calls it.
+        process_group: the process group (None: the default one).
         metric: the old name of ``distance``; deprecated, warns.
 
     Examples:
@@ -170,17 +185,20 @@ def evaluate_embeddings(
     if device == "auto":  # decided on the caller's tensors, before they become numpy
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
         device = "cuda" if on_cuda else "cpu"
-    q = as_float32("embeddings", embeddings)
-    n = q.shape[0]
-    qy = as_ids("labels", labels, n)
-    qg = None if groups is None else as_ids("groups", groups, n)
-    qs = None if scales is None else as_ids("scales", scales, n)
-    if gallery is None:
-        g_emb, gy, gg, gs = q, qy, qg, qs
+    if gallery is not None and exclude == "self":
+        raise ValueError("exclude='self' needs the queries to be the gallery (gallery=None)")
+    settings = dict(
+        k=k, exclude=exclude, distance=distance, weights=weights, ranking=ranking,
+        retrieval_k=retrieval_k, average=average, clustering=clustering,
+        cross_magnification=cross_magnification,
+    )  # fmt: skip
+    if distributed:
+        parts = _Parts.sharded(embeddings, labels, groups, scales, gallery, settings, process_group)
     else:
-        if exclude == "self":
-            raise ValueError("exclude='self' needs the queries to be the gallery (gallery=None)")
-        g_emb, gy, gg, gs = _gallery(gallery, n, q.shape[1])
+        parts = _Parts.single(embeddings, labels, groups, scales, gallery)
+    q, qy, qg, qs = parts.q, parts.qy, parts.qg, parts.qs
+    g_emb, gy, gg, gs = parts.g_emb, parts.gy, parts.gg, parts.gs
+    n = len(qy)
     # Exclusion works on group codes; "self" is "group" with one group per image.
     if exclude == "self":
         ex_q = ex_g = np.arange(n)
@@ -199,11 +217,28 @@ def evaluate_embeddings(
     classes = np.unique(np.concatenate([gy, qy]))
     _, g_codes = encode_ids("gallery labels", gy, len(gy), classes)
     _, q_codes = encode_ids("labels", qy, n, classes)
-    knn = KNNClassifier(k, distance, weights, device, backend=backend).fit(g_emb, gy, groups=ex_g)
+
+    def new_knn() -> KNNClassifier:
+        return KNNClassifier(
+            k,
+            distance,
+            weights,
+            device,
+            backend=backend,
+            distributed=distributed,
+            process_group=process_group,
+        )
+
+    knn = new_knn().fit(g_emb, parts.mine(gy, "g"), groups=parts.mine(ex_g, "g"))
     n_rel = _relevant(knn, g_codes, q_codes, ex_q, knn_exclude, len(classes))
     unseen = np.bincount(g_codes, minlength=len(classes))[q_codes] == 0
-    depth = _depth(retrieval_k, n_rel, len(g_emb)) if ranking else None
-    pred, per_query = _scores(knn, q, ex_q, knn_exclude, q_codes, classes, n_rel, depth)
+    depth = _depth(retrieval_k, n_rel, len(gy)) if ranking else None
+    mine = parts.mine
+    pred, per_query = _scores(
+        knn, q, mine(ex_q), knn_exclude, mine(q_codes), classes, mine(n_rel), depth
+    )
+    pred = parts.gather(pred)
+    per_query = {key: None if v is None else parts.gather(v) for key, v in per_query.items()}
 
     def scores(m=slice(None)):
         part = {key: v if v is None else v[m] for key, v in per_query.items()}
@@ -225,7 +260,7 @@ def evaluate_embeddings(
         average=average,
     )
     if clustering:
-        report.clustering = _clustering(q, qy)
+        report.clustering = parts.on_rank_0(lambda all_q: _clustering(all_q, qy), q)
     if qs is None:
         return report
     s_table, s_codes = np.unique(qs, return_inverse=True)
@@ -234,17 +269,14 @@ def evaluate_embeddings(
         report.per_scale[str(name)], report.retrieval_per_scale[str(name)] = scores(s_codes == i)
     if cross_magnification and gs is not None:
         report.cross_magnification = _cross_magnification_matrix(
-            q,
+            parts,
             q_codes,
             ex_q,
             s_codes,
             s_table,
-            g_emb,
-            gy,
             ex_g,
-            gs,
             knn_exclude,
-            KNNClassifier(k, distance, weights, device, backend=backend),
+            new_knn(),
             classes,
         )
         cells = np.array(report.cross_magnification, dtype=float)
@@ -333,21 +365,114 @@ def _clustering(q: np.ndarray, qy: np.ndarray) -> ClusteringMetrics:
 
 
 def _cross_magnification_matrix(
-    q, q_codes, ex_q, s_codes, s_table, g_emb, gy, ex_g, gs, exclude, knn, classes
+    parts: _Parts, q_codes, ex_q, s_codes, s_table, ex_g, exclude, knn, classes
 ):
     """Cell (a, b): kNN accuracy of scale-a queries against the gallery's scale-b items.
     A cell whose gallery has fewer than k usable items for some query is NaN."""
     matrix = np.full((len(s_table), len(s_table)), np.nan)
+    mine = parts.mine
     for b, name in enumerate(s_table.tolist()):
-        in_b = gs == name
+        in_b = parts.gs == name
         if not in_b.any():
             continue
-        knn.fit(g_emb[in_b], gy[in_b], groups=ex_g[in_b])
+        here = mine(in_b, "g")
+        knn.fit(parts.g_emb[here], mine(parts.gy, "g")[here], groups=mine(ex_g, "g")[here])
         for a in range(len(s_table)):
-            m = s_codes == a
-            try:
-                pred = knn.predict(q[m], ex_q[m], exclude)
+            m = mine(s_codes == a)
+            try:  # distributed: every rank raises alike (the check is collective)
+                pred = knn.predict(parts.q[m], mine(ex_q)[m], exclude)
             except ValueError:
                 continue
-            matrix[a, b] = float((pred == classes[q_codes[m]]).mean())
+            hit = parts.gather(pred == classes[mine(q_codes)[m]])
+            matrix[a, b] = float(hit.mean())
     return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
+
+
+class _Parts:
+    """The inputs of `evaluate_embeddings`: this process's query and gallery
+    embeddings, and the metadata (labels, groups, scales) of all of them; in a single
+    process the two are the same, across ranks the metadata is gathered and ``mine``
+    picks this rank's rows of it."""
+
+    def __init__(self, q, qy, qg, qs, g_emb, gy, gg, gs, group=None, rows=None, g_rows=None):
+        self.q, self.qy, self.qg, self.qs = q, qy, qg, qs
+        self.g_emb, self.gy, self.gg, self.gs = g_emb, gy, gg, gs
+        self.group, self.rows, self.g_rows = group, rows, g_rows
+
+    @classmethod
+    def single(cls, embeddings, labels, groups, scales, gallery) -> _Parts:
+        q = as_float32("embeddings", embeddings)
+        n = q.shape[0]
+        qy = as_ids("labels", labels, n)
+        qg = None if groups is None else as_ids("groups", groups, n)
+        qs = None if scales is None else as_ids("scales", scales, n)
+        if gallery is None:
+            return cls(q, qy, qg, qs, q, qy, qg, qs)
+        return cls(q, qy, qg, qs, *_gallery(gallery, n, q.shape[1]))
+
+    @classmethod
+    def sharded(cls, embeddings, labels, groups, scales, gallery, settings, group) -> _Parts:
+        from . import sharded
+
+        error, meta = None, dict(settings)
+        try:
+            q = sharded.local_vectors("embeddings", embeddings)
+            n = q.shape[0]
+            qy = as_ids("labels", labels, n)
+            qg = None if groups is None else as_ids("groups", groups, n)
+            qs = None if scales is None else as_ids("scales", scales, n)
+            if gallery is None:
+                g = (q, qy, qg, qs)
+            else:
+                g = _gallery(gallery, n, q.shape[1] if n else None, empty_ok=True)
+            meta |= {
+                "embedding dimension": q.shape[1] if n else None,
+                "gallery dimension": g[0].shape[1] if len(g[0]) else None,
+                "label type": qy.dtype.kind if n else None,
+                "gallery given": gallery is not None,
+                "groups given": groups is not None,
+                "scales given": scales is not None,
+            }
+        except (ValueError, TypeError) as e:
+            error = f"{type(e).__name__}: {e}"
+        sharded.agree(error, meta, group)
+        sizes, offset = sharded.shard_layout(n, group)
+        g_sizes, g_offset = sharded.shard_layout(len(g[0]), group)
+        if sum(sizes) == 0 or sum(g_sizes) == 0:
+            raise ValueError("the embeddings are empty on every rank")
+        gathered = [sharded.gather_arrays(a, group) for a in (qy, qg, qs, *g[1:])]
+        rows = slice(offset, offset + n)
+        g_rows = slice(g_offset, g_offset + len(g[0]))
+        return cls(q, *gathered[:3], g[0], *gathered[3:], group, rows, g_rows)
+
+    def mine(self, values, side: str = "q"):
+        """This process's rows of a per-query (``side="q"``) or per-gallery (``"g"``)
+        array of the union."""
+        rows = self.rows if side == "q" else self.g_rows
+        return values if rows is None else values[rows]
+
+    def gather(self, values: np.ndarray) -> np.ndarray:
+        """The union's [N] array from this process's part, in rank order."""
+        if self.rows is None:
+            return values
+        from . import sharded
+
+        out = sharded.gather_arrays(values, self.group)
+        return values if out is None else out
+
+    def on_rank_0(self, fn, q: np.ndarray):
+        """``fn`` of the union's query embeddings, computed on rank 0 alone (gathered
+        there) and sent to every rank."""
+        if self.rows is None:
+            return fn(q)
+        import torch.distributed as dist
+
+        from . import sharded
+
+        rank, world = sharded.rank_and_world(self.group)
+        root = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(q, parts, dst=root, group=self.group)
+        out = [fn(np.concatenate([p for p in parts if len(p)])) if parts else None]
+        dist.broadcast_object_list(out, src=root, group=self.group)
+        return out[0]

@@ -61,6 +61,12 @@ class KNNClassifier:
         index: see [`make_index`][smse_metric.evaluation.make_index].
         backend: ``"auto"`` (FAISS where it is installed and serves the device, else
             torch), ``"faiss"`` or ``"torch"``; see `make_index`.
+        distributed: each rank of a ``torch.distributed`` process group fits its own
+            shard of the gallery and queries its own shard of queries; the answers are
+            those of one process given the shards concatenated in rank order (ids in
+            that concatenation; the torch arithmetic, on the device the process
+            group's backend uses). Every call is then a collective: every rank makes it.
+        process_group: the process group (None: the default one).
         metric: the old name of ``distance``; deprecated, warns.
 
     Ties: neighbours at equal distance are ordered by gallery index; classes with
@@ -82,9 +88,12 @@ class KNNClassifier:
         index: str = "flat",
         backend: str = "auto",
         *,
+        distributed: bool = False,
+        process_group: Any = None,
         metric: str | None = None,
     ) -> None:
         self.k = positive_int("k", k)
+        self.distributed, self.process_group = bool(distributed), process_group
         self.distance = resolve_distance(distance, "cosine", metric=metric)
         check_choice("weights", weights, WEIGHTS)
         self.weights = weights
@@ -92,7 +101,17 @@ class KNNClassifier:
         self.device, self.index_type, self.backend = device, index, backend
 
     def fit(self, embeddings: Any, labels: Any, groups: Any = None) -> KNNClassifier:
-        """Index the gallery. ``groups`` (patients) enable ``exclude="group"``."""
+        """Index the gallery. ``groups`` (patients) enable ``exclude="group"``.
+
+        Args:
+            embeddings: [G, D] gallery (``distributed``: this rank's shard, maybe empty).
+            labels: [G] their labels.
+            groups: [G] their groups (patients), or None.
+        """
+        if self.distributed:
+            from . import sharded
+
+            return sharded.fit(self, embeddings, labels, groups, self.process_group)
         self.index_ = make_index(
             embeddings,
             distance=self.distance,
@@ -104,7 +123,7 @@ class KNNClassifier:
         self.classes_, self.labels_ = np.unique(as_ids("labels", labels, n), return_inverse=True)
         self.groups_ = None
         if groups is not None:
-            self._group_values, self.groups_ = np.unique(
+            self.group_values_, self.groups_ = np.unique(
                 as_ids("groups", groups, n), return_inverse=True
             )
             self.group_sizes_ = np.bincount(self.groups_)  # gallery images per group
@@ -122,9 +141,9 @@ class KNNClassifier:
         if query_groups is None:
             raise ValueError("exclude='group' needs query_groups")
         qg = as_ids("query_groups", query_groups, n)
-        pos = np.searchsorted(self._group_values, qg)
-        pos = np.minimum(pos, len(self._group_values) - 1)
-        return np.where(self._group_values[pos] == qg, pos, -1)
+        pos = np.searchsorted(self.group_values_, qg)
+        pos = np.minimum(pos, len(self.group_values_) - 1)
+        return np.where(self.group_values_[pos] == qg, pos, -1)
 
     def kneighbors_chunks(
         self,
@@ -143,9 +162,16 @@ class KNNClassifier:
         ``extra`` [Q] asks for more neighbours per query (used for MAP@R).
         """
         check_choice("exclude", exclude, EXCLUDE)
-        if not hasattr(self, "index_"):
+        if not hasattr(self, "index_" if not self.distributed else "shard_"):
             raise ValueError("this KNNClassifier is not fitted yet: call fit(embeddings, labels)")
         k = self.k if k is None else int(k)
+        if self.distributed:
+            from . import sharded
+
+            yield from sharded.kneighbors(
+                self, queries, query_groups, exclude, k, extra, self.process_group
+            )
+            return
         q = as_float32("queries", queries)
         n_q, n_g = q.shape[0], self.index_.ntotal
         if exclude == "self" and n_q != n_g:
@@ -246,7 +272,8 @@ class KNNClassifier:
         for nb in self.kneighbors_chunks(queries, query_groups, exclude):
             v = self.votes(nb)
             out.append(v / v.sum(1, keepdims=True))
-        return np.concatenate(out)
+        # a rank's shard may hold no queries
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes_)))
 
     def predict(self, queries: Any, query_groups: Any = None, exclude: str = "none"):
         """[Q] predicted labels (values of the fitted labels)."""

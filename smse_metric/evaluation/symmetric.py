@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .._checks import resolve_distance
-from ._keys import EMPTY, LOW, distances, factors, order_keys
+from ._keys import EMPTY, LOW, distances, factors, order_keys, pad_rows, similarity
 
 __all__ = ["symmetric_knn"]
 
@@ -201,7 +201,7 @@ def symmetric_knn(
     state = torch.full((n, k), EMPTY, dtype=torch.int64, device=dev)
     bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
     for s, e in bounds:  # each block against itself: the first k of every row
-        sim = a[s:e] @ b[s:e].T
+        sim = similarity(a[s:e], pad_rows(b[s:e]), e - s)
         sim.fill_diagonal_(float("-inf"))
         if g is not None:
             sim.masked_fill_(g[s:e, None] == g[None, s:e], float("-inf"))
@@ -217,7 +217,7 @@ def symmetric_knn(
         _merge(state, rows + s, keys)
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
-            sim = a[s:e] @ b[t:u].T
+            sim = similarity(a[s:e], pad_rows(b[t:u]), u - t)
             if g is not None and g[e - 1] >= g[t]:  # sorted groups: only edges overlap
                 sim.masked_fill_(g[s:e, None] == g[None, t:u], float("-inf"))
             pad_r, pad_c = -(e - s) % TILE, -(u - t) % TILE

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_choice, resolve_distance
 from ._inputs import CHUNK_ENTRIES, DEVICES, as_float32, prepare_vectors
-from ._keys import distances, factors, order_keys
+from ._keys import distances, factors, order_keys, pad_rows, similarity
 
 __all__ = ["TorchIndex"]
 
@@ -53,7 +53,7 @@ class TorchIndex:
         self.device = "cuda" if device == "cuda" or (device == "auto" and on_cuda) else "cpu"
         self._gallery = prepare_vectors(as_float32("embeddings", embeddings), distance)
         self.distance, (self.ntotal, self.dim) = distance, self._gallery.shape
-        self._b = factors(torch.from_numpy(self._gallery).to(self.device), distance)[1]
+        self._b = pad_rows(factors(torch.from_numpy(self._gallery).to(self.device), distance)[1])
 
     def vectors(self) -> np.ndarray:
         """[G, D] float32 gallery as stored (L2-normalised for ``"cosine"``)."""
@@ -78,7 +78,8 @@ class TorchIndex:
         out = np.full((n_q, k), -1, dtype=np.int64)
         step = max(1, CHUNK_ENTRIES // self.ntotal)
         for s in range(0, n_q, step):
-            keys = order_keys(a[s : s + step] @ self._b.T, ids).topk(kk, dim=1).values
+            sim = similarity(a[s : s + step], self._b, self.ntotal)
+            keys = order_keys(sim, ids).topk(kk, dim=1).values
             d, i = distances(keys, self.distance)
             dist[s : s + step, :kk], out[s : s + step, :kk] = d.cpu().numpy(), i.cpu().numpy()
         return dist, out

@@ -1,0 +1,295 @@
+"""Exact k-nearest neighbours over the ranks of a ``torch.distributed`` process group.
+
+Each rank holds a shard of the queries and a shard of the gallery. Gallery shards are
+broadcast one at a time (each rank receives every other shard once and holds at most
+one besides its own), every rank merges the candidates of each shard into the running
+top-k of its own queries, and nothing else travels but per-image metadata (labels,
+groups, scales) and the per-query results. The answer is the one a single process gives
+for the shards concatenated in rank order: the same arithmetic as
+[`TorchIndex`][smse_metric.evaluation.TorchIndex] (one product of the same factors per
+entry, between row counts padded alike, so that every entry rounds alike whatever the
+shard sizes), neighbour ids in the concatenated gallery, and the same order
+(similarity, then index; then, like `KNNClassifier`, distance, then index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ._inputs import CHUNK_ENTRIES, prepare_vectors
+from ._keys import EMPTY, ROWS, distances, factors, order_keys, pad_rows, similarity
+
+if TYPE_CHECKING:
+    from .knn import KNNClassifier, Neighbours
+
+__all__ = ["gather_arrays", "local_vectors", "shard_layout", "sharded_topk"]
+
+
+def rank_and_world(group: Any = None) -> tuple[int, int]:
+    """(this rank, ranks) of ``group``; a RuntimeError without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed=True needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, as torchrun's processes do)"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _device(group: Any) -> torch.device:
+    """Where collectives of ``group`` take tensors: this rank's GPU under NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``all_gather_object``).
+
+    Args:
+        obj: this rank's picklable value.
+        group: the process group (None: the default one).
+    """
+    _, world = rank_and_world(group)
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def agree(error: str | None, meta: dict[str, Any], group: Any = None) -> list[dict[str, Any]]:
+    """Every rank's ``meta``, after checking on every rank that no rank failed its own
+    input checks (``error``) and that the ranks agree on each key of ``meta`` (keys
+    starting with ``_`` may differ; a ``None`` value is an empty shard's and agrees with
+    anything). Raises the same ValueError on every rank, naming the rank and the key.
+
+    Args:
+        error: this rank's input error, or None.
+        meta: this rank's settings and shapes.
+        group: the process group.
+    """
+    items = gather_objects((error, meta), group)
+    for rank, (e, _) in enumerate(items):
+        if e is not None:
+            raise ValueError(f"rank {rank} of the process group: {e}")
+    metas = [m for _, m in items]
+    for key in metas[0]:
+        if key.startswith("_"):
+            continue
+        values = [(r, m[key]) for r, m in enumerate(metas) if m[key] is not None]
+        if any(v != values[0][1] for _, v in values):
+            shown = ", ".join(f"rank {r}: {v!r}" for r, v in values)
+            raise ValueError(f"the ranks disagree on {key} ({shown})")
+    return metas
+
+
+def gather_arrays(local: np.ndarray | None, group: Any = None) -> np.ndarray | None:
+    """The ranks' arrays concatenated in rank order (None where every rank has None).
+
+    Args:
+        local: this rank's [n] array (labels, groups, scales), or None.
+        group: the process group.
+    """
+    parts = gather_objects(local, group)
+    if all(p is None for p in parts):
+        return None
+    if any(p is None for p in parts):
+        raise ValueError("some ranks give groups or scales and others do not")
+    return np.concatenate(parts)
+
+
+def local_vectors(name: str, x: Any) -> np.ndarray:
+    """[n, D] float32 embeddings of this rank's shard; unlike a single process's, a
+    shard may be empty ([0, D] or [0])."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if arr.ndim == 1 and arr.size == 0:
+        return arr.reshape(0, 0)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(1).sum())
+        raise ValueError(f"{name} has {bad} rows with NaN or inf")
+    return arr
+
+
+def shard_layout(n_local: int, group: Any = None) -> tuple[list[int], int]:
+    """(rows of every rank's shard, this rank's first global row).
+
+    Args:
+        n_local: rows of this rank's shard.
+        group: the process group.
+    """
+    rank, _ = rank_and_world(group)
+    sizes = [int(s) for s in gather_objects(int(n_local), group)]
+    return sizes, sum(sizes[:rank])
+
+
+def sharded_topk(
+    queries: np.ndarray,
+    query_codes: np.ndarray | None,
+    gallery: np.ndarray,
+    gallery_codes: np.ndarray | None,
+    width: int,
+    distance: str,
+    group: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each local query's ``width`` nearest items of the union of the ranks' gallery
+    shards: ``(dist, ids)`` [q, width], ids in the concatenated gallery, by
+    (similarity, index) and then, stably, by (distance, index); an item whose code
+    equals the query's is never a neighbour (``inf`` / ``-1`` where too few remain).
+    Every rank must call it (a collective), with any number of rows, even none.
+
+    Args:
+        queries: [q, D] this rank's queries, as `prepare_vectors` leaves them.
+        query_codes: [q] exclusion code of each query (int64), or None.
+        gallery: [g, D] this rank's gallery shard, prepared alike.
+        gallery_codes: [g] their codes in the same table, or None.
+        width: neighbours per query (the same on every rank is not required).
+        distance: ``"cosine"``, ``"l2"`` or ``"squared_l2"``.
+        group: the process group.
+    """
+    rank, world = rank_and_world(group)
+    device = _device(group)
+    sizes, _ = shard_layout(len(gallery), group)
+    dims = {d for d in gather_objects(gallery.shape[1] if len(gallery) else None, group) if d}
+    dim = dims.pop() if dims else queries.shape[1]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    a = factors(torch.from_numpy(queries).to(device), distance)[0] if len(queries) else None
+    own = None
+    if len(gallery):
+        own = pad_rows(factors(torch.from_numpy(gallery).to(device), distance)[1])
+    width_of = dim + (0 if distance == "cosine" else 2)
+    state = torch.full((len(queries), max(width, 0)), EMPTY, dtype=torch.int64, device=device)
+    qc = None if query_codes is None else torch.from_numpy(query_codes).to(device)
+    for src in range(world):
+        n = sizes[src]
+        if n == 0:
+            continue
+        root = src if group is None else dist.get_global_rank(group, src)
+        padded = max(ROWS, -(-n // ROWS) * ROWS)  # as `pad_rows` leaves the shard
+        b = own if own is not None and src == rank else torch.empty(padded, width_of, device=device)
+        dist.broadcast(b, root, group=group)
+        codes = None
+        if gallery_codes is not None:
+            codes = (
+                torch.from_numpy(gallery_codes).to(device)
+                if src == rank
+                else torch.empty(n, dtype=torch.int64, device=device)
+            )
+            dist.broadcast(codes, root, group=group)
+        if a is None or width < 1:
+            continue
+        ids = torch.arange(offsets[src], offsets[src] + n, device=device)
+        step = max(1, CHUNK_ENTRIES // n)
+        for s in range(0, len(queries), step):
+            keys = order_keys(similarity(a[s : s + step], b, n), ids)
+            if codes is not None and qc is not None:
+                keys.masked_fill_(qc[s : s + step, None] == codes[None, :], EMPTY)
+            top = keys.topk(min(width, n), dim=1).values
+            merged = torch.cat([state[s : s + step], top], 1)
+            state[s : s + step] = merged.topk(width, dim=1).values
+    d, i = distances(state, distance)
+    d, i = d.cpu().numpy(), i.cpu().numpy()
+    order = np.lexsort((i, d))  # KNNClassifier's order: distance, then index
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def fit(knn: KNNClassifier, embeddings: Any, labels: Any, groups: Any, group: Any) -> KNNClassifier:
+    """`KNNClassifier.fit` with ``distributed=True``: this rank's gallery shard, the
+    labels and groups of every rank gathered (small), codes over the union."""
+    error, emb, y = None, np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    try:
+        emb = prepare_vectors(local_vectors("embeddings", embeddings), knn.distance)
+        y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+        if y.ndim != 1 or len(y) != len(emb):
+            raise ValueError(f"labels must be [{len(emb)}], got shape {y.shape}")
+        if y.dtype.kind == "f":
+            raise TypeError(f"labels must hold integers or strings, got {y.dtype}")
+    except (ValueError, TypeError) as e:
+        error = str(e)
+    meta = {
+        "k": knn.k,
+        "distance": knn.distance,
+        "weights": knn.weights,
+        "embedding dimension": emb.shape[1] if len(emb) else None,
+        "label type": y.dtype.kind if error is None and len(y) else None,
+        "groups given": groups is not None,
+    }
+    agree(error, meta, group)
+    all_labels = gather_arrays(y, group)
+    all_groups = gather_arrays(None if groups is None else np.asarray(groups), group)
+    if all_labels is None or len(all_labels) == 0:
+        raise ValueError("the gallery is empty on every rank")
+    knn.sizes_, knn.offset_ = shard_layout(len(emb), group)
+    knn.shard_ = emb
+    knn.ntotal_ = len(all_labels)
+    knn.classes_, knn.labels_ = np.unique(all_labels, return_inverse=True)
+    knn.groups_ = None
+    if all_groups is not None:
+        knn.group_values_, knn.groups_ = np.unique(all_groups, return_inverse=True)
+        knn.group_sizes_ = np.bincount(knn.groups_)
+    return knn
+
+
+def kneighbors(
+    knn: KNNClassifier,
+    queries: Any,
+    query_groups: Any,
+    exclude: str,
+    k: int,
+    extra: np.ndarray | None,
+    group: Any,
+) -> Iterator[Neighbours]:
+    """`KNNClassifier.kneighbors_chunks` with ``distributed=True``: this rank's queries
+    against the union of the gallery shards; the same checks fail on every rank."""
+    from .knn import Neighbours
+
+    error, q = None, np.zeros((0, 0), dtype=np.float32)
+    n_g = knn.ntotal_
+    usable = np.zeros(0, dtype=np.int64)
+    q_codes = g_codes = None
+    try:
+        q = prepare_vectors(local_vectors("queries", queries), knn.distance)
+        n_q = len(q)
+        if exclude == "self" and n_q != len(knn.shard_):
+            raise ValueError(
+                f"exclude='self' needs each rank's queries to be its gallery shard "
+                f"({len(knn.shard_)} rows), got {n_q}"
+            )
+        excluded = np.zeros(n_q, dtype=np.int64)
+        if exclude == "self":
+            excluded += 1
+            q_codes = knn.offset_ + np.arange(n_q, dtype=np.int64)
+            g_codes = q_codes
+        elif exclude == "group":
+            qg = knn.query_group_codes(query_groups, n_q)
+            excluded = np.where(qg >= 0, knn.group_sizes_[np.maximum(qg, 0)], 0)
+            q_codes = qg.astype(np.int64)
+            lo = knn.offset_
+            g_codes = np.asarray(knn.groups_)[lo : lo + len(knn.shard_)].astype(np.int64)
+        usable = n_g - excluded
+        if (usable < k).any():
+            i = int(np.argmax(usable < k))
+            raise ValueError(
+                f"k={k} is larger than the usable gallery of query {i}: {n_g} items, "
+                f"{excluded[i]} excluded by exclude={exclude!r}"
+            )
+    except ValueError as e:
+        error = str(e)
+    meta = {"k": k, "exclude": exclude, "query dimension": q.shape[1] if len(q) else None}
+    agree(error, meta, group)
+    want = k + (np.zeros(len(q), dtype=np.int64) if extra is None else extra)
+    want = np.minimum(want, usable)
+    width = int(want.max(initial=0))
+    dist_, ids = sharded_topk(q, q_codes, knn.shard_, g_codes, width, knn.distance, group)
+    valid = np.arange(width)[None, :] < want[:, None]
+    dist_, ids = np.where(valid, dist_, np.inf), np.where(valid, ids, -1)
+    step = max(1, CHUNK_ENTRIES // max(k, 1))
+    for start in range(0, len(q), step):
+        rows = slice(start, min(len(q), start + step))
+        yield Neighbours(rows, dist_[rows], ids[rows])
