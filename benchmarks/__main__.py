@@ -15,6 +15,7 @@ from benchmarks import (
     bench_losses,
     bench_recipe,
     bench_sampler,
+    bench_sharded,
 )
 
 BENCHES = {
@@ -25,6 +26,7 @@ BENCHES = {
     "recipe": bench_recipe,
     "data": bench_data,
     "frozen": bench_frozen,
+    "sharded": bench_sharded,
 }
 
 

@@ -95,3 +95,11 @@ def test_the_foundation_model_table_is_the_one_the_recipe_uses():
         want_kwargs, want_pool = FOUNDATION_MODELS[name]
         documented = tomllib.loads(f"k = {kwargs}")["k"]
         assert documented == pytest.approx(want_kwargs) and pool == want_pool, name
+
+
+def test_the_readme_links_work_off_the_repository():
+    """The README is the package's page on an index, where a relative link is broken:
+    every link is absolute, and files of the source tree are named as paths."""
+    links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
+    relative = [link for link in links if not link.startswith(("https://", "http://"))]
+    assert links and not relative, relative

@@ -1,14 +1,18 @@
 """Internal: the exact neighbour order shared by the symmetric search, the torch index
 and the sharded search.
 
-Both compute similarities (larger is nearer) as one product ``a @ b.T``: for
-``"cosine"`` of L2-normalised rows, for ``"l2"`` / ``"squared_l2"`` of augmented rows
-``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2] = -d(i, j)^2 / 2``. A (similarity, id)
-pair becomes one int64 key whose descending order is (similarity descending, id
-ascending), so a plain ``topk`` of keys gives the k nearest with ties broken by index.
+All compute similarities (larger is nearer) from one product ``x @ y.T``: for
+``"cosine"`` of L2-normalised rows, for ``"l2"`` / ``"squared_l2"`` of the rows
+themselves, less ``(|x_i|^2/2 + |y_j|^2/2)``: ``-d(i, j)^2 / 2``. Every term is the same
+whichever of i and j is the query, so the symmetric search may use one entry for both.
+A (similarity, id) pair becomes one int64 key whose descending order is (similarity
+descending, id ascending), so a plain ``topk`` of keys gives the k nearest with ties
+broken by index.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,19 +34,47 @@ def pad_rows(x: Tensor) -> Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def similarity(a: Tensor, b: Tensor, n_b: int) -> Tensor:
-    """[n_a, n_b] similarities ``a @ b.T`` of ``a`` [n_a, d] and the first ``n_b`` rows
-    of ``b`` (already padded by `pad_rows`), in the one arithmetic every search uses."""
-    return (pad_rows(a) @ b.T)[: a.shape[0], :n_b]
+class Rows(NamedTuple):
+    """Rows ready for `similarity`: ``x`` [n, D] (L2-normalised for ``"cosine"``) and,
+    for ``"l2"`` / ``"squared_l2"``, ``h`` [n], half their squared norms."""
+
+    x: Tensor
+    h: Tensor | None
+
+    def take(self, start: int, stop: int) -> Rows:
+        """Rows ``start:stop``."""
+        return Rows(self.x[start:stop], None if self.h is None else self.h[start:stop])
+
+    def padded(self) -> Rows:
+        """Zero rows up to a multiple of `ROWS` (`pad_rows`)."""
+        h = self.h
+        if h is not None:
+            h = torch.nn.functional.pad(h, (0, max(ROWS, -(-len(h) // ROWS) * ROWS) - len(h)))
+        return Rows(pad_rows(self.x), h)
 
 
-def factors(x: Tensor, distance: str) -> tuple[Tensor, Tensor]:
-    """(a, b) with ``a[i] . b[j]`` the similarity of rows i and j of ``x`` [N, D]."""
+def factors(x: Tensor, distance: str) -> Rows:
+    """The rows of ``x`` [N, D] as `similarity` takes them."""
     if distance == "cosine":
-        x = torch.nn.functional.normalize(x, dim=1)
-        return x, x
-    half, ones = x.square().sum(1, keepdim=True) / 2, x.new_ones(x.shape[0], 1)
-    return torch.cat([x, -half, ones], 1), torch.cat([x, ones, -half], 1)
+        return Rows(torch.nn.functional.normalize(x, dim=1), None)
+    return Rows(x, x.square().sum(1) / 2)
+
+
+def block_product(a: Rows, b: Rows) -> Tensor:
+    """[n_a padded, n_b] similarities of ``a``'s rows (padded here) and ``b``'s (already
+    padded): one product, added to the negated half norms summed first (the same terms
+    for (i, j) as for (j, i))."""
+    a = a.padded()
+    if a.h is None or b.h is None:
+        return a.x @ b.x.T
+    # one GEMM into the negated norm sums (as fast as the product alone)
+    return (a.h[:, None] + b.h[None, :]).neg_().addmm_(a.x, b.x.T)
+
+
+def similarity(a: Rows, b: Rows, n_b: int) -> Tensor:
+    """[n_a, n_b] similarities of ``a``'s rows and the first ``n_b`` rows of ``b``
+    (already padded by `Rows.padded`), in the one arithmetic every search uses."""
+    return block_product(a, b)[: a.x.shape[0], :n_b]
 
 
 def order_keys(values: Tensor, ids: Tensor) -> Tensor:

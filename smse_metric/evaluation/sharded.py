@@ -6,7 +6,7 @@ one besides its own), every rank merges the candidates of each shard into the ru
 top-k of its own queries, and nothing else travels but per-image metadata (labels,
 groups, scales) and the per-query results. The answer is the one a single process gives
 for the shards concatenated in rank order: the same arithmetic as
-[`TorchIndex`][smse_metric.evaluation.TorchIndex] (one product of the same factors per
+[`TorchIndex`][smse_metric.evaluation.TorchIndex] (one product of the same rows per
 entry, between row counts padded alike, so that every entry rounds alike whatever the
 shard sizes), neighbour ids in the concatenated gallery, and the same order
 (similarity, then index; then, like `KNNClassifier`, distance, then index).
@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ._inputs import CHUNK_ENTRIES, prepare_vectors
-from ._keys import EMPTY, ROWS, distances, factors, order_keys, pad_rows, similarity
+from ._keys import EMPTY, ROWS, Rows, block_product, distances, factors
+from .symmetric import BLOCK, block_candidates, merge_keys
 
 if TYPE_CHECKING:
     from .knn import KNNClassifier, Neighbours
@@ -159,44 +160,73 @@ def sharded_topk(
     dims = {d for d in gather_objects(gallery.shape[1] if len(gallery) else None, group) if d}
     dim = dims.pop() if dims else queries.shape[1]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-    a = factors(torch.from_numpy(queries).to(device), distance)[0] if len(queries) else None
+    a = factors(torch.from_numpy(queries).to(device), distance) if len(queries) else None
     own = None
     if len(gallery):
-        own = pad_rows(factors(torch.from_numpy(gallery).to(device), distance)[1])
-    width_of = dim + (0 if distance == "cosine" else 2)
-    state = torch.full((len(queries), max(width, 0)), EMPTY, dtype=torch.int64, device=device)
+        own = factors(torch.from_numpy(gallery).to(device), distance).padded()
     qc = None if query_codes is None else torch.from_numpy(query_codes).to(device)
-    for src in range(world):
-        n = sizes[src]
-        if n == 0:
-            continue
-        root = src if group is None else dist.get_global_rank(group, src)
-        padded = max(ROWS, -(-n // ROWS) * ROWS)  # as `pad_rows` leaves the shard
-        b = own if own is not None and src == rank else torch.empty(padded, width_of, device=device)
-        dist.broadcast(b, root, group=group)
-        codes = None
-        if gallery_codes is not None:
-            codes = (
-                torch.from_numpy(gallery_codes).to(device)
-                if src == rank
-                else torch.empty(n, dtype=torch.int64, device=device)
-            )
-            dist.broadcast(codes, root, group=group)
-        if a is None or width < 1:
-            continue
-        ids = torch.arange(offsets[src], offsets[src] + n, device=device)
-        step = max(1, CHUNK_ENTRIES // n)
-        for s in range(0, len(queries), step):
-            keys = order_keys(similarity(a[s : s + step], b, n), ids)
-            if codes is not None and qc is not None:
-                keys.masked_fill_(qc[s : s + step, None] == codes[None, :], EMPTY)
-            top = keys.topk(min(width, n), dim=1).values
-            merged = torch.cat([state[s : s + step], top], 1)
-            state[s : s + step] = merged.topk(width, dim=1).values
-    d, i = distances(state, distance)
-    d, i = d.cpu().numpy(), i.cpu().numpy()
+    width = max(width, 0)
+    # rounds of queries whose running top-k stays under CHUNK_ENTRIES keys (deep
+    # ranking metrics want thousands); every rank takes as many rounds as the busiest
+    per_round = max(1, CHUNK_ENTRIES // max(width, 1))
+    rounds = max(gather_objects(-(-len(queries) // per_round) if width else 0, group))
+    d = np.full((len(queries), width), np.inf, dtype=np.float32)
+    i = np.full((len(queries), width), -1, dtype=np.int64)
+    for r in range(rounds):
+        lo, hi = min(len(queries), r * per_round), min(len(queries), (r + 1) * per_round)
+        state = torch.full((hi - lo, width), EMPTY, dtype=torch.int64, device=device)
+        for src in range(world):
+            n = sizes[src]
+            if n == 0:
+                continue
+            root = src if group is None else dist.get_global_rank(group, src)
+            padded = max(ROWS, -(-n // ROWS) * ROWS)  # as `Rows.padded` leaves the shard
+            b = own if own is not None and src == rank else None
+            if b is None:
+                h = None if distance == "cosine" else torch.empty(padded, device=device)
+                b = Rows(torch.empty(padded, dim, device=device), h)
+            dist.broadcast(b.x, root, group=group)
+            if b.h is not None:
+                dist.broadcast(b.h, root, group=group)
+            codes = None
+            if gallery_codes is not None:
+                codes = (
+                    torch.from_numpy(gallery_codes).to(device)
+                    if src == rank
+                    else torch.empty(n, dtype=torch.int64, device=device)
+                )
+                dist.broadcast(codes, root, group=group)
+            if a is None or hi == lo:
+                continue
+            ids = torch.arange(offsets[src], offsets[src] + n, device=device)
+            for s in range(lo, hi, BLOCK):  # blocks of queries x blocks of the shard
+                for t in range(0, n, BLOCK):
+                    candidates = _block_candidates(
+                        a.take(s, min(hi, s + BLOCK)),
+                        b.take(t, t + min(BLOCK, padded - t)),
+                        ids[t : t + BLOCK],
+                        None if qc is None else qc[s : min(hi, s + BLOCK)],
+                        None if codes is None else codes[t : t + BLOCK],
+                        state[s - lo : min(hi, s + BLOCK) - lo],
+                    )
+                    merge_keys(state, candidates[0] + (s - lo), candidates[1])
+        dd, ii = distances(state, distance)
+        d[lo:hi], i[lo:hi] = dd.cpu().numpy(), ii.cpu().numpy()
     order = np.lexsort((i, d))  # KNNClassifier's order: distance, then index
     return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def _block_candidates(a: Rows, b: Rows, ids, q_codes, g_codes, state):
+    """(rows, keys): the candidates of a block of queries (``a``, r rows) against a
+    block of gallery rows (``b``, padded rows included; ``ids`` [c] of the real ones)
+    for the running top-k ``state`` [r, k]; pairs with equal codes never qualify."""
+    r, c = a.x.shape[0], ids.shape[0]
+    sim = block_product(a, b)  # [r padded, c padded]: the one arithmetic (`similarity`)
+    sim[r:] = float("-inf")
+    sim[:, c:] = float("-inf")
+    if q_codes is not None and g_codes is not None:
+        sim[:r, :c].masked_fill_(q_codes[:, None] == g_codes[None, :], float("-inf"))
+    return block_candidates(sim, ids, state)
 
 
 def fit(knn: KNNClassifier, embeddings: Any, labels: Any, groups: Any, group: Any) -> KNNClassifier:

@@ -14,8 +14,8 @@ of the entries equal to it the first in id order complete the k. Ties are broken
 index, so the result is the k smallest by ``(distance, index)``: the same rule as
 [`KNNClassifier`][smse_metric.evaluation.KNNClassifier].
 
-L2 uses one product of augmented rows, ``[x_i, -|x_i|^2/2, 1] . [x_j, 1, -|x_j|^2/2]
-= -d(i, j)^2 / 2``, which is symmetric in ``i, j`` like the cosine similarity.
+L2 uses ``x_i . x_j - (|x_i|^2/2 + |x_j|^2/2) = -d(i, j)^2 / 2``, symmetric in
+``i, j`` term by term like the cosine similarity, so one entry serves both.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .._checks import resolve_distance
-from ._keys import EMPTY, LOW, distances, factors, order_keys, pad_rows, similarity
+from ._keys import EMPTY, LOW, distances, factors, order_keys, similarity
 
 __all__ = ["symmetric_knn"]
 
@@ -119,6 +119,35 @@ def _best_keys(s: Tensor, ids: Tensor, k: int, axis: int) -> tuple[Tensor, Tenso
     return rows, order_keys(s[rows, cols], ids[cols])
 
 
+def block_candidates(sim: Tensor, ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, keys): the entries of ``sim`` [R', C'] (both multiples of `TILE`, padded and
+    masked entries ``-inf``) that may enter the running top-k ``state`` [R, k] of its
+    first R rows, for columns of ``ids`` [C] (padded with the largest id), by the
+    tile-maximum rejection of `symmetric_knn`."""
+    pad_r, pad_c = sim.shape[0] - state.shape[0], sim.shape[1] - ids.shape[0]
+    col_ids = torch.nn.functional.pad(ids, (0, pad_c), value=LOW)
+    return _candidates(sim, col_ids, _bar(state, pad_r), state.shape[1])
+
+
+def best_keys(sim: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(rows, keys): the candidates among which every row of ``sim`` [R, C] (masked
+    entries ``-inf``) finds its k best finite entries by (similarity, smallest of
+    ``ids`` [C]): the entries at or above its k-th similarity, or, where ties crowd
+    them, exactly its k best (`_best_keys`). No key is formed for the others."""
+    tau = sim.topk(k, dim=1).values[:, -1:].clamp_min(_FLOOR)
+    reach = sim >= tau  # the k best, and whatever ties with the k-th
+    if reach.sum() <= 2 * k * sim.shape[0]:
+        r, c = reach.nonzero(as_tuple=True)
+        return r, order_keys(sim[r, c], ids[c])
+    return _best_keys(sim, ids, k, 1)
+
+
+def merge_keys(state: Tensor, rows: Tensor, keys: Tensor) -> None:
+    """Merge candidate ``keys`` into the running top-k keys ``state`` [N, k] of
+    ``rows``, in place."""
+    _merge(state, rows, keys)
+
+
 def default_block(device: torch.device, n: int) -> int:
     """Rows per block: `BLOCK` on the CPU; on a GPU the largest of `GPU_BLOCKS` not
     above ``n`` (rounded up to a tile) whose working set takes at most half the free
@@ -196,28 +225,20 @@ def symmetric_knn(
     perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
     orig = torch.from_numpy(perm.astype(np.int64)).to(dev)
     xp = x if groups is None else x[orig]  # without groups the order is the identity
-    a, b = factors(xp, distance)
+    f = factors(xp, distance)
     g = None if groups is None else torch.from_numpy(np.asarray(groups)[perm]).to(dev)
     state = torch.full((n, k), EMPTY, dtype=torch.int64, device=dev)
     bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
     for s, e in bounds:  # each block against itself: the first k of every row
-        sim = similarity(a[s:e], pad_rows(b[s:e]), e - s)
+        sim = similarity(f.take(s, e), f.take(s, e).padded(), e - s)
         sim.fill_diagonal_(float("-inf"))
         if g is not None:
             sim.masked_fill_(g[s:e, None] == g[None, s:e], float("-inf"))
-        kk = min(k, e - s)
-        tau = sim.topk(kk, dim=1).values[:, -1:].clamp_min(_FLOOR)
-        reach = sim >= tau  # the k best, and whatever ties with the k-th
-        if reach.sum() <= 2 * kk * (e - s):
-            r, c = reach.nonzero(as_tuple=True)
-            _merge(state, r + s, order_keys(sim[r, c], orig[c + s]))
-            continue
-        # many ties (collapsed embeddings): the k best by (similarity, id) directly
-        rows, keys = _best_keys(sim, orig[s:e], kk, 1)
+        rows, keys = best_keys(sim, orig[s:e], min(k, e - s))
         _merge(state, rows + s, keys)
     for bi, (s, e) in enumerate(bounds):
         for t, u in bounds[bi + 1 :]:
-            sim = similarity(a[s:e], pad_rows(b[t:u]), u - t)
+            sim = similarity(f.take(s, e), f.take(t, u).padded(), u - t)
             if g is not None and g[e - 1] >= g[t]:  # sorted groups: only edges overlap
                 sim.masked_fill_(g[s:e, None] == g[None, t:u], float("-inf"))
             pad_r, pad_c = -(e - s) % TILE, -(u - t) % TILE

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_choice, resolve_distance
 from ._inputs import CHUNK_ENTRIES, DEVICES, as_float32, prepare_vectors
-from ._keys import distances, factors, order_keys, pad_rows, similarity
+from ._keys import distances, factors, order_keys, similarity
 
 __all__ = ["TorchIndex"]
 
@@ -53,7 +53,7 @@ class TorchIndex:
         self.device = "cuda" if device == "cuda" or (device == "auto" and on_cuda) else "cpu"
         self._gallery = prepare_vectors(as_float32("embeddings", embeddings), distance)
         self.distance, (self.ntotal, self.dim) = distance, self._gallery.shape
-        self._b = pad_rows(factors(torch.from_numpy(self._gallery).to(self.device), distance)[1])
+        self._b = factors(torch.from_numpy(self._gallery).to(self.device), distance).padded()
 
     def vectors(self) -> np.ndarray:
         """[G, D] float32 gallery as stored (L2-normalised for ``"cosine"``)."""
@@ -72,13 +72,13 @@ class TorchIndex:
             raise ValueError(f"queries have dimension {q.shape[1]}, the gallery {self.dim}")
         k, n_q = int(k), q.shape[0]
         kk = min(k, self.ntotal)
-        a = factors(torch.from_numpy(q).to(self.device), self.distance)[0]
+        a = factors(torch.from_numpy(q).to(self.device), self.distance)
         ids = torch.arange(self.ntotal, device=self.device)
         dist = np.full((n_q, k), np.inf, dtype=np.float32)
         out = np.full((n_q, k), -1, dtype=np.int64)
         step = max(1, CHUNK_ENTRIES // self.ntotal)
         for s in range(0, n_q, step):
-            sim = similarity(a[s : s + step], self._b, self.ntotal)
+            sim = similarity(a.take(s, s + step), self._b, self.ntotal)
             keys = order_keys(sim, ids).topk(kk, dim=1).values
             d, i = distances(keys, self.distance)
             dist[s : s + step, :kk], out[s : s + step, :kk] = d.cpu().numpy(), i.cpu().numpy()

@@ -95,6 +95,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    if world == 3:  # many rounds of few queries, small products: the same answers
+        from smse_metric.evaluation import sharded
+
+        sharded.CHUNK_ENTRIES, sharded.SHARD_ENTRIES = 60, 50
     try:
         results = [_results(case, world, rank) for case in CASES]
         with open(f"{out}/{rank}.pkl", "wb") as f:
@@ -167,8 +171,18 @@ def test_a_mismatch_on_one_rank_is_one_error_on_every_rank(tmp_path, fault, expe
 
 
 def test_a_dead_rank_ends_the_others_with_an_error_not_a_hang(tmp_path):
-    with pytest.raises(mp.ProcessExitedException, match="exit code 3"):
-        mp.spawn(_bad_worker, args=(2, _free_port(), str(tmp_path), "dies"), nprocs=2, join=True)
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [
+        ctx.Process(target=_bad_worker, args=(r, 2, port, str(tmp_path), "dies")) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)  # the process group's timeout is 5 s
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        p.kill()
+    assert alive == [False, False] and procs[1].exitcode == 3
     message = (tmp_path / "0.txt").read_text()
     assert message.startswith("RuntimeError"), message
 
@@ -176,3 +190,53 @@ def test_a_dead_rank_ends_the_others_with_an_error_not_a_hang(tmp_path):
 def test_without_a_process_group_distributed_says_what_it_needs():
     with pytest.raises(RuntimeError, match=r"initialised torch\.distributed process group"):
         evaluate_embeddings(np.eye(4, dtype=np.float32), [0, 0, 1, 1], distributed=True)
+
+
+BIG = [(d, e) for d in ("cosine", "l2", "squared_l2") for e in ("group", "self")]
+
+
+def _big(distance: str, exclude: str, rank: int | None):
+    """N = 4500 leave-one-out: one process takes the symmetric search there."""
+    rng = np.random.default_rng(3)
+    n = 4500
+    x, y, g = (
+        rng.normal(size=(n, 24)).astype(np.float32),
+        rng.integers(0, 4, n),
+        rng.integers(0, 300, n),
+    )
+    if rank is not None:
+        mine = slice(0, 1900) if rank == 0 else slice(1900, n)
+        x, y, g = x[mine], y[mine], g[mine]
+    kw = {"distributed": True} if rank is not None else {}
+    settings = {"k": 5, "exclude": exclude, "distance": distance, "backend": "torch"}
+    report = evaluate_embeddings(x, y, g, ranking=False, clustering=False, **settings, **kw)
+    knn = KNNClassifier(5, distance, backend="torch", **kw).fit(x, y, groups=g)
+    tables = list(knn.kneighbors_chunks(x, g, exclude))
+    return (
+        report.to_dict(),
+        np.concatenate([t.ids for t in tables]),
+        np.concatenate([t.dist for t in tables]),
+    )
+
+
+def _big_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with open(f"{out}/{rank}.pkl", "wb") as f:
+            pickle.dump([_big(d, e, rank) for d, e in BIG], f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_leave_one_out_at_the_symmetric_search_scale_is_the_same(tmp_path):
+    """At N >= 4096 one process takes the symmetric search, which serves entry (i, j)
+    and (j, i) from one product: the l2 similarity is symmetric term by term, so the
+    ranks' flat products agree with it bit for bit."""
+    mp.spawn(_big_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [pickle.loads((tmp_path / f"{r}.pkl").read_bytes()) for r in range(2)]
+    for c, (distance, exclude) in enumerate(BIG):
+        report, ids, dist_ = _big(distance, exclude, None)
+        assert ranks[0][c][0] == report == ranks[1][c][0], (distance, exclude)
+        assert np.array_equal(np.concatenate([r[c][1] for r in ranks]), ids)
+        assert np.array_equal(np.concatenate([r[c][2] for r in ranks]), dist_), (distance, exclude)

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from smse_metric.distributed import get_world_size
 from smse_metric.evaluation import (
     FaissIndex,
     evaluate_embeddings,
     evaluate_predictions,
     make_index,
 )
+from smse_metric.evaluation.sharded import gather_arrays, gather_objects
 
 from .build import build_model, device_of, num_classes, resolve_inputs
 from .checkpoint import TrainState, load_checkpoint
@@ -25,7 +27,7 @@ from .config import Config, load_config
 from .data.dataset import BreakHisDataset
 from .data.manifest import data_folder
 from .errors import RecipeError
-from .loaders import Datasets, eval_loader, make_datasets
+from .loaders import Datasets, eval_loader, eval_rows, make_datasets
 from .lock import lock_run_dir
 from .models import EmbeddingNet
 from .report import read_history, write_report
@@ -81,9 +83,12 @@ def evaluate_split(
         >>> out.knn.k, out.head.pooled.n == len(ds.val)
         (5, True)
     """
-    g_emb, _ = embed(model, eval_loader(gallery, cfg.data.num_workers), device, channels_last)
-    q_emb, q_pred = embed(model, eval_loader(queries, cfg.data.num_workers), device, channels_last)
-    return split_reports(cfg, gallery, g_emb, queries, q_emb, q_pred)
+    rows = (eval_rows(len(gallery)), eval_rows(len(queries))) if get_world_size() > 1 else None
+    workers = cfg.data.num_workers
+    g_rows, q_rows = rows or (None, None)
+    g_emb, _ = embed(model, eval_loader(gallery, workers, g_rows), device, channels_last)
+    q_emb, q_pred = embed(model, eval_loader(queries, workers, q_rows), device, channels_last)
+    return split_reports(cfg, gallery, g_emb, queries, q_emb, q_pred, rows)
 
 
 def split_reports(
@@ -93,9 +98,13 @@ def split_reports(
     queries: BreakHisDataset,
     query_emb: torch.Tensor,
     query_pred: torch.Tensor,
+    rows: tuple[slice, slice] | None = None,
 ) -> SplitMetrics:
     """The kNN report (queries against the gallery, as ``cfg.eval`` says) and the
-    classifier head's report of one split.
+    classifier head's report of one split. The search is the torch one, whose
+    arithmetic the ranks of a ``torchrun`` run share: under one, each rank passes the
+    embeddings of its ``rows`` of the gallery and the queries (`eval_rows`) and every
+    rank gets the reports of the whole split.
 
     Args:
         cfg: the run's `Config`.
@@ -104,6 +113,7 @@ def split_reports(
         queries: the images scored.
         query_emb: [Q, D] their embeddings.
         query_pred: [Q] the head's predicted labels.
+        rows: under ``torchrun``, this rank's (gallery rows, query rows); None: all.
 
     Examples:
         >>> import tempfile
@@ -121,20 +131,25 @@ def split_reports(
         [1.0, 0.0]
     """
     g, q = gallery, queries
-    g_emb, q_emb, q_pred = gallery_emb, query_emb, query_pred
+    gr, qr = rows or (slice(None), slice(None))
     knn = evaluate_embeddings(
-        q_emb,
-        q.labels,
-        q.groups,
-        q.scales,
+        query_emb,
+        q.labels[qr],
+        q.groups[qr],
+        q.scales[qr],
         k=cfg.eval.k,
         exclude=cfg.eval.exclude,
-        gallery=(g_emb, g.labels, g.groups, g.scales),
+        gallery=(gallery_emb, g.labels[gr], g.groups[gr], g.scales[gr]),
         distance=cfg.eval.distance,
         ranking=False,
+        backend="torch",
+        distributed=rows is not None,
     )
+    pred = query_pred.numpy()
+    if rows is not None:  # the head's predictions of every rank, in order
+        pred = gather_arrays(pred)
     head = evaluate_predictions(
-        q_pred.numpy(), q.labels, q.groups, q.scales, classes=np.arange(num_classes(cfg.data))
+        pred, q.labels, q.groups, q.scales, classes=np.arange(num_classes(cfg.data))
     )
     return SplitMetrics(knn, head)
 
@@ -191,9 +206,21 @@ def evaluate_model(
         0.8...
     """
     channels_last = device.type == "cuda"
-    g_emb, _ = embed(model, eval_loader(gallery, cfg.data.num_workers), device, channels_last)
-    q_emb, q_pred = embed(model, eval_loader(test, cfg.data.num_workers), device, channels_last)
-    return Evaluation(split_reports(cfg, gallery, g_emb, test, q_emb, q_pred), g_emb, q_emb)
+    rows = (eval_rows(len(gallery)), eval_rows(len(test))) if get_world_size() > 1 else None
+    workers = cfg.data.num_workers
+    g_rows, q_rows = rows or (None, None)
+    g_emb, _ = embed(model, eval_loader(gallery, workers, g_rows), device, channels_last)
+    q_emb, q_pred = embed(model, eval_loader(test, workers, q_rows), device, channels_last)
+    reports = split_reports(cfg, gallery, g_emb, test, q_emb, q_pred, rows)
+    if rows is not None:  # the saved embeddings: every rank's, in dataset order
+        g_emb, q_emb = _gather_rows(g_emb), _gather_rows(q_emb)
+    return Evaluation(reports, g_emb, q_emb)
+
+
+def _gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``t`` [n, D], in rank order (a rank without rows has none)."""
+    parts = [p for p in gather_objects(t.numpy()) if len(p)]
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def run_metrics(

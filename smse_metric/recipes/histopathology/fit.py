@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from smse_metric.distributed import is_main_process
+import torch
+import torch.distributed as dist
+
+from smse_metric.distributed import get_world_size, is_main_process
 
 from .build import build, device_of
 from .checkpoint import TrainState, load_checkpoint
@@ -20,6 +23,19 @@ from .splits import split_sizes
 from .trainer import Trainer
 
 __all__ = ["fit_run"]
+
+
+def _best_on_every_rank(run: RunDir, model: torch.nn.Module, device: torch.device) -> dict:
+    """Load ``run.best`` (written by rank 0) into ``model`` on rank 0 and send its
+    weights to the other ranks, which need not share rank 0's disk; returns the
+    checkpoint on rank 0, an empty dict on the others."""
+    best = load_checkpoint(run.best, device) if is_main_process() else {}
+    if best:
+        model.load_state_dict(best["model"])
+    if get_world_size() > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    return best
 
 
 def fit_run(
@@ -62,13 +78,12 @@ def fit_run(
     if resume:
         trainer.resume()
     trainer.fit()
+    best = _best_on_every_rank(run, built.model, device)
+    ds = built.datasets
+    ev = evaluate_model(cfg, built.model, ds.gallery, ds.test, device)  # on every rank
     if not is_main_process():
         return None
     try:
-        best = load_checkpoint(run.best, device)
-        built.model.load_state_dict(best["model"])
-        ds = built.datasets
-        ev = evaluate_model(cfg, built.model, ds.gallery, ds.test, device)
         metrics = run_metrics(
             cfg.eval.select,
             ev,

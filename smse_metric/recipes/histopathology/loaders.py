@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from smse_metric.distributed import get_rank, get_world_size
 from smse_metric.samplers import MultiScaleBatchSampler, ShuffledBatchSampler
@@ -210,12 +210,36 @@ def with_features(
     return out
 
 
-def eval_loader(ds: BreakHisDataset, num_workers: int = 0) -> DataLoader:
-    """Batches of 64 in order.
+#: images per evaluation batch
+EVAL_BATCH = 64
+
+
+def eval_rows(n: int) -> slice:
+    """This rank's rows of an evaluation set of ``n`` images: whole batches of the
+    single-process order (`EVAL_BATCH`), split evenly by batch over the ranks, so that
+    every image is embedded once, in a batch of the same images as one process uses
+    (and so bit for bit alike); all rows without a process group.
+
+    Args:
+        n: images in the set.
+
+    Examples:
+        >>> eval_rows(150)  # one process
+        slice(0, 150, None)
+    """
+    world, rank = get_world_size(), get_rank()
+    batches = -(-n // EVAL_BATCH)
+    lo, hi = rank * batches // world, (rank + 1) * batches // world
+    return slice(min(n, lo * EVAL_BATCH), min(n, hi * EVAL_BATCH))
+
+
+def eval_loader(ds: BreakHisDataset, num_workers: int = 0, rows: slice | None = None) -> DataLoader:
+    """Batches of `EVAL_BATCH` in order.
 
     Args:
         ds: the dataset to read.
         num_workers: loader worker processes (``data.num_workers``).
+        rows: read only these rows (`eval_rows`: this rank's), or all.
 
     Examples:
         >>> import tempfile
@@ -231,7 +255,8 @@ def eval_loader(ds: BreakHisDataset, num_workers: int = 0) -> DataLoader:
         >>> images.shape[1:]
         torch.Size([3, 16, 16])
     """
-    return DataLoader(ds, batch_size=64, shuffle=False, num_workers=num_workers)
+    data = ds if rows is None else Subset(ds, range(*rows.indices(len(ds))))
+    return DataLoader(data, batch_size=EVAL_BATCH, shuffle=False, num_workers=num_workers)
 
 
 def train_loader(cfg: Config, ds: BreakHisDataset, pin_memory: bool = False) -> DataLoader:

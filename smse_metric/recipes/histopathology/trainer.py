@@ -194,15 +194,19 @@ class Trainer:
         return loss_value, bool(stop)
 
     def _end_epoch(self) -> None:
-        """Validation on rank 0, its verdict shared; best.pt, last.pt, the next epoch."""
+        """Validation on every rank (each embeds its share), rank 0's verdict shared;
+        best.pt, last.pt, the next epoch."""
         b, st, cfg = self.built, self.state, self.cfg
         if b.scheduler is not None:
             b.scheduler.step()
         verdict = torch.zeros(2, dtype=torch.float64)  # the score reaches metrics.json
+        if self.world > 1:  # rank 0's batch-norm statistics (the weights best.pt keeps),
+            for buffer in b.model.buffers():  # as DDP's next forward would send them
+                dist.broadcast(buffer, 0)
+        val = evaluate_split(
+            cfg, b.model, b.datasets.gallery, b.datasets.val, b.device, b.channels_last
+        )
         if self.main:
-            val = evaluate_split(
-                cfg, b.model, b.datasets.gallery, b.datasets.val, b.device, b.channels_last
-            )
             record = _epoch_record(st, val, cfg.eval.select)
             st.history.append(record)
             verdict[0], verdict[1] = float(record["val_score"] > st.best), record["val_score"]

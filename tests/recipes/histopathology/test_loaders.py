@@ -84,3 +84,19 @@ def test_a_sampler_that_does_not_fit_the_training_split_names_the_section(root):
     ds = make_datasets(cfg, load_splits(cfg, root), names=("train",))
     with pytest.raises(RecipeError, match=r"\[sampler\] on the training split"):
         train_loader(cfg, ds.train)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [0, 1, 64, 150, 1000])
+def test_eval_rows_cover_every_image_once_in_single_process_batches(monkeypatch, world, n):
+    from smse_metric.recipes.histopathology import loaders
+
+    parts = []
+    for rank in range(world):
+        monkeypatch.setattr(loaders, "get_world_size", lambda w=world: w)
+        monkeypatch.setattr(loaders, "get_rank", lambda r=rank: r)
+        parts.append(loaders.eval_rows(n))
+    covered = [i for p in parts for i in range(p.start, p.stop)]
+    assert covered == list(range(n))  # in order, none twice, none dropped
+    for p in parts:  # every shard starts where a single process's batch starts
+        assert p.start % loaders.EVAL_BATCH == 0 or p.start == n

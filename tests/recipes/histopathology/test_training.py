@@ -160,6 +160,20 @@ def test_torchrun_with_a_decoded_cache_finishes_and_scores_as_one_process(root, 
     ddp = json.loads((out / "metrics.json").read_text())
     evaluate_run(out)  # one process, the same checkpoint and cache
     assert json.loads((out / "metrics.json").read_text()) == ddp
+    # validation ran on both ranks, each embedding half: the best epoch's record is what
+    # one process computes for the selected weights
+    from smse_metric.recipes.histopathology.evaluate import evaluate_split, load_run
+    from smse_metric.recipes.histopathology.loaders import make_datasets
+    from smse_metric.recipes.histopathology.rundir import RunDir
+
+    loaded = load_run(RunDir(out), "cpu")
+    ds = make_datasets(loaded.cfg, load_splits(loaded.cfg, root), names=("gallery", "val"))
+    val = evaluate_split(
+        loaded.cfg, loaded.model, ds.gallery, ds.val, loaded.model.embed.weight.device
+    )
+    record = history(out)[ddp["best_epoch"]]
+    assert record["val_patient_accuracy"] == val.knn.pooled.patient_accuracy
+    assert record["val_head_accuracy"] == val.head.pooled.accuracy
 
 
 def test_torchrun_with_more_ranks_than_batches_refuses_with_the_counts(root, tmp_path):
