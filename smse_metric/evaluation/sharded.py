@@ -224,9 +224,7 @@ def _block_candidates(a: Rows, b: Rows, ids, q_codes, g_codes, state):
     sim = block_product(a, b)  # [r padded, c padded]: the one arithmetic (`similarity`)
     sim[r:] = float("-inf")
     sim[:, c:] = float("-inf")
-    if q_codes is not None and g_codes is not None:
-        sim[:r, :c].masked_fill_(q_codes[:, None] == g_codes[None, :], float("-inf"))
-    return block_candidates(sim, ids, state)
+    return block_candidates(sim, ids, state, q_codes, g_codes)
 
 
 def fit(knn: KNNClassifier, embeddings: Any, labels: Any, groups: Any, group: Any) -> KNNClassifier:

@@ -119,14 +119,40 @@ def _best_keys(s: Tensor, ids: Tensor, k: int, axis: int) -> tuple[Tensor, Tenso
     return rows, order_keys(s[rows, cols], ids[cols])
 
 
-def block_candidates(sim: Tensor, ids: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, keys): the entries of ``sim`` [R', C'] (both multiples of `TILE`, padded and
-    masked entries ``-inf``) that may enter the running top-k ``state`` [R, k] of its
-    first R rows, for columns of ``ids`` [C] (padded with the largest id), by the
-    tile-maximum rejection of `symmetric_knn`."""
-    pad_r, pad_c = sim.shape[0] - state.shape[0], sim.shape[1] - ids.shape[0]
+def block_candidates(
+    sim: Tensor,
+    ids: Tensor,
+    state: Tensor,
+    q_codes: Tensor | None = None,
+    g_codes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(rows, keys): the entries of ``sim`` [R', C'] (both multiples of `TILE`, padded
+    entries ``-inf``) that may enter the running top-k ``state`` [R, k] of its first R
+    rows, for columns of ``ids`` [C] (padded with the largest id), by the tile-maximum
+    rejection of `symmetric_knn`. Entries whose row's ``q_codes`` [R] equals their
+    column's ``g_codes`` [C] never qualify; they are dropped among the admitted tiles'
+    entries only, so the block is masked whole only where ties crowd it."""
+    r, k = state.shape
+    pad_r, pad_c = sim.shape[0] - r, sim.shape[1] - ids.shape[0]
     col_ids = torch.nn.functional.pad(ids, (0, pad_c), value=LOW)
-    return _candidates(sim, col_ids, _bar(state, pad_r), state.shape[1])
+    bar = _bar(state, pad_r)
+    if q_codes is None or g_codes is None:
+        return _candidates(sim, col_ids, bar, k)
+    tiles = sim.view(sim.shape[0], sim.shape[1] // TILE, TILE)
+    tile_ids = col_ids.view(-1, TILE)
+    admit = order_keys(tiles.amax(2), tile_ids.amin(1)[None, :]) > bar[:, None]
+    if admit.sum() > k * sim.shape[0]:  # crowded (an empty state, ties): mask, then best
+        masked = sim[:r].masked_fill(
+            torch.nn.functional.pad(q_codes[:, None] == g_codes[None, :], (0, pad_c)),
+            float("-inf"),
+        )
+        return _best_keys(masked, col_ids, k, 1)
+    tr, tc = admit.nonzero(as_tuple=True)
+    keys = order_keys(tiles[tr, tc], tile_ids[tc])
+    g_tiles = torch.nn.functional.pad(g_codes, (0, pad_c), value=-1).view(-1, TILE)
+    other = q_codes[tr.clamp_max(r - 1), None] != g_tiles[tc]
+    j, off = ((keys > bar[tr, None]) & other).nonzero(as_tuple=True)
+    return tr[j], keys[j, off]
 
 
 def best_keys(sim: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
