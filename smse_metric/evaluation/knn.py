@@ -65,7 +65,8 @@ class KNNClassifier:
             shard of the gallery and queries its own shard of queries; the answers are
             those of one process given the shards concatenated in rank order (ids in
             that concatenation; the torch arithmetic, on the device the process
-            group's backend uses). Every call is then a collective: every rank makes it.
+            group's backend uses). Every call is then a collective: every rank makes it
+            (and iterates `kneighbors_chunks` to its end).
         process_group: the process group (None: the default one).
         metric: the old name of ``distance``; deprecated, warns.
 

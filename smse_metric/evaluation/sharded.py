@@ -28,7 +28,7 @@ from .symmetric import BLOCK, block_candidates, merge_keys
 if TYPE_CHECKING:
     from .knn import KNNClassifier, Neighbours
 
-__all__ = ["gather_arrays", "local_vectors", "shard_layout", "sharded_topk"]
+__all__ = ["gather_arrays", "local_vectors", "shard_layout", "sharded_rounds", "sharded_topk"]
 
 
 def rank_and_world(group: Any = None) -> tuple[int, int]:
@@ -140,10 +140,41 @@ def sharded_topk(
     group: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each local query's ``width`` nearest items of the union of the ranks' gallery
-    shards: ``(dist, ids)`` [q, width], ids in the concatenated gallery, by
-    (similarity, index) and then, stably, by (distance, index); an item whose code
-    equals the query's is never a neighbour (``inf`` / ``-1`` where too few remain).
-    Every rank must call it (a collective), with any number of rows, even none.
+    shards: ``(dist, ids)`` [q, width] (`sharded_rounds`, gathered).
+
+    Args:
+        queries: [q, D] this rank's queries, as `prepare_vectors` leaves them.
+        query_codes: [q] exclusion code of each query (int64), or None.
+        gallery: [g, D] this rank's gallery shard, prepared alike.
+        gallery_codes: [g] their codes in the same table, or None.
+        width: neighbours per query (the same on every rank is not required).
+        distance: ``"cosine"``, ``"l2"`` or ``"squared_l2"``.
+        group: the process group.
+    """
+    d = np.full((len(queries), max(width, 0)), np.inf, dtype=np.float32)
+    i = np.full((len(queries), max(width, 0)), -1, dtype=np.int64)
+    for rows, dd, ii in sharded_rounds(
+        queries, query_codes, gallery, gallery_codes, width, distance, group
+    ):
+        d[rows], i[rows] = dd, ii
+    return d, i
+
+
+def sharded_rounds(
+    queries: np.ndarray,
+    query_codes: np.ndarray | None,
+    gallery: np.ndarray,
+    gallery_codes: np.ndarray | None,
+    width: int,
+    distance: str,
+    group: Any = None,
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """``(rows, dist, ids)`` for consecutive rounds of local queries (each round's
+    top-k under `CHUNK_ENTRIES` keys): their ``width`` nearest items of the union of
+    the ranks' gallery shards, ids in the concatenated gallery, by (similarity, index)
+    and then, stably, by (distance, index); an item whose code equals the query's is
+    never a neighbour (``inf`` / ``-1`` where too few remain). Every rank must run it
+    to the end (a collective), with any number of rows, even none.
 
     Args:
         queries: [q, D] this rank's queries, as `prepare_vectors` leaves them.
@@ -170,8 +201,6 @@ def sharded_topk(
     # ranking metrics want thousands); every rank takes as many rounds as the busiest
     per_round = max(1, CHUNK_ENTRIES // max(width, 1))
     rounds = max(gather_objects(-(-len(queries) // per_round) if width else 0, group))
-    d = np.full((len(queries), width), np.inf, dtype=np.float32)
-    i = np.full((len(queries), width), -1, dtype=np.int64)
     for r in range(rounds):
         lo, hi = min(len(queries), r * per_round), min(len(queries), (r + 1) * per_round)
         state = torch.full((hi - lo, width), EMPTY, dtype=torch.int64, device=device)
@@ -211,9 +240,9 @@ def sharded_topk(
                     )
                     merge_keys(state, candidates[0] + (s - lo), candidates[1])
         dd, ii = distances(state, distance)
-        d[lo:hi], i[lo:hi] = dd.cpu().numpy(), ii.cpu().numpy()
-    order = np.lexsort((i, d))  # KNNClassifier's order: distance, then index
-    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        d, i = dd.cpu().numpy(), ii.cpu().numpy()
+        order = np.lexsort((i, d))  # KNNClassifier's order: distance, then index
+        yield slice(lo, hi), np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
 
 
 def _block_candidates(a: Rows, b: Rows, ids, q_codes, g_codes, state):
@@ -314,10 +343,9 @@ def kneighbors(
     want = k + (np.zeros(len(q), dtype=np.int64) if extra is None else extra)
     want = np.minimum(want, usable)
     width = int(want.max(initial=0))
-    dist_, ids = sharded_topk(q, q_codes, knn.shard_, g_codes, width, knn.distance, group)
-    valid = np.arange(width)[None, :] < want[:, None]
-    dist_, ids = np.where(valid, dist_, np.inf), np.where(valid, ids, -1)
-    step = max(1, CHUNK_ENTRIES // max(k, 1))
-    for start in range(0, len(q), step):
-        rows = slice(start, min(len(q), start + step))
-        yield Neighbours(rows, dist_[rows], ids[rows])
+    # streamed round by round, as one process streams its chunks: deep ranking metrics
+    # never hold the whole [q, width] table
+    for rows, d, ids in sharded_rounds(q, q_codes, knn.shard_, g_codes, width, knn.distance, group):
+        valid = np.arange(width)[None, :] < want[rows, None]
+        if rows.stop > rows.start:
+            yield Neighbours(rows, np.where(valid, d, np.inf), np.where(valid, ids, -1))
