@@ -38,6 +38,7 @@ collect_ignore = [str(ROOT / p) for p in NEEDS if missing_extras(p)]
 #: doctests (by name) whose example needs an extra: skipped, with the reason, without it
 DOCTEST_NEEDS: dict[str, tuple[str, ...]] = {
     "smse_metric.evaluation.index.FaissIndex": ("faiss",),
+    "smse_metric.archive.index.ArchiveIndex": ("faiss",),
 }
 
 

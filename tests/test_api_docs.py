@@ -14,6 +14,7 @@ PUBLIC_MODULES = [
     "smse_metric.miners",
     "smse_metric.samplers",
     "smse_metric.evaluation",
+    "smse_metric.archive",
     "smse_metric.distributed",
     "smse_metric.pml",
     *(

@@ -1,0 +1,201 @@
+"""ArchiveIndex and exact_search: a brute-force loop as reference, recall measured and
+kept, persistence, appends, removed rows and models never mixed."""
+
+import numpy as np
+import pytest
+from helpers import needs_faiss
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smse_metric.archive import KINDS, ArchiveIndex, EmbeddingStore, exact_search
+
+APPROX = [pytest.param(k, marks=needs_faiss) for k in KINDS if k != "exact"]
+ALL = ["exact", *APPROX]
+
+
+def clustered(n, dim=16, centres=50, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centres, dim)).astype(np.float32) * 4
+    y = rng.integers(0, centres, n)
+    return (c[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def make_store(tmp_path, x, name="a", cases=None):
+    s = EmbeddingStore.create(tmp_path / name, dim=x.shape[1], model="net@1", dtype="float32")
+    cases = np.arange(len(x)) // 4 if cases is None else cases
+    s.add(x, cases=cases, sources=[f"img{i}.png" for i in range(len(x))])
+    return s
+
+
+def brute(x, live, q, k, distance):
+    """Plain loops: each query's k nearest allowed rows, ties by row, and every row's
+    distance (float64)."""
+    out, table = [], []
+    for v in q:
+        scored = []
+        for i, g in enumerate(x):
+            if not live[i]:
+                continue
+            if distance == "cosine":
+                a, b = v / (np.linalg.norm(v) or 1), g / (np.linalg.norm(g) or 1)
+                d = 1 - float(np.dot(a.astype(np.float64), b.astype(np.float64)))
+            else:
+                d = float(np.sqrt(((v.astype(np.float64) - g) ** 2).sum()))
+            scored.append((d, i))
+        table.append(dict((i, d) for d, i in scored))
+        scored.sort()
+        out.append([i for _, i in scored[:k]] + [-1] * (k - len(scored[:k])))
+    return np.array(out), table
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 8),
+    grid=st.booleans(),
+    distance=st.sampled_from(["l2", "cosine"]),
+    seed=st.integers(0, 1000),
+)
+def test_exact_search_is_the_brute_force_loop(tmp_path_factory, n, k, grid, distance, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    if grid:  # integer grid: many exact ties, broken by row
+        x = rng.integers(-2, 3, size=(n, 3)).astype(np.float32)
+    s = make_store(tmp_path_factory.mktemp("s"), x)
+    live = rng.random(n) > 0.3
+    q = x[: min(n, 5)] + (0 if grid else 0.01)
+    d, ids = exact_search(s, q, k, distance, allowed=live, chunk=7)
+    want, table = brute(x, live, q, k, distance)
+    if grid and distance == "l2":  # integer squared distances: ties exact, by row
+        assert np.array_equal(ids, want)
+    assert np.array_equal(ids < 0, want < 0)
+    for row, t, got, dist in zip(want, table, ids, d, strict=True):  # the k best distances
+        best = [t[i] for i in row if i >= 0]
+        np.testing.assert_allclose([t[i] for i in got if i >= 0], best, atol=1e-5)
+        np.testing.assert_allclose(dist[got >= 0], best, atol=1e-5)
+        assert np.isinf(dist[got < 0]).all()
+
+
+@pytest.mark.parametrize("kind", ALL)
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_recall_is_measured_kept_and_holds_on_new_probes(tmp_path, kind, distance):
+    x, _ = clustered(6000)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, kind, distance=distance, recall=0.9, k=10, probes=400,
+                               pq_bytes=4)  # fmt: skip
+    info = index.build_info
+    assert info.recall >= 0.9 and info.curve[-1][1] == info.recall
+    assert info.kind == kind and info.rows == 6000
+    fresh = index.measure_recall(probes=400, seed=7)
+    assert abs(fresh - info.recall) <= 0.02, (fresh, info.recall)
+    if kind != "exact":  # the cheapest setting: the one before it missed the target
+        assert len(info.curve) == 1 or info.curve[-2][1] < 0.9
+
+
+@pytest.mark.parametrize("kind", APPROX)
+def test_an_unreachable_target_keeps_the_best_setting_and_says_so(tmp_path, kind):
+    x, _ = clustered(3000)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, kind, recall=1.0, probes=200, pq_bytes=2, nlist=30)
+    info = index.build_info
+    best = max(r for _, r in info.curve)
+    assert info.recall == best
+    if info.recall < 1.0:
+        assert info.target == 1.0 and len(info.curve) > 1
+
+
+@needs_faiss
+def test_ivf_pq_reranks_its_shortlist_with_exact_distances(tmp_path):
+    x, _ = clustered(4000)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, "ivf_pq", recall=0.9, probes=200, pq_bytes=4)
+    q = x[:20] + 0.05
+    d, ids = index.search(q, 5)
+    direct = np.sqrt(((x[ids].astype(np.float64) - q[:, None, :]) ** 2).sum(2))
+    np.testing.assert_allclose(d, direct, rtol=1e-6)
+    assert (np.diff(d, axis=1) >= 0).all()
+    assert index.nbytes() < x.nbytes / 3  # codes (and small codebooks), not vectors
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_saved_indexes_reload_and_answer_alike(tmp_path, kind):
+    x, _ = clustered(3000)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, kind, recall=0.9, probes=200, pq_bytes=4)
+    index.save(tmp_path / "idx")
+    again = ArchiveIndex.load(EmbeddingStore(tmp_path / "a"), tmp_path / "idx")
+    assert again.build_info == index.build_info
+    q = x[:30] + 0.1
+    assert np.array_equal(again.search(q, 7)[1], index.search(q, 7)[1])
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_appended_rows_are_found_after_add_new(tmp_path, kind):
+    x, _ = clustered(3000)
+    s = make_store(tmp_path, x[:2500])
+    index = ArchiveIndex.build(s, kind, recall=0.9, probes=200, pq_bytes=4)
+    s.add(x[2500:], cases=np.arange(500) + 10_000, sources=[f"new{i}" for i in range(500)])
+    assert index.pending == 500
+    assert index.add_new(chunk=128) == 500 and index.pending == 0
+    _, ids = index.search(x[2500:2600], 1)
+    assert (ids[:, 0] == np.arange(2500, 2600)).mean() >= 0.95  # each finds itself
+    assert not index.rebuild_due
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_removed_and_disallowed_rows_are_never_returned(tmp_path, kind):
+    x, _ = clustered(2000)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, kind, recall=0.9, probes=200, pq_bytes=4)
+    s.remove_case(0)  # rows 0-3
+    s.remove_case(5)
+    _, ids = index.search(x[:24], 10)
+    assert not np.isin(ids, [0, 1, 2, 3, 20, 21, 22, 23]).any()
+    allowed = np.arange(len(x)) % 2 == 0
+    _, ids = index.search(x[:24], 10, allowed)
+    assert (ids[ids >= 0] % 2 == 0).all()
+    assert (ids >= 0).all()
+
+
+@needs_faiss
+def test_rebuild_is_due_once_the_store_outgrows_the_training_sample(tmp_path):
+    x, _ = clustered(3000)
+    s = make_store(tmp_path, x[:200])
+    index = ArchiveIndex.build(s, "ivf_flat", recall=0.5, probes=50, nlist=2)
+    assert index.build_info.trained_rows == 200
+    s.add(x[200:], cases=np.arange(2800) + 10_000, sources=[f"n{i}" for i in range(2800)])
+    index.add_new()
+    assert index.rebuild_due
+
+
+def test_an_index_of_another_model_or_a_shorter_archive_is_refused(tmp_path):
+    x, _ = clustered(300)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, "exact", probes=20)
+    index.save(tmp_path / "idx")
+    other = EmbeddingStore.create(tmp_path / "b", dim=16, model="other@9", dtype="float32")
+    other.add(x, cases=np.arange(300), sources=np.arange(300))
+    with pytest.raises(ValueError, match=r"built over vectors of 'net@1'.*'other@9'"):
+        ArchiveIndex.load(other, tmp_path / "idx")
+    short = make_store(tmp_path, x[:10], name="c")
+    with pytest.raises(ValueError, match="indexes 300 rows, the archive has 10"):
+        ArchiveIndex.load(short, tmp_path / "idx")
+    with pytest.raises(ValueError, match="no archive index at"):
+        ArchiveIndex.load(s, tmp_path / "nothing")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "lsh"}, "kind must be one of"),
+        ({"recall": 1.5}, r"recall must be in \(0, 1\]"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"distance": "squared_l2"}, "distance must be one of"),
+    ],
+)
+def test_bad_build_arguments_name_themselves(tmp_path, kwargs, message):
+    x, _ = clustered(100)
+    s = make_store(tmp_path, x)
+    kind = kwargs.pop("kind", "exact")
+    with pytest.raises(ValueError, match=message):
+        ArchiveIndex.build(s, kind, **kwargs)
