@@ -30,6 +30,7 @@ from benchmarks.common import machine, markdown_table, write_report
 
 D, K, CLASSES, GROUPS = 128, 10, 8, 1000
 REPEATS = 3
+ROW_BYTES = (D + 1) * 4 + 8  # a gallery row in flight: vector, half norm, group code
 TIMEOUT_S = 1800
 WAYS = {  # name -> (ranks, threads per rank, distributed)
     "1 process x 2 threads (symmetric)": (1, 2, False),
@@ -74,7 +75,7 @@ def _rank(n: int, rank: int, world: int, threads: int, distributed: bool, port: 
         seconds = time.perf_counter() - t0
     rows = n // world + 1
     padded = -(-rows // 32) * 32
-    received = (world - 1) * padded * ((D + 2) * 4 + 8) if distributed else 0
+    received = (world - 1) * padded * ROW_BYTES if distributed else 0
     if distributed:
         dist.destroy_process_group()
     return {"s": seconds, "peak_mib": mem.mib, "acc": r.pooled.accuracy, "recv": received}
@@ -143,6 +144,14 @@ def main(argv: list[str] | None = None) -> str:
             if good
             else {"error": runs}
         )
+    # memory that grows with N, apart from the fixed working set (blocks, runtime): the
+    # 2-rank peak at N / 2 against N
+    sharded = "2 ranks x 1 thread (sharded)"
+    halves = [run_way(n // 2, sharded) for _ in range(repeats)]
+    halves = [r for r in halves if "error" not in r]
+    half = statistics.median(r["peak_mib"] for r in halves) if halves else float("nan")
+    growth = results[sharded].get("peak_mib", float("nan")) - half
+    shard_mib = (n - n // 2) / 2 * ROW_BYTES / 2**20
     base = results["1 process x 2 threads (symmetric)"]
     flat = results["1 rank x 2 threads (sharded path)"]
     rows = []
@@ -172,6 +181,15 @@ def main(argv: list[str] | None = None) -> str:
             f"or clustering. Median of {repeats} runs, each in fresh processes; time: the "
             "slowest rank; peak: the largest rank's resident-set high-water mark above its "
             "start; received: the other ranks' gallery shards one rank receives.",
+            "",
+            f"Memory that grows with N: the 2-rank peak is {half:.0f} MiB at N / 2 and "
+            f"{results[sharded].get('peak_mib', float('nan')):.0f} MiB at N, "
+            f"{growth:.1f} MiB more for {n - n // 2} more rows, of which the one shard in "
+            f"flight accounts for {shard_mib:.1f} MiB (each rank's input shard is built before "
+            "the measurement starts, so the embeddings a rank holds are its input and one "
+            "shard in flight); the rest of the growth is the per-query results every rank "
+            "gathers (labels, groups, neighbours). The remainder of the peak does not grow "
+            "with N: the search's block working set and torch's and gloo's buffers.",
             "",
             f"Command: `{cmd}`",
             "",

@@ -2,7 +2,7 @@
 
 Each rank holds a shard of the queries and a shard of the gallery. Gallery shards are
 broadcast one at a time (each rank receives every other shard once and holds at most
-one besides its own), every rank merges the candidates of each shard into the running
+one besides its input), every rank merges the candidates of each shard into the running
 top-k of its own queries, and nothing else travels but per-image metadata (labels,
 groups, scales) and the per-query results. The answer is the one a single process gives
 for the shards concatenated in rank order: the same arithmetic as
@@ -192,9 +192,6 @@ def sharded_rounds(
     dim = dims.pop() if dims else queries.shape[1]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     a = factors(torch.from_numpy(queries).to(device), distance) if len(queries) else None
-    own = None
-    if len(gallery):
-        own = factors(torch.from_numpy(gallery).to(device), distance).padded()
     qc = None if query_codes is None else torch.from_numpy(query_codes).to(device)
     width = max(width, 0)
     # rounds of queries whose running top-k stays under CHUNK_ENTRIES keys (deep
@@ -210,8 +207,10 @@ def sharded_rounds(
                 continue
             root = src if group is None else dist.get_global_rank(group, src)
             padded = max(ROWS, -(-n // ROWS) * ROWS)  # as `Rows.padded` leaves the shard
-            b = own if own is not None and src == rank else None
-            if b is None:
+            b = None  # the previous shard goes before the next comes: one in flight
+            if src == rank:  # the root pads a copy of its shard for this broadcast only
+                b = factors(torch.from_numpy(gallery).to(device), distance).padded()
+            else:
                 h = None if distance == "cosine" else torch.empty(padded, device=device)
                 b = Rows(torch.empty(padded, dim, device=device), h)
             dist.broadcast(b.x, root, group=group)
