@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks import (
+    bench_archive,
     bench_data,
     bench_eval,
     bench_frozen,
@@ -27,6 +28,7 @@ BENCHES = {
     "data": bench_data,
     "frozen": bench_frozen,
     "sharded": bench_sharded,
+    "archive": bench_archive,
 }
 
 

@@ -41,6 +41,8 @@ PUBLIC_MODULES = [
             ".errors",
             ".folds",
             ".search",
+            ".archive",
+            ".archive_cli",
             ".demo",
             ".compare",
             ".rundir",

@@ -14,7 +14,8 @@ def test_quick_benchmarks_run_and_write_tables(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    for name in ("losses", "launch", "sampler", "eval", "recipe", "data", "frozen", "sharded"):
+    names = ("losses", "launch", "sampler", "eval", "recipe", "data", "frozen", "sharded")
+    for name in (*names, "archive"):
         text = (tmp_path / f"{name}-quick.md").read_text()
         rows = [line for line in text.splitlines() if line.startswith("|")]
         assert len(rows) >= 3, name  # header, rule, at least one measured row

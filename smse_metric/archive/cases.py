@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_choice, positive_int
-from .index import ArchiveIndex
+from .index import ArchiveIndex, exact_search
 
 __all__ = [
     "CaseEvaluation",
@@ -253,9 +253,10 @@ def evaluate_cases(
     k: int = 10,
     cases: int = 5,
     per_case: int | None = 16,
+    max_cases: int | None = None,
     seed: int = 0,
 ) -> CaseEvaluation:
-    """Leave-one-case-out evaluation of every labelled live case of the archive: its
+    """Leave-one-case-out evaluation of the labelled live cases of the archive: each one's
     patches (``per_case`` drawn with ``seed``; None: all) search the archive without
     the case itself; the case is right when `search_cases` suggests its label, a patch
     when the majority label of its own k neighbours is its label (ties: the smaller).
@@ -265,7 +266,8 @@ def evaluate_cases(
         k: archive patches per query patch.
         cases: cases that vote.
         per_case: query patches per case, or None for all of them.
-        seed: the draw of patches.
+        max_cases: evaluate this many cases drawn with ``seed`` (None: every case).
+        seed: the draw of cases and patches.
 
     Examples:
         >>> import tempfile
@@ -285,21 +287,37 @@ def evaluate_cases(
     if len(names) == 0:
         raise ValueError(f"the archive {store.root} has no labelled case to evaluate")
     rng = np.random.default_rng(seed)
-    right_cases = right_patches = n_patches = 0
+    if max_cases is not None and len(names) > positive_int("max_cases", max_cases):
+        names = np.sort(rng.choice(names, size=max_cases, replace=False))
+    queries = []
     for c in names:
         rows = np.flatnonzero((codes == c) & labelled)
         if per_case is not None and len(rows) > per_case:
             rows = np.sort(rng.choice(rows, size=per_case, replace=False))
+        queries.append(rows)
+    if index.index is None:  # exact: one pass over the store, own cases masked per query
+        every = np.concatenate(queries)
+        allowed = np.zeros(len(store), dtype=bool)
+        allowed[: index.build_info.rows] = live[: index.build_info.rows]
+        exclude = (codes[every].astype(np.int64), codes.astype(np.int64))
+        found_all = exact_search(store, store.vectors(every), k, index.build_info.distance,
+                                 allowed, exclude=exclude)  # fmt: skip
+        cuts = np.cumsum([0] + [len(r) for r in queries])
+    right_cases = right_patches = n_patches = 0
+    for j, (c, rows) in enumerate(zip(names, queries, strict=True)):
         truth = store.label[rows[0]]
-        dist, nb = index.search(store.vectors(rows), k, codes != c)
+        if index.index is None:
+            dist, nb = (a[cuts[j] : cuts[j + 1]] for a in found_all)
+        else:  # one filtered search per case
+            dist, nb = index.search(store.vectors(rows), k, codes != c)
         found = _group(index, dist, nb, cases, str(all_names[c]))
         right_cases += found.suggested == truth
-        for j in range(len(rows)):  # a few patches per case: plain counting
-            labels = store.label[nb[j][nb[j] >= 0]]
+        for i in range(len(rows)):  # a few patches per case: plain counting
+            labels = store.label[nb[i][nb[i] >= 0]]
             labels = labels[labels != ""]
             if len(labels):
                 values, counts = np.unique(labels, return_counts=True)
-                right_patches += values[np.argmax(counts)] == store.label[rows[j]]
+                right_patches += values[np.argmax(counts)] == store.label[rows[i]]
         n_patches += len(rows)
     return CaseEvaluation(
         case_accuracy=right_cases / len(names),

@@ -43,6 +43,7 @@ def exact_search(
     distance: str = "l2",
     allowed: np.ndarray | None = None,
     chunk: int = 1 << 16,
+    exclude: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact k nearest rows of the store for each query, reading the store chunk by
     chunk (it need not fit in memory): ``(dist, rows)`` [Q, k], ascending, equal
@@ -57,6 +58,8 @@ def exact_search(
         distance: ``"l2"`` (euclidean) or ``"cosine"`` (``1 - cos``).
         allowed: [N] bool rows that may be returned (default: the live rows).
         chunk: rows read at a time.
+        exclude: ``(query_codes [Q], row_codes [N])`` int64: a row whose code equals
+            the query's is never its neighbour (leave-one-case-out in one pass).
 
     Examples:
         >>> import tempfile
@@ -84,14 +87,29 @@ def exact_search(
             else:
                 d = (qq[part] + (g * g).sum(1)[None, :] - 2 * q[part] @ g.T).clamp_min_(0)
             d.masked_fill_(~ok[None, :], float("inf"))
-            top = d.topk(min(k, len(x)), dim=1, largest=False)
-            dd = torch.cat([best_d[part], top.values], 1)
-            ii = torch.cat([best_i[part], top.indices + start], 1)
+            if exclude is not None:
+                own = torch.from_numpy(exclude[0][part])[:, None] == torch.from_numpy(
+                    exclude[1][start : start + len(x)]
+                )
+                d.masked_fill_(own, float("inf"))
+            take = _first_k(d, min(k, len(x)))
+            dd = torch.cat([best_d[part], d.gather(1, take)], 1)
+            ii = torch.cat([best_i[part], take + start], 1)
             order = torch.from_numpy(np.lexsort((ii.numpy(), dd.numpy()))[:, :k])
             best_d[part], best_i[part] = dd.gather(1, order), ii.gather(1, order)
     best_i = best_i.masked_fill(best_d.isinf(), -1)
     dist = best_d if distance == "cosine" else best_d.sqrt()
     return dist.float().numpy(), best_i.numpy()
+
+
+def _first_k(d: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] column indices of each row's k smallest entries, equal values by column
+    (``topk`` alone picks any of the entries tied at the k-th value)."""
+    tau = d.topk(k, dim=1, largest=False).values[:, -1:]
+    tied = d == tau
+    need = k - (d < tau).sum(1, keepdim=True)
+    keep = (d < tau) | (tied & (tied.cumsum(1, dtype=torch.int32) <= need))
+    return keep.nonzero()[:, 1].view(len(d), k)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -216,8 +234,8 @@ class ArchiveIndex:
                     index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, metric)
                 index.own_fields = True
                 quantizer.this.disown()
-                # train on a sample: enough points per cell, never the whole archive
-                want = min(n, max(256 * nlist, 39 * nlist))
+                # train on a sample (64 points per cell), never the whole archive
+                want = min(n, 64 * nlist)
                 sample = np.sort(rng.choice(n, size=want, replace=False))
                 index.train(_prepare(store.vectors(sample), distance))
                 trained = want
@@ -317,13 +335,16 @@ class ArchiveIndex:
         faiss = import_faiss()
         fetch = k * self.build_info.params["rerank"] if self.build_info.kind == "ivf_pq" else k
         fetch = min(fetch, max(1, int(mask.sum())))
-        raw, ids = self.index.search(q, fetch, params=self._search_params(faiss, mask))
+        # faiss.contrib.torch_utils replaces `search` by one without `params`; the
+        # original stays as `search_numpy`
+        search = getattr(self.index, "search_numpy", self.index.search)
+        raw, ids = search(q, fetch, params=self._search_params(faiss, mask))
         # a filter can leave the visited cells (or graph walk) short of rows: those
         # queries search again, wider, until filled or everything is visited
         wider = dict(self._setting)
         while (short := np.flatnonzero((ids < 0).any(1))).size and self._widen(wider):
             params = self._search_params(faiss, mask, wider)
-            raw[short], ids[short] = self.index.search(q[short], fetch, params=params)
+            raw[short], ids[short] = search(q[short], fetch, params=params)
         return self._rerank(q, ids, k)
 
     def _widen(self, setting: dict[str, int]) -> bool:

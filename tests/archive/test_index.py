@@ -162,7 +162,8 @@ def test_rebuild_is_due_once_the_store_outgrows_the_training_sample(tmp_path):
     x, _ = clustered(3000)
     s = make_store(tmp_path, x[:200])
     index = ArchiveIndex.build(s, "ivf_flat", recall=0.5, probes=50, nlist=2)
-    assert index.build_info.trained_rows == 200
+    assert index.build_info.trained_rows == 128  # 64 points per cell
+    assert not index.rebuild_due
     s.add(x[200:], cases=np.arange(2800) + 10_000, sources=[f"n{i}" for i in range(2800)])
     index.add_new()
     assert index.rebuild_due
@@ -199,3 +200,17 @@ def test_bad_build_arguments_name_themselves(tmp_path, kwargs, message):
     kind = kwargs.pop("kind", "exact")
     with pytest.raises(ValueError, match=message):
         ArchiveIndex.build(s, kind, **kwargs)
+
+
+@needs_faiss
+def test_faiss_torch_utils_imported_elsewhere_does_not_break_filtered_search(tmp_path):
+    """faiss.contrib.torch_utils (which users and PML import) swaps every index's
+    `search` for one without `params`: the archive still filters and tunes."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    x, _ = clustered(1000)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, "ivf_flat", recall=0.9, probes=100)
+    allowed = np.arange(1000) >= 500
+    _, ids = index.search(x[:5], 3, allowed)
+    assert (ids >= 500).all()

@@ -196,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
+    from .archive_cli import add_archive_parser
+
     for add in (_add_synth, _add_train, _add_evaluate, _add_search, _add_demo):
         add(sub)
+    add_archive_parser(sub)
     return parser
 
 

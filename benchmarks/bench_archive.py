@@ -1,0 +1,191 @@
+"""Case archive: every index kind against exact search on one synthetic archive.
+
+N x 128 clustered embeddings (cases of 100 patches around a case centre, itself near
+one of 8 class centres; float16 on disk) in an `EmbeddingStore`. For each kind: build
+time (training and adding, then the recall measurement that picks nprobe / efSearch at
+recall@10 >= 0.95 on 1000 probe rows), index memory, queries/s over 2000 queries at the
+chosen setting, recall@10 on new probes, and leave-one-case-out case- and patch-level
+accuracy (the same 1000 cases, 4 patches each) next to exact search's. The exact
+baseline for queries/s is FAISS's flat index over the float32 vectors in memory.
+``--huge`` adds IVF-PQ at N = 1e7 (training on a sample, vectors added in chunks from
+the memory-mapped store).
+
+    python -m benchmarks.bench_archive           # N = 10^6 -> results/archive.md
+    python -m benchmarks.bench_archive --huge    # and IVF-PQ at N = 10^7
+    python -m benchmarks.bench_archive --quick   # N = 2 x 10^4
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import machine, markdown_table, write_report
+from smse_metric.archive import ArchiveIndex, EmbeddingStore, evaluate_cases
+from smse_metric.evaluation._inputs import import_faiss
+
+D, K, CLASSES, PER_CASE = 128, 10, 8, 100
+QUERIES, REPEATS = 2000, 3
+EVAL_CASES, EVAL_PER_CASE = 1000, 4  # leave-one-case-out: the same cases for every index
+KINDS = ("ivf_flat", "ivf_pq", "hnsw")
+
+
+def fill(store: EmbeddingStore, n: int, seed: int = 0, chunk: int = 1_000_000) -> None:
+    """``n`` synthetic patches: case centres near class centres, patches near them."""
+    rng = np.random.default_rng(seed)
+    classes = rng.normal(size=(CLASSES, D)).astype(np.float32) * 0.3
+    cases = -(-n // PER_CASE)
+    case_class = rng.integers(0, CLASSES, cases)
+    centres = classes[case_class] + rng.normal(size=(cases, D)).astype(np.float32) * 0.5
+    for lo in range(0, n, chunk):
+        rows = np.arange(lo, min(n, lo + chunk))
+        case = rows // PER_CASE
+        x = centres[case] + rng.standard_normal((len(rows), D), dtype=np.float32) * 0.5
+        store.add(x, cases=case, sources=rows, labels=case_class[case], scales=rows % 4)
+
+
+def queries_per_second(search, q: np.ndarray) -> float:
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        search(q)
+        times.append(time.perf_counter() - t0)
+    return len(q) / statistics.median(times)
+
+
+def flat_baseline(store: EmbeddingStore, q: np.ndarray) -> float:
+    """Queries/s of FAISS's exact flat index (float32 vectors in memory)."""
+    faiss = import_faiss()
+    flat = faiss.IndexFlatL2(D)
+    for _, x in store.chunks():
+        flat.add(x)
+    return queries_per_second(lambda v: flat.search(v, K), q)
+
+
+def measure(store: EmbeddingStore, kind: str, q: np.ndarray, cases: bool, **kw) -> dict:
+    t0 = time.perf_counter()
+    index = ArchiveIndex.build(store, kind, recall=0.95, k=K, probes=1000, **kw)
+    built = time.perf_counter() - t0
+    row = {
+        "build_s": built,
+        "bytes": index.nbytes(),
+        "qps": queries_per_second(lambda v: index.search(v, K), q),
+        "setting": index.build_info.search,
+        "recall": index.build_info.recall,
+        "fresh": index.measure_recall(probes=1000, seed=11),
+    }
+    if cases:
+        row["cases"] = evaluate_cases(index, k=K, cases=5, per_case=EVAL_PER_CASE,
+                                      max_cases=EVAL_CASES)  # fmt: skip
+    return row
+
+
+def run(n: int, kinds: tuple[str, ...], cases: bool, workdir: Path, **kw) -> tuple[dict, float]:
+    store = EmbeddingStore.create(workdir / f"archive-{n}", dim=D, model="bench@0")
+    fill(store, n)
+    q = store.vectors(np.random.default_rng(5).choice(n, QUERIES, replace=False)) + 0.05
+    results = {"exact (FAISS flat)": {"qps": flat_baseline(store, q), "bytes": n * D * 4}}
+    if cases:
+        exact = ArchiveIndex.build(store, "exact", k=K, probes=10)
+        results["exact (FAISS flat)"]["cases"] = evaluate_cases(
+            exact, k=K, cases=5, per_case=EVAL_PER_CASE, max_cases=EVAL_CASES
+        )
+    for kind in kinds:
+        results[kind] = measure(store, kind, q, cases, **kw.get(kind, {}))
+    return results, n * D * 4
+
+
+def table(results: dict, n: int, raw_bytes: float) -> str:
+    base = results["exact (FAISS flat)"]
+    exact_cases = base.get("cases")
+    rows = []
+    for name, r in results.items():
+        c = r.get("cases")
+        rows.append(
+            [
+                f"{name}" + (f" {r['setting']}" if r.get("setting") else ""),
+                f"{n:.0e}",
+                f"{r['build_s']:.0f}" if "build_s" in r else "-",
+                f"{r['bytes'] / 2**20:.0f} ({r['bytes'] / raw_bytes:.3f})",
+                f"{r['qps']:.0f}",
+                f"{r['qps'] / base['qps']:.1f}x",
+                f"{r['recall']:.3f} / {r['fresh']:.3f}" if "recall" in r else "1 (exact)",
+                f"{c.case_accuracy:.4f}" if c else "-",
+                f"{c.case_accuracy - exact_cases.case_accuracy:+.4f}" if c and exact_cases else "-",
+                f"{c.patch_accuracy:.4f}" if c else "-",
+            ]
+        )
+    return markdown_table(
+        [
+            "index (search setting)",
+            "N",
+            "build s",
+            "memory MiB (/ float32)",
+            "queries/s",
+            "/ flat",
+            "recall@10 build / new probes",
+            "case accuracy",
+            "vs exact",
+            "patch accuracy",
+        ],
+        rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--huge", action="store_true", help="also IVF-PQ at N = 10^7")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    n = 20_000 if args.quick else 1_000_000
+    workdir = Path(tempfile.mkdtemp(prefix="bench-archive-"))
+    try:
+        params = {"hnsw": {"hnsw_m": 16}, "ivf_flat": {"nlist": 1024 if n > 1e5 else 128},
+                  "ivf_pq": {"nlist": 1024 if n > 1e5 else 128}}  # fmt: skip
+        results, raw = run(n, KINDS, True, workdir, **params)
+        parts = [table(results, n, raw)]
+        if args.huge:
+            shutil.rmtree(workdir / f"archive-{n}")
+            big, big_raw = run(10_000_000, ("ivf_pq",), False, workdir,
+                               ivf_pq={"nlist": 4096})  # fmt: skip
+            parts.append(table(big, 10_000_000, big_raw))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    cmd = "python -m benchmarks.bench_archive" + (
+        " --quick" if args.quick else " --huge" if args.huge else ""
+    )
+    text = "\n".join(
+        [
+            "# Case archive",
+            "",
+            f"Machine: {machine()}.",
+            f"Synthetic archive: {PER_CASE} patches per case, {CLASSES} classes, D = {D}, "
+            f"float16 on disk, euclidean. Build: training, adding and the recall "
+            f"measurement that picks the search setting (the cheapest reaching recall@10 "
+            f">= 0.95 on 1000 probe rows). Queries/s: {QUERIES} queries in one call, median "
+            f"of {REPEATS}, the chosen setting, the same CPU threads for every index. "
+            "Memory: the index's serialised size (IVF-PQ: codes, ids and codebooks; its "
+            "re-ranking reads the vectors from the memory-mapped store). Case and patch "
+            f"accuracy: leave-one-case-out, {EVAL_CASES} cases drawn once, {EVAL_PER_CASE} "
+            "patches each, 5 voting cases, k = 10; "
+            "'vs exact' is the difference from exact search's case accuracy.",
+            "",
+            f"Command: `{cmd}`",
+            "",
+            *("\n\n".join(parts).splitlines()),
+            "",
+        ]
+    )
+    name = "archive" + ("-quick" if args.quick else "")
+    return write_report(text, name, args.out)
+
+
+if __name__ == "__main__":
+    main()
