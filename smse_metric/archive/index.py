@@ -372,19 +372,24 @@ class ArchiveIndex:
         return faiss.SearchParameters(sel=selector)
 
     def _rerank(self, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The shortlist's distances from the stored vectors (direct differences in
-        float64: FAISS's float32 expansion loses close distances; IVF-PQ's are only
-        approximate), the k best kept, ties by row."""
+        """The shortlist's distances from the stored vectors (direct differences:
+        FAISS's float32 expansion loses close distances; IVF-PQ's are approximate),
+        the k best kept, ties by row; in blocks of queries."""
         ok = ids >= 0
-        x = _prepare(self.store.vectors(np.where(ok, ids, 0).ravel()), self.build_info.distance)
-        x = x.reshape(*ids.shape, -1).astype(np.float64)
-        if self.build_info.distance == "cosine":
-            d = 1.0 - np.einsum("qd,qkd->qk", q.astype(np.float64), x)
-        else:
-            d = np.sqrt(np.maximum(((x - q[:, None, :].astype(np.float64)) ** 2).sum(2), 0))
-        d = np.where(ok, d, np.inf)
+        d = np.full(ids.shape, np.inf, dtype=np.float32)
+        for lo in range(0, len(q), 256):
+            part = slice(lo, lo + 256)
+            rows = np.where(ok[part], ids[part], 0)
+            x = _prepare(self.store.vectors(rows.ravel()), self.build_info.distance)
+            x = x.reshape(*rows.shape, -1)
+            if self.build_info.distance == "cosine":
+                d[part] = 1.0 - np.einsum("qd,qkd->qk", q[part], x)
+            else:
+                x -= q[part, None, :]
+                d[part] = np.sqrt(np.einsum("qkd,qkd->qk", x, x))
+        d[~ok] = np.inf
         order = np.lexsort((np.where(ok, ids, np.iinfo(np.int64).max), d))[:, :k]
-        dist = np.take_along_axis(d, order, 1).astype(np.float32)
+        dist = np.take_along_axis(d, order, 1)
         rows = np.where(np.isinf(dist), -1, np.take_along_axis(ids, order, 1))
         return _pad(dist, rows, k)
 

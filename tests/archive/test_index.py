@@ -112,7 +112,7 @@ def test_ivf_pq_reranks_its_shortlist_with_exact_distances(tmp_path):
     q = x[:20] + 0.05
     d, ids = index.search(q, 5)
     direct = np.sqrt(((x[ids].astype(np.float64) - q[:, None, :]) ** 2).sum(2))
-    np.testing.assert_allclose(d, direct, rtol=1e-6)
+    np.testing.assert_allclose(d, direct, rtol=1e-5)  # float32 direct differences
     assert (np.diff(d, axis=1) >= 0).all()
     assert index.nbytes() < x.nbytes / 3  # codes (and small codebooks), not vectors
 

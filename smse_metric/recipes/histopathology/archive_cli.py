@@ -58,6 +58,9 @@ def _index(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from .archive import search_archive
 
+    sheet = Path(args.sheet or Path(args.archive) / f"search-{Path(args.images[0]).stem}.png")
+    if not sheet.parent.is_dir():  # before the search, not after it
+        raise RecipeError(f"--sheet {sheet}: the directory {sheet.parent} does not exist")
     found = search_archive(
         args.archive, args.run, args.images, kind=args.index, k=args.k, cases=args.cases,
         exclude_case=args.exclude_case, scales=args.scales, device=args.device,
@@ -72,9 +75,8 @@ def _search(args: argparse.Namespace) -> int:
         print("suggested label: none (no top case has a label)")
     else:
         print(f"suggested label: {found.suggested} ({found.vote_share:.0%} of the top cases)")
-    if args.sheet:
-        _sheet(args.images, found, Path(args.sheet))
-        print(f"contact sheet: {args.sheet}")
+    _sheet(args.images, found, sheet)
+    print(f"contact sheet: {sheet}")
     return 0
 
 
@@ -177,7 +179,7 @@ def add_archive_parser(sub) -> None:
     se.add_argument("-k", type=int, default=10, help="archive patches per image (10)")
     se.add_argument("--exclude-case", help="leave this case out (the query's own)")
     se.add_argument("--scales", default="any", choices=("any", "same", "other"))
-    se.add_argument("--sheet", help="write a contact sheet PNG here")
+    se.add_argument("--sheet", help="contact sheet path (default ARCHIVE/search-<first image>.png)")
     se.add_argument("--device", choices=("cpu", "cuda"))
     se.set_defaults(func=_search)
 

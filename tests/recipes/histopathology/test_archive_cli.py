@@ -1,6 +1,8 @@
 """`smse-metric archive` end to end on a tiny trained run: add, index, search, evaluate,
 remove; what it refuses."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,7 @@ def test_index_search_evaluate_and_remove(archive, run, capsys, tmp_path):
     assert own not in listed and len(listed) == 3 and "suggested label:" in out
     assert sheet.is_file()
     assert main([*args, "--scales", "same"]) == 0  # BreakHis names carry the scale
+    assert (archive / f"search-{Path(query).stem}.png").is_file()  # the default sheet
     capsys.readouterr()
     assert main(["archive", "evaluate", a, "--index", "hnsw", "--per-case", "4"]) == 0
     out = capsys.readouterr().out
