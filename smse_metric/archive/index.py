@@ -203,9 +203,9 @@ class ArchiveIndex:
             chunk: rows added at a time.
             seed: the training sample and the probes.
         """
-        faiss = import_faiss() if kind != "exact" else None
         check_choice("kind", kind, KINDS)
         check_choice("distance", distance, DISTANCES)
+        faiss = import_faiss() if kind != "exact" else None
         if not (isinstance(recall, float | int) and 0 < recall <= 1):
             raise ValueError(f"recall must be in (0, 1], got {recall!r}")
         k, probes = positive_int("k", k), positive_int("probes", probes)
