@@ -125,3 +125,33 @@ def test_an_add_cut_off_before_its_commit_leaves_the_store_as_it_was(tmp_path, m
     assert again.add(np.eye(3) * 3, cases="def", sources="def").added == 3
     assert np.array_equal(again.vectors([3, 4, 5]), np.eye(3) * 3)
     assert set(before) <= {p.name for p in (tmp_path / "a").iterdir()}
+
+
+ADDS = 25
+
+
+def _adder(path: str, who: int) -> None:
+    store = EmbeddingStore(path)
+    for i in range(ADDS):
+        x = np.full((5, 3), who * 100 + i, dtype=np.float32)
+        store.add(x, cases=[f"{who}-{i}"] * 5, sources=[f"{who}-{i}-{j}" for j in range(5)])
+
+
+def test_two_processes_adding_at_once_lose_nothing(tmp_path):
+    import multiprocessing as mp
+
+    _store(tmp_path)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_adder, args=(str(tmp_path / "a"), w)) for w in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    s = EmbeddingStore(tmp_path / "a")
+    assert len(s) == 2 * ADDS * 5 and len(s.shards) == 2 * ADDS
+    assert sorted(set(s.case.tolist())) == sorted(f"{w}-{i}" for w in (1, 2) for i in range(ADDS))
+    for case in set(s.case.tolist()):  # each row's vector is its own batch's
+        w, i = map(int, case.split("-"))
+        rows = np.flatnonzero(s.case == case)
+        assert (s.vectors(rows) == w * 100 + i).all()
