@@ -125,9 +125,10 @@ def _neighbours(
         return index.search(queries, k, _allowed(index, exclude_case, None))
     dist = np.full((len(queries), k), np.inf, dtype=np.float32)
     rows = np.full((len(queries), k), -1, dtype=np.int64)
+    base = _allowed(index, exclude_case, None)
     for s in np.unique(query_scales):  # one search per query scale
         pick = np.flatnonzero(query_scales == s)
-        mask = _allowed(index, exclude_case, None)
+        mask = base
         at = index.store.scale == str(s)
         at = at if scales == "same" else ~at
         mask = at if mask is None else mask & at

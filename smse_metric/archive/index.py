@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .._checks import check_choice, positive_int
-from ..evaluation._inputs import import_faiss
+from ..evaluation._inputs import import_faiss, prepare_vectors
 from .store import EmbeddingStore, atomic_write
 
 __all__ = ["KINDS", "ArchiveIndex", "exact_search"]
@@ -28,12 +28,9 @@ _NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _EFS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 
 
-def _prepare(x: np.ndarray, distance: str) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if distance == "cosine":
-        norm = np.linalg.norm(x, axis=1, keepdims=True)
-        x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-    return x
+def _prepare(x: Any, distance: str) -> np.ndarray:
+    """Contiguous float32 rows as every index stores them (`prepare_vectors`)."""
+    return prepare_vectors(np.ascontiguousarray(x, dtype=np.float32), distance)
 
 
 def exact_search(
@@ -195,7 +192,7 @@ class ArchiveIndex:
             recall: the recall@k to reach (0 < recall <= 1); when no setting reaches
                 it the best measured one is kept and ``build_info.recall`` says so.
             k: the k of recall@k.
-            probes: rows searched to measure it.
+            probes: rows searched to measure it (none for "exact": its recall is 1).
             nlist: IVF cells (default ``4 * sqrt(N)``, at most N / 39).
             pq_bytes: IVF-PQ bytes per vector (default D / 4: 1/16 of float32).
             hnsw_m: HNSW links per node.
@@ -247,7 +244,10 @@ class ArchiveIndex:
             curve=[], probes=probes,
         )  # fmt: skip
         self = cls(store, info, index)
-        self._tune(rng)
+        if index is None:  # exact search is its own reference: recall 1 by definition
+            info.curve = [(0, 1.0)]
+        else:
+            self._tune(rng)
         return self
 
     def _settings(self) -> list[dict[str, int]]:

@@ -107,6 +107,10 @@ class EmbeddingStore:
 
     def __init__(self, path: str | Path) -> None:
         self.root = Path(path)
+        self._load()
+
+    def _load(self) -> None:
+        """Read ``archive.json`` (again: another process may have changed the store)."""
         info = self.root / "archive.json"
         if not info.is_file():
             raise ValueError(f"{self.root} is not an embedding archive (no archive.json)")
@@ -168,30 +172,11 @@ class EmbeddingStore:
             self._cache[name] = np.concatenate(parts)
         return self._cache[name]
 
-    @property
-    def case(self) -> np.ndarray:
-        """[N] each row's case (patient / slide) id."""
-        return self._meta("case")
-
-    @property
-    def label(self) -> np.ndarray:
-        """[N] each row's label, ``""`` where unknown."""
-        return self._meta("label")
-
-    @property
-    def scale(self) -> np.ndarray:
-        """[N] each row's scale (magnification) as a string, ``""`` where unknown."""
-        return self._meta("scale")
-
-    @property
-    def source(self) -> np.ndarray:
-        """[N] each row's source (an image path)."""
-        return self._meta("source")
-
-    @property
-    def key(self) -> np.ndarray:
-        """[N] each row's content key (what duplicates are detected by)."""
-        return self._meta("key")
+    case = property(lambda self: self._meta("case"), doc="[N] each row's case id")
+    label = property(lambda self: self._meta("label"), doc='[N] labels, "" where unknown')
+    scale = property(lambda self: self._meta("scale"), doc='[N] scales, "" where unknown')
+    source = property(lambda self: self._meta("source"), doc="[N] where each row came from")
+    key = property(lambda self: self._meta("key"), doc="[N] content keys (for repeats)")
 
     @property
     def removed(self) -> np.ndarray:
@@ -293,7 +278,7 @@ class EmbeddingStore:
         if (meta["case"] == "").any():
             raise ValueError(f"cases has {int((meta['case'] == '').sum())} empty ids")
         with _locked(self.root):
-            self.__init__(self.root)  # another process may have added since we opened
+            self._load()  # another process may have added since we opened
             _, first = np.unique(meta["key"], return_index=True)
             fresh = np.zeros(n, dtype=bool)
             fresh[first] = True
@@ -315,7 +300,7 @@ class EmbeddingStore:
         """Mark every live row of ``case`` removed (searches skip them); the number of
         rows removed. A case that is not in the store is a ValueError."""
         with _locked(self.root):
-            self.__init__(self.root)
+            self._load()
             rows = np.flatnonzero((self.case == str(case)) & self.live)
             if rows.size == 0:
                 raise ValueError(f"case {case!r} is not in the archive {self.root}")

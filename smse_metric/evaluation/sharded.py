@@ -28,7 +28,7 @@ from .symmetric import BLOCK, block_candidates, merge_keys
 if TYPE_CHECKING:
     from .knn import KNNClassifier, Neighbours
 
-__all__ = ["gather_arrays", "local_vectors", "shard_layout", "sharded_rounds", "sharded_topk"]
+__all__ = ["gather_arrays", "local_vectors", "shard_layout", "sharded_rounds"]
 
 
 def rank_and_world(group: Any = None) -> tuple[int, int]:
@@ -128,36 +128,6 @@ def shard_layout(n_local: int, group: Any = None) -> tuple[list[int], int]:
     rank, _ = rank_and_world(group)
     sizes = [int(s) for s in gather_objects(int(n_local), group)]
     return sizes, sum(sizes[:rank])
-
-
-def sharded_topk(
-    queries: np.ndarray,
-    query_codes: np.ndarray | None,
-    gallery: np.ndarray,
-    gallery_codes: np.ndarray | None,
-    width: int,
-    distance: str,
-    group: Any = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each local query's ``width`` nearest items of the union of the ranks' gallery
-    shards: ``(dist, ids)`` [q, width] (`sharded_rounds`, gathered).
-
-    Args:
-        queries: [q, D] this rank's queries, as `prepare_vectors` leaves them.
-        query_codes: [q] exclusion code of each query (int64), or None.
-        gallery: [g, D] this rank's gallery shard, prepared alike.
-        gallery_codes: [g] their codes in the same table, or None.
-        width: neighbours per query (the same on every rank is not required).
-        distance: ``"cosine"``, ``"l2"`` or ``"squared_l2"``.
-        group: the process group.
-    """
-    d = np.full((len(queries), max(width, 0)), np.inf, dtype=np.float32)
-    i = np.full((len(queries), max(width, 0)), -1, dtype=np.int64)
-    for rows, dd, ii in sharded_rounds(
-        queries, query_codes, gallery, gallery_codes, width, distance, group
-    ):
-        d[rows], i[rows] = dd, ii
-    return d, i
 
 
 def sharded_rounds(

@@ -240,7 +240,7 @@ def open_index(store: EmbeddingStore, archive: str | Path, kind: str | None) -> 
             raise RecipeError(f"{archive} has indexes {', '.join(kinds)}: choose one with --index")
         kind = kinds[0] if kinds else "exact"
     if kind == "exact" and "exact" not in kinds:
-        return ArchiveIndex.build(store, "exact", probes=1)
+        return ArchiveIndex.build(store, "exact")
     try:
         index = ArchiveIndex.load(store, index_path(archive, kind))
     except ValueError as e:

@@ -93,18 +93,14 @@ def _sheet(images, found, out: Path) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from smse_metric.archive import ArchiveIndex, evaluate_cases
+    from smse_metric.archive import evaluate_cases
 
     from .archive import open_index, open_store
 
     store = open_store(args.archive)
     rows = []
     for kind in ["exact", *([] if args.index in (None, "exact") else [args.index])]:
-        index = (
-            ArchiveIndex.build(store, "exact", probes=1)
-            if kind == "exact"
-            else open_index(store, args.archive, kind)
-        )
+        index = open_index(store, args.archive, kind)
         try:
             r = evaluate_cases(index, k=args.k, cases=args.cases, per_case=args.per_case)
         except ValueError as e:
