@@ -10,6 +10,7 @@ All metrics are computed from a [Q, k] neighbour table with bincount and boolean
 algebra; nothing loops over queries in Python.
 """
 
+from .bounded import bounded_knn
 from .clustering import ClusteringMetrics, kmeans, mutual_information
 from .evaluate import evaluate_embeddings, evaluate_predictions
 from .index import FaissIndex, make_index
@@ -27,6 +28,7 @@ __all__ = [
     "Neighbours",
     "RetrievalMetrics",
     "TorchIndex",
+    "bounded_knn",
     "evaluate_embeddings",
     "evaluate_predictions",
     "kmeans",
