@@ -180,12 +180,13 @@ def _plain_topk(x, k: int, chunk: int = 4096):
 
 
 def device_table(device: str, sizes: tuple[int, ...], repeats: int) -> list[str]:
-    """Leave-one-out on ``device`` with torch alone (`symmetric_knn` there) against plain
-    torch ``mm`` + ``topk`` on the same device, and whether its ids equal the CPU
-    search's (random rows, and the tied cases)."""
+    """Leave-one-out on ``device`` with torch alone: the float32 symmetric search, the
+    TF32 and bf16 candidate searches (`bounded_knn`) and plain torch ``mm`` + ``topk``
+    on the same device; whether the candidate searches' ids equal the float32 search's
+    there, and its ids the CPU search's (random rows, and the tied cases)."""
     import torch
 
-    from smse_metric.evaluation import symmetric_knn
+    from smse_metric.evaluation import bounded_knn, symmetric_knn
 
     dev = torch.device(device)
 
@@ -203,43 +204,38 @@ def device_table(device: str, sizes: tuple[int, ...], repeats: int) -> list[str]
             times.append(time.perf_counter() - t0)
         return statistics.median(times), out
 
-    def same_as_cpu(ids, x, k) -> str:
-        differ = int((ids != symmetric_knn(x.cpu().numpy(), k, "l2")[1]).any(1).sum())
-        return "yes" if differ == 0 else f"no: {differ} of {len(ids)} rows"
+    def differ(ids, want) -> str:
+        rows = int((ids != want).any(1).sum())
+        return "yes" if rows == 0 else f"no: {rows} of {len(ids)} rows"
 
+    searches = {
+        "float32": lambda x, k: symmetric_knn(x, k, "l2"),
+        "tf32": lambda x, k: bounded_knn(x, k, "l2", precision="tf32"),
+        "bf16": lambda x, k: bounded_knn(x, k, "l2", precision="bf16"),
+    }
+    cases = [(f"random, {D}-d", n, K, lambda n: embeddings(n)[0]) for n in sizes]
+    cases += [(name, 10**4, k, make) for name, (make, k) in TIES.items()]
     rows = []
-    for n in sizes:
-        x = torch.from_numpy(embeddings(n)[0]).to(dev)
-        once = n >= 10**6  # one run each there, as on the CPU
-        ours_s, (_, ids) = timed(lambda x=x: symmetric_knn(x, K, "l2"), once)
-        plain_s, _ = timed(lambda x=x: _plain_topk(x, K), once)
-        same = same_as_cpu(ids, x, K) if n <= 10**5 else "—"  # 10^6: ~20 min on a CPU
-        rows.append(
-            [
-                f"random, {D}-d",
-                f"{n:.0e}",
-                str(K),
-                f"{ours_s:.2f}",
-                f"{plain_s:.2f}",
-                f"{ours_s / plain_s:.2f}x",
-                same,
-            ]
-        )
-        print(" | ".join(rows[-1]), flush=True)
-    for name, (make, k) in TIES.items():
-        n = 10**4
+    for name, n, k, make in cases:
         x = torch.from_numpy(make(n).astype(np.float32)).to(dev)
-        ours_s, (_, ids) = timed(lambda x=x, k=k: symmetric_knn(x, k, "l2"))
-        plain_s, _ = timed(lambda x=x, k=k: _plain_topk(x, k))
+        once = n >= 10**6  # one run each there, as on the CPU
+        got = {m: timed(lambda x=x, k=k, fn=fn: fn(x, k), once) for m, fn in searches.items()}
+        plain_s, _ = timed(lambda x=x, k=k: _plain_topk(x, k), once)
+        ref = got["float32"][1][1]
+        cpu = "—"  # 10^6: ~20 min on a CPU
+        if n <= 10**5:
+            cpu = differ(ref, symmetric_knn(x.cpu().numpy(), k, "l2")[1])
+        best = min(got[m][0] for m in ("tf32", "bf16"))
         rows.append(
             [
                 name,
                 f"{n:.0e}",
                 str(k),
-                f"{ours_s:.2f}",
-                f"{plain_s:.2f}",
-                f"{ours_s / plain_s:.2f}x",
-                same_as_cpu(ids, x, k),
+                *(f"{got[m][0]:.3f}" for m in searches),
+                f"{plain_s:.3f}",
+                f"{best / plain_s:.2f}x",
+                f"{differ(got['tf32'][1][1], ref)} / {differ(got['bf16'][1][1], ref)}",
+                cpu,
             ]
         )
         print(" | ".join(rows[-1]), flush=True)
@@ -247,16 +243,21 @@ def device_table(device: str, sizes: tuple[int, ...], repeats: int) -> list[str]
         "embeddings",
         "N",
         "k",
-        f"ours on {device} s",
+        "float32 symmetric s",
+        "TF32 candidates s",
+        "bf16 candidates s",
         "plain mm + topk s",
-        "ours / plain",
-        "same ids as the CPU search",
+        "best candidates / plain",
+        "TF32 / bf16 ids = float32's",
+        "float32 ids = CPU's",
     ]
     return [
-        f"Leave-one-out on {device} with torch alone: `symmetric_knn` (each block pair once, "
-        "exact (distance, index) order) against plain `mm` + `topk` in chunks of 4096 "
-        f"queries (no tie rule, each pair twice). Median of {repeats} (one run at 10^6); "
-        "the search's block is its default for this device (`default_block`).",
+        f"Leave-one-out on {device} with torch alone: `symmetric_knn` (float32, each block "
+        "pair once, exact (distance, index) order), `bounded_knn` (candidates from a TF32 "
+        "or bf16 product within its error bound, ranked in float32: the same exact order) "
+        "against plain `mm` + `topk` in chunks of 4096 queries (no tie rule, each pair "
+        f"twice). Median of {repeats} (one run at 10^6); block sizes are each search's "
+        "default for this device.",
         "",
         markdown_table(header, rows),
         "",

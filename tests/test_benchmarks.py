@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from benchmarks.bench_revision import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +68,47 @@ def test_the_device_evaluation_table_runs_here_on_the_cpu():
     rows = [line for line in lines if line.startswith("| ")][1:]
     assert len(rows) == 4  # random, and the three tied cases
     assert all(r.rstrip(" |").endswith("yes") for r in rows)
+
+
+def _gpu_script(tmp_path, *steps, python=sys.executable):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHON": str(python),
+        "OUT": str(tmp_path / "out"),
+        "RESULTS": str(tmp_path / "results"),
+        "COMMIT": "abc1234",
+    }
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), *steps]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script would run")
+def test_gpu_script_without_a_gpu_says_so_in_one_line(tmp_path):
+    run = _gpu_script(tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "CUDA GPU" in run.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_gpu_script_runs_its_steps_and_names_the_commit(tmp_path):
+    """A python that reports a GPU (the check is the only call faked): the CUDA tests
+    run (skipped here) and their table names the commit; a benchmark that fails on this
+    machine makes the run fail, step by step in the log; an unknown step is refused
+    before anything runs."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        '#!/bin/bash\ncase "$*" in *"cuda.is_available())"*) exit 0;; esac\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    refused = _gpu_script(tmp_path, "tests", "nosuch", python=fake)
+    assert refused.returncode == 2 and "no step named 'nosuch'" in refused.stderr
+    assert not (tmp_path / "results").exists()
+    run = _gpu_script(tmp_path, "tests", "launch", python=fake)
+    table = (tmp_path / "results" / "tests-cuda.md").read_text()
+    assert "Run at commit abc1234" in table and "skipped" in table.split("Result:")[1]
+    log = (tmp_path / "out" / "gpu.log").read_text()
+    assert "gpu.sh: tests: exit 0" in log
+    if not torch.cuda.is_available():
+        assert run.returncode == 1 and "gpu.sh: launch: exit 1" in log
+    assert (tmp_path / "out" / "tests-cuda.md").read_text() == table

@@ -33,6 +33,28 @@ def as_float32(name: str, x: Any) -> np.ndarray:
     return arr
 
 
+def as_device_tensor(name: str, x: torch.Tensor) -> torch.Tensor:
+    """[N, D] embeddings of a torch tensor as one contiguous float32 tensor on its own
+    device, checked there like `as_float32` (a GPU's rows never visit the host)."""
+    x = x.detach().to(dtype=torch.float32).contiguous()
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    bad = int((~torch.isfinite(x)).any(1).sum())
+    if bad:
+        raise ValueError(f"{name} has {bad} rows with NaN or inf")
+    return x
+
+
+def prepare_tensor(x: torch.Tensor, distance: str) -> torch.Tensor:
+    """`prepare_vectors` for a torch tensor, on its device."""
+    if distance != "cosine":
+        return x
+    norm = x.square().sum(1, keepdim=True).sqrt()
+    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+
+
 def prepare_vectors(x: np.ndarray, distance: str) -> np.ndarray:
     """Vectors as every index stores them: L2-normalised (a copy; zero rows stay zero)
     for ``"cosine"``, unchanged for ``"l2"`` and ``"squared_l2"``."""

@@ -40,7 +40,7 @@ from ._keys import (
     pad_rows,
     similarity,
 )
-from .symmetric import TILE, merge_keys
+from .symmetric import TILE, best_keys, merge_keys
 
 __all__ = ["PRECISIONS", "bounded_knn", "error_bound"]
 
@@ -199,6 +199,8 @@ class _Block:
             tr, tc = admit.nonzero(as_tuple=True)
             entries = tiles[tr, tc]
             j, off = (entries >= bar[tr, None]).nonzero(as_tuple=True)
+            if len(j) > CAP * r:  # ties crowd the bar: float32 instead
+                return None
             new_rows, new_cols = tr[j], t + tc[j] * TILE + off
             new_vals = entries[j, off]
             merge_keys(state, new_rows, order_keys(new_vals, q.orig[new_cols]))
@@ -236,9 +238,7 @@ class _Block:
         state = torch.full((r, k), EMPTY, dtype=torch.int64, device=q.device)
         for t, u in q.bounds:
             sim = self.masked(similarity(self.a, q.f.take(t, u).padded(), u - t), t, u)
-            keys = order_keys(sim, q.orig[t:u]).masked_fill_(sim == float("-inf"), EMPTY)
-            state = torch.cat([state, keys.topk(min(k, u - t), dim=1).values], 1)
-            state = state.topk(k, dim=1).values
+            merge_keys(state, *best_keys(sim, q.orig[t:u], min(k, u - t)))
         return state
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._checks import check_choice, positive_int, resolve_distance
 from ._inputs import (
@@ -15,10 +16,13 @@ from ._inputs import (
     EXCLUDE,
     SYMMETRIC_MIN_ROWS,
     WEIGHTS,
+    as_device_tensor,
     as_float32,
     as_ids,
+    prepare_tensor,
     prepare_vectors,
 )
+from .bounded import PRECISIONS, bounded_knn
 from .index import make_index
 from .symmetric import symmetric_knn
 from .torch_index import TorchIndex
@@ -68,6 +72,13 @@ class KNNClassifier:
             group's backend uses). Every call is then a collective: every rank makes it
             (and iterates `kneighbors_chunks` to its end).
         process_group: the process group (None: the default one).
+        precision: how a leave-one-out search of the gallery itself (``exclude="self"``
+            or ``"group"`` on the fitted embeddings) computes: ``"auto"`` (default:
+            ``"tf32"`` on a GPU, ``"float32"`` elsewhere), ``"float32"``
+            ([`symmetric_knn`][smse_metric.evaluation.symmetric_knn]), ``"tf32"`` or
+            ``"bf16"`` (candidates from that product within its error bound, ranked
+            in float32: [`bounded_knn`][smse_metric.evaluation.bounded_knn]; emulated,
+            and slow, off a GPU). The neighbours are exact whichever is chosen.
         metric: the old name of ``distance``; deprecated, warns.
 
     Ties: neighbours at equal distance are ordered by gallery index; classes with
@@ -91,9 +102,12 @@ class KNNClassifier:
         *,
         distributed: bool = False,
         process_group: Any = None,
+        precision: str = "auto",
         metric: str | None = None,
     ) -> None:
         self.k = positive_int("k", k)
+        check_choice("precision", precision, ("auto", "float32", *PRECISIONS))
+        self.precision = precision
         self.distributed, self.process_group = bool(distributed), process_group
         self.distance = resolve_distance(distance, "cosine", metric=metric)
         check_choice("weights", weights, WEIGHTS)
@@ -173,7 +187,7 @@ class KNNClassifier:
                 self, queries, query_groups, exclude, k, extra, self.process_group
             )
             return
-        q = as_float32("queries", queries)
+        q = self._queries(queries)
         n_q, n_g = q.shape[0], self.index_.ntotal
         if exclude == "self" and n_q != n_g:
             raise ValueError(
@@ -195,9 +209,7 @@ class KNNClassifier:
             )
         if extra is None and self._symmetric(q, qg, exclude):
             groups = self.groups_ if exclude == "group" else None
-            dist, ids = symmetric_knn(
-                self.index_.vectors(), k, self.distance, groups, device=self.index_.device
-            )
+            dist, ids = self._self_search(k, groups)
             step = max(1, CHUNK_ENTRIES // k)
             for start in range(0, n_q, step):
                 rows = slice(start, min(n_q, start + step))
@@ -233,7 +245,25 @@ class KNNClassifier:
             )
             start = stop
 
-    def _symmetric(self, q: np.ndarray, qg: np.ndarray | None, exclude: str) -> bool:
+    def _queries(self, queries: Any) -> np.ndarray | torch.Tensor:
+        """Checked queries: a CUDA tensor for a torch index on the GPU stays there."""
+        on_gpu = isinstance(self.index_, TorchIndex) and self.index_.device == "cuda"
+        if on_gpu and isinstance(queries, torch.Tensor) and queries.is_cuda:
+            return as_device_tensor("queries", queries)
+        return as_float32("queries", queries)
+
+    def _self_search(self, k: int, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-out neighbours of the fitted gallery, by ``precision``."""
+        index = self.index_
+        rows = index.tensor() if isinstance(index, TorchIndex) else index.vectors()
+        precision = self.precision
+        if precision == "auto":
+            precision = "tf32" if index.device == "cuda" else "float32"
+        if precision == "float32":
+            return symmetric_knn(rows, k, self.distance, groups, device=index.device)
+        return bounded_knn(rows, k, self.distance, groups, precision=precision, device=index.device)
+
+    def _symmetric(self, q: np.ndarray | torch.Tensor, qg: np.ndarray | None, exclude: str) -> bool:
         """Whether the queries are this exact gallery itself, so that
         [`symmetric_knn`][smse_metric.evaluation.symmetric_knn] can answer at half the
         cost: on the CPU, or on a GPU with the torch backend (a FAISS GPU index searches
@@ -246,6 +276,8 @@ class KNNClassifier:
             return False
         if exclude == "group" and not np.array_equal(qg, self.groups_):
             return False
+        if isinstance(q, torch.Tensor):  # compared on its device
+            return torch.equal(prepare_tensor(q, self.distance), self.index_.tensor())
         return np.array_equal(prepare_vectors(q, self.distance), self.index_.vectors())
 
     def votes(self, nb: Neighbours) -> np.ndarray:

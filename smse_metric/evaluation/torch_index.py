@@ -8,7 +8,14 @@ import numpy as np
 import torch
 
 from .._checks import check_choice, resolve_distance
-from ._inputs import CHUNK_ENTRIES, DEVICES, as_float32, prepare_vectors
+from ._inputs import (
+    CHUNK_ENTRIES,
+    DEVICES,
+    as_device_tensor,
+    as_float32,
+    prepare_tensor,
+    prepare_vectors,
+)
 from ._keys import distances, factors, order_keys, similarity
 
 __all__ = ["TorchIndex"]
@@ -24,7 +31,8 @@ class TorchIndex:
     The interface is [`FaissIndex`][smse_metric.evaluation.FaissIndex]'s.
 
     Args:
-        embeddings: [G, D] gallery, numpy or torch on any device (copied once).
+        embeddings: [G, D] gallery, numpy or torch on any device (copied once; a CUDA
+            tensor searched on the GPU stays there, and so do CUDA queries).
         distance: ``"cosine"`` (default; ``1 - cos``), ``"l2"`` (euclidean) or
             ``"squared_l2"`` (its square: the same neighbours).
         device: ``"auto"`` (where the embeddings are), ``"cpu"`` or ``"cuda"``.
@@ -51,12 +59,26 @@ class TorchIndex:
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no GPU")
         self.device = "cuda" if device == "cuda" or (device == "auto" and on_cuda) else "cpu"
-        self._gallery = prepare_vectors(as_float32("embeddings", embeddings), distance)
-        self.distance, (self.ntotal, self.dim) = distance, self._gallery.shape
-        self._b = factors(torch.from_numpy(self._gallery).to(self.device), distance).padded()
+        self.distance = distance
+        self._gallery = self._rows("embeddings", embeddings)
+        self.ntotal, self.dim = self._gallery.shape
+        self._b = factors(self._gallery, distance).padded()
+
+    def _rows(self, name: str, x: Any) -> torch.Tensor:
+        """Rows as stored (L2-normalised for ``"cosine"``) on the index's device: a CUDA
+        tensor for a CUDA index is checked and prepared there, the rest on the host."""
+        if isinstance(x, torch.Tensor) and x.is_cuda and self.device == "cuda":
+            return prepare_tensor(as_device_tensor(name, x.to(self.device)), self.distance)
+        rows = prepare_vectors(as_float32(name, x), self.distance)
+        return torch.from_numpy(rows).to(self.device)
 
     def vectors(self) -> np.ndarray:
-        """[G, D] float32 gallery as stored (L2-normalised for ``"cosine"``)."""
+        """[G, D] float32 gallery as stored (L2-normalised for ``"cosine"``), on the host
+        (a copy from a GPU)."""
+        return self._gallery.cpu().numpy()
+
+    def tensor(self) -> torch.Tensor:
+        """[G, D] float32 gallery as stored, on the index's device (no copy)."""
         return self._gallery
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,12 +89,12 @@ class TorchIndex:
             queries: [Q, D] numpy or torch.
             k: neighbours per query.
         """
-        q = prepare_vectors(as_float32("queries", queries), self.distance)
+        q = self._rows("queries", queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the gallery {self.dim}")
         k, n_q = int(k), q.shape[0]
         kk = min(k, self.ntotal)
-        a = factors(torch.from_numpy(q).to(self.device), self.distance)
+        a = factors(q, self.distance)
         ids = torch.arange(self.ntotal, device=self.device)
         dist = np.full((n_q, k), np.inf, dtype=np.float32)
         out = np.full((n_q, k), -1, dtype=np.int64)

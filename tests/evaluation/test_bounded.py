@@ -182,3 +182,36 @@ def test_the_gpu_sizes_follow_the_free_memory(monkeypatch, free_gib, want):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (free_gib * 2**30, 80 * 2**30))
     assert bounded._sizes(torch.device("cuda"), 10**6) == want
     assert bounded._sizes(torch.device("cpu"), 10**6) == bounded.CPU_SIZES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["auto", "float32", *PRECISIONS])
+def test_knn_classifier_takes_the_precision_asked_for(device, precision, monkeypatch):
+    """KNNClassifier's leave-one-out search of its own gallery: ``"auto"`` is TF32
+    candidates on a GPU and the float32 symmetric search elsewhere; every choice gives
+    the same neighbours."""
+    from smse_metric import KNNClassifier
+    from smse_metric.evaluation import knn as ev
+
+    monkeypatch.setattr(ev, "SYMMETRIC_MIN_ROWS", 100)
+    calls = []
+    for name in ("symmetric_knn", "bounded_knn"):
+        real = getattr(ev, name)
+        monkeypatch.setattr(
+            ev,
+            name,
+            lambda *a, real=real, name=name, **kw: calls.append((name, kw)) or real(*a, **kw),
+        )
+    rng = np.random.default_rng(3)  # integer points: every device and format is exact
+    x, groups = rng.integers(-3, 4, (600, 8)).astype(np.float32), rng.integers(0, 60, 600)
+    xt = torch.from_numpy(x).to(device)
+    knn = KNNClassifier(k=5, distance="l2", backend="torch", precision=precision)
+    knn.fit(xt, groups % 3, groups)
+    ids = np.concatenate([c.ids for c in knn.kneighbors_chunks(xt, groups, "group")])
+    want = {"auto": "tf32" if device == "cuda" else "float32"}.get(precision, precision)
+    name, kw = calls[0]
+    assert name == ("symmetric_knn" if want == "float32" else "bounded_knn")
+    assert kw.get("precision", "float32") == want and str(kw["device"]) == device
+    np.testing.assert_array_equal(ids, symmetric_knn(x, 5, "l2", groups)[1])
+    with pytest.raises(ValueError, match="precision"):
+        KNNClassifier(precision="fp16")
