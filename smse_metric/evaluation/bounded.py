@@ -65,19 +65,20 @@ def error_bound(dim: int, precision: str) -> tuple[float, float]:
 
     Each input is rounded with relative error at most ``u`` (2^-10 for TF32, 2^-8 for
     bf16), so the exact product of the rounded inputs is off by at most
-    ``(2u + u^2) sum |x_d y_d| <= (2u + u^2) |x| |y|`` (Cauchy-Schwarz). Each float32
-    accumulation of the ``dim`` products and a norm term errs by at most
-    ``gamma = m v / (1 - m v)`` times the sum of the magnitudes, with ``m = dim + 1``
-    and ``v = 2^-22`` (two units: truncating adders too), once in each product; one
-    more rounding is the subtraction of ``|y|^2 / 2``. A 1 % margin covers the bound's
-    own float64 arithmetic.
+    ``(2u + u^2) sum |x_d y_d| <= (2u + u^2) |x| |y|`` (Cauchy-Schwarz); the norm's
+    parts in `low_factors` sum to it exactly. Each float32 accumulation of the at most
+    ``dim + 3`` terms (the products, the norm or its parts) errs by at most
+    ``gamma = m v / (1 - m v)`` times the sum of their magnitudes, with ``m = dim + 3``
+    and ``v = 2^-22`` (two units: truncating adders too), once in each product. One more
+    rounding in ``a`` and ``b``, and 1 %, are margin (the bound's own float64
+    arithmetic).
 
     Args:
         dim: the embedding dimension D.
         precision: ``"tf32"`` or ``"bf16"``.
     """
     check_choice("precision", precision, PRECISIONS)
-    u, m = _INPUT_UNIT[precision], dim + 1
+    u, m = _INPUT_UNIT[precision], dim + 3
     gamma = m * _ADD_UNIT / (1 - m * _ADD_UNIT)
     a = 2 * u + u * u + gamma * (1 + u) ** 2 + gamma + _ADD_UNIT * (1 + u) ** 2 * (1 + gamma)
     b = 2 * gamma + 2 * _ADD_UNIT
@@ -104,21 +105,43 @@ def _tf32():
         torch.set_float32_matmul_precision(old)
 
 
-def low_product(a: Rows, b: Rows, precision: str) -> Tensor:
-    """[n_a padded, n_b] low-precision similarities of ``a``'s rows and ``b``'s (already
-    padded), each row shifted by a constant: ``x . y`` for ``"cosine"``, ``x . y - |y|^2
-    / 2`` for L2 (``similarity`` less ``|x|^2 / 2``, which orders a row alike and saves
-    a pass over the block). TF32 or bf16 products on a GPU, emulated elsewhere (inputs
-    rounded to the format, a float32 product of them: exact products, float32 sums)."""
-    x = pad_rows(a.x)
-    if x.device.type != "cuda":
-        p = _round_to(x, precision) @ _round_to(b.x, precision).T
-    elif precision == "tf32":
+def low_factors(f: Rows, precision: str) -> tuple[Tensor, Tensor]:
+    """(query side, gallery side), [N, K] each: the product of a query's row and a
+    gallery row is the pair's low-precision similarity shifted by a constant per query,
+    ``x . y`` for ``"cosine"``; for L2 ``x . y - |y|^2 / 2``, the norm entering the
+    product as three more columns, ``[1, 1, 1] . [-h1, -h2, -h3]``, where ``h1 + h2 +
+    h3 = |y|^2 / 2`` exactly and each part is a number of the format (so the product
+    is the whole similarity, less ``|x|^2 / 2``, without a pass over the block to add
+    the norms). Inputs are rounded to the format here off a GPU (emulation), cast to
+    bf16 on a GPU for bf16, and left to the TF32 product's own rounding for TF32. K is
+    padded to a multiple of 8 (aligned rows for the GPU's kernels)."""
+    emulate = f.x.device.type != "cuda"
+    x = _round_to(f.x, precision) if emulate else f.x
+    q = g = x
+    if f.h is not None:
+        parts, rest = [], f.h
+        for _ in range(3):  # 3 x 8 bits hold float32's 24 (bf16; TF32: 3 x 11)
+            parts.append(_round_to(rest, precision))
+            rest = rest - parts[-1]
+        q = torch.cat([x, x.new_ones(len(x), 3)], 1)
+        g = torch.cat([x, -torch.stack(parts, 1)], 1)
+    pad = -q.shape[1] % 8
+    q, g = (torch.nn.functional.pad(m, (0, pad)) for m in (q, g))
+    if not emulate and precision == "bf16":
+        return q.bfloat16(), g.bfloat16()
+    return q.contiguous(), g.contiguous()
+
+
+def low_product(a: Tensor, b: Tensor, precision: str) -> Tensor:
+    """[n_a, n_b] float32 products of `low_factors` rows: TF32 or bf16 products with
+    float32 sums on a GPU; off it, a float32 product of the rounded inputs (exact
+    products, float32 sums: what the GPU computes, up to the order of the sums)."""
+    if a.device.type != "cuda":
+        return a @ b.T
+    if precision == "tf32":
         with _tf32():
-            p = x @ b.x.T
-    else:
-        p = torch.mm(x.bfloat16(), b.x.bfloat16().T, out_dtype=torch.float32)
-    return p if b.h is None else p.sub_(b.h[None, :])
+            return a @ b.T
+    return torch.mm(a, b.T, out_dtype=torch.float32)
 
 
 def _sizes(device: torch.device, n: int) -> tuple[int, int]:
@@ -149,6 +172,7 @@ class _Block:
     def __init__(self, search: _Search, s: int, e: int) -> None:
         self.q, self.s, self.e = search, s, e
         self.a = search.f.take(s, e)
+        self.low_a = search.low_q[s:e]
 
     def masked(self, sim: Tensor, t: int, u: int) -> Tensor:
         """``sim`` [r, C >= u - t] with the excluded pairs and the padding at ``-inf``."""
@@ -184,7 +208,7 @@ class _Block:
         rows = cols = vals = q.orig[:0]
         vals = vals.float()
         for t, u in self.chunks():
-            sim = low_product(self.a, q.f.take(t, u).padded(), q.precision)[:r]
+            sim = low_product(self.low_a, pad_rows(q.low_g[t:u]), q.precision)
             sim = self.masked(sim, t, u)
             tiles = sim.view(r, -1, TILE)
             tile_max = tiles.amax(2)
@@ -268,6 +292,7 @@ class _Search:
             precision,
         )
         self.groups = None if groups is None else torch.from_numpy(np.asarray(groups)[perm]).to(dev)
+        self.low_q, self.low_g = low_factors(self.f, precision)
         a, b = error_bound(x.shape[1], precision)
         norms = self.f.x.double().norm(dim=1)
         self.eps = a * norms * norms.max()

@@ -12,7 +12,13 @@ from reference import brute_self_neighbours
 
 from smse_metric.evaluation import bounded, symmetric_knn
 from smse_metric.evaluation._keys import factors, similarity
-from smse_metric.evaluation.bounded import PRECISIONS, bounded_knn, error_bound, low_product
+from smse_metric.evaluation.bounded import (
+    PRECISIONS,
+    bounded_knn,
+    error_bound,
+    low_factors,
+    low_product,
+)
 from smse_metric.functional import DISTANCES
 
 
@@ -127,7 +133,8 @@ def test_the_bound_holds_and_is_nearly_tight(precision, distance):
     ratios = []
     for x in [worst, *scales]:
         f = factors(torch.from_numpy(x), distance).padded()
-        low = low_product(f, f, precision)[: len(x), : len(x)].double()
+        low_q, low_g = low_factors(f, precision)
+        low = low_product(low_q, low_g, precision)[: len(x), : len(x)].double()
         exact = similarity(f, f, len(x)).double()
         shift = 0.0 if f.h is None else f.h[: len(x), None].double()
         norms = f.x[: len(x)].double().norm(dim=1)
