@@ -45,6 +45,9 @@ def _rate(fn, n: int, rounds: int) -> float:
     return n / best
 
 
+PNG = "PNG: decode, then augment as the cache does (the default)"
+
+
 def per_core(root: Path, size: int, n: int, rounds: int, cache_dir: Path) -> list[list[str]]:
     index = scan_breakhis(root)
     kw = dict(size=(size, size), seed=0)
@@ -55,8 +58,10 @@ def per_core(root: Path, size: int, n: int, rounds: int, cache_dir: Path) -> lis
     device = BreakHisDataset(index, "train", cache_dir=cache_dir, augment_on="device", **kw)
     n = min(n, len(png))
     rates = {
-        "PNG: decode, then augment in float (today's default)": _rate(png.__getitem__, n, rounds),
-        "cache, augment in float on the worker": _rate(cached.__getitem__, n, rounds),
+        PNG: _rate(png.__getitem__, n, rounds),
+        "cache, augmented on the worker (crop and resize in uint8, jitter in float)": _rate(
+            cached.__getitem__, n, rounds
+        ),
         "cache + device augmentation: the record (the worker's part)": _rate(
             device.__getitem__, n, rounds
         ),
@@ -70,7 +75,7 @@ def per_core(root: Path, size: int, n: int, rounds: int, cache_dir: Path) -> lis
     rates[f"... augmenting batches of {b} (the device's part, on this CPU)"] = b * _rate(
         lambda _: device.device_transform(images, aug), 5, rounds
     )
-    base = rates["PNG: decode, then augment in float (today's default)"]
+    base = rates[PNG]
     rows = [[name, f"{r:.0f}", f"{r / base:.1f}x"] for name, r in rates.items()]
     per_image = build_s / len(cached) * 1e3
     rows.append([f"building the cache ({len(cached)} images, once)", f"{1e3 / per_image:.0f}", "—"])

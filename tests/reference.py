@@ -243,3 +243,31 @@ def brute_self_neighbours(x, k, distance, groups=None):
         dist[i] = [d for d, _ in rows[:k]]
         ids[i] = [j for _, j in rows[:k]]
     return dist, ids
+
+
+def jitter_steps(img, aug):
+    """Stain and colour jitter of [..., 3, H, W] images, one step at a time: optical
+    density, each stain's concentration scaled and shifted, back to intensity, then
+    brightness, contrast about the image's mean and saturation about each pixel's grey
+    (the recipe's augmentation as first written)."""
+    import torch
+
+    from smse_metric.recipes.histopathology.data.breakhis import STAIN_VECTORS
+
+    he = torch.tensor(STAIN_VECTORS, dtype=torch.float64)
+    he = he / he.norm(dim=1, keepdim=True)
+    he_pinv = torch.linalg.pinv(he)
+    img, aug = img.double(), aug.double()
+    lead = img.shape[:-3]
+    scale = aug[..., 7:10].reshape(*lead, 1, 1, 3)
+    shift = aug[..., 10:13].reshape(*lead, 1, 1, 3)
+    bright, contrast, sat = (aug[..., i].reshape(*lead, 1, 1, 1) for i in (13, 14, 15))
+    od = -torch.log(img.clamp_min(1 / 255))
+    conc = od.movedim(-3, -1) @ he_pinv
+    img = torch.exp(-((conc * scale + shift) @ he).movedim(-1, -3))
+    img = img * bright
+    mean = img.mean((-3, -2, -1), keepdim=True)
+    img = (img - mean) * contrast + mean
+    gray = img.mean(-3, keepdim=True)
+    img = (img - gray) * sat + gray
+    return img.clamp(0, 1)

@@ -83,37 +83,68 @@ def draw_augmentation(
 
 
 def _jitter(img: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
-    """Stain and colour jitter of [..., 3, H, W] images with records [..., AUG_FIELDS]."""
-    lead = img.shape[:-3]
-    scale = aug[..., 7:10].to(img).reshape(*lead, 1, 1, 3)
-    shift = aug[..., 10:13].to(img).reshape(*lead, 1, 1, 3)
-    bright, contrast, sat = (aug[..., i].to(img).reshape(*lead, 1, 1, 1) for i in (13, 14, 15))
-    # optical density = concentrations @ stain vectors; jitter each stain's concentration
-    od = -torch.log(img.clamp_min(1 / 255))
-    he, he_pinv = _stains(img)
-    conc = od.movedim(-3, -1) @ he_pinv
-    img = torch.exp(-((conc * scale + shift) @ he).movedim(-1, -3))
-    img = img * bright
-    mean = img.mean((-3, -2, -1), keepdim=True)
-    img = (img - mean) * contrast + mean
-    gray = img.mean(-3, keepdim=True)
-    img = (img - gray) * sat + gray
-    return img.clamp(0, 1)
+    """Stain and colour jitter of [..., 3, H, W] images with records [..., AUG_FIELDS].
+
+    Stain jitter scales and shifts each stain's concentration in optical density,
+    ``od' = (od @ pinv(HE) * scale + shift) @ HE``: one 3 x 3 map and a shift of ``od``.
+    Brightness ``b``, contrast ``k`` (about the image's mean) and saturation ``s``
+    (about each pixel's grey) compose to ``k b S x + (1 - k) b mean(x)`` with
+    ``S = s I + (1 - s) / 3``: one more 3 x 3 map. So the whole jitter is two passes of
+    3 x 3 products around one log and one exp (it was some twenty elementwise passes).
+    """
+    h, w = img.shape[-2:]
+    he, he_pinv = (m.double() for m in _stains(img))
+    aug = aug.double().reshape(-1, AUG_FIELDS)  # one record per image of the batch
+    scale, shift = aug[:, 7:10], aug[:, 10:13]
+    bright, contrast, sat = (aug[:, i, None, None] for i in (13, 14, 15))
+    # [B, 3, 3] maps acting on channel columns [3, H W] (hence the transposes)
+    stain_map = ((he_pinv * scale[:, None, :]) @ he).transpose(1, 2).to(img)
+    stain_shift = (shift[:, None, :] @ he).transpose(1, 2).to(img)
+    eye = torch.eye(3, dtype=torch.float64, device=aug.device)
+    colour_map = (contrast * bright * (sat * eye + (1 - sat) / 3)).to(img)
+    od = torch.log(img.clamp_min(1 / 255).reshape(-1, 3, h * w)).neg_()
+    x = torch.baddbmm(stain_shift, stain_map, od).neg_().exp_()
+    mean = x.mean((1, 2), keepdim=True) * ((1 - contrast) * bright).to(img)
+    return torch.baddbmm(mean, colour_map, x).clamp_(0, 1).reshape(img.shape)
 
 
 def apply_augmentation(
     img: torch.Tensor, aug: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear"
 ) -> torch.Tensor:
-    """One float image [3, h, w] in [0, 1] augmented by its record (CPU path)."""
+    """One image [3, h, w] augmented by its record (CPU path): float [3, H, W] in [0, 1].
+
+    A uint8 image (as decoded or cached) is cropped, resized, flipped and turned in
+    uint8, where torch's resampling is vectorised, and converted to float after: the
+    resized pixels round to 1/255, and the float work is one image of the output size.
+    A float image in [0, 1] takes the same steps in float.
+    """
     y0, x0, ch, cw, flip_w, flip_h, turns = (int(v) for v in aug[:7].tolist())
-    img = resize(img[:, y0 : y0 + ch, x0 : x0 + cw], size, interpolation)
+    crop = img[:, y0 : y0 + ch, x0 : x0 + cw]
+    if img.dtype == torch.uint8:
+        out = _geometry(_resize_uint8(crop, size, interpolation), flip_w, flip_h, turns, size)
+        return _jitter(out.float().div_(255.0), aug)
+    out = _geometry(resize(crop, size, interpolation), flip_w, flip_h, turns, size)
+    return _jitter(out, aug)
+
+
+def _resize_uint8(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """[3, H, W] uint8 resized (antialiased but for ``"nearest"``) in uint8."""
+    if tuple(img.shape[1:]) == tuple(size):
+        return img
+    if mode == "nearest":
+        return TF.interpolate(img[None], size=size, mode="nearest")[0]
+    return TF.interpolate(img[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
+
+
+def _geometry(img: torch.Tensor, flip_w: int, flip_h: int, turns: int, size) -> torch.Tensor:
+    """Flips, then quarter turns (square sizes only), of a [3, H, W] image."""
     if flip_w:
         img = img.flip(2)
     if flip_h:
         img = img.flip(1)
     if size[0] == size[1]:
         img = torch.rot90(img, turns, dims=(1, 2))
-    return _jitter(img, aug)
+    return img
 
 
 def augment_batch(

@@ -23,7 +23,7 @@ from .augment import (
 )
 from .breakhis import BreakHisIndex
 from .cache import DecodedCache, cache_size
-from .images import MAX_IMAGE_PIXELS, read_image, unreadable
+from .images import MAX_IMAGE_PIXELS, read_image, read_pixels, unreadable
 
 __all__ = [
     "INTERPOLATIONS",
@@ -141,6 +141,9 @@ def train_transform(
     """Random crop (area fraction in ``crop_scale``), resize, flips, 90-degree rotations
     (square sizes only), brightness / contrast / saturation jitter of +-``color`` and
     H&E stain jitter: per-stain scale and shift of +-``stain`` in optical density.
+    Images are float [3, H, W] in [0, 1], or uint8 [3, H, W], which is cropped,
+    resized and turned in uint8 and converted after (`apply_augmentation`; what the
+    dataset's built-in ``"train"`` transform is given).
 
     Args:
         size: output (height, width).
@@ -242,6 +245,8 @@ class BreakHisDataset(torch.utils.data.Dataset):
             raise RecipeError("augment_on='device' reads its images from a cache: set cache_dir")
         self.on_device = augment_on == "device"
         self.size, self.interpolation = (int(size[0]), int(size[1])), interpolation
+        # the built-in augmentation takes the pixels as stored (uint8): see load_pixels
+        self.takes_pixels = transform == "train"
         if isinstance(transform, str):
             if transform not in ("train", "eval"):
                 raise RecipeError(
@@ -300,6 +305,13 @@ class BreakHisDataset(torch.utils.data.Dataset):
             return self.cache[i].float() / 255.0
         return read_image(self.index.paths[self.rows[i]], self.max_pixels)
 
+    def load_pixels(self, i: int) -> torch.Tensor:
+        """The i-th image as uint8 [3, H, W], untransformed: what the built-in training
+        transform takes (it crops and resizes before converting to float)."""
+        if self.cache is not None:
+            return self.cache[i]
+        return read_pixels(self.index.paths[self.rows[i]], self.max_pixels)
+
     def device_transform(self, images: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
         """With ``augment_on="device"``: a batch's uint8 images [B, 3, H, W] and records
         [B, AUG_FIELDS], on the model's device, augmented and normalised."""
@@ -328,7 +340,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
             h, w = self.stored_size
             aug = draw_augmentation(g, h, w, self.size, CROP_SCALE, COLOR, STAIN)
             return int(i), aug, int(self.labels[i]), int(self.groups[i]), int(self.scales[i])
-        img = self.transform(self.load(i), g)
+        img = self.transform(self.load_pixels(i) if self.takes_pixels else self.load(i), g)
         if self.mean is not None:
             img = normalize_image(img, self.mean, self.std)
         return (

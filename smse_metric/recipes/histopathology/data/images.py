@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["MAX_IMAGE_PIXELS", "open_image", "read_image", "unreadable"]
+__all__ = ["MAX_IMAGE_PIXELS", "open_image", "read_image", "read_pixels", "unreadable"]
 
 
 #: PIL's own warning threshold: a larger image is refused before it is decoded (a 92 KB
@@ -94,9 +94,14 @@ def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Te
         >>> img.shape, img[:, 0, 0].tolist()
         (torch.Size([3, 4, 5]), [1.0, 0.0, 0.0])
     """
+    return read_pixels(path, max_pixels).float() / 255.0
+
+
+def read_pixels(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """An image file as RGB uint8 [3, H, W], checked like `read_image`."""
     with open_image(path, max_pixels) as im:
         try:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (OSError, SyntaxError, ValueError) as e:
             raise OSError(f"cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 from helpers import CUDA_MARKS, DEVICES
+from reference import jitter_steps
 
 from smse_metric.recipes.histopathology.data.augment import (
     AUG_FIELDS,
+    _jitter,
     apply_augmentation,
     augment_batch,
     draw_augmentation,
@@ -100,6 +102,26 @@ def test_the_batch_path_equals_the_image_path_without_resampling(device, size):
     )
     got = augment_batch(images.to(device), aug.to(device), size).cpu()
     torch.testing.assert_close(got, want, atol=3e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_jitter_equals_its_steps_one_at_a_time(device):
+    """The jitter as two 3 x 3 maps around one log and one exp equals the step-by-step
+    arithmetic in float64 (strong jitter, dark and bright pixels), per image and per
+    batch."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 3, 20, 30, generator=g)
+    images[:, :, :4] = 0  # below 1/255: clamped before the log
+    aug = torch.stack(
+        [
+            draw_augmentation(torch.Generator().manual_seed(i), 20, 30, (20, 30), (1, 1), 0.4, 0.2)
+            for i in range(6)
+        ]
+    )
+    want = jitter_steps(images, aug).float()
+    x, a = images.to(device), aug.to(device)
+    torch.testing.assert_close(_jitter(x, a).cpu(), want, atol=2e-6, rtol=0)
+    torch.testing.assert_close(_jitter(x[2], a[2]).cpu(), want[2], atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -45,6 +45,31 @@ def test_train_transform_is_random_but_reproducible(index):
     assert (a >= 0).all() and (a <= 1).all()
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_built_in_augmentation_gets_the_pixels_a_callable_floats(index, cached, tmp_path):
+    """The built-in 'train' transform is given the uint8 pixels (PNG or cache) and
+    equals itself given the same pixels as floats up to their rounding to 1/255 after
+    resizing; a callable transform is given float images in [0, 1]."""
+    from smse_metric.recipes.histopathology.data.dataset import train_transform
+
+    cache = tmp_path / "c" if cached else None
+    ds = BreakHisDataset(index, "train", size=(24, 24), seed=3, cache_dir=cache)
+    seen = []
+    own = BreakHisDataset(index, lambda img, g: seen.append(img.dtype) or img[:, :8, :8])
+    own[0]
+    assert seen == [torch.float32]
+    for i in range(4):
+        g = torch.Generator().manual_seed(ds.seed + i)
+        pixels = ds.load_pixels(i)
+        assert pixels.dtype == torch.uint8
+        want = train_transform((24, 24))(pixels.float() / 255, g)
+        got = ds[i][0]
+        torch.testing.assert_close(
+            got, train_transform((24, 24))(pixels, torch.Generator().manual_seed(ds.seed + i))
+        )
+        assert (got - want).abs().max() < 0.01 and (got - want).abs().mean() < 2e-3
+
+
 def test_a_corrupt_png_is_named_or_skipped_and_listed(index, tmp_path):
     bad = index.paths[2]
     with open(bad, "rb") as f:
