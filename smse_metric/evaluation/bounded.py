@@ -40,7 +40,7 @@ from ._keys import (
     pad_rows,
     similarity,
 )
-from .symmetric import TILE, best_keys, merge_keys
+from .symmetric import TILE, best_keys, merge_keys, self_search_rows
 
 __all__ = ["PRECISIONS", "bounded_knn", "error_bound"]
 
@@ -345,17 +345,8 @@ def bounded_knn(
     """
     distance = resolve_distance(distance, "cosine")
     check_choice("precision", precision, PRECISIONS)
-    if isinstance(x, torch.Tensor):
-        dev = torch.device(device) if device is not None else x.device
-        x = x.detach().to(dev, torch.float32)
-    else:
-        dev = torch.device(device or "cpu")
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
-    n = x.shape[0]
-    if not 1 <= k < n:
-        raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
+    x = self_search_rows(x, k, device)
+    dev, n = x.device, x.shape[0]
     if groups is not None and len(groups) != n:
         raise ValueError(f"groups has {len(groups)} elements but x has {n} rows")
     default_block, default_chunk = _sizes(dev, n)

@@ -195,6 +195,23 @@ def _bar(state: Tensor, pad: int) -> Tensor:
     return torch.cat([bar, bar.new_full((pad,), _NO_KEY)])
 
 
+def self_search_rows(x: np.ndarray | Tensor, k: int, device: str | torch.device | None) -> Tensor:
+    """``x`` as float32 [N, D] on ``device`` (default: where it is; numpy: the CPU) for
+    a search of every row's ``k`` nearest other rows; a ValueError names a bad shape
+    or ``k``."""
+    if isinstance(x, torch.Tensor):
+        dev = torch.device(device) if device is not None else x.device
+        x = x.detach().to(dev, torch.float32)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device or "cpu")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
+    return x
+
+
 def symmetric_knn(
     x: np.ndarray | Tensor,
     k: int,
@@ -235,15 +252,8 @@ def symmetric_knn(
         [2, 2, 1, 1]
     """
     distance = resolve_distance(distance, "cosine", metric=metric)
-    if isinstance(x, torch.Tensor):
-        dev = torch.device(device) if device is not None else x.device
-        x = x.detach().to(dev, torch.float32)
-    else:
-        dev = torch.device(device or "cpu")
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-    n = x.shape[0]
-    if not 1 <= k < n:
-        raise ValueError(f"k must be in [1, {n - 1}] for {n} rows, got {k}")
+    x = self_search_rows(x, k, device)
+    dev, n = x.device, x.shape[0]
     if block is None:
         block = default_block(dev, n)
     if block < TILE or block % TILE:
