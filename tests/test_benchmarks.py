@@ -70,8 +70,8 @@ def test_the_device_evaluation_table_runs_here_on_the_cpu():
     assert all(r.rstrip(" |").endswith("yes") for r in rows)
 
 
-def _gpu_script(tmp_path, *steps, python=sys.executable):
-    env = {
+def _gpu_script(tmp_path, *steps, python=sys.executable, **extra):
+    env = extra | {
         "PATH": "/usr/bin:/bin",
         "PYTHON": str(python),
         "OUT": str(tmp_path / "out"),
@@ -94,7 +94,7 @@ def test_gpu_script_runs_its_steps_and_names_the_commit(tmp_path):
     """A python that reports a GPU (the check is the only call faked): the CUDA tests
     run (skipped here) and their table names the commit; a benchmark that fails on this
     machine makes the run fail, step by step in the log; an unknown step is refused
-    before anything runs."""
+    before anything runs; a step the time left cannot hold is not started."""
     fake = tmp_path / "python"
     fake.write_text(
         '#!/bin/bash\ncase "$*" in *"cuda.is_available())"*) exit 0;; esac\n'
@@ -112,3 +112,5 @@ def test_gpu_script_runs_its_steps_and_names_the_commit(tmp_path):
     if not torch.cuda.is_available():
         assert run.returncode == 1 and "gpu.sh: launch: exit 1" in log
     assert (tmp_path / "out" / "tests-cuda.md").read_text() == table
+    late = _gpu_script(tmp_path, "launch", python=fake, TOTAL_LIMIT="5")
+    assert late.returncode == 1 and "launch: not run, out of time" in late.stdout
