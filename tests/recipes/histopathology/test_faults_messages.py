@@ -219,10 +219,13 @@ def test_search_distances_are_never_negative(trained, monkeypatch):
 
     make = search.make_index
 
-    def rounding(*args, **kwargs):  # 1 - cos of a duplicate rounds to -1e-8 on some backends
+    def rounding(*args, **kwargs):  # 1 - cos of a duplicate rounds below 0 on some backends
+        # a query embedded alone differs from its batched gallery row by float rounding
+        # (up to ~2e-7 on the CPU, with the conv kernels a batch of one takes), so the
+        # shift is larger than that: the self-match must reach the clamp negative
         index = make(*args, **kwargs)
         plain = index.search
-        index.search = lambda q, k: (lambda d, i: (d - 1e-8, i))(*plain(q, k))
+        index.search = lambda q, k: (lambda d, i: (d - 1e-6, i))(*plain(q, k))
         return index
 
     monkeypatch.setattr(search, "make_index", rounding)
