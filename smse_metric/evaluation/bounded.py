@@ -144,7 +144,7 @@ def low_product(a: Tensor, b: Tensor, precision: str) -> Tensor:
     return torch.mm(a, b.T, out_dtype=torch.float32)
 
 
-def _sizes(device: torch.device, n: int) -> tuple[int, int]:
+def _sizes(device: torch.device) -> tuple[int, int]:
     """(query rows per block, gallery rows per chunk): `CPU_SIZES` on the CPU; on a GPU
     up to 8192 x 65536, as large as a quarter of the free memory holds three float32
     [block, chunk] matrices."""
@@ -207,6 +207,7 @@ class _Block:
         state = torch.full((r, k), EMPTY, dtype=torch.int64, device=q.device)
         rows = cols = vals = q.orig[:0]
         vals = vals.float()
+        slack = 2 * q.eps[self.s : self.e]  # twice the bound: the low-precision k-th's
         for t, u in self.chunks():
             sim = low_product(self.low_a, pad_rows(q.low_g[t:u]), q.precision)
             sim = self.masked(sim, t, u)
@@ -216,7 +217,7 @@ class _Block:
             if bool((state[:, -1] == EMPTY).any()) and tile_max.shape[1] >= k:
                 # k tiles' maxima are k entries: their k-th is a bar without a sort of sim
                 kth = torch.maximum(kth, tile_max.topk(k, dim=1).values[:, -1])
-            bar = _round_down(kth.double() - 2 * q.eps[self.s : self.e])
+            bar = _round_down(kth.double() - slack)
             admit = tile_max >= bar[:, None]
             if int(admit.sum()) > CAP * r:  # ties crowd the bar: float32 instead
                 return None
@@ -230,7 +231,7 @@ class _Block:
             merge_keys(state, new_rows, order_keys(new_vals, q.orig[new_cols]))
             rows, cols = torch.cat([rows, new_rows]), torch.cat([cols, new_cols])
             vals = torch.cat([vals, new_vals])
-            bar = _round_down(decode_keys(state[:, -1])[0].double() - 2 * q.eps[self.s : self.e])
+            bar = _round_down(decode_keys(state[:, -1])[0].double() - slack)
             keep = vals >= bar[rows]  # the bar only rises: what falls below stays out
             rows, cols, vals = rows[keep], cols[keep], vals[keep]
             if len(rows) > CAP * r:
@@ -279,7 +280,7 @@ def _top_keys(sim: Tensor, rows: Tensor, cols: Tensor, ids: Tensor, k: int) -> T
 class _Search:
     """The rows, in group order, with what every block needs."""
 
-    def __init__(self, x: Tensor, k: int, distance: str, groups, precision, block, chunk):
+    def __init__(self, x: Tensor, k: int, distance: str, groups, precision, chunk):
         n, dev = x.shape[0], x.device
         perm = np.argsort(groups, kind="stable") if groups is not None else np.arange(n)
         self.orig = torch.from_numpy(perm.astype(np.int64)).to(dev)
@@ -299,7 +300,6 @@ class _Search:
         if self.f.h is not None:
             h = self.f.h.double()
             self.eps += b * (h + h.max())
-        self.block = block
         self.bounds = [(t, min(t + chunk, n)) for t in range(0, n, chunk)]
 
 
@@ -349,13 +349,13 @@ def bounded_knn(
     dev, n = x.device, x.shape[0]
     if groups is not None and len(groups) != n:
         raise ValueError(f"groups has {len(groups)} elements but x has {n} rows")
-    default_block, default_chunk = _sizes(dev, n)
+    default_block, default_chunk = _sizes(dev)
     block = default_block if block is None else block
     chunk = default_chunk if chunk is None else chunk
     for name, value in (("block", block), ("chunk", chunk)):
         if value < TILE or value % TILE:
             raise ValueError(f"{name} must be a positive multiple of {TILE}, got {value}")
-    q = _Search(x, k, distance, groups, precision, block, chunk)
+    q = _Search(x, k, distance, groups, precision, chunk)
     state = torch.cat([_Block(q, s, min(s + block, n)).search() for s in range(0, n, block)])
     out = torch.empty_like(state)
     out[q.orig] = state  # back to the input's row order

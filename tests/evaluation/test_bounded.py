@@ -187,8 +187,8 @@ def test_bad_input():
 )
 def test_the_gpu_sizes_follow_the_free_memory(monkeypatch, free_gib, want):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (free_gib * 2**30, 80 * 2**30))
-    assert bounded._sizes(torch.device("cuda"), 10**6) == want
-    assert bounded._sizes(torch.device("cpu"), 10**6) == bounded.CPU_SIZES
+    assert bounded._sizes(torch.device("cuda")) == want
+    assert bounded._sizes(torch.device("cpu")) == bounded.CPU_SIZES
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -40,11 +40,12 @@ def _stains(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resize(img: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """[3, H, W] float image resized (antialiased) to ``size``; bicubic clamped to [0, 1]."""
+    """[3, H, W] float or uint8 image resized (antialiased) to ``size``; float bicubic
+    clamped to [0, 1] (uint8 saturates by itself)."""
     if mode == "nearest":
         return TF.interpolate(img[None], size=size, mode="nearest")[0]
     out = TF.interpolate(img[None], size=size, mode=mode, antialias=True, align_corners=False)
-    return out[0].clamp(0, 1)  # bicubic overshoots
+    return out[0] if img.dtype == torch.uint8 else out[0].clamp(0, 1)  # bicubic overshoots
 
 
 def draw_augmentation(
@@ -119,32 +120,16 @@ def apply_augmentation(
     A float image in [0, 1] takes the same steps in float.
     """
     y0, x0, ch, cw, flip_w, flip_h, turns = (int(v) for v in aug[:7].tolist())
-    crop = img[:, y0 : y0 + ch, x0 : x0 + cw]
-    if img.dtype == torch.uint8:
-        out = _geometry(_resize_uint8(crop, size, interpolation), flip_w, flip_h, turns, size)
-        return _jitter(out.float().div_(255.0), aug)
-    out = _geometry(resize(crop, size, interpolation), flip_w, flip_h, turns, size)
-    return _jitter(out, aug)
-
-
-def _resize_uint8(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """[3, H, W] uint8 resized (antialiased but for ``"nearest"``) in uint8."""
-    if tuple(img.shape[1:]) == tuple(size):
-        return img
-    if mode == "nearest":
-        return TF.interpolate(img[None], size=size, mode="nearest")[0]
-    return TF.interpolate(img[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
-
-
-def _geometry(img: torch.Tensor, flip_w: int, flip_h: int, turns: int, size) -> torch.Tensor:
-    """Flips, then quarter turns (square sizes only), of a [3, H, W] image."""
+    img = resize(img[:, y0 : y0 + ch, x0 : x0 + cw], size, interpolation)
     if flip_w:
         img = img.flip(2)
     if flip_h:
         img = img.flip(1)
     if size[0] == size[1]:
         img = torch.rot90(img, turns, dims=(1, 2))
-    return img
+    if img.dtype == torch.uint8:
+        img = img.float().div_(255.0)
+    return _jitter(img, aug)
 
 
 def augment_batch(

@@ -301,9 +301,7 @@ class BreakHisDataset(torch.utils.data.Dataset):
     def load(self, i: int) -> torch.Tensor:
         """The i-th image as float [3, H, W] in [0, 1], untransformed (from the cache:
         at `cache_size`)."""
-        if self.cache is not None:
-            return self.cache[i].float() / 255.0
-        return read_image(self.index.paths[self.rows[i]], self.max_pixels)
+        return self.load_pixels(i).float() / 255.0
 
     def load_pixels(self, i: int) -> torch.Tensor:
         """The i-th image as uint8 [3, H, W], untransformed: what the built-in training
