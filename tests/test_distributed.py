@@ -113,6 +113,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         model = torch.nn.parallel.DistributedDataParallel(TinyNet())
         _one_step(model, images[mine], labels[mine], scales[mine])
         torch.save(model.module.state_dict(), f"{out}/{rank}.pt")
+        # both ranks past DDP's last collective before either tears the group down: a
+        # rank destroying it while the other's reducer still talks aborted that rank
+        # ("terminate called without an active exception") in one clean-clone CI run
+        del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
