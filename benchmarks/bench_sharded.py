@@ -3,11 +3,14 @@
 N x 128 embeddings, 8 classes, 1000 patients, k = 10, euclidean, no ranking metrics,
 no clustering: `evaluate_embeddings(..., exclude="group")`. Three ways, same CPU cores:
 one process with 2 threads (its default: the symmetric search, each block pair once),
-one gloo rank with 2 threads (`distributed=True`: the flat product the ranks share),
-and 2 gloo ranks with 1 thread each (every rank holds N / 2 rows). Each way runs in
-fresh processes; time is the slowest rank's, memory each rank's resident-set high-water
-mark above its start (inputs built); the traffic is what each rank receives of the
-other ranks' gallery shards (factor rows, padded, and group codes), by construction.
+and 2 gloo ranks with 1 thread each (`distributed=True`, every rank holds N / 2 rows),
+once with the ring that computes each pair of rows once (`symmetric_rounds`, the
+default for leave-one-out) and once with the broadcast of every shard to every rank
+(`sharded_rounds`: each rank multiplies its queries by the whole gallery). Each way
+runs in fresh processes; time is the slowest rank's, memory each rank's resident-set
+high-water mark above its start (inputs built); the traffic is what each rank receives
+of the other ranks' shards (rows, half norms, group codes and, in the ring, the
+travelling top-k), by construction.
 
     python -m benchmarks.bench_sharded           # N = 10^5 -> results/sharded.md
     python -m benchmarks.bench_sharded --quick   # N = 10^4
@@ -32,10 +35,11 @@ D, K, CLASSES, GROUPS = 128, 10, 8, 1000
 REPEATS = 3
 ROW_BYTES = (D + 1) * 4 + 8  # a gallery row in flight: vector, half norm, group code
 TIMEOUT_S = 1800
-WAYS = {  # name -> (ranks, threads per rank, distributed)
-    "1 process x 2 threads (symmetric)": (1, 2, False),
-    "1 rank x 2 threads (sharded path)": (1, 2, True),
-    "2 ranks x 1 thread (sharded)": (2, 1, True),
+RING, BROADCAST = "2 ranks x 1 thread (ring)", "2 ranks x 1 thread (broadcast)"
+WAYS = {  # name -> (ranks, threads per rank, distributed, ring)
+    "1 process x 2 threads (symmetric)": (1, 2, False, True),
+    RING: (2, 1, True, True),
+    BROADCAST: (2, 1, True, False),
 }
 
 
@@ -47,13 +51,28 @@ def embeddings(n: int):
     return x, y, rng.integers(0, GROUPS, n)
 
 
-def _rank(n: int, rank: int, world: int, threads: int, distributed: bool, port: int) -> dict:
-    """One rank's (or the single process's) measurement."""
+def received_bytes(n: int, world: int, ring: bool) -> int:
+    """What the busiest rank receives of the others' shards (about n / world rows
+    each): the broadcast pads every other shard to 32 rows; the ring passes W // 2
+    shards unpadded with their top-k keys, and the rank's own top-k comes back."""
+    if world == 1:
+        return 0
+    rows = -(-n // world)
+    if not ring:
+        return (world - 1) * -(-rows // 32) * 32 * ROW_BYTES
+    return (world // 2) * rows * (ROW_BYTES + 8 * K) + rows * 8 * K
+
+
+def _rank(n: int, rank: int, world: int, threads: int, flags: int, port: int) -> dict:
+    """One rank's (or the single process's) measurement; ``flags``: 1 distributed,
+    2 the ring."""
     import torch
     import torch.distributed as dist
 
     from benchmarks.common import PeakMemory
-    from smse_metric.evaluation import evaluate_embeddings
+    from smse_metric.evaluation import evaluate_embeddings, sharded
+
+    distributed, sharded.RING = bool(flags & 1), bool(flags & 2)
 
     torch.set_num_threads(threads)
     if distributed:
@@ -73,9 +92,7 @@ def _rank(n: int, rank: int, world: int, threads: int, distributed: bool, port: 
             backend="torch", device="cpu", **kw,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-    rows = n // world + 1
-    padded = -(-rows // 32) * 32
-    received = (world - 1) * padded * ROW_BYTES if distributed else 0
+    received = received_bytes(n, world, sharded.RING) if distributed else 0
     if distributed:
         dist.destroy_process_group()
     return {"s": seconds, "peak_mib": mem.mib, "acc": r.pooled.accuracy, "recv": received}
@@ -89,10 +106,11 @@ def _free_port() -> int:
 
 def run_way(n: int, way: str) -> dict:
     """One measurement of ``way``: its ranks as fresh processes, the slowest's time."""
-    world, threads, distributed = WAYS[way]
+    world, threads, distributed, ring = WAYS[way]
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    case = [str(n), "RANK", str(world), str(threads), str(int(distributed)), str(port)]
+    flags = int(distributed) + 2 * int(ring)
+    case = [str(n), "RANK", str(world), str(threads), str(flags), str(port)]
     cmd = [sys.executable, "-m", "benchmarks.bench_sharded", "--case", *case]
     procs = [
         subprocess.Popen(
@@ -130,8 +148,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
-        n, rank, world, threads, distributed, port = (int(v) for v in args.case)
-        print(json.dumps(_rank(n, rank, world, threads, bool(distributed), port)))
+        n, rank, world, threads, flags, port = (int(v) for v in args.case)
+        print(json.dumps(_rank(n, rank, world, threads, flags, port)))
         return ""
     n = 10**4 if args.quick else 10**5
     repeats = 1 if args.quick else REPEATS
@@ -146,14 +164,14 @@ def main(argv: list[str] | None = None) -> str:
         )
     # memory that grows with N, apart from the fixed working set (blocks, runtime): the
     # 2-rank peak at N / 2 against N
-    sharded = "2 ranks x 1 thread (sharded)"
+    sharded = RING
     halves = [run_way(n // 2, sharded) for _ in range(repeats)]
     halves = [r for r in halves if "error" not in r]
     half = statistics.median(r["peak_mib"] for r in halves) if halves else float("nan")
     growth = results[sharded].get("peak_mib", float("nan")) - half
-    shard_mib = (n - n // 2) / 2 * ROW_BYTES / 2**20
+    shard_mib = (n - n // 2) / 2 * (ROW_BYTES + 8 * K) / 2**20  # rows and their top-k
     base = results["1 process x 2 threads (symmetric)"]
-    flat = results["1 rank x 2 threads (sharded path)"]
+    flat = results[BROADCAST]
     rows = []
     for way, r in results.items():
         if "error" in r:
@@ -180,9 +198,9 @@ def main(argv: list[str] | None = None) -> str:
             f"leave-one-patient-out, k = {K}, euclidean, torch search, no ranking metrics "
             f"or clustering. Median of {repeats} runs, each in fresh processes; time: the "
             "slowest rank; peak: the largest rank's resident-set high-water mark above its "
-            "start; received: the other ranks' gallery shards one rank receives.",
+            "start; received: what one rank receives of the other ranks' shards.",
             "",
-            f"Memory that grows with N: the 2-rank peak is {half:.0f} MiB at N / 2 and "
+            f"Memory that grows with N: the 2-rank ring's peak is {half:.0f} MiB at N / 2 and "
             f"{results[sharded].get('peak_mib', float('nan')):.0f} MiB at N, "
             f"{growth:.1f} MiB more for {n - n // 2} more rows, of which the one shard in "
             f"flight accounts for {shard_mib:.1f} MiB (each rank's input shard is built before "
@@ -198,7 +216,7 @@ def main(argv: list[str] | None = None) -> str:
                     "way",
                     "s",
                     "/ 1 process (symmetric)",
-                    "/ 1 rank (same product)",
+                    "/ 2 ranks broadcast",
                     "peak MiB per rank",
                     "received MiB per rank",
                     "kNN accuracy",

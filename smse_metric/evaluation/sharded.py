@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from ._inputs import CHUNK_ENTRIES, prepare_vectors
 from ._keys import EMPTY, ROWS, Rows, block_product, distances, factors
@@ -28,7 +29,11 @@ from .symmetric import BLOCK, block_candidates, merge_keys
 if TYPE_CHECKING:
     from .knn import KNNClassifier, Neighbours
 
-__all__ = ["gather_arrays", "local_vectors", "shard_layout", "sharded_rounds"]
+__all__ = ["gather_arrays", "local_vectors", "shard_layout", "sharded_rounds", "symmetric_rounds"]
+
+#: whether a leave-one-out search of the shards themselves takes `symmetric_rounds`
+#: (half the products); False keeps `sharded_rounds` (benchmarks compare the two)
+RING = True
 
 
 def rank_and_world(group: Any = None) -> tuple[int, int]:
@@ -214,6 +219,164 @@ def sharded_rounds(
         yield slice(lo, hi), np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
 
 
+def symmetric_rounds(
+    x: np.ndarray,
+    codes: np.ndarray,
+    width: int,
+    distance: str,
+    group: Any = None,
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """`sharded_rounds` for a leave-one-out search, where every rank's queries are its
+    gallery shard, at half the products: each pair of rows is computed once and serves
+    both (the similarity is symmetric term by term, as in `symmetric_knn`).
+
+    Shards travel a ring: at hop j (1 to W // 2) rank r holds shard r - j with that
+    shard's running top-k, computes every entry between its own rows and the visitor's,
+    and merges the row side into its own top-k and the column side into the visitor's.
+    Each pair of shards meets once (W odd), or, at the last hop of an even W, twice,
+    and then each rank takes half of the pair's rows; a rank's own shard it searches
+    alone, upper block pairs only. A visitor's top-k goes home at the end and merges
+    with the one its rank kept. The answer is `sharded_rounds`' bit for bit: the same
+    products of the same rows, and the top-k of the union of the candidates under the
+    one total order of (similarity, index).
+
+    Args:
+        x: [n, D] this rank's queries and gallery shard, as `prepare_vectors` leaves them.
+        codes: [n] exclusion codes (global row ids for ``"self"``, group codes).
+        width: neighbours per query (the same on every rank).
+        distance: ``"cosine"``, ``"l2"`` or ``"squared_l2"``.
+        group: the process group.
+    """
+    rank, world = rank_and_world(group)
+    device = _device(group)
+    sizes, offset = shard_layout(len(x), group)
+    dims = {d for d in gather_objects(x.shape[1] if len(x) else None, group) if d}
+    dim = dims.pop() if dims else x.shape[1]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    n = len(x)
+    own = _Shard(
+        factors(torch.from_numpy(x).to(device), distance),
+        torch.arange(offset, offset + n, device=device),
+        torch.from_numpy(codes).to(device),
+        torch.full((n, width), EMPTY, dtype=torch.int64, device=device),
+    )
+    _cross(own, (0, n), own, (0, n), same=True)
+    # the traveller's top-k starts as the rank's own, so that its bar rejects from the
+    # first block on (an empty top-k admits whole blocks); the copies merge away at home
+    visitor = _Shard(own.rows, own.ids, own.codes, own.state.clone())
+    hops = world // 2
+    for j in range(1, hops + 1):
+        src = (rank - j) % world  # the shard that arrives at this hop
+        arriving = _empty_shard(sizes[src], offsets[src], dim, width, distance, device)
+        _hop(visitor, arriving, (rank + 1) % world, (rank - 1) % world, group)
+        visitor = arriving
+        mine, theirs = (0, n), (0, sizes[src])
+        if 2 * j == world:  # the pair meets twice: the lower rank's rows are split
+            if rank < src:
+                mine = (0, _half(n))
+            else:
+                theirs = (_half(sizes[src]), sizes[src])
+        _cross(own, mine, visitor, theirs, same=False)
+    if hops:  # every visitor's top-k goes home
+        back = torch.empty_like(own.state)
+        ops = []
+        if len(visitor.state):
+            ops.append(
+                dist.P2POp(dist.isend, visitor.state, _peer((rank - hops) % world, group), group)
+            )
+        if n:
+            ops.append(dist.P2POp(dist.irecv, back, _peer((rank + hops) % world, group), group))
+        _exchange(ops)
+        both = torch.cat([own.state, back], 1).sort(dim=1, descending=True).values
+        both[:, 1:].masked_fill_(both[:, 1:] == both[:, :-1], EMPTY)  # each key once
+        own.state = both.topk(width, dim=1).values
+    dd, ii = distances(own.state, distance)
+    d, i = dd.cpu().numpy(), ii.cpu().numpy()
+    order = np.lexsort((i, d))  # KNNClassifier's order: distance, then index
+    d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    step = max(1, CHUNK_ENTRIES // max(width, 1))
+    for lo in range(0, n, step):
+        yield slice(lo, min(n, lo + step)), d[lo : lo + step], i[lo : lo + step]
+
+
+class _Shard:
+    """A shard in the ring: its rows (factors), global ids, exclusion codes and the
+    running top-k keys of its queries (what the rank holding it has merged)."""
+
+    def __init__(self, rows: Rows, ids: Tensor, codes: Tensor, state: Tensor) -> None:
+        self.rows, self.ids, self.codes, self.state = rows, ids, codes, state
+
+
+def _half(n: int) -> int:
+    """Where the lower rank of a pair that meets twice splits its rows: about half,
+    at a multiple of `ROWS` (products of padded row counts round alike)."""
+    return min(n, max(ROWS, n // 2 // ROWS * ROWS))
+
+
+def _peer(rank: int, group: Any) -> int:
+    """The global rank of ``rank`` of ``group``, as point-to-point calls take it."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _exchange(ops: list) -> None:
+    """Run sends and receives together (NCCL deadlocks on a lone blocking pair)."""
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _empty_shard(n: int, first: int, dim: int, width: int, distance: str, device) -> _Shard:
+    """Buffers for an arriving shard of ``n`` rows with global ids from ``first``."""
+    h = None if distance == "cosine" else torch.empty(n, device=device)
+    return _Shard(
+        Rows(torch.empty(n, dim, device=device), h),
+        torch.arange(first, first + n, device=device),
+        torch.empty(n, dtype=torch.int64, device=device),
+        torch.empty(n, width, dtype=torch.int64, device=device),
+    )
+
+
+def _hop(held: _Shard, arriving: _Shard, to: int, frm: int, group: Any) -> None:
+    """One hop of the ring: send the shard held to rank ``to`` and receive the next
+    into ``arriving``'s buffers from rank ``frm``. Empty shards travel as nothing."""
+
+    def parts(shard: _Shard) -> list[Tensor]:
+        if not len(shard.ids):
+            return []
+        h = [] if shard.rows.h is None else [shard.rows.h]
+        return [shard.rows.x, *h, shard.codes, shard.state]
+
+    ops = [dist.P2POp(dist.isend, t.contiguous(), _peer(to, group), group) for t in parts(held)]
+    ops += [dist.P2POp(dist.irecv, t, _peer(frm, group), group) for t in parts(arriving)]
+    _exchange(ops)
+
+
+def _cross(a: _Shard, a_rows: tuple[int, int], b: _Shard, b_rows: tuple[int, int], same: bool):
+    """Every entry between rows ``a_rows`` of ``a`` and ``b_rows`` of ``b`` once, in
+    blocks: candidates for ``a``'s rows merge into ``a.state``, for ``b``'s rows into
+    ``b.state``. ``same``: ``a`` is ``b``, so only block pairs on or above the diagonal
+    (a diagonal block serves its rows both ways), the diagonal blocks first: they fill
+    every row's top-k, so that later blocks are mostly rejected by the bar."""
+    a_starts = range(a_rows[0], a_rows[1], BLOCK)
+    if same:
+        pairs = [(s, s) for s in a_starts] + [(s, t) for s in a_starts for t in a_starts if t > s]
+    else:
+        pairs = [(s, t) for s in a_starts for t in range(b_rows[0], b_rows[1], BLOCK)]
+    for s, t in pairs:
+        e, u = min(s + BLOCK, a_rows[1]), min(t + BLOCK, b_rows[1])
+        sim = block_product(a.rows.take(s, e), b.rows.take(t, u).padded())
+        sim[e - s :] = float("-inf")
+        sim[:, u - t :] = float("-inf")
+        rows, keys = block_candidates(sim, b.ids[t:u], a.state[s:e], a.codes[s:e], b.codes[t:u])
+        merge_keys(a.state, rows + s, keys)
+        if same and s == t:
+            continue
+        cols, keys = block_candidates(
+            sim, a.ids[s:e], b.state[t:u], b.codes[t:u], a.codes[s:e], by_column=True
+        )
+        merge_keys(b.state, cols + t, keys)
+
+
 def _block_candidates(a: Rows, b: Rows, ids, q_codes, g_codes, state):
     """(rows, keys): the candidates of a block of queries (``a``, r rows) against a
     block of gallery rows (``b``, padded rows included; ``ids`` [c] of the real ones)
@@ -312,9 +475,22 @@ def kneighbors(
     want = k + (np.zeros(len(q), dtype=np.int64) if extra is None else extra)
     want = np.minimum(want, usable)
     width = int(want.max(initial=0))
-    # streamed round by round, as one process streams its chunks: deep ranking metrics
-    # never hold the whole [q, width] table
-    for rows, d, ids in sharded_rounds(q, q_codes, knn.shard_, g_codes, width, knn.distance, group):
+    # a leave-one-out search of the shards themselves takes the ring at half the
+    # products when every rank's queries are its shard (then k is every query's width)
+    ring = (
+        RING
+        and extra is None
+        and q_codes is not None
+        and np.array_equal(q, knn.shard_)
+        and np.array_equal(q_codes, g_codes)
+    )
+    if all(gather_objects(ring, group)):
+        rounds = symmetric_rounds(q, q_codes, k, knn.distance, group)
+    else:
+        # streamed round by round, as one process streams its chunks: deep ranking
+        # metrics never hold the whole [q, width] table
+        rounds = sharded_rounds(q, q_codes, knn.shard_, g_codes, width, knn.distance, group)
+    for rows, d, ids in rounds:
         valid = np.arange(width)[None, :] < want[rows, None]
         if rows.stop > rows.start:
             yield Neighbours(rows, np.where(valid, d, np.inf), np.where(valid, ids, -1))

@@ -125,34 +125,49 @@ def block_candidates(
     state: Tensor,
     q_codes: Tensor | None = None,
     g_codes: Tensor | None = None,
+    by_column: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(rows, keys): the entries of ``sim`` [R', C'] (both multiples of `TILE`, padded
-    entries ``-inf``) that may enter the running top-k ``state`` [R, k] of its first R
-    rows, for columns of ``ids`` [C] (padded with the largest id), by the tile-maximum
-    rejection of `symmetric_knn`. Entries whose row's ``q_codes`` [R] equals their
-    column's ``g_codes`` [C] never qualify; they are dropped among the admitted tiles'
-    entries only, so the block is masked whole only where ties crowd it."""
-    r, k = state.shape
-    pad_r, pad_c = sim.shape[0] - r, sim.shape[1] - ids.shape[0]
-    col_ids = torch.nn.functional.pad(ids, (0, pad_c), value=LOW)
-    bar = _bar(state, pad_r)
+    """(queries, keys): the entries of ``sim`` [R', C'] (both multiples of `TILE`,
+    padded entries ``-inf``) that may enter the running top-k ``state`` [R, k] of its
+    first R rows, for columns of ``ids`` [C] (padded with the largest id), by the
+    tile-maximum rejection of `symmetric_knn`; ``by_column``: of its first C columns
+    (``state`` [C, k]), for rows of ``ids`` [R]. Entries whose query's ``q_codes``
+    equals their gallery item's ``g_codes`` never qualify; they are dropped among the
+    admitted tiles' entries only, so the block is masked whole only where ties crowd
+    it."""
+    n_q, k = state.shape
+    axis = 0 if by_column else 1
+    pad_q = sim.shape[1 - axis] - n_q
+    pad_ids = torch.nn.functional.pad(ids, (0, sim.shape[axis] - ids.shape[0]), value=LOW)
+    bar = _bar(state, pad_q)
     if q_codes is None or g_codes is None:
-        return _candidates(sim, col_ids, bar, k)
-    tiles = sim.view(sim.shape[0], sim.shape[1] // TILE, TILE)
-    tile_ids = col_ids.view(-1, TILE)
-    admit = order_keys(tiles.amax(2), tile_ids.amin(1)[None, :]) > bar[:, None]
-    if admit.sum() > k * sim.shape[0]:  # crowded (an empty state, ties): mask, then best
-        masked = sim[:r].masked_fill(
-            torch.nn.functional.pad(q_codes[:, None] == g_codes[None, :], (0, pad_c)),
-            float("-inf"),
-        )
-        return _best_keys(masked, col_ids, k, 1)
-    tr, tc = admit.nonzero(as_tuple=True)
-    keys = order_keys(tiles[tr, tc], tile_ids[tc])
-    g_tiles = torch.nn.functional.pad(g_codes, (0, pad_c), value=-1).view(-1, TILE)
-    other = q_codes[tr.clamp_max(r - 1), None] != g_tiles[tc]
-    j, off = ((keys > bar[tr, None]) & other).nonzero(as_tuple=True)
-    return tr[j], keys[j, off]
+        return _candidates(sim, pad_ids, bar, k, by_column)
+    tile_ids = pad_ids.view(-1, TILE)
+    if by_column:
+        tiles = sim.view(sim.shape[0] // TILE, TILE, sim.shape[1])
+        admit = order_keys(tiles.amax(1), tile_ids.amin(1)[:, None]) > bar[None, :]
+    else:
+        tiles = sim.view(sim.shape[0], sim.shape[1] // TILE, TILE)
+        admit = order_keys(tiles.amax(2), tile_ids.amin(1)[None, :]) > bar[:, None]
+    if admit.sum() > k * sim.shape[1 - axis]:  # crowded (an empty state, ties): mask, then best
+        same = q_codes[:, None] == g_codes[None, :]
+        pad = sim.shape[axis] - g_codes.shape[0]
+        if by_column:
+            same = torch.nn.functional.pad(same.T, (0, 0, 0, pad))
+            return _best_keys(sim[:, :n_q].masked_fill(same, float("-inf")), pad_ids, k, 0)
+        same = torch.nn.functional.pad(same, (0, pad))
+        return _best_keys(sim[:n_q].masked_fill(same, float("-inf")), pad_ids, k, 1)
+    g_tiles = torch.nn.functional.pad(g_codes, (0, sim.shape[axis] - len(g_codes)), value=-1)
+    g_tiles = g_tiles.view(-1, TILE)
+    if by_column:
+        tg, tq = admit.nonzero(as_tuple=True)
+        keys = order_keys(tiles[tg, :, tq], tile_ids[tg])
+    else:
+        tq, tg = admit.nonzero(as_tuple=True)
+        keys = order_keys(tiles[tq, tg], tile_ids[tg])
+    other = q_codes[tq.clamp_max(n_q - 1), None] != g_tiles[tg]
+    j, off = ((keys > bar[tq, None]) & other).nonzero(as_tuple=True)
+    return tq[j], keys[j, off]
 
 
 def best_keys(sim: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:

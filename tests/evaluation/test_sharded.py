@@ -98,7 +98,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     if world == 3:  # many rounds of few queries, small products: the same answers
         from smse_metric.evaluation import sharded
 
-        sharded.CHUNK_ENTRIES, sharded.SHARD_ENTRIES = 60, 50
+        sharded.CHUNK_ENTRIES, sharded.BLOCK = 60, 32
     try:
         results = [_results(case, world, rank) for case in CASES]
         with open(f"{out}/{rank}.pkl", "wb") as f:
@@ -240,3 +240,62 @@ def test_leave_one_out_at_the_symmetric_search_scale_is_the_same(tmp_path):
         assert ranks[0][c][0] == report == ranks[1][c][0], (distance, exclude)
         assert np.array_equal(np.concatenate([r[c][1] for r in ranks]), ids)
         assert np.array_equal(np.concatenate([r[c][2] for r in ranks]), dist_), (distance, exclude)
+
+
+def _ring_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Records the row ranges each `_cross` call covers, as global ids, and the
+    leave-one-out neighbours of uneven shards (one empty from 3 ranks on)."""
+    from smse_metric.evaluation import sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    sharded.BLOCK = 32  # several blocks per shard
+    covered, cross = [], sharded._cross
+
+    def recording(a, a_rows, b, b_rows, same):
+        if a_rows[1] > a_rows[0] and b_rows[1] > b_rows[0]:
+            ids = [int(a.ids[a_rows[0]]), int(a.ids[a_rows[1] - 1]) + 1]
+            covered.append((*ids, int(b.ids[b_rows[0]]), int(b.ids[b_rows[1] - 1]) + 1, same))
+        cross(a, a_rows, b, b_rows, same)
+
+    sharded._cross = recording
+    try:
+        emb, labels, groups, _ = _data("random", 2)
+        cuts = _cuts(len(emb), world) if world < 5 else [0, 20, 20, 50, 90, 97]
+        mine = slice(cuts[rank], cuts[rank + 1])
+        knn = KNNClassifier(k=3, distance="l2", backend="torch", distributed=True)
+        knn.fit(emb[mine], labels[mine], groups=groups[mine])
+        tables = list(knn.kneighbors_chunks(emb[mine], groups[mine], "group"))
+        ids = np.concatenate([np.zeros((0, 3), dtype=np.int64)] + [t.ids for t in tables])
+        with open(f"{out}/{rank}.pkl", "wb") as f:
+            pickle.dump((covered, ids), f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_the_ring_computes_every_pair_of_rows_once(tmp_path, world):
+    """Leave-one-out over the ranks: each unordered pair of rows (and each row with
+    itself) is computed by exactly one rank, once: half the products of a flat search,
+    nothing missed, and the neighbours of one process."""
+    mp.spawn(_ring_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    emb, labels, groups, _ = _data("random", 2)
+    n = len(emb)
+    times = np.zeros((n, n), dtype=np.int64)
+    ids = []
+    for r in range(world):
+        covered, got = pickle.loads((tmp_path / f"{r}.pkl").read_bytes())
+        ids.append(got)
+        for a0, a1, b0, b1, same in covered:
+            if same:  # the upper block pairs of one shard: a diagonal block once
+                times[a0:a1, b0:b1] += 1
+                if (a0, a1) != (b0, b1):
+                    times[b0:b1, a0:a1] += 1
+            else:
+                times[a0:a1, b0:b1] += 1
+                times[b0:b1, a0:a1] += 1
+    assert times.min() == 1 and times.max() == 1, np.argwhere(times != 1)[:5]
+    knn = KNNClassifier(k=3, distance="l2", backend="torch").fit(emb, labels, groups=groups)
+    want = np.concatenate([t.ids for t in knn.kneighbors_chunks(emb, groups, "group")])
+    assert np.array_equal(np.concatenate(ids), want)
