@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import CUDA_MARKS
 
 from smse_metric.evaluation import KNNClassifier, evaluate_embeddings
 
@@ -299,3 +300,37 @@ def test_the_ring_computes_every_pair_of_rows_once(tmp_path, world):
     knn = KNNClassifier(k=3, distance="l2", backend="torch").fit(emb, labels, groups=groups)
     want = np.concatenate([t.ids for t in knn.kneighbors_chunks(emb, groups, "group")])
     assert np.array_equal(np.concatenate(ids), want)
+
+
+def _backend_worker(rank: int, backend: str, port: int, out: str) -> None:
+    """One rank of ``backend``: the evaluation (the ring's leave-one-out, then the
+    broadcast's ranking neighbours) on the device the backend takes tensors on."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        emb, labels, groups, scales = _data("random", 4)
+        settings = {"k": 4, "exclude": "group", "distance": "l2", "backend": "torch"}
+        report = evaluate_embeddings(emb, labels, groups, scales, **settings, distributed=True)
+        knn = KNNClassifier(k=4, distance="l2", backend="torch", distributed=True)
+        ids = np.concatenate(
+            [t.ids for t in knn.fit(emb, labels, groups).kneighbors_chunks(emb, groups, "group")]
+        )
+        with open(f"{out}/0.pkl", "wb") as f:
+            pickle.dump((report.to_dict(), ids), f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=CUDA_MARKS)])
+def test_each_backend_gives_the_single_process_answer(tmp_path, backend):
+    """NCCL takes CUDA tensors: the same code on the GPU (one rank: one GPU here)."""
+    mp.spawn(_backend_worker, args=(backend, _free_port(), str(tmp_path)), nprocs=1, join=True)
+    report, ids = pickle.loads((tmp_path / "0.pkl").read_bytes())
+    device = "cuda" if backend == "nccl" else "cpu"
+    emb, labels, groups, scales = _data("random", 4)
+    settings = {"k": 4, "exclude": "group", "distance": "l2", "backend": "torch"}
+    want = evaluate_embeddings(emb, labels, groups, scales, **settings, device=device)
+    knn = KNNClassifier(k=4, distance="l2", backend="torch", device=device)
+    tables = knn.fit(emb, labels, groups).kneighbors_chunks(emb, groups, "group")
+    assert report == want.to_dict()
+    assert np.array_equal(ids, np.concatenate([t.ids for t in tables]))
