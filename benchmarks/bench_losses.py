@@ -5,7 +5,11 @@ own. Ratios compare methods measured in the same run on the same machine.
 
     python -m benchmarks.bench_losses            # full table -> results/losses.md
     python -m benchmarks.bench_losses --quick    # smoke run, B = 256
-    python -m benchmarks.bench_losses --device cuda
+    python -m benchmarks.bench_losses --device cuda   # B up to 16384
+
+The floor of the sorted selections (all, semihard, hard) is `torch.cdist` and a sort of
+every row, forward and backward: what any exact per-anchor selection over sorted
+negatives must at least do.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def n_triplets(b: int, classes: int) -> int:
 
 
 def estimated_bytes(method: str, strategy: str, b: int, classes: int) -> float:
+    if method == "floor":  # distances, sorted values, int64 indices, their gradient
+        return 32.0 * b * b
     if method == "ours_fused" or strategy == "batch_hard":
         return 40.0 * b * b
     if method == "pml" and strategy != "pair":
@@ -40,7 +46,14 @@ def estimated_bytes(method: str, strategy: str, b: int, classes: int) -> float:
     return 50.0 * n_triplets(b, classes)  # ours_mined: the output tuple
 
 
+def _floor(e: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+    """cdist and a sort of every row: the values carry the gradient back."""
+    return torch.cdist(e, e).sort(dim=1).values.sum()
+
+
 def _loss_fn(method: str, strategy: str):
+    if method == "floor":
+        return _floor
     if method == "pml":
         from pytorch_metric_learning import losses, miners
 
@@ -124,6 +137,8 @@ def main(argv: list[str] | None = None) -> str:
         return ""
 
     sizes = (256,) if args.quick else (256, 512, 1024, 4096, 8192)
+    if args.device.startswith("cuda") and not args.quick:
+        sizes += (16384,)
     class_counts = (2,) if args.quick else (2, 8)
     budget = MEMORY_BUDGET["cuda" if args.device.startswith("cuda") else "cpu"]
     if args.device.startswith("cuda"):
@@ -131,10 +146,13 @@ def main(argv: list[str] | None = None) -> str:
         x = torch.randn(256, 256, device=args.device, requires_grad=True)
         (x @ x).sum().backward()
     rows, notes = [], []
+    floors: dict[int, dict] = {}
     for strategy in (*STRATEGIES, "pair"):
-        methods = (
-            ("ours_fused", "pml") if strategy == "pair" else ("ours_fused", "ours_mined", "pml")
-        )
+        methods: tuple[str, ...] = ("ours_fused", "ours_mined", "pml")
+        if strategy == "pair":
+            methods = ("ours_fused", "pml")
+        elif strategy != "batch_hard":
+            methods += ("floor",)
         for classes in class_counts:
             for b in sizes:
                 res = {}
@@ -151,12 +169,17 @@ def main(argv: list[str] | None = None) -> str:
                     if args.quick:
                         rep = 2
                     cfg = [method, strategy, str(b), str(classes), args.device, str(rep)]
-                    res[method] = _run(cfg)
+                    if method == "floor":  # one per B: labels and selection play no part
+                        floors[b] = floors.get(b) or _run(cfg)
+                        res[method] = floors[b]
+                    else:
+                        res[method] = _run(cfg)
                     if "error" in res[method]:
                         notes.append(
                             f"{method} {strategy} B={b} C={classes}: {res[method]['error']}"
                         )
                 fused, mined, pml = res["ours_fused"], res.get("ours_mined", {}), res["pml"]
+                floor = res.get("floor", {})
                 tri = "pairs" if strategy == "pair" else f"{n_triplets(b, classes):.2e}"
                 rows.append(
                     [
@@ -168,6 +191,8 @@ def main(argv: list[str] | None = None) -> str:
                         _fmt_ms(mined) if strategy != "pair" else "n/a",
                         _fmt_ms(pml),
                         _ratio(pml, fused, "ms"),
+                        _fmt_ms(floor) if floor else "n/a",
+                        _ratio(fused, floor, "ms") if floor else "n/a",
                         _fmt_mib(fused),
                         _fmt_mib(pml),
                         _ratio(pml, fused, "peak_mib"),
@@ -183,6 +208,8 @@ def main(argv: list[str] | None = None) -> str:
         "ours mined ms",
         "PML ms",
         "PML / fused time",
+        "floor ms",
+        "fused / floor time",
         "fused peak MiB",
         "PML peak MiB",
         "PML / fused memory",
@@ -200,7 +227,9 @@ def main(argv: list[str] | None = None) -> str:
             "(CPU: resident set; CUDA: allocator peak). "
             "PML = `TripletMarginMiner(type)` or `BatchHardMiner` + `TripletMarginLoss`, "
             "and `ContrastiveLoss` on all pairs. "
-            "Ours mined = `TripletMiner` + `TripletMarginLoss`.",
+            "Ours mined = `TripletMiner` + `TripletMarginLoss`. "
+            "Floor = `torch.cdist` + a sort of every row, forward and backward "
+            "(all, semihard, hard).",
             "",
             f"Command: `python -m benchmarks.bench_losses{' --quick' if args.quick else ''}"
             f"{'' if args.device == 'cpu' else ' --device ' + args.device}`",

@@ -25,6 +25,8 @@ from benchmarks.common import machine, markdown_table, median_ms, write_report
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # name -> keyword arguments of the functional losses
     "all-triplets": ("triplet_margin_loss", {"margin": 0.2, "triplets": "all"}),
+    "semihard": ("triplet_margin_loss", {"margin": 0.2, "triplets": "semihard"}),
+    "hard": ("triplet_margin_loss", {"margin": 0.2, "triplets": "hard"}),
     "batch-hard": ("triplet_margin_loss", {"margin": 0.2, "triplets": "batch_hard"}),
     "contrastive": ("contrastive_loss", {"margin": 0.5}),
     "all-triplets-cosine": (

@@ -124,36 +124,74 @@ def _one_sort(d: Tensor, pos: Tensor, neg: Tensor, n_pos: Tensor):
     return count_neg, sorted_pos
 
 
-def _merged_all(d: Tensor, pos: Tensor, neg: Tensor, margin: float) -> tuple[Tensor, Tensor]:
-    """`_triplet_block`'s ``(coef, loss-carrying triplets)`` for ``"all"`` on
-    non-negative distances, from one sort of each row's thresholds ``d_ap + margin`` and
-    negatives together. Keyed by bit pattern (as in `_one_sort`) with a threshold before
-    a negative of the same value, a positive's loss-carrying negatives (``d_an <
-    d_ap + margin``) are the negatives sorted before it, and a negative's
-    loss-carrying positives those sorted after it: a prefix count and a scatter take
-    the place of both binary searches."""
+def _second_bound(strategy: str, margin: float) -> bool:
+    """Whether `_merged` keys a second bound per positive (twice the columns)."""
+    return strategy == "semihard" or (strategy == "hard" and margin > 0)
+
+
+def _merged(
+    d: Tensor, pos: Tensor, neg: Tensor, margin: float, strategy: str
+) -> tuple[Tensor, Tensor]:
+    """`_triplet_block`'s ``(coef, loss-carrying triplets)`` for ``"all"``,
+    ``"semihard"`` and ``"hard"`` on non-negative distances, from one sort per row of
+    the negatives and the positives' bounds together, instead of binary searches.
+
+    Keys are bit patterns (as in `_one_sort`) times two, plus one for a negative, so a
+    bound sorts before a negative of the same value: the negatives before a bound at
+    ``t`` are those ``< t``. A positive's upper bound is ``d_ap + margin`` (the
+    loss-carrying end); where the selection also compares ``d_an`` with ``d_ap``
+    (semihard: ``d_an > d_ap``; hard with a positive margin: ``d_an <= d_ap``) a
+    second bound sits one bit pattern above ``d_ap``, so the negatives before it are
+    those ``<= d_ap``. A positive's count is then a running count of negatives, and a
+    negative's (the positives whose window holds it) one of the bounds after it,
+    scattered back: no binary search at all."""
     ity = _BITS[d.dtype]
     info = torch.iinfo(ity)
+    cols = d.shape[1]
+    second = _second_bound(strategy, margin)
     # (bits - 2^(n-2)) * 2 + is_negative spans the integer type exactly: no overflow; a
     # negative threshold (negative margin) keys as +0.0, which admits no negative either
     bits = torch.where(pos, (d + margin).view(ity), d.view(ity)).clamp_min_(0)
     keys = bits.sub_(1 << (info.bits - 2)).mul_(2).add_(neg)
     keys = keys.masked_fill_(~(pos | neg), info.max)  # non-members last
+    if second:  # one bit pattern above d_ap (NaN's largest pattern stays in range)
+        at = d.view(ity).clamp(0, info.max - 1).add_(1).sub_(1 << (info.bits - 2)).mul_(2)
+        keys = torch.cat([keys, at.masked_fill_(~pos, info.max)], 1)
     n_pos = pos.sum(1, keepdim=True, dtype=ity)
     keys, order = keys.sort(dim=1)
     is_neg = keys.bitwise_and_(1).bool()  # non-members (odd) sort after every member
     del keys
-    # at a positive the negatives before it: the running count; at a negative the
-    # positives after it: n_pos - (place + 1 - running count). In place where it can
-    # be: [B, B] temporaries are what this path holds
-    counts = is_neg.cumsum(1, dtype=ity)
+    # in place where it can be: [B, B] (two of them with a second bound) temporaries
+    # are what this path holds
+    counts = is_neg.cumsum(1, dtype=ity)  # at a bound: the negatives before it
     place = torch.arange(counts.shape[1], device=d.device, dtype=ity)
-    counts = counts.add_(torch.sub(n_pos - 1, place).mul_(is_neg))
+    if not second:  # at a negative: the positives after it, n_pos - (place + 1 - counts)
+        counts = counts.add_(torch.sub(n_pos - 1, place).mul_(is_neg))
+    else:
+        is_at = order >= cols
+        # at a negative: the upper bounds after it, n_pos - (place + 1 - counts - ats
+        # so far), and the second bounds after it, n_pos - ats so far
+        at_seen = is_at.cumsum(1, dtype=ity)
+        upper_after = (n_pos - 1 - place).add_(counts).add_(at_seen)
+        at_after = n_pos - at_seen
+        if strategy == "semihard":  # d_ap < d_an < d_ap + margin
+            window = upper_after.sub_(at_after).clamp_min_(0)
+        else:  # hard: d_an <= d_ap and d_an < d_ap + margin
+            window = torch.minimum(upper_after, at_after)
+        counts = torch.where(is_neg, window, counts)
+        del is_at, at_seen, upper_after, at_after, window
     del is_neg
     counts = torch.empty_like(counts).scatter_(1, order, counts)
     del order
-    k_pos = torch.where(pos, counts, 0)
-    coef = k_pos.to(d.dtype).sub_(torch.where(neg, counts, 0).to(d.dtype))
+    k_pos = counts[:, :cols]
+    if second:  # negatives in the window: below the upper bound, above the second one
+        at_count = counts[:, cols:]
+        if strategy == "semihard":
+            k_pos = (k_pos - at_count).clamp_min_(0)
+        else:
+            k_pos = torch.minimum(k_pos, at_count)
+    k_pos = torch.where(pos, k_pos, 0)
+    coef = k_pos.to(d.dtype).sub_(torch.where(neg, counts[:, :cols], 0).to(d.dtype))
     return coef, k_pos.sum()
 
 
@@ -168,10 +206,10 @@ def _triplet_block(
     negative (a suffix of the sorted positives minus another: the bounds grow with
     ``d_ap``). Both sides compare the same rounded bounds, so the counts agree. Every
     distance here is non-negative (cosine's are ``|x/|x| - y/|y||^2 / 2``), so
-    both sides come from one sort (`_one_sort`, `_merged_all`).
+    both sides come from one sort (`_one_sort`, `_merged`).
     """
-    if strategy == "all" and not need_sel:
-        coef, k_total = _merged_all(d, pos, neg, margin)
+    if not need_sel:
+        coef, k_total = _merged(d, pos, neg, margin, strategy)
         return coef, k_total, None
     n_pos = pos.sum(1, keepdim=True, dtype=torch.int32)
     count_neg, sorted_pos = _one_sort(d, pos, neg, n_pos)
@@ -220,7 +258,9 @@ def _fused_triplet_loss(
         coef = torch.empty_like(dist)
         k_total = torch.zeros((), dtype=torch.int64, device=dist.device)
         n_sel = torch.zeros((), dtype=torch.int64, device=dist.device) if need_sel else None
-        for start, stop in row_blocks(dist.shape[0], dist.shape[1]):
+        # sort buffers of at most BLOCK_ENTRIES keys, a second bound's included
+        wide = not need_sel and _second_bound(strategy, margin)
+        for start, stop in row_blocks(dist.shape[0], dist.shape[1] * (2 if wide else 1)):
             d = dist[start:stop].detach()
             pos, neg = block_masks(labels, ref_labels, scales, ref_scales, same, start, stop)
             c, k, n = _triplet_block(d, pos, neg, margin, strategy, need_sel)
@@ -253,8 +293,10 @@ def triplet_margin_loss(
 
     - ``"all"``, ``"semihard"``, ``"hard"``: the selections of
       pytorch-metric-learning's ``TripletMarginMiner`` with this margin (see
-      `triplet_windows`), computed per anchor by sorting negative
-      distances, ``searchsorted`` and counting: O(B^2 log B) time, O(B^2) memory;
+      `triplet_windows`), computed per anchor from one sort of its negatives'
+      distances and its positives' window bounds together, and prefix counts (with
+      ``reduction="mean"``: a sort and ``searchsorted``): O(B^2 log B) time, O(B^2)
+      memory;
     - ``"batch_hard"``: per anchor, the farthest positive and the closest negative.
 
     Args:

@@ -398,3 +398,29 @@ def test_one_sort_counts_as_the_two_sorts(rows, cols, dtype, seed):
     values = values.expand(rows, -1).contiguous()
     for right in (False, True):
         assert torch.equal(count_one(values, right), count_two(values, right))
+
+
+@given(
+    st.integers(1, 6),
+    st.integers(1, 12),
+    st.sampled_from(["all", "semihard", "hard"]),
+    st.sampled_from([-0.5, 0.0, 1e-20, 0.5, 1.0]),  # 1e-20: d_ap + margin rounds to d_ap
+    st.sampled_from([torch.float32, torch.float64]),
+    st.integers(0, 2**16),
+)
+def test_one_merged_sort_counts_as_the_binary_searches(rows, cols, strategy, margin, dtype, seed):
+    """The merged sort of negatives and bounds gives every (anchor, positive) and
+    (anchor, negative) count that the sort-and-search path gives: distances on a grid of
+    halves (ties between d_an, d_ap and d_ap + margin everywhere), +0.0 and -0.0, rows
+    without positives or negatives, and non-members."""
+    from smse_metric.functional import triplets
+
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(0, 4, (rows, cols), generator=g).to(dtype) / 2
+    d = torch.where(torch.rand(rows, cols, generator=g) < 0.2, -0.0, d)
+    member = torch.randint(0, 3, (rows, cols), generator=g)
+    pos, neg = member == 0, member == 1
+    coef, k = triplets._merged(d, pos, neg, margin, strategy)
+    want_coef, want_k, _ = triplets._triplet_block(d, pos, neg, margin, strategy, True)
+    assert torch.equal(coef, want_coef)
+    assert int(k) == int(want_k)
