@@ -161,7 +161,8 @@ def evaluate_embeddings(
             shard of the queries (and of the gallery), any size, even empty, and every
             rank gets the report of the union: the one a single process gives for the
             shards concatenated in rank order with ``backend="torch"``. Gallery shards
-            travel one at a time (`KNNClassifier`'s ``distributed``); only metadata
+            travel one at a time (`KNNClassifier`'s ``distributed``; leave-one-out
+            computes each pair of rows once, over a ring of the ranks); only metadata
             and per-query results are gathered, except that ``clustering`` gathers the
             queries on rank 0 (turn it off at scale). A collective: every rank calls it.
         process_group: the process group (None: the default one).

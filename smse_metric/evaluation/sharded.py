@@ -4,12 +4,14 @@ Each rank holds a shard of the queries and a shard of the gallery. Gallery shard
 broadcast one at a time (each rank receives every other shard once and holds at most
 one besides its input), every rank merges the candidates of each shard into the running
 top-k of its own queries, and nothing else travels but per-image metadata (labels,
-groups, scales) and the per-query results. The answer is the one a single process gives
-for the shards concatenated in rank order: the same arithmetic as
-[`TorchIndex`][smse_metric.evaluation.TorchIndex] (one product of the same rows per
-entry, between row counts padded alike, so that every entry rounds alike whatever the
-shard sizes), neighbour ids in the concatenated gallery, and the same order
-(similarity, then index; then, like `KNNClassifier`, distance, then index).
+groups, scales) and the per-query results (`sharded_rounds`). Where every rank's queries
+are its gallery shard (leave-one-out), the shards travel a ring instead and each pair
+of rows is computed once for both (`symmetric_rounds`): half the products. The answer
+is the one a single process gives for the shards concatenated in rank order: the same
+arithmetic as [`TorchIndex`][smse_metric.evaluation.TorchIndex] (one product of the
+same rows per entry, between row counts padded alike, so that every entry rounds alike
+whatever the shard sizes), neighbour ids in the concatenated gallery, and the same
+order (similarity, then index; then, like `KNNClassifier`, distance, then index).
 """
 
 from __future__ import annotations
