@@ -301,8 +301,9 @@ def evaluate_cases(
         allowed = np.zeros(len(store), dtype=bool)
         allowed[: index.build_info.rows] = live[: index.build_info.rows]
         exclude = (codes[every].astype(np.int64), codes.astype(np.int64))
-        found_all = exact_search(store, store.vectors(every), k, index.build_info.distance,
-                                 allowed, exclude=exclude)  # fmt: skip
+        distance, device = index.build_info.distance, index.device
+        q = store.vectors(every)
+        found_all = exact_search(store, q, k, distance, allowed, exclude=exclude, device=device)
         cuts = np.cumsum([0] + [len(r) for r in queries])
     right_cases = right_patches = n_patches = 0
     for j, (c, rows) in enumerate(zip(names, queries, strict=True)):

@@ -3,7 +3,8 @@ kept, persistence, appends, removed rows and models never mixed."""
 
 import numpy as np
 import pytest
-from helpers import needs_faiss
+import torch
+from helpers import DEVICES, needs_faiss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,6 +49,7 @@ def brute(x, live, q, k, distance):
     return np.array(out), table
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 40),
@@ -56,7 +58,7 @@ def brute(x, live, q, k, distance):
     distance=st.sampled_from(["l2", "cosine"]),
     seed=st.integers(0, 1000),
 )
-def test_exact_search_is_the_brute_force_loop(tmp_path_factory, n, k, grid, distance, seed):
+def test_exact_search_is_the_brute_force_loop(tmp_path_factory, device, n, k, grid, distance, seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3)).astype(np.float32)
     if grid:  # integer grid: many exact ties, broken by row
@@ -64,7 +66,7 @@ def test_exact_search_is_the_brute_force_loop(tmp_path_factory, n, k, grid, dist
     s = make_store(tmp_path_factory.mktemp("s"), x)
     live = rng.random(n) > 0.3
     q = x[: min(n, 5)] + (0 if grid else 0.01)
-    d, ids = exact_search(s, q, k, distance, allowed=live, chunk=7)
+    d, ids = exact_search(s, q, k, distance, allowed=live, chunk=7, device=device)
     want, table = brute(x, live, q, k, distance)
     if grid and distance == "l2":  # integer squared distances: ties exact, by row
         assert np.array_equal(ids, want)
@@ -214,3 +216,28 @@ def test_faiss_torch_utils_imported_elsewhere_does_not_break_filtered_search(tmp
     allowed = np.arange(1000) >= 500
     _, ids = index.search(x[:5], 3, allowed)
     assert (ids >= 500).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_searches_run_on_the_device_asked_for(tmp_path, device):
+    """The exact kind's search, its recall reference and leave-one-case-out evaluation
+    on ``device`` give the CPU's answers (one query block per chunk row on a GPU)."""
+    from smse_metric.archive import evaluate_cases
+
+    x, centre = clustered(300)
+    s = EmbeddingStore.create(tmp_path / "a", dim=x.shape[1], model="net@1", dtype="float32")
+    cases = np.arange(300) // 4
+    s.add(x, cases=cases, sources=[f"i{i}.png" for i in range(300)], labels=centre[cases * 4] % 2)
+    on_cpu, here = (ArchiveIndex.build(s, "exact", device=dev) for dev in ("cpu", device))
+    assert here.device == device
+    q = x[:40] + 0.01
+    for a, b in zip(on_cpu.search(q, 5), here.search(q, 5), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert evaluate_cases(here, k=5, per_case=2) == evaluate_cases(on_cpu, k=5, per_case=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without GPU")
+def test_a_gpu_this_machine_lacks_is_refused_in_one_line(tmp_path):
+    s = make_store(tmp_path, clustered(20)[0])
+    with pytest.raises(ValueError, match=r"^device='cuda': no CUDA device is available here"):
+        ArchiveIndex.build(s, "exact", device="cuda")

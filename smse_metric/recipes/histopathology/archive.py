@@ -189,7 +189,8 @@ def search_archive(
             f"the run's model {name} did not embed the archive {archive} ({store.model}): "
             "search it with the run that built it"
         )
-    index = open_index(store, archive, kind)
+    # exact searches where the model runs
+    index = open_index(store, archive, kind, next(loaded.model.parameters()).device.type)
     cfg = loaded.cfg
     transform = eval_transform(tuple(cfg.data.image_size), cfg.data.interpolation)
     batch, query_scales = [], []
@@ -231,18 +232,21 @@ def open_store(archive: str | Path) -> EmbeddingStore:
         raise RecipeError(str(e)) from e
 
 
-def open_index(store: EmbeddingStore, archive: str | Path, kind: str | None) -> ArchiveIndex:
-    """The archive's index of ``kind`` (or its only one; exact search when none)."""
+def open_index(
+    store: EmbeddingStore, archive: str | Path, kind: str | None, device: str = "cpu"
+) -> ArchiveIndex:
+    """The archive's index of ``kind`` (or its only one; exact search when none), its
+    exact searches on ``device``."""
     built = sorted(Path(archive).glob("index-*.faiss.json"))
     kinds = [p.name[len("index-") : -len(".faiss.json")] for p in built]
     if kind is None:
         if len(kinds) > 1:
             raise RecipeError(f"{archive} has indexes {', '.join(kinds)}: choose one with --index")
         kind = kinds[0] if kinds else "exact"
-    if kind == "exact" and "exact" not in kinds:
-        return ArchiveIndex.build(store, "exact")
     try:
-        index = ArchiveIndex.load(store, index_path(archive, kind))
+        if kind == "exact" and "exact" not in kinds:
+            return ArchiveIndex.build(store, "exact", device=device)
+        index = ArchiveIndex.load(store, index_path(archive, kind), device)
     except ValueError as e:
         raise RecipeError(f"{e} (smse-metric archive index {archive} --kind {kind})") from e
     if index.pending:  # rows added since the build: indexed now, not lost

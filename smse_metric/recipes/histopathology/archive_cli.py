@@ -39,7 +39,7 @@ def _index(args: argparse.Namespace) -> int:
     try:
         index = ArchiveIndex.build(
             store, args.kind, distance=args.distance, recall=args.recall, k=args.k,
-            probes=args.probes,
+            probes=args.probes, device=args.device,
         )  # fmt: skip
     except ValueError as e:
         raise RecipeError(str(e)) from e
@@ -100,7 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     store = open_store(args.archive)
     rows = []
     for kind in ["exact", *([] if args.index in (None, "exact") else [args.index])]:
-        index = open_index(store, args.archive, kind)
+        index = open_index(store, args.archive, kind, args.device)
         try:
             r = evaluate_cases(index, k=args.k, cases=args.cases, per_case=args.per_case)
         except ValueError as e:
@@ -128,6 +128,9 @@ def _remove(args: argparse.Namespace) -> int:
         raise RecipeError(str(e)) from e
     print(f"removed case {args.case}: {n} rows are no longer found")
     return 0
+
+
+EXACT_DEVICE = "where exact searches run (the recall reference, exact search): cpu"
 
 
 def add_archive_parser(sub) -> None:
@@ -164,6 +167,7 @@ def add_archive_parser(sub) -> None:
     ix.add_argument("-k", type=int, default=10, help="the k of recall@k (10)")
     ix.add_argument("--probes", type=int, default=1000, help="rows that measure it (1000)")
     ix.add_argument("--distance", default="l2", choices=("l2", "cosine"))
+    ix.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help=EXACT_DEVICE)
     ix.set_defaults(func=_index)
 
     se = verbs.add_parser("search", help="the cases most like one case's images")
@@ -185,6 +189,7 @@ def add_archive_parser(sub) -> None:
     ev.add_argument("--cases", type=int, default=5, help="voting cases (5)")
     ev.add_argument("-k", type=int, default=10, help="archive patches per query (10)")
     ev.add_argument("--per-case", type=int, default=16, help="query patches per case (16)")
+    ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help=EXACT_DEVICE)
     ev.set_defaults(func=_evaluate)
 
     rm = verbs.add_parser("remove", help="remove a case (its rows are no longer found)")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from smse_metric.archive import EmbeddingStore
 from smse_metric.recipes.histopathology.cli import main
@@ -84,3 +85,11 @@ def test_what_archive_refuses_is_one_line(run, root, tmp_path, capsys):
     assert "did not embed the archive" in capsys.readouterr().err
     assert main(["archive", "index", str(tmp_path / "none")]) == 2
     assert "not an embedding archive" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without GPU")
+def test_exact_searches_on_a_missing_gpu_are_one_line(archive, capsys):
+    for verb in (["evaluate", str(archive)], ["index", str(archive), "--kind", "exact"]):
+        assert main(["archive", *verb, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no CUDA device is available here" in err and len(err.splitlines()) == 1
