@@ -16,6 +16,12 @@ the memory-mapped store).
     python -m benchmarks.bench_archive --huge    # and IVF-PQ at N = 10^7
     python -m benchmarks.bench_archive --demo    # a trained model -> results/archive-demo.md
     python -m benchmarks.bench_archive --quick   # N = 2 x 10^4
+    python -m benchmarks.bench_archive --device cuda   # exact search on a GPU (torch)
+
+``--device cuda`` measures exact search on the GPU (the torch arithmetic: float64
+products, the running top-k on the device) against FAISS's flat index on the CPU, and
+the leave-one-case-out evaluation through it, at N = 10^6 -> results/archive-cuda.md
+(the approximate kinds are FAISS's CPU indexes: the CPU table has them).
 """
 
 from __future__ import annotations
@@ -89,16 +95,26 @@ def measure(store: EmbeddingStore, kind: str, q: np.ndarray, cases: bool, **kw) 
     return row
 
 
-def run(n: int, kinds: tuple[str, ...], cases: bool, workdir: Path, **kw) -> tuple[dict, float]:
+def run(
+    n: int, kinds: tuple[str, ...], cases: bool, workdir: Path, device: str | None = None, **kw
+) -> tuple[dict, float]:
+    """``device``: also exact search through the torch arithmetic there."""
     store = EmbeddingStore.create(workdir / f"archive-{n}", dim=D, model="bench@0")
     fill(store, n)
     q = store.vectors(np.random.default_rng(5).choice(n, QUERIES, replace=False)) + 0.05
     results = {"exact (FAISS flat)": {"qps": flat_baseline(store, q), "bytes": n * D * 4}}
     if cases:
-        exact = ArchiveIndex.build(store, "exact", k=K, probes=10)
-        results["exact (FAISS flat)"]["cases"] = evaluate_cases(
-            exact, k=K, cases=5, per_case=EVAL_PER_CASE, max_cases=EVAL_CASES
-        )
+        exact = ArchiveIndex.build(store, "exact", k=K, probes=10, device=device or "cpu")
+        t0 = time.perf_counter()
+        found = evaluate_cases(exact, k=K, cases=5, per_case=EVAL_PER_CASE, max_cases=EVAL_CASES)
+        results["exact (FAISS flat)"]["cases"] = found
+        if device is not None:
+            results[f"exact (torch, {device})"] = {
+                "eval_s": time.perf_counter() - t0,
+                "qps": queries_per_second(lambda v: exact.search(v, K), q),
+                "bytes": 0,
+                "cases": found,
+            }
     for kind in kinds:
         results[kind] = measure(store, kind, q, cases, **kw.get(kind, {}))
     return results, n * D * 4
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--huge", action="store_true", help="also IVF-PQ at N = 10^7")
     p.add_argument("--demo", action="store_true", help="only a trained demo model's archive")
     p.add_argument("--out", default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="exact search there (torch) only")
     args = p.parse_args(argv)
     n = 20_000 if args.quick else 1_000_000
     workdir = Path(tempfile.mkdtemp(prefix="bench-archive-"))
@@ -222,20 +239,29 @@ def main(argv: list[str] | None = None) -> str:
                             args.out)  # fmt: skip
     try:
         params = {"hnsw": {"hnsw_m": 16}}  # IVF: nlist = 4 sqrt(N), the default
-        results, raw = run(n, KINDS, True, workdir, **params)
+        kinds = () if args.device else KINDS
+        results, raw = run(n, kinds, True, workdir, args.device, **params)
         parts = [table(results, n, raw)]
+        if args.device:
+            took = results[f"exact (torch, {args.device})"]["eval_s"]
+            parts.append(
+                f"Leave-one-case-out evaluation ({EVAL_CASES} cases x {EVAL_PER_CASE} "
+                f"patches against all {n:.0e} rows) through exact search on {args.device}: "
+                f"{took:.1f} s."
+            )
         if args.huge:
             shutil.rmtree(workdir / f"archive-{n}")
             big, big_raw = run(10_000_000, ("ivf_pq",), False, workdir,
                                ivf_pq={"nlist": 4096})  # fmt: skip
             parts.append(table(big, 10_000_000, big_raw))
-        if args.quick:  # the smoke run covers the trained-model part too
+        if args.quick and not args.device:  # the smoke run covers the trained model too
             parts.append(demo_archive(workdir / "demo", quick=True))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     cmd = "python -m benchmarks.bench_archive" + (
         " --quick" if args.quick else " --huge" if args.huge else ""
     )
+    cmd += f" --device {args.device}" if args.device else ""
     text = "\n".join(
         [
             "# Case archive",
@@ -260,7 +286,7 @@ def main(argv: list[str] | None = None) -> str:
             "",
         ]
     )
-    name = "archive" + ("-quick" if args.quick else "")
+    name = "archive" + ("-quick" if args.quick else "") + (f"-{args.device}" if args.device else "")
     return write_report(text, name, args.out)
 
 

@@ -9,7 +9,7 @@
 # (the lent GPU machines), carry their cp312 wheels in .whl/ (see the device README's
 # recipe): they are installed to /tmp/site. Anything missing ends the run with one line.
 #
-#   bash benchmarks/gpu.sh                 # tests, losses, launch, eval, recipe, data
+#   bash benchmarks/gpu.sh                 # tests, losses, launch, eval, recipe, data, archive
 #   bash benchmarks/gpu.sh tests eval      # some steps only
 #   OUT=DIR COMMIT=abc1234 bash benchmarks/gpu.sh   # copy tables and log to DIR; name
 #                                          # the commit where the tree has no .git
@@ -43,7 +43,7 @@ RESULTS=${RESULTS:-benchmarks/results} # where the tables go
 LOG=${OUT:-/tmp}/gpu.log
 mkdir -p "${OUT:-/tmp}"
 : >"$LOG"
-steps=${*:-tests losses launch eval recipe data}
+steps=${*:-tests losses launch eval recipe data archive}
 for step in $steps; do
     [ "$step" = tests ] || [ -f "benchmarks/bench_$step.py" ] || die "no step named '$step'"
 done
