@@ -137,6 +137,15 @@ def shard_layout(n_local: int, group: Any = None) -> tuple[list[int], int]:
     return sizes, sum(sizes[:rank])
 
 
+def _layout(shard: np.ndarray, dim: int, group: Any) -> tuple[list[int], list[int], int]:
+    """(every rank's shard rows, their first global rows and the total, the embedding
+    dimension: a rank with an empty shard takes the others' or ``dim``)."""
+    sizes, _ = shard_layout(len(shard), group)
+    dims = {d for d in gather_objects(shard.shape[1] if len(shard) else None, group) if d}
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    return sizes, offsets, dims.pop() if dims else dim
+
+
 def sharded_rounds(
     queries: np.ndarray,
     query_codes: np.ndarray | None,
@@ -164,10 +173,7 @@ def sharded_rounds(
     """
     rank, world = rank_and_world(group)
     device = _device(group)
-    sizes, _ = shard_layout(len(gallery), group)
-    dims = {d for d in gather_objects(gallery.shape[1] if len(gallery) else None, group) if d}
-    dim = dims.pop() if dims else queries.shape[1]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    sizes, offsets, dim = _layout(gallery, queries.shape[1], group)
     a = factors(torch.from_numpy(queries).to(device), distance) if len(queries) else None
     qc = None if query_codes is None else torch.from_numpy(query_codes).to(device)
     width = max(width, 0)
@@ -251,11 +257,8 @@ def symmetric_rounds(
     """
     rank, world = rank_and_world(group)
     device = _device(group)
-    sizes, offset = shard_layout(len(x), group)
-    dims = {d for d in gather_objects(x.shape[1] if len(x) else None, group) if d}
-    dim = dims.pop() if dims else x.shape[1]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-    n = len(x)
+    sizes, offsets, dim = _layout(x, x.shape[1], group)
+    n, offset = len(x), offsets[rank]
     own = _Shard(
         factors(torch.from_numpy(x).to(device), distance),
         torch.arange(offset, offset + n, device=device),
