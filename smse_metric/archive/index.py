@@ -14,6 +14,7 @@ import torch
 
 from .._checks import check_choice, positive_int
 from ..evaluation._inputs import import_faiss, prepare_vectors
+from ..evaluation.index import faiss_gpu_count
 from .store import EmbeddingStore, atomic_write
 
 __all__ = ["KINDS", "ArchiveIndex", "exact_search"]
@@ -24,6 +25,8 @@ DISTANCES = ("l2", "cosine")
 #: A build is due again once the store holds this many times the rows the quantiser
 #: was trained on (its cells no longer describe the data).
 REBUILD_FACTOR = 4
+#: the most neighbours one FAISS GPU search returns (its k limit)
+GPU_K = 2048
 _NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _EFS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 
@@ -111,6 +114,15 @@ def exact_search(
     return dist.float().cpu().numpy(), best_i.cpu().numpy()
 
 
+def _set_nprobe(faiss: Any, index: Any, nprobe: int) -> None:
+    """Set an IVF index's nprobe, on the CPU or a GPU (GPU indexes take no search
+    parameters with a selector, so the setting goes on the index)."""
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else None
+    if space is None or not type(index).__name__.startswith("Gpu"):
+        space = faiss.ParameterSpace()
+    space.set_index_parameter(index, "nprobe", nprobe)
+
+
 def _device(device: str | torch.device) -> torch.device:
     """``device`` as a torch device; one line where it names a GPU this machine lacks."""
     dev = torch.device(device)
@@ -165,8 +177,10 @@ class ArchiveIndex:
         store: the store it indexes.
         info: how it was built (`build` and `load` make it).
         faiss_index: the FAISS index (None for ``"exact"``).
-        device: where exact searches run (the ``"exact"`` kind's, and the reference of
-            every recall measurement): ``"cpu"`` or ``"cuda"``, the torch arithmetic.
+        device: where searches run: ``"cpu"`` or ``"cuda"``. On ``"cuda"`` exact
+            searches (the ``"exact"`` kind's, and the reference of every recall
+            measurement) take the torch arithmetic on the GPU, and IVF indexes a GPU copy
+            where the installed faiss has GPUs (`on_gpu`); HNSW stays on the CPU.
 
     Examples:
         >>> import tempfile
@@ -186,7 +200,18 @@ class ArchiveIndex:
         self.store, self.build_info, self.index = store, info, faiss_index
         _device(device)
         self.device = device
+        self._gpu: Any = None  # the GPU copy of an IVF index, made on first search
         self._set_search(info.search)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the FAISS index searches on a GPU (``device="cuda"``, an IVF kind and
+        a faiss with GPUs); otherwise FAISS searches on the CPU."""
+        return (
+            self.device == "cuda"
+            and self.build_info.kind in ("ivf_flat", "ivf_pq")
+            and faiss_gpu_count() > 0
+        )
 
     # -- building ------------------------------------------------------------------
     @classmethod
@@ -365,6 +390,8 @@ class ArchiveIndex:
         faiss = import_faiss()
         fetch = k * self.build_info.params["rerank"] if self.build_info.kind == "ivf_pq" else k
         fetch = min(fetch, max(1, int(mask.sum())))
+        if self.on_gpu:
+            return self._rerank(q, self._post_filtered(faiss, q, fetch, mask), k)
         # faiss.contrib.torch_utils replaces `search` by one without `params`; the
         # original stays as `search_numpy`
         search = getattr(self.index, "search_numpy", self.index.search)
@@ -376,6 +403,55 @@ class ArchiveIndex:
             params = self._search_params(faiss, mask, wider)
             raw[short], ids[short] = search(q[short], fetch, params=params)
         return self._rerank(q, ids, k)
+
+    def _post_filtered(self, faiss: Any, q: np.ndarray, fetch: int, mask: np.ndarray):
+        """[Q, fetch] rows from the GPU copy, which takes no ID selector: each query
+        fetches more (doubling, up to `GPU_K`) and keeps the allowed rows in order, which
+        within the same cells are the selector's answer; queries still short search the
+        CPU index with the selector, which widens nprobe as `search` does."""
+        if self._gpu is None:
+            self._gpu = self._to_gpu(faiss, self.index)
+        search = getattr(self._gpu, "search_numpy", self._gpu.search)
+        _set_nprobe(faiss, self._gpu, self._setting["nprobe"])
+        out = np.full((len(q), fetch), -1, dtype=np.int64)
+        limit = min(GPU_K, self.build_info.rows)
+        todo, rest = np.arange(len(q)), []
+        if fetch > limit:  # more than one GPU search returns: all on the CPU
+            todo, rest = todo[:0], [todo]
+        want = min(limit, fetch if mask.all() else 4 * fetch)
+        while len(todo):
+            _, ids = search(q[todo], want)
+            ok = (ids >= 0) & mask[np.maximum(ids, 0)]
+            first = np.argsort(~ok, axis=1, kind="stable")[:, :fetch]  # allowed first, in order
+            kept = np.where(np.take_along_axis(ok, first, 1), np.take_along_axis(ids, first, 1), -1)
+            full = (kept >= 0).all(1)
+            out[todo[full]] = kept[full]
+            # the probed cells ran out (-1 returned) or a GPU search returns no more:
+            # only a wider nprobe can fill these, which the CPU search does
+            stuck = ~full & ((ids < 0).any(1) | (want >= limit))
+            rest.append(todo[stuck])
+            todo = todo[~full & ~stuck]
+            want = min(limit, 2 * want)
+        rest = np.concatenate(rest) if rest else np.zeros(0, dtype=np.int64)
+        if len(rest):
+            search = getattr(self.index, "search_numpy", self.index.search)
+            _, out[rest] = search(q[rest], fetch, params=self._search_params(faiss, mask))
+            wider = dict(self._setting)
+            while (short := rest[(out[rest] < 0).any(1)]).size and self._widen(wider):
+                params = self._search_params(faiss, mask, wider)
+                _, out[short] = search(q[short], fetch, params=params)
+        return out
+
+    @staticmethod
+    def _to_gpu(faiss: Any, index: Any) -> Any:
+        """A GPU copy of ``index`` (its resources kept alive with it)."""
+        resources = faiss.StandardGpuResources()
+        try:
+            gpu = faiss.index_cpu_to_gpu(resources, 0, index)
+        except RuntimeError as e:  # e.g. a PQ code size FAISS's GPU kernels lack
+            raise ValueError(f"this index cannot search on the GPU ({e}); use device='cpu'") from e
+        gpu.resources_ref = resources
+        return gpu
 
     def _widen(self, setting: dict[str, int]) -> bool:
         """Double ``setting`` in place (IVF: nprobe up to nlist; HNSW: efSearch up to
@@ -455,6 +531,7 @@ class ArchiveIndex:
                 self.index.add(_prepare(part, self.build_info.distance))
         added = len(self.store) - start
         self.build_info.rows = len(self.store)
+        self._gpu = None  # copied again on the next search, with the new rows
         return added
 
     def save(self, path: str | Path) -> None:

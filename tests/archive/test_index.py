@@ -1,6 +1,8 @@
 """ArchiveIndex and exact_search: a brute-force loop as reference, recall measured and
 kept, persistence, appends, removed rows and models never mixed."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -241,3 +243,57 @@ def test_a_gpu_this_machine_lacks_is_refused_in_one_line(tmp_path):
     s = make_store(tmp_path, clustered(20)[0])
     with pytest.raises(ValueError, match=r"^device='cuda': no CUDA device is available here"):
         ArchiveIndex.build(s, "exact", device="cuda")
+
+
+@needs_faiss
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_pq"])
+@pytest.mark.parametrize("gpu_k", [2048, 16])
+def test_the_gpu_copys_post_filter_answers_as_the_selector(tmp_path, monkeypatch, kind, gpu_k):
+    """FAISS's GPU IVF takes no ID selector: its copy fetches more and drops what the
+    filter refuses, and hands the queries it cannot fill (its k limit, cells run out) to
+    the CPU search with the selector. Played here by a CPU clone in the GPU copy's
+    place: every filter gives the selector's rows, in its order."""
+    import faiss
+
+    from smse_metric.archive import index as archive_index
+
+    x, _ = clustered(3000)
+    s = make_store(tmp_path, x)
+    index = ArchiveIndex.build(s, kind, recall=0.9, probes=200, pq_bytes=4)
+    s.remove_case(3)
+    masks = [None, np.arange(3000) % 3 == 0, np.arange(3000) >= 2950, s.case != s.case[7]]
+    want = [index.search(x[:50], 10, m) for m in masks]
+    clones = []
+    monkeypatch.setattr(archive_index, "GPU_K", gpu_k)
+    monkeypatch.setattr(ArchiveIndex, "on_gpu", property(lambda self: True))
+    monkeypatch.setattr(
+        ArchiveIndex, "_to_gpu", staticmethod(lambda f, i: clones.append(1) or faiss.clone_index(i))
+    )
+    for m, (d, ids) in zip(masks, want, strict=True):
+        got_d, got = index.search(x[:50], 10, m)
+        assert np.array_equal(got, ids) and np.array_equal(got_d, d)
+    assert clones == [1]  # one copy, kept
+    s.add(x[:5] + 0.001, cases=[999] * 5, sources=[f"new{i}" for i in range(5)])
+    index.add_new()
+    assert set(index.search(x[:5], 3)[1].ravel()) & {3000, 3001, 3002, 3003, 3004}
+    assert clones == [1, 1]  # copied again with the new rows
+
+
+def _faiss_gpus() -> int:
+    from smse_metric.evaluation.index import faiss_gpu_count
+
+    return faiss_gpu_count() if importlib.util.find_spec("faiss") else 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_faiss_gpus() == 0, reason="needs a faiss with GPUs (the [faiss-gpu] extra)")
+def test_an_ivf_index_searches_on_the_gpu_where_faiss_has_gpus(tmp_path):
+    x, _ = clustered(3000)
+    s = make_store(tmp_path, x)
+    cpu = ArchiveIndex.build(s, "ivf_flat", recall=0.9, probes=200)
+    gpu = ArchiveIndex.build(s, "ivf_flat", recall=0.9, probes=200, device="cuda")
+    assert gpu.on_gpu and not cpu.on_gpu
+    for mask in (None, s.case != s.case[7]):
+        _, want = cpu.search(x[:50], 10, mask)
+        _, got = gpu.search(x[:50], 10, mask)
+        assert (got == want).mean() > 0.99  # GPU distances may round ties apart
