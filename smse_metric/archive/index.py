@@ -392,17 +392,21 @@ class ArchiveIndex:
         fetch = min(fetch, max(1, int(mask.sum())))
         if self.on_gpu:
             return self._rerank(q, self._post_filtered(faiss, q, fetch, mask), k)
+        return self._rerank(q, self._selected(faiss, q, fetch, mask), k)
+
+    def _selected(self, faiss: Any, q: np.ndarray, fetch: int, mask: np.ndarray) -> np.ndarray:
+        """[Q, fetch] rows from the CPU index, filtered by its ID selector."""
         # faiss.contrib.torch_utils replaces `search` by one without `params`; the
         # original stays as `search_numpy`
         search = getattr(self.index, "search_numpy", self.index.search)
-        raw, ids = search(q, fetch, params=self._search_params(faiss, mask))
+        _, ids = search(q, fetch, params=self._search_params(faiss, mask))
         # a filter can leave the visited cells (or graph walk) short of rows: those
         # queries search again, wider, until filled or everything is visited
         wider = dict(self._setting)
         while (short := np.flatnonzero((ids < 0).any(1))).size and self._widen(wider):
             params = self._search_params(faiss, mask, wider)
-            raw[short], ids[short] = search(q[short], fetch, params=params)
-        return self._rerank(q, ids, k)
+            _, ids[short] = search(q[short], fetch, params=params)
+        return ids
 
     def _post_filtered(self, faiss: Any, q: np.ndarray, fetch: int, mask: np.ndarray):
         """[Q, fetch] rows from the GPU copy, which takes no ID selector: each query
@@ -434,12 +438,7 @@ class ArchiveIndex:
             want = min(limit, 2 * want)
         rest = np.concatenate(rest) if rest else np.zeros(0, dtype=np.int64)
         if len(rest):
-            search = getattr(self.index, "search_numpy", self.index.search)
-            _, out[rest] = search(q[rest], fetch, params=self._search_params(faiss, mask))
-            wider = dict(self._setting)
-            while (short := rest[(out[rest] < 0).any(1)]).size and self._widen(wider):
-                params = self._search_params(faiss, mask, wider)
-                _, out[short] = search(q[short], fetch, params=params)
+            out[rest] = self._selected(faiss, q[rest], fetch, mask)
         return out
 
     @staticmethod

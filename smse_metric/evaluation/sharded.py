@@ -221,10 +221,7 @@ def sharded_rounds(
                         state[s - lo : min(hi, s + BLOCK) - lo],
                     )
                     merge_keys(state, candidates[0] + (s - lo), candidates[1])
-        dd, ii = distances(state, distance)
-        d, i = dd.cpu().numpy(), ii.cpu().numpy()
-        order = np.lexsort((i, d))  # KNNClassifier's order: distance, then index
-        yield slice(lo, hi), np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        yield slice(lo, hi), *_ordered(state, distance)
 
 
 def symmetric_rounds(
@@ -295,13 +292,19 @@ def symmetric_rounds(
         both = torch.cat([own.state, back], 1).sort(dim=1, descending=True).values
         both[:, 1:].masked_fill_(both[:, 1:] == both[:, :-1], EMPTY)  # each key once
         own.state = both.topk(width, dim=1).values
-    dd, ii = distances(own.state, distance)
-    d, i = dd.cpu().numpy(), ii.cpu().numpy()
-    order = np.lexsort((i, d))  # KNNClassifier's order: distance, then index
-    d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    d, i = _ordered(own.state, distance)
     step = max(1, CHUNK_ENTRIES // max(width, 1))
     for lo in range(0, n, step):
         yield slice(lo, min(n, lo + step)), d[lo : lo + step], i[lo : lo + step]
+
+
+def _ordered(state: Tensor, distance: str) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, ids) of top-k keys on the host, in `KNNClassifier`'s order: distance,
+    then index."""
+    dd, ii = distances(state, distance)
+    d, i = dd.cpu().numpy(), ii.cpu().numpy()
+    order = np.lexsort((i, d))
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
 
 
 class _Shard:

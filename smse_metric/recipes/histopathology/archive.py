@@ -189,8 +189,8 @@ def search_archive(
             f"the run's model {name} did not embed the archive {archive} ({store.model}): "
             "search it with the run that built it"
         )
-    # exact searches where the model runs
-    index = open_index(store, archive, kind, next(loaded.model.parameters()).device.type)
+    device_ = next(loaded.model.parameters()).device
+    index = open_index(store, archive, kind, device_.type)  # exact searches there too
     cfg = loaded.cfg
     transform = eval_transform(tuple(cfg.data.image_size), cfg.data.interpolation)
     batch, query_scales = [], []
@@ -201,7 +201,6 @@ def search_archive(
             raise RecipeError(str(e)) from e
         batch.append(normalize_image(transform(img, None), cfg.data.mean, cfg.data.std))
         query_scales.append(_scale_of(path))
-    device_ = next(loaded.model.parameters()).device
     with torch.no_grad():
         emb, _ = loaded.model(torch.stack(batch).to(device_))
     if scales != "any" and None in query_scales:
