@@ -96,13 +96,26 @@ def _round_to(x: Tensor, precision: str) -> Tensor:
 
 @contextmanager
 def _tf32():
-    """TF32 float32 products for the block, the caller's setting restored after."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
+    """TF32 float32 products for the block, the caller's setting restored after.
+
+    Through cuBLAS's own switch where torch has one (2.9+): torch's global getter
+    raises once a caller has set TF32 through the newer per-backend settings, which
+    torch's notes now recommend."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+        return
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(old)
+        matmul.fp32_precision = old
 
 
 def low_factors(f: Rows, precision: str) -> tuple[Tensor, Tensor]:

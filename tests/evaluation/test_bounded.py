@@ -163,6 +163,36 @@ def test_a_device_tensor_is_searched_there_with_the_cpu_neighbours(device):
         np.testing.assert_array_equal(got[0], want[0])
 
 
+@pytest.fixture
+def matmul_settings():
+    """torch's TF32 settings (global state) as they were before the test."""
+    matmul = torch.backends.cuda.matmul
+    saved = torch.backends.fp32_precision, matmul.fp32_precision
+    yield matmul
+    torch.backends.fp32_precision, matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize(
+    ("caller", "theirs"),
+    [
+        ("torch.set_float32_matmul_precision('highest')", "torch.get_float32_matmul_precision()"),
+        ("torch.set_float32_matmul_precision('high')", "torch.get_float32_matmul_precision()"),
+        ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "matmul.fp32_precision"),
+        ("torch.backends.fp32_precision = 'tf32'", "matmul.fp32_precision"),
+    ],
+)
+def test_the_tf32_switch_leaves_the_callers_setting(matmul_settings, caller, theirs):
+    """The GPU's TF32 products are switched on around the block and the caller's
+    setting comes back, whichever of torch's APIs the caller used: after the newer
+    per-backend one, torch's global getter raises, so the switch must not use it."""
+    matmul = matmul_settings
+    exec(caller)
+    before = eval(theirs)
+    with bounded._tf32():
+        assert matmul.fp32_precision == "tf32"
+    assert eval(theirs) == before
+
+
 def test_bad_input():
     x = np.zeros((4, 2), dtype=np.float32)
     with pytest.raises(ValueError, match="precision"):
