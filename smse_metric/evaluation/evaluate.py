@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .._checks import check_choice, resolve_distance
-from ._inputs import DEVICES, EXCLUDE, as_float32, as_ids, has_faiss
+from ._inputs import DEVICES, EXCLUDE, as_device_tensor, as_float32, as_ids, has_faiss
 from .clustering import ClusteringMetrics, kmeans, mutual_information
 from .knn import KNNClassifier
 from .metrics import (
@@ -83,7 +83,7 @@ def _gallery(gallery, n_queries: int, dim: int | None, empty_ok: bool = False):
 
         emb = local_vectors("gallery embeddings", gallery[0])
     else:
-        emb = as_float32("gallery embeddings", gallery[0])
+        emb = _vectors("gallery embeddings", gallery[0])
     if dim is not None and len(emb) and emb.shape[1] != dim:
         raise ValueError(f"gallery has dimension {emb.shape[1]}, the embeddings {dim}")
     n = len(emb)
@@ -92,6 +92,21 @@ def _gallery(gallery, n_queries: int, dim: int | None, empty_ok: bool = False):
     g = None if gallery[2] is None else as_ids("gallery groups", gallery[2], n)
     s = None if gallery[3] is None else as_ids("gallery scales", gallery[3], n)
     return emb, y, g, s
+
+
+def _vectors(name: str, x: Any) -> np.ndarray | torch.Tensor:
+    """Checked [N, D] float32 embeddings: a torch tensor stays one on its device, so
+    that a GPU's rows reach a GPU search without a trip through the host."""
+    if isinstance(x, torch.Tensor):
+        return as_device_tensor(name, x)
+    return as_float32(name, x)
+
+
+def _rows(x: np.ndarray | torch.Tensor, mask: np.ndarray) -> np.ndarray | torch.Tensor:
+    """The rows of ``x`` where the boolean numpy ``mask`` holds, on ``x``'s device."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.from_numpy(np.flatnonzero(mask)).to(x.device)]
+    return x[mask]
 
 
 def _joint_codes(a: np.ndarray | None, n_a: int, b: np.ndarray | None, n_b: int):
@@ -133,7 +148,8 @@ def evaluate_embeddings(
     and the cross-magnification matrix.
 
     Args:
-        embeddings: [N, D] queries.
+        embeddings: [N, D] queries, numpy or torch on any device (CUDA tensors are
+            checked and searched on their GPU; only the neighbours come to the host).
         labels: [N] class of each query.
         groups: [N] patient of each query; None makes every image its own patient
             (``exclude="group"`` is then leave-one-out).
@@ -183,7 +199,7 @@ def evaluate_embeddings(
     check_choice("device", device, DEVICES)
     check_choice("average", average, ("query", "class"))
     _check_retrieval_k(retrieval_k)
-    if device == "auto":  # decided on the caller's tensors, before they become numpy
+    if device == "auto":  # where the caller's queries are
         on_cuda = isinstance(embeddings, torch.Tensor) and embeddings.is_cuda
         device = "cuda" if on_cuda else "cpu"
     if gallery is not None and exclude == "self":
@@ -357,7 +373,7 @@ def _ranking(rel: np.ndarray, n_rel: np.ndarray) -> dict[str, np.ndarray]:
         }
 
 
-def _clustering(q: np.ndarray, qy: np.ndarray) -> ClusteringMetrics:
+def _clustering(q: np.ndarray | torch.Tensor, qy: np.ndarray) -> ClusteringMetrics:
     """Whatever searched, k-means is faiss's where installed: PML's clusters."""
     n_clusters = len(np.unique(qy))
     use = "faiss" if has_faiss() else "torch"
@@ -377,11 +393,11 @@ def _cross_magnification_matrix(
         if not in_b.any():
             continue
         here = mine(in_b, "g")
-        knn.fit(parts.g_emb[here], mine(parts.gy, "g")[here], groups=mine(ex_g, "g")[here])
+        knn.fit(_rows(parts.g_emb, here), mine(parts.gy, "g")[here], groups=mine(ex_g, "g")[here])
         for a in range(len(s_table)):
             m = mine(s_codes == a)
             try:  # distributed: every rank raises alike (the check is collective)
-                pred = knn.predict(parts.q[m], mine(ex_q)[m], exclude)
+                pred = knn.predict(_rows(parts.q, m), mine(ex_q)[m], exclude)
             except ValueError:
                 continue
             hit = parts.gather(pred == classes[mine(q_codes)[m]])
@@ -402,7 +418,7 @@ class _Parts:
 
     @classmethod
     def single(cls, embeddings, labels, groups, scales, gallery) -> _Parts:
-        q = as_float32("embeddings", embeddings)
+        q = _vectors("embeddings", embeddings)
         n = q.shape[0]
         qy = as_ids("labels", labels, n)
         qg = None if groups is None else as_ids("groups", groups, n)

@@ -4,7 +4,7 @@ galleries, bad input."""
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_reports, knn_data
+from helpers import DEVICES, assert_close_reports, knn_data
 from reference import brute_neighbours, brute_predict
 
 from smse_metric import (
@@ -15,10 +15,40 @@ from smse_metric import (
 )
 
 
-def test_torch_inputs_on_any_device_equal_numpy():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("own_gallery", [True, False])
+def test_torch_inputs_on_any_device_equal_numpy(device, own_gallery, monkeypatch):
+    """Tensors are checked and searched on their device: every index is built from,
+    and every search asked with, a tensor there (a GPU's rows never visit the host on
+    the way), and the report is numpy's, per scale and across scales included."""
     emb, y, g, s = knn_data(n=80, seed=4)
-    a = evaluate_embeddings(torch.from_numpy(emb).double(), torch.from_numpy(y), g, s).to_dict()
-    assert_close_reports(a, evaluate_embeddings(emb, y, g, s).to_dict())
+    seen = []
+    real_fit, real_chunks = KNNClassifier.fit, KNNClassifier.kneighbors_chunks
+
+    def fit(self, embeddings, *a, **kw):
+        seen.append(embeddings)
+        return real_fit(self, embeddings, *a, **kw)
+
+    def chunks(self, queries, *a, **kw):
+        seen.append(queries)
+        return real_chunks(self, queries, *a, **kw)
+
+    monkeypatch.setattr(KNNClassifier, "fit", fit)
+    monkeypatch.setattr(KNNClassifier, "kneighbors_chunks", chunks)
+    x = torch.from_numpy(emb).double().to(device)
+    if own_gallery:
+        args, kw = (emb, y, g, s), {}
+        got = evaluate_embeddings(x, torch.from_numpy(y), g, s, backend="torch")
+    else:
+        q, rest = slice(0, 30), slice(30, None)
+        args = (emb[q], y[q], g[q], s[q])
+        kw = {"gallery": (emb[rest], y[rest], g[rest], s[rest]), "exclude": "group"}
+        gallery = (x[rest], y[rest], g[rest], s[rest])
+        got = evaluate_embeddings(x[q], y[q], g[q], s[q], gallery=gallery, backend="torch")
+    assert len(seen) == 2 + 3 * (1 + 3)  # pooled: a fit, a search; per gallery scale: 1 + 3
+    assert all(isinstance(e, torch.Tensor) and e.device.type == device for e in seen)
+    monkeypatch.undo()
+    assert_close_reports(got.to_dict(), evaluate_embeddings(*args, **kw).to_dict())
 
 
 def test_per_scale_and_cross_magnification_matrix_equal_brute_force():
