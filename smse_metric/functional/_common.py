@@ -227,16 +227,22 @@ def row_blocks(n_rows: int, n_cols: int, entries: int | None = None) -> list[tup
     return [(i, min(i + step, n_rows)) for i in range(0, max(n_rows, 1), step)]
 
 
-def with_gradient(value: Tensor, dist: Tensor, grad_dist: Tensor) -> Tensor:
-    """``value`` in the forward pass, with gradient ``grad_dist`` w.r.t. ``dist``.
+def with_gradient(
+    value: Tensor, dtype: torch.dtype, grads: Sequence[tuple[Tensor, Tensor]]
+) -> Tensor:
+    """``value`` (as ``dtype``) in the forward pass, with gradient ``g`` w.r.t. each
+    ``(t, g)`` of ``grads``.
 
     The fused losses know both in closed form. A linear surrogate carries the
-    gradient (``sum(grad_dist * dist)`` minus its own value), so autograd keeps one
-    [B, R] matrix instead of every elementwise intermediate; unlike a custom
-    autograd.Function it traces correctly under every torch.compile version.
+    gradients (``sum(g * t)`` minus its own value), so autograd keeps the gradients
+    alone instead of every intermediate; unlike a custom autograd.Function it traces
+    correctly under every torch.compile version. With no ``grads`` (nothing needs a
+    gradient) it is ``value`` alone.
     """
-    lin = (grad_dist * dist).sum(dtype=value.dtype)
-    return (lin + (value - lin.detach())).to(dist.dtype)
+    if not grads:
+        return value.to(dtype)
+    lin = sum((g * t).sum(dtype=value.dtype) for t, g in grads)
+    return (lin + (value - lin.detach())).to(dtype)
 
 
 def check_indices(indices_tuple, sizes: Sequence[int], device) -> tuple[Tensor, ...]:

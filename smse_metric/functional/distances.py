@@ -68,6 +68,14 @@ def cosine_distances(xn: Tensor, yn: Tensor | None, dtype: torch.dtype) -> Tenso
     return _accurate(xn, yn, root=False).to(dtype) / 2
 
 
+def block_distances(x: Tensor, y: Tensor, start: int, stop: int) -> Tensor:
+    """Euclidean distances of ``x``'s rows ``start:stop`` against ``y``, each entry what
+    the whole matrix's `_accurate` computes for it (so blocks of one matrix agree)."""
+    if len(x) * len(y) <= DIRECT_ENTRIES:
+        return direct_distances(x[start:stop], False, y)
+    return _expansion(x[start:stop], y, root=True)
+
+
 def _accurate(x: Tensor, y: Tensor | None, root: bool) -> Tensor:
     """`direct_distances` (``root``: euclidean) for matrices of at most `DIRECT_ENTRIES`
     entries, otherwise `_expansion`."""
@@ -134,11 +142,9 @@ class _Distance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, y: Tensor | None, squared: bool, symmetric_grad: bool = False
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, y: Tensor | None, squared: bool) -> Tensor:
         dist = _accurate(x, y, root=not squared)
-        ctx.squared, ctx.symmetric_grad = squared, symmetric_grad
+        ctx.squared = squared
         if y is None:
             ctx.save_for_backward(x, dist)
         else:
@@ -151,9 +157,7 @@ class _Distance(torch.autograd.Function):
         # d sq / dx = 2 (x - y); d ||x - y|| / dx = (x - y) / d
         w = 2.0 * grad if ctx.squared else (grad / dist).masked_fill(dist == 0, 0)
         x, y = inputs if len(inputs) == 2 else (inputs[0], None)
-        if y is None and ctx.symmetric_grad:  # w = w.T: the two products are one
-            return 2 * (x * w.sum(1, keepdim=True) - w @ x), None, None, None
-        return (*_weighted_differences(w, x, y), None, None)
+        return (*_weighted_differences(w, x, y), None)
 
 
 class _Cosine(torch.autograd.Function):
@@ -178,16 +182,6 @@ class _Cosine(torch.autograd.Function):
         gn, gm = _weighted_differences(grad, n, m, ctx.needs_input_grad)
         gx = None if gn is None else through_unit_rows(gn, n, n_norm)
         return gx, None if gm is None else through_unit_rows(gm, m, m_norm)
-
-
-def self_distances(x: Tensor, symmetric_grad: bool = False) -> Tensor:
-    """Euclidean distances of ``x``'s rows among themselves, as `pairwise_distances`.
-    ``symmetric_grad`` promises that the gradient arriving at the [N, N] result is
-    symmetric (a loss over unordered pairs), which saves one of the backward's two
-    [N, N] x [N, D] products."""
-    check_float_matrix("x", x)
-    with full_precision(x.device):
-        return _Distance.apply(upcast(x), None, False, symmetric_grad)
 
 
 def pairwise_distances(
