@@ -69,7 +69,7 @@ def test_all_pairs_in_blocks_equal_naive(reduction, with_ref, direct, monkeypatc
     """The blocked all-pairs path: blocks of 3-4 anchors (a ragged last one), distances
     by the float64 expansion or direct differences, a duplicate positive at distance 0
     (gradient 0); values and the gradients of the batch and of a reference set."""
-    monkeypatch.setattr(pairs, "CPU_BLOCK_ENTRIES", 64)
+    monkeypatch.setattr(pairs, "CPU_BLOCK", (64, 1))
     monkeypatch.setattr(distances, "DIRECT_ENTRIES", 1 << 14 if direct else 0)
     emb, labels, scales = make_batch(18, 5, 4, n_scales=3, seed=21)
     emb = emb * 0.6
@@ -95,7 +95,7 @@ def test_all_pairs_in_blocks_equal_naive(reduction, with_ref, direct, monkeypatc
 def test_all_pairs_gradcheck_and_no_grad(monkeypatch):
     """float64 gradcheck of the blocked path (batch and reference); without autograd
     the value alone, equal."""
-    monkeypatch.setattr(pairs, "CPU_BLOCK_ENTRIES", 40)
+    monkeypatch.setattr(pairs, "CPU_BLOCK", (40, 1))
     monkeypatch.setattr(distances, "DIRECT_ENTRIES", 0)
     emb, labels, scales = make_batch(12, 4, 3, n_scales=2, seed=23)
     r_emb, r_labels, _ = make_batch(9, 4, 3, seed=24)
