@@ -84,7 +84,7 @@ class _Miner(nn.Module):
                 stop,
             )
             finite = dist.isfinite()
-            self.num_non_finite += int(((pos | neg) & ~finite).sum())
+            self.num_non_finite += int(torch.count_nonzero((pos | neg) & ~finite))
             yield start, dist, pos & finite, neg & finite
 
 
