@@ -20,6 +20,7 @@ PY=${PYTHON:-python3}
 STEP_LIMIT=${STEP_LIMIT:-240} # seconds a step may take before it is stopped
 BUDGET=540                    # the target: 9 minutes
 TOTAL_LIMIT=${TOTAL_LIMIT:-570} # no step runs past this (a device call ends at 600 s)
+GRACE=${GRACE:-10}            # then a step that ignores SIGTERM (a hung collective) is killed
 die() {
     echo "gpu.sh: $*" >&2
     exit 2
@@ -61,7 +62,7 @@ for step in $steps; do
         continue
     fi
     if [ "$step" = tests ]; then
-        timeout "$limit" $PY -m pytest -m cuda -q -p no:cacheprovider tests >>"$LOG" 2>&1
+        timeout -k "$GRACE" "$limit" $PY -m pytest -m cuda -q -p no:cacheprovider tests >>"$LOG" 2>&1
         rc=$?
         summary=$(grep -E "[0-9]+ (passed|failed|skipped|errors?)\b.* in [0-9.]+s" "$LOG" | tail -n 1)
         {
@@ -76,7 +77,7 @@ for step in $steps; do
             echo "Run at commit $COMMIT by benchmarks/gpu.sh."
         } >"$RESULTS/tests-cuda.md"
     else
-        timeout "$limit" $PY -m "benchmarks.bench_$step" --device cuda \
+        timeout -k "$GRACE" "$limit" $PY -m "benchmarks.bench_$step" --device cuda \
             --out "$RESULTS/$step-cuda.md" >>"$LOG" 2>&1
         rc=$?
         [ $rc -eq 0 ] && printf '\nRun at commit %s by benchmarks/gpu.sh.\n' "$COMMIT" >>"$RESULTS/$step-cuda.md"

@@ -114,3 +114,18 @@ def test_gpu_script_runs_its_steps_and_names_the_commit(tmp_path):
     assert (tmp_path / "out" / "tests-cuda.md").read_text() == table
     late = _gpu_script(tmp_path, "launch", python=fake, TOTAL_LIMIT="5")
     assert late.returncode == 1 and "launch: not run, out of time" in late.stdout
+
+
+def test_gpu_script_kills_a_step_that_ignores_its_time_limit(tmp_path):
+    """A step stuck where SIGTERM cannot end it (here: ignored) is killed once its
+    limit (the shortest a step may get) and the grace period have passed: exit 137."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        '#!/bin/bash\ncase "$*" in *"cuda.is_available())"*) exit 0;; '
+        "*bench_launch*) trap '' TERM; exec sleep 60;; esac\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    run = _gpu_script(tmp_path, "launch", python=fake, STEP_LIMIT="10", GRACE="1")
+    assert run.returncode == 1
+    assert "gpu.sh: launch: exit 137" in (tmp_path / "out" / "gpu.log").read_text()
