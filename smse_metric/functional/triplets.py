@@ -124,6 +124,16 @@ def _one_sort(d: Tensor, pos: Tensor, neg: Tensor, n_pos: Tensor):
     return count_neg, sorted_pos
 
 
+def _total(counts: Tensor) -> Tensor:
+    """The int64 sum of a block's per-pair triplet counts, by rows in their own type
+    first: a whole-block sum casts every int32 entry to int64 (100x slower on the
+    CPU). A row counts at most n_pos * n_neg <= (cols / 2)^2 triplets: within int32
+    below 2^16 columns."""
+    if counts.dtype == torch.int32 and counts.shape[1] >= 1 << 16:
+        return counts.sum()
+    return counts.sum(1, dtype=counts.dtype).sum()
+
+
 def _second_bound(strategy: str, margin: float) -> bool:
     """Whether `_merged` keys a second bound per positive (twice the columns)."""
     return strategy == "semihard" or (strategy == "hard" and margin > 0)
@@ -159,7 +169,9 @@ def _merged(
         keys = torch.cat([keys, at.masked_fill_(~pos, info.max)], 1)
     n_pos = pos.sum(1, keepdim=True, dtype=ity)
     keys, order = keys.sort(dim=1)
-    is_neg = keys.bitwise_and_(1).bool()  # non-members (odd) sort after every member
+    # 1 at a negative, 0 at a bound, kept as integers: a bool would be cast back for
+    # the cumsum and the product below (a pass each); non-members (odd) sort last
+    is_neg = keys.bitwise_and_(1)
     del keys
     # in place where it can be: [B, B] (two of them with a second bound) temporaries
     # are what this path holds
@@ -178,7 +190,7 @@ def _merged(
             window = upper_after.sub_(at_after).clamp_min_(0)
         else:  # hard: d_an <= d_ap and d_an < d_ap + margin
             window = torch.minimum(upper_after, at_after)
-        counts = torch.where(is_neg, window, counts)
+        counts = torch.where(is_neg.bool(), window, counts)
         del is_at, at_seen, upper_after, at_after, window
     del is_neg
     counts = torch.empty_like(counts).scatter_(1, order, counts)
@@ -191,8 +203,8 @@ def _merged(
         else:
             k_pos = torch.minimum(k_pos, at_count)
     k_pos = torch.where(pos, k_pos, 0)
-    coef = k_pos.to(d.dtype).sub_(torch.where(neg, counts[:, :cols], 0).to(d.dtype))
-    return coef, k_pos.sum()
+    coef = torch.where(neg, counts[:, :cols].neg(), k_pos).to(d.dtype)
+    return coef, _total(k_pos)
 
 
 def _triplet_block(
@@ -226,7 +238,7 @@ def _triplet_block(
         lo = 0 if lower is None else count_neg(lower, True)
         n_neg = neg.sum(1, keepdim=True, dtype=torch.int32)
         hi = n_neg if upper is None else count_neg(upper, True)
-        n_sel = torch.where(pos, (hi - lo).clamp_min(0), 0).sum()
+        n_sel = _total(torch.where(pos, (hi - lo).clamp_min(0), 0))
     del count_neg, carrying, k_hi, k_lo
     p_lower, p_upper, p_thresh = _bounds(sorted_pos, margin, strategy)  # still sorted
     w = n_pos - _count(p_thresh, d, True)  # positives with d_ap + margin > d_an
@@ -235,8 +247,8 @@ def _triplet_block(
     if p_lower is not None:  # minus those whose lower bound already reaches d_an
         w = w - torch.minimum(n_pos - _count(p_lower, d, False), w)
     k_pos = torch.where(pos, k_pos, 0)
-    coef = k_pos.to(d.dtype).sub_(torch.where(neg, w, 0).to(d.dtype))
-    return coef, k_pos.sum(), n_sel
+    coef = torch.where(neg, w.neg(), k_pos).to(d.dtype)
+    return coef, _total(k_pos), n_sel
 
 
 def _fused_triplet_loss(

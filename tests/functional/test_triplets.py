@@ -424,3 +424,18 @@ def test_one_merged_sort_counts_as_the_binary_searches(rows, cols, strategy, mar
     want_coef, want_k, _ = triplets._triplet_block(d, pos, neg, margin, strategy, True)
     assert torch.equal(coef, want_coef)
     assert int(k) == int(want_k)
+
+
+@pytest.mark.parametrize("cols", [5, 60_000, 100_000])
+def test_block_totals_are_exact_int64_sums(cols):
+    """`_total` sums int32 counts by rows in int32 while a row cannot overflow (fewer
+    than 2^16 columns: at most (cols / 2)^2 triplets a row), in int64 beyond: rows of
+    cols / 2 positives with cols / 2 negatives each, the most a row can count (at
+    100,000 columns, 2.5e9: past int32)."""
+    from smse_metric.functional.triplets import _total
+
+    counts = torch.full((3, cols), max(cols // 2, 1), dtype=torch.int32)
+    counts[:, : cols // 2] = 0  # the negatives' entries; positives count cols / 2 each
+    got = _total(counts)
+    assert got.dtype == torch.int64
+    assert got == counts.to(torch.int64).sum()
