@@ -102,20 +102,20 @@ def _tf32():
     raises once a caller has set TF32 through the newer per-backend settings, which
     torch's notes now recommend."""
     matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):  # torch < 2.9
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(old)
-        return
-    old = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    if hasattr(matmul, "fp32_precision"):
+        old, tf32 = matmul.fp32_precision, "tf32"
+
+        def put(value: str) -> None:
+            matmul.fp32_precision = value
+
+    else:  # torch < 2.9
+        old, tf32 = torch.get_float32_matmul_precision(), "high"
+        put = torch.set_float32_matmul_precision
+    put(tf32)
     try:
         yield
     finally:
-        matmul.fp32_precision = old
+        put(old)
 
 
 def low_factors(f: Rows, precision: str) -> tuple[Tensor, Tensor]:
